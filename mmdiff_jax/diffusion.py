@@ -1,0 +1,197 @@
+"""The multi-modal forward and reverse processes, exact and pure (DESIGN.md sections 2-3).
+
+Shapes used throughout:
+  z_0, z_t, noise, eps   [B, *S]      a batch of points in the shared diffusion space (e.g. S = H, W, C)
+  encodings              [N, B, *S]   e_i = E_i(x_i) for the N >= 0 auxiliary modalities, stacked
+  t                      [B] or []    integer steps, used as indices into the [T + 1] schedule arrays
+Scalars per step broadcast against z; every function also works unbatched (under `jax.vmap`), with
+z of shape S, encodings [N, *S] and t of shape [].
+
+The forward transition
+  q(z_t | z_{t-1}, X) = N( sqrt(alpha_t) (z_{t-1} + a_t), beta_t I ),   a_t = sum_i w_t^(i) e_i
+has the marginal
+  q(z_t | z_0, X) = N( sqrt(abar_t) z_0 + m_t, (1 - abar_t) I ),        m_t = sum_i lambda_t^(i) e_i,
+and u_t = z_t - m_t is a standard DDPM chain started at u_0 = z_0, from which the posterior follows.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from mmdiff_jax.schedules import DiffusionSchedule
+
+Array = jax.Array
+
+VARIANCE_KINDS = ("large", "small")
+
+
+def _check_encodings(schedule: DiffusionSchedule, encodings: Array, z: Array) -> None:
+    """Raises ValueError (at trace time: shapes are static) unless encodings is [N, *z.shape]."""
+    expected = (schedule.num_modalities,) + z.shape
+    if encodings.shape != expected:
+        raise ValueError(
+            f"encodings must have shape [N, *z.shape] = {expected} (the schedule has weights for "
+            f"N = {schedule.num_modalities} modalities), got {encodings.shape}")
+
+
+def _step_index(t: Array) -> Array:
+    """t as an index array; every lookup of a schedule entry goes through here."""
+    t = jnp.asarray(t)
+    if not jnp.issubdtype(t.dtype, jnp.integer):
+        raise ValueError(f"t must hold integer steps, got dtype {t.dtype}")
+    return t
+
+
+def expand_to(values: Array, z: Array) -> Array:
+    """Per-example values (shape a batch prefix of z.shape, e.g. t.shape) reshaped to broadcast against z."""
+    shape = jnp.shape(values)
+    if len(shape) > z.ndim or z.shape[: len(shape)] != shape:
+        raise ValueError(f"t (or a per-step value) of shape {shape} is not a batch prefix of z of shape {z.shape}")
+    return jnp.reshape(values, jnp.shape(values) + (1,) * (z.ndim - jnp.ndim(values)))
+
+
+def at_step(values: Array, t: Array, z: Array) -> Array:
+    """values[t] shaped to broadcast against z: [T + 1] -> t.shape + (1,) * (z.ndim - t.ndim)."""
+    return expand_to(values[_step_index(t)], z)
+
+
+def _weighted_sum(weights: Array, t: Array, encodings: Array, z: Array) -> Array:
+    """sum_i weights[i, t] e_i for weights [N, T + 1] and encodings [N, *z.shape] -> z.shape."""
+    per_modality = jax.vmap(at_step, in_axes=(0, None, None))(weights, t, z)  # [N, *t.shape, 1, ...]
+    return jnp.sum(per_modality * encodings, axis=0, dtype=z.dtype)
+
+
+def aggregation(schedule: DiffusionSchedule, t: Array, encodings: Array, z: Array) -> Array:
+    """a_t = sum_i w_t^(i) e_i, shape z.shape (zeros for N = 0); z only gives the batch layout."""
+    _check_encodings(schedule, encodings, z)
+    return _weighted_sum(schedule.w, t, encodings, z)
+
+
+def encoding_mean(schedule: DiffusionSchedule, t: Array, encodings: Array, z: Array) -> Array:
+    """m_t = sum_i lambda_t^(i) e_i, the encodings' part of the marginal mean, shape z.shape."""
+    _check_encodings(schedule, encodings, z)
+    return _weighted_sum(schedule.lambda_, t, encodings, z)
+
+
+# Forward transition q(z_t | z_{t-1}, X).
+
+def transition_mean(schedule: DiffusionSchedule, z_previous: Array, t: Array, encodings: Array) -> Array:
+    """sqrt(alpha_t) (z_{t-1} + a_t), shape z.shape; t >= 1."""
+    a_t = aggregation(schedule, t, encodings, z_previous)
+    return jnp.sqrt(at_step(schedule.alpha, t, z_previous)) * (z_previous + a_t)
+
+
+def transition_variance(schedule: DiffusionSchedule, t: Array) -> Array:
+    """beta_t, shape t.shape."""
+    return schedule.beta[t]
+
+
+def transition_sample(
+    schedule: DiffusionSchedule, z_previous: Array, t: Array, encodings: Array, noise: Array
+) -> Array:
+    """z_t = sqrt(alpha_t) (z_{t-1} + a_t) + sqrt(beta_t) noise, noise ~ N(0, I) of shape z.shape."""
+    mean = transition_mean(schedule, z_previous, t, encodings)
+    return mean + jnp.sqrt(at_step(schedule.beta, t, z_previous)) * noise
+
+
+# Marginal q(z_t | z_0, X).
+
+def marginal_mean(schedule: DiffusionSchedule, z_0: Array, t: Array, encodings: Array) -> Array:
+    """sqrt(abar_t) z_0 + m_t, shape z.shape; t in 0..T."""
+    return jnp.sqrt(at_step(schedule.alpha_bar, t, z_0)) * z_0 + encoding_mean(schedule, t, encodings, z_0)
+
+
+def marginal_variance(schedule: DiffusionSchedule, t: Array) -> Array:
+    """1 - abar_t, shape t.shape."""
+    return schedule.one_minus_alpha_bar[t]
+
+
+def marginal_sample(schedule: DiffusionSchedule, z_0: Array, t: Array, encodings: Array, noise: Array) -> Array:
+    """z_t = sqrt(abar_t) z_0 + m_t + sqrt(1 - abar_t) noise, noise ~ N(0, I) of shape z.shape."""
+    mean = marginal_mean(schedule, z_0, t, encodings)
+    return mean + jnp.sqrt(at_step(schedule.one_minus_alpha_bar, t, z_0)) * noise
+
+
+# Conversions between z_0 and eps given z_t (the marginal solved for one or the other).
+
+def z0_from_eps(schedule: DiffusionSchedule, z_t: Array, t: Array, eps: Array, encodings: Array) -> Array:
+    """z_0 = (z_t - m_t - sqrt(1 - abar_t) eps) / sqrt(abar_t); t >= 1."""
+    u_t = z_t - encoding_mean(schedule, t, encodings, z_t)
+    noise_scale = jnp.sqrt(at_step(schedule.one_minus_alpha_bar, t, z_t))
+    return (u_t - noise_scale * eps) / jnp.sqrt(at_step(schedule.alpha_bar, t, z_t))
+
+
+def eps_from_z0(schedule: DiffusionSchedule, z_t: Array, t: Array, z_0: Array, encodings: Array) -> Array:
+    """eps = (z_t - m_t - sqrt(abar_t) z_0) / sqrt(1 - abar_t); t >= 1."""
+    u_t = z_t - encoding_mean(schedule, t, encodings, z_t)
+    signal_scale = jnp.sqrt(at_step(schedule.alpha_bar, t, z_t))
+    return (u_t - signal_scale * z_0) / jnp.sqrt(at_step(schedule.one_minus_alpha_bar, t, z_t))
+
+
+# Posterior q(z_{t-1} | z_t, z_0, X).
+
+def posterior_mean(schedule: DiffusionSchedule, z_0: Array, z_t: Array, t: Array, encodings: Array) -> Array:
+    """mu~_t in z0-form; t >= 1.
+
+    mu~_t = sqrt(abar_{t-1}) beta_t / (1 - abar_t) z_0 + sqrt(alpha_t) (1 - abar_{t-1}) / (1 - abar_t) z_t
+            + beta_t / (1 - abar_t) m_{t-1} - alpha_t (1 - abar_{t-1}) / (1 - abar_t) a_t
+    """
+    _check_encodings(schedule, encodings, z_t)
+    beta, alpha = at_step(schedule.beta, t, z_t), at_step(schedule.alpha, t, z_t)
+    alpha_bar_previous = at_step(schedule.alpha_bar, t - 1, z_t)
+    one_minus, one_minus_previous = (at_step(schedule.one_minus_alpha_bar, step, z_t) for step in (t, t - 1))
+    return (jnp.sqrt(alpha_bar_previous) * beta / one_minus * z_0
+            + jnp.sqrt(alpha) * one_minus_previous / one_minus * z_t
+            + beta / one_minus * encoding_mean(schedule, t - 1, encodings, z_t)
+            - alpha * one_minus_previous / one_minus * aggregation(schedule, t, encodings, z_t))
+
+
+def posterior_mean_from_eps(
+    schedule: DiffusionSchedule, z_t: Array, t: Array, eps: Array, encodings: Array
+) -> Array:
+    """mu~_t in eps-form: ( z_t - beta_t / sqrt(1 - abar_t) eps ) / sqrt(alpha_t) - a_t; t >= 1.
+
+    The DDPM posterior mean minus this step's aggregation. Equals `posterior_mean` when
+    z_t = sqrt(abar_t) z_0 + m_t + sqrt(1 - abar_t) eps.
+    """
+    beta, alpha = at_step(schedule.beta, t, z_t), at_step(schedule.alpha, t, z_t)
+    ddpm_mean = (z_t - beta / jnp.sqrt(at_step(schedule.one_minus_alpha_bar, t, z_t)) * eps) / jnp.sqrt(alpha)
+    return ddpm_mean - aggregation(schedule, t, encodings, z_t)
+
+
+def posterior_variance(schedule: DiffusionSchedule, t: Array) -> Array:
+    """beta~_t = beta_t (1 - abar_{t-1}) / (1 - abar_t), shape t.shape; 0 at t = 1."""
+    return schedule.beta[t] * schedule.one_minus_alpha_bar[t - 1] / schedule.one_minus_alpha_bar[t]
+
+
+# Reverse process p(z_{t-1} | z_t).
+
+def reverse_mean(
+    schedule: DiffusionSchedule, z_t: Array, t: Array, eps_prediction: Array, estimated_encodings: Array
+) -> Array:
+    """mu_theta = ( z_t - beta_t / sqrt(1 - abar_t) eps_theta ) / sqrt(alpha_t) - sum_i w_t^(i) ehat_i.
+
+    The eps-form posterior mean evaluated at the model's eps_theta and encodings ehat_i ([N, *z.shape]):
+    ehat_i = e_i for observed modalities, E_i(D_i(h_theta(z_t, t))) for the rest.
+    """
+    return posterior_mean_from_eps(schedule, z_t, t, eps_prediction, estimated_encodings)
+
+
+def reverse_log_variance(
+    schedule: DiffusionSchedule, t: Array, kind: str = "small", interpolation: Array | None = None
+) -> Array:
+    """log sigma_t^2 of the reverse step, shape t.shape (or interpolation's shape).
+
+    kind 'large': sigma_t^2 = beta_t; 'small': sigma_t^2 = beta~_t, with beta~_1 = 0 replaced by beta~_2
+    (as ADM's clipped log variance, so the t = 1 data term stays finite). `interpolation` v in [0, 1]
+    gives ADM's learned variance, log sigma^2 = v log beta_t + (1 - v) log beta~_t (clipped).
+    """
+    small = jnp.log(posterior_variance(schedule, jnp.maximum(t, 2)))
+    if interpolation is not None:
+        return interpolation * jnp.log(schedule.beta[t]) + (1.0 - interpolation) * small
+    if kind == "large":
+        return jnp.log(schedule.beta[t])
+    if kind == "small":
+        return small
+    raise ValueError(f"unknown reverse variance {kind!r}; known: {VARIANCE_KINDS}")

@@ -1,0 +1,220 @@
+"""The forward and reverse processes against independent statements of the same math."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mmdiff_jax import diffusion, schedules
+
+NUM_STEPS = 50
+
+
+def random_schedule(num_modalities: int, normalized: bool, seed: int = 0) -> schedules.DiffusionSchedule:
+    """A cosine schedule with random aggregation weights w_t in [0, 0.3)."""
+    noise = schedules.noise_schedule("cosine", NUM_STEPS)
+    if normalized:
+        noise = schedules.normalize_by_modalities(noise, num_modalities)
+    w = np.random.default_rng(seed).uniform(0, 0.3, (num_modalities, NUM_STEPS + 1)).astype(np.float32)
+    return schedules.diffusion_schedule(noise, w=w)
+
+
+def float64(schedule):
+    """The schedule's arrays in float64, with lambda recomputed in float64 from w (closed-form sum)."""
+    beta = np.asarray(schedule.beta, np.float64)
+    alpha = 1.0 - beta
+    alpha_bar = np.cumprod(alpha)
+    w = np.asarray(schedule.w, np.float64)
+    lambda_ = np.zeros_like(w)
+    for t in range(1, len(beta)):
+        lambda_[:, t] = sum(w[:, s] * np.sqrt(alpha_bar[t] / alpha_bar[s - 1]) for s in range(1, t + 1))
+    return beta, alpha, alpha_bar, w, lambda_
+
+
+@pytest.mark.parametrize("normalized", [False, True], ids=["plain", "modality_normalized"])
+def test_closed_form_marginal_matches_monte_carlo_forward_chain(normalized):
+    """Simulate z_t = sqrt(alpha_t)(z_{t-1} + sum_i w_t^i e_i) + sqrt(beta_t) noise step by step."""
+    schedule = random_schedule(2, normalized)
+    num_samples = 20_000
+    z_0 = jnp.array([0.8, -0.5, 0.1])
+    encodings = jnp.array([[1.0, 0.5, -1.2], [-0.7, 1.5, 0.3]])  # e_1, e_2
+    beta, alpha, w = schedule.beta, schedule.alpha, schedule.w
+
+    def step(z, inputs):
+        t, noise = inputs
+        aggregation = w[:, t] @ encodings
+        z = jnp.sqrt(alpha[t]) * (z + aggregation) + jnp.sqrt(beta[t]) * noise
+        return z, z
+
+    noises = jax.random.normal(jax.random.key(0), (NUM_STEPS, num_samples, 3))
+    _, chain = jax.lax.scan(step, jnp.broadcast_to(z_0, (num_samples, 3)), (jnp.arange(1, NUM_STEPS + 1), noises))
+    chain = np.asarray(chain, np.float64)
+
+    batch_encodings = jnp.broadcast_to(encodings[:, None], (2, 1, 3))
+    encoding_effect = []
+    for t in (1, 5, 20, 35, NUM_STEPS):
+        t_batch = jnp.array([t])
+        mean = np.asarray(diffusion.marginal_mean(schedule, z_0[None], t_batch, batch_encodings))[0]
+        variance = float(diffusion.marginal_variance(schedule, t))
+        samples = chain[t - 1]
+        mean_tolerance = 5 * np.sqrt(variance / num_samples)
+        variance_tolerance = 5 * variance * np.sqrt(2 / (num_samples - 1))
+        np.testing.assert_allclose(samples.mean(0), mean, atol=mean_tolerance, err_msg=f"mean at t={t}")
+        np.testing.assert_allclose(samples.var(0), variance, atol=variance_tolerance, err_msg=f"variance at t={t}")
+        encoding_effect.append(np.max(np.abs(mean - np.sqrt(float(schedule.alpha_bar[t])) * np.asarray(z_0)))
+                               / mean_tolerance)
+    # The encodings really are in the mean: without m_t the chain would be far off the closed form.
+    assert max(encoding_effect) > 10
+
+
+def test_transition_sample_is_the_transition_formula():
+    schedule = random_schedule(2, False)
+    keys = jax.random.split(jax.random.key(1), 3)
+    z, noise = jax.random.normal(keys[0], (4, 3)), jax.random.normal(keys[1], (4, 3))
+    encodings = jax.random.normal(keys[2], (2, 4, 3))
+    t = jnp.array([1, 7, 30, 50])
+    beta, alpha, _, w, _ = float64(schedule)
+    expected = (np.sqrt(alpha[t])[:, None] * (np.asarray(z) + np.einsum("nb,nbd->bd", w[:, t], encodings))
+                + np.sqrt(beta[t])[:, None] * np.asarray(noise))
+    np.testing.assert_allclose(diffusion.transition_sample(schedule, z, t, encodings, noise), expected, rtol=1e-5,
+                               atol=1e-6)
+    np.testing.assert_allclose(diffusion.transition_variance(schedule, t), beta[t], rtol=1e-6)
+
+
+@pytest.mark.parametrize("normalized", [False, True], ids=["plain", "modality_normalized"])
+def test_posterior_matches_exact_gaussian_conditioning(normalized):
+    """Condition the joint (z_{t-1}, z_t | z_0, X), built in float64 from the transition, on z_t."""
+    schedule = random_schedule(2, normalized, seed=3)
+    beta, alpha, alpha_bar, w, lambda_ = float64(schedule)
+    keys = jax.random.split(jax.random.key(2), 3)
+    batch = 6
+    z_0 = np.asarray(jax.random.normal(keys[0], (batch, 5)), np.float64)
+    z_t = np.asarray(jax.random.normal(keys[1], (batch, 5)), np.float64)
+    encodings = np.asarray(jax.random.normal(keys[2], (2, batch, 5)), np.float64)
+    t = np.array([2, 3, 10, 25, 49, 50])
+
+    mean_previous = (np.sqrt(alpha_bar[t - 1])[:, None] * z_0
+                     + np.einsum("nb,nbd->bd", lambda_[:, t - 1], encodings))  # E[z_{t-1} | z_0, X]
+    variance_previous = 1 - alpha_bar[t - 1]
+    a_t = np.einsum("nb,nbd->bd", w[:, t], encodings)
+    mean_current = np.sqrt(alpha[t])[:, None] * (mean_previous + a_t)  # E[z_t | z_0, X]
+    variance_current = alpha[t] * variance_previous + beta[t]
+    covariance = np.sqrt(alpha[t]) * variance_previous  # Cov(z_{t-1}, z_t)
+    expected_mean = mean_previous + (covariance / variance_current)[:, None] * (z_t - mean_current)
+    expected_variance = variance_previous - covariance ** 2 / variance_current
+
+    as32 = lambda x: jnp.asarray(x, jnp.float32)
+    mean = diffusion.posterior_mean(schedule, as32(z_0), as32(z_t), jnp.asarray(t), as32(encodings))
+    np.testing.assert_allclose(mean, expected_mean, rtol=2e-4, atol=2e-4)
+    np.testing.assert_allclose(diffusion.posterior_variance(schedule, jnp.asarray(t)), expected_variance, rtol=2e-4)
+    np.testing.assert_allclose(variance_current, 1 - alpha_bar[t], rtol=1e-9)  # the marginal's variance
+
+    # eps-form == z0-form for z_t on the marginal.
+    eps = jax.random.normal(jax.random.key(5), (batch, 5))
+    z_t_marginal = diffusion.marginal_sample(schedule, as32(z_0), jnp.asarray(t), as32(encodings), eps)
+    np.testing.assert_allclose(
+        diffusion.posterior_mean_from_eps(schedule, z_t_marginal, jnp.asarray(t), eps, as32(encodings)),
+        diffusion.posterior_mean(schedule, as32(z_0), z_t_marginal, jnp.asarray(t), as32(encodings)),
+        rtol=1e-4, atol=2e-4)
+
+
+def test_posterior_at_t1_is_the_data():
+    schedule = random_schedule(2, False)
+    z_0, z_1 = jnp.ones((2, 3)), jnp.full((2, 3), 5.0)
+    encodings = jnp.ones((2, 2, 3))
+    one = jnp.array([1, 1])
+    np.testing.assert_allclose(diffusion.posterior_mean(schedule, z_0, z_1, one, encodings), z_0, atol=1e-5)
+    np.testing.assert_allclose(diffusion.posterior_variance(schedule, one), 0.0, atol=1e-9)
+
+
+def test_z0_and_eps_conversions_invert_the_marginal():
+    schedule = random_schedule(2, False)
+    keys = jax.random.split(jax.random.key(3), 3)
+    z_0, eps = jax.random.normal(keys[0], (4, 2, 2, 1)), jax.random.normal(keys[1], (4, 2, 2, 1))
+    encodings = jax.random.normal(keys[2], (2, 4, 2, 2, 1))
+    t = jnp.array([1, 10, 25, 40])
+    z_t = diffusion.marginal_sample(schedule, z_0, t, encodings, eps)
+    np.testing.assert_allclose(diffusion.z0_from_eps(schedule, z_t, t, eps, encodings), z_0, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(diffusion.eps_from_z0(schedule, z_t, t, z_0, encodings), eps, rtol=1e-4, atol=1e-4)
+
+
+def test_with_no_auxiliary_modality_everything_is_textbook_ddpm():
+    """N = 0: compare with Ho et al. (2020) written out here in float64."""
+    schedule = schedules.make_schedule("linear", 200)
+    assert schedule.num_modalities == 0
+    beta = np.asarray(schedule.beta, np.float64)
+    alpha = 1 - beta
+    alpha_bar = np.cumprod(alpha)
+    keys = jax.random.split(jax.random.key(4), 4)
+    x_0, x_t, eps, eps_model = (jax.random.normal(k, (5, 3, 3, 2)) for k in keys)
+    t = jnp.array([1, 2, 50, 150, 200])
+    no_encodings = jnp.zeros((0, 5, 3, 3, 2))
+    col = lambda a: np.asarray(a[np.asarray(t)])[:, None, None, None]
+    x_0_, x_t_, eps_, eps_model_ = (np.asarray(a, np.float64) for a in (x_0, x_t, eps, eps_model))
+
+    q_sample = np.sqrt(col(alpha_bar)) * x_0_ + np.sqrt(1 - col(alpha_bar)) * eps_
+    np.testing.assert_allclose(diffusion.marginal_sample(schedule, x_0, t, no_encodings, eps), q_sample, rtol=1e-5,
+                               atol=1e-5)
+    np.testing.assert_allclose(diffusion.marginal_variance(schedule, t), 1 - np.asarray(alpha_bar[np.asarray(t)]),
+                               rtol=1e-5)
+    previous = np.asarray(alpha_bar[np.asarray(t) - 1])[:, None, None, None]
+    posterior_mean = (beta[np.asarray(t)][:, None, None, None] * np.sqrt(previous) / (1 - col(alpha_bar)) * x_0_
+                      + (1 - previous) * np.sqrt(col(alpha)) / (1 - col(alpha_bar)) * x_t_)
+    np.testing.assert_allclose(diffusion.posterior_mean(schedule, x_0, x_t, t, no_encodings), posterior_mean,
+                               rtol=1e-4, atol=1e-5)
+    posterior_variance = beta[np.asarray(t)] * (1 - previous[:, 0, 0, 0]) / (1 - alpha_bar[np.asarray(t)])
+    np.testing.assert_allclose(diffusion.posterior_variance(schedule, t), posterior_variance, rtol=1e-4, atol=1e-12)
+    reverse = (x_t_ - col(beta) / np.sqrt(1 - col(alpha_bar)) * eps_model_) / np.sqrt(col(alpha))
+    np.testing.assert_allclose(diffusion.reverse_mean(schedule, x_t, t, eps_model, no_encodings), reverse,
+                               rtol=1e-4, atol=1e-5)
+    x_0_from_eps = np.sqrt(1 / col(alpha_bar)) * x_t_ - np.sqrt(1 / col(alpha_bar) - 1) * eps_model_
+    np.testing.assert_allclose(diffusion.z0_from_eps(schedule, x_t, t, eps_model, no_encodings), x_0_from_eps,
+                               rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(diffusion.transition_mean(schedule, x_0, t, no_encodings),
+                               np.sqrt(col(alpha)) * x_0_, rtol=1e-6)
+    np.testing.assert_allclose(diffusion.reverse_log_variance(schedule, t, "large"), np.log(beta[np.asarray(t)]),
+                               rtol=1e-5)
+
+
+def test_reverse_log_variance_kinds():
+    schedule = random_schedule(1, False)
+    t = jnp.array([1, 2, 30])
+    small = diffusion.reverse_log_variance(schedule, t, "small")
+    np.testing.assert_allclose(small[0], small[1])  # beta~_1 = 0 is clipped to beta~_2
+    np.testing.assert_allclose(small[2], np.log(diffusion.posterior_variance(schedule, jnp.array(30))), rtol=1e-5)
+    large = diffusion.reverse_log_variance(schedule, t, "large")
+    np.testing.assert_allclose(diffusion.reverse_log_variance(schedule, t, interpolation=jnp.ones(3)), large)
+    np.testing.assert_allclose(diffusion.reverse_log_variance(schedule, t, interpolation=jnp.zeros(3)), small)
+    with pytest.raises(ValueError, match="unknown reverse variance"):
+        diffusion.reverse_log_variance(schedule, t, "huge")
+
+
+def test_functions_work_under_jit_vmap_and_grad():
+    schedule = random_schedule(2, False)
+    keys = jax.random.split(jax.random.key(6), 3)
+    z_0, eps = jax.random.normal(keys[0], (4, 2, 2, 1)), jax.random.normal(keys[1], (4, 2, 2, 1))
+    encodings = jax.random.normal(keys[2], (2, 4, 2, 2, 1))
+    t = jnp.array([3, 10, 25, 40])
+    batched = diffusion.marginal_sample(schedule, z_0, t, encodings, eps)
+    jitted = jax.jit(diffusion.marginal_sample)(schedule, z_0, t, encodings, eps)
+    per_example = jax.vmap(diffusion.marginal_sample, in_axes=(None, 0, 0, 1, 0))(schedule, z_0, t, encodings, eps)
+    np.testing.assert_allclose(jitted, batched, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(per_example, batched, rtol=1e-5, atol=1e-7)
+    posterior = jax.vmap(diffusion.posterior_mean, in_axes=(None, 0, 0, 0, 1))(schedule, z_0, batched, t, encodings)
+    np.testing.assert_allclose(posterior, diffusion.posterior_mean(schedule, z_0, batched, t, encodings), rtol=1e-6)
+    # d z_t / d e_i = lambda_t^(i): the gradient reads the schedule back.
+    grad = jax.grad(lambda e: diffusion.marginal_sample(schedule, z_0, t, e, eps).sum())(encodings)
+    np.testing.assert_allclose(grad[:, :, 0, 0, 0], schedule.lambda_[:, t], rtol=1e-6)
+
+
+def test_inconsistent_inputs_raise_clear_errors():
+    schedule = random_schedule(2, False)
+    z = jnp.zeros((4, 3))
+    with pytest.raises(ValueError, match="N = 2"):
+        diffusion.marginal_mean(schedule, z, jnp.ones(4, jnp.int32), jnp.zeros((3, 4, 3)))
+    with pytest.raises(ValueError, match="N = 2"):
+        diffusion.posterior_mean(schedule, z, z, jnp.ones(4, jnp.int32), jnp.zeros((2, 4, 5)))
+    with pytest.raises(ValueError, match="integer"):
+        diffusion.marginal_mean(schedule, z, jnp.ones(4), jnp.zeros((2, 4, 3)))
+    with pytest.raises(ValueError, match="batch prefix"):
+        diffusion.marginal_mean(schedule, z, jnp.ones(5, jnp.int32), jnp.zeros((2, 4, 3)))
