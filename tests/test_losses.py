@@ -1,0 +1,236 @@
+"""The four bound terms, the Monte-Carlo bound and the simplified training loss."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy import stats
+
+from mmdiff_jax import diffusion, losses, schedules
+
+
+@pytest.fixture
+def schedule():
+    return schedules.make_schedule("linear", 100, [("bump", 1.0), ("bridge", 0.5)])
+
+
+def random_inputs(seed, batch=4, shape=(4, 4, 1), num_modalities=2):
+    keys = jax.random.split(jax.random.key(seed), 3)
+    z_0 = jnp.clip(jax.random.normal(keys[0], (batch, *shape)) * 0.5, -1, 1)
+    eps = jax.random.normal(keys[1], (batch, *shape))
+    encodings = jax.random.normal(keys[2], (num_modalities, batch, *shape))
+    return z_0, eps, encodings
+
+
+def test_posterior_kl_is_nonnegative_and_zero_exactly_at_the_posterior(schedule):
+    z_0, eps, encodings = random_inputs(0)
+    t = jnp.array([2, 10, 60, 100])
+    z_t = diffusion.marginal_sample(schedule, z_0, t, encodings, eps)
+    exact = losses.posterior_kl(schedule, z_0, z_t, t, encodings, eps, encodings)
+    np.testing.assert_allclose(exact, 0.0, atol=2e-3)  # float32 cancellation only
+    keys = jax.random.split(jax.random.key(1), 2)
+    for kind in ("small", "large"):
+        wrong_eps = eps + 0.3 * jax.random.normal(keys[0], eps.shape)
+        wrong_encodings = encodings + 0.3 * jax.random.normal(keys[1], encodings.shape)
+        kl = losses.posterior_kl(schedule, z_0, z_t, t, encodings, wrong_eps, wrong_encodings, variance_kind=kind)
+        assert np.all(np.asarray(kl) > 0.05)
+    # The right mean with the wrong variance: beta_t differs from beta~_t most at small t (they meet as t -> T).
+    large = losses.posterior_kl(schedule, z_0, z_t, t, encodings, eps, encodings, variance_kind="large")
+    assert np.all(np.asarray(large[:2]) > np.asarray(exact[:2]) + 0.1)
+
+
+def test_posterior_kl_equals_its_closed_form(schedule):
+    """|| c_t (eps_theta - eps) + sum_i w_t^i (ehat_i - e_i) ||^2 / (2 sigma^2) + variance term (DESIGN.md)."""
+    z_0, eps, encodings = random_inputs(2)
+    keys = jax.random.split(jax.random.key(3), 2)
+    eps_theta = eps + 0.2 * jax.random.normal(keys[0], eps.shape)
+    encodings_hat = encodings + 0.5 * jax.random.normal(keys[1], encodings.shape)
+    t = jnp.array([2, 30, 70, 100])
+    z_t = diffusion.marginal_sample(schedule, z_0, t, encodings, eps)
+    beta, alpha = (np.asarray(a, np.float64)[np.asarray(t)] for a in (schedule.beta, schedule.alpha))
+    one_minus_alpha_bar = np.asarray(schedule.one_minus_alpha_bar, np.float64)
+    previous = one_minus_alpha_bar[np.asarray(t) - 1]
+    current = one_minus_alpha_bar[np.asarray(t)]
+    posterior_variance = beta * previous / current
+    eps_coefficient = beta / (np.sqrt(alpha) * np.sqrt(current))
+    w = np.asarray(schedule.w, np.float64)[:, np.asarray(t)]
+    for kind, model_variance in (("small", posterior_variance), ("large", beta)):
+        difference = (eps_coefficient[:, None, None, None] * (np.asarray(eps_theta) - np.asarray(eps))
+                      + np.einsum("nb,nbhwc->bhwc", w, np.asarray(encodings_hat) - np.asarray(encodings)))
+        ratio = posterior_variance / model_variance
+        dimensions = 16
+        expected = (np.sum(difference ** 2, axis=(1, 2, 3)) / (2 * model_variance)
+                    + dimensions * 0.5 * (ratio - 1 - np.log(ratio)))
+        kl = losses.posterior_kl(schedule, z_0, z_t, t, encodings, eps_theta, encodings_hat, variance_kind=kind)
+        np.testing.assert_allclose(kl, expected, rtol=2e-3)
+
+
+def test_prior_kl_matches_textbook_ddpm_and_depends_on_encodings():
+    plain = schedules.make_schedule("linear", 200)
+    z_0, _, _ = random_inputs(4, num_modalities=0)
+    alpha_bar = float(np.cumprod(1 - np.asarray(plain.beta, np.float64))[-1])
+    z = np.asarray(z_0, np.float64)
+    expected = 0.5 * np.sum(alpha_bar * z ** 2 + (1 - alpha_bar) - 1 - np.log(1 - alpha_bar), axis=(1, 2, 3))
+    np.testing.assert_allclose(losses.prior_kl(plain, z_0, jnp.zeros((0, *z_0.shape))), expected, rtol=1e-3,
+                               atol=1e-6)
+    assert np.all(np.asarray(losses.prior_kl(plain, z_0, jnp.zeros((0, *z_0.shape)))) >= 0)
+    # bump keeps m_T ~ 0; bridge moves the prior: with p(z_T) = N(0, I) its KL grows, with N(m_T, I) it does not.
+    encodings = jnp.ones((1, *z_0.shape))
+    bump = schedules.make_schedule("linear", 200, [("bump", 1.0)])
+    bridge = schedules.make_schedule("linear", 200, [("bridge", 1.0)])
+    bump_kl = losses.prior_kl(bump, z_0, encodings)
+    bridge_kl = losses.prior_kl(bridge, z_0, encodings)
+    assert np.all(np.asarray(bridge_kl) > np.asarray(bump_kl) + 5)
+    t = jnp.full((z_0.shape[0],), 200)
+    bridge_prior = diffusion.encoding_mean(bridge, t, encodings, z_0)
+    np.testing.assert_allclose(losses.prior_kl(bridge, z_0, encodings, bridge_prior), expected, rtol=1e-3, atol=1e-4)
+
+
+def test_discretized_gaussian_is_a_distribution_over_the_pixel_grid():
+    grid = jnp.linspace(-1, 1, 256)[:, None]  # each of the 256 values as a batch of one pixel
+    for mean, log_scale in ((0.0, np.log(0.1)), (0.93, np.log(0.004)), (-1.2, np.log(0.5)), (0.3, np.log(1e-4))):
+        nll = losses.discretized_gaussian_nll(grid, jnp.full_like(grid, mean), jnp.full_like(grid, log_scale))
+        np.testing.assert_allclose(np.exp(-np.asarray(nll, np.float64)).sum(), 1.0, atol=2e-4)
+    # An interior bin is the normal mass of its interval.
+    x, mean, scale = 0.2, 0.15, 0.05
+    half = 1 / 255
+    expected = -np.log(stats.norm.cdf(x + half, mean, scale) - stats.norm.cdf(x - half, mean, scale))
+    got = losses.discretized_gaussian_nll(jnp.array([[x]]), jnp.array([[mean]]), jnp.log(jnp.array([[scale]])))
+    np.testing.assert_allclose(got, [expected], rtol=1e-4)
+
+
+def test_recovery_likelihoods_match_scipy():
+    keys = jax.random.split(jax.random.key(5), 3)
+    logits = jax.random.normal(keys[0], (3, 2, 7))
+    labels = jax.random.randint(keys[1], (3, 2), 0, 7)
+    expected = -np.sum(np.take_along_axis(np.asarray(jax.nn.log_softmax(logits)), np.asarray(labels)[..., None], -1),
+                       axis=(1, 2))
+    np.testing.assert_allclose(losses.categorical_nll(logits, labels), expected, rtol=1e-5)
+    mean, target = jax.random.normal(keys[2], (2, 2, 5)), jnp.zeros((2, 2, 5))
+    expected = -stats.norm.logpdf(np.asarray(target), np.asarray(mean), 0.3).sum(axis=(1, 2))
+    np.testing.assert_allclose(losses.gaussian_nll(mean, target, np.log(0.3)), expected, rtol=1e-5)
+
+
+def oracle(schedule, z_0, encodings, error_scale, recovery_nll):
+    """A model that knows the true eps up to an error of relative size `error_scale`."""
+
+    def denoise(z_t, t):
+        eps = diffusion.eps_from_z0(schedule, z_t, t, z_0, encodings)
+        error = jnp.sin(3.0 * z_t + t[:, None, None, None])  # a fixed function of the input
+        return losses.DenoiserOutput(eps + error_scale * error, encodings, recovery_nll)
+
+    return denoise
+
+
+def test_bound_decreases_as_eps_theta_approaches_eps(schedule):
+    z_0, _, encodings = random_inputs(6, batch=8)
+    z_0 = jnp.round((z_0 + 1) * 127.5) / 127.5 - 1  # an 8-bit image
+    recovery = jnp.full((8,), 0.7)
+
+    @jax.jit
+    def bound(error_scale, rng):
+        return losses.variational_bound(schedule, oracle(schedule, z_0, encodings, error_scale, recovery), z_0,
+                                        encodings, rng)
+
+    totals = []
+    for error_scale in (1.0, 0.3, 0.1, 0.0):
+        draws = [bound(error_scale, jax.random.key(seed)) for seed in range(16)]
+        totals.append(np.mean([np.mean(d.total) for d in draws]))
+    assert all(a > b for a, b in zip(totals, totals[1:])), totals
+    terms = bound(0.0, jax.random.key(0))
+    np.testing.assert_allclose(terms.recovery, 0.7)
+    np.testing.assert_allclose(terms.total, terms.prior + terms.diffusion + terms.recovery + terms.data, rtol=1e-6)
+    np.testing.assert_allclose(terms.bits_per_dim, terms.total / (16 * math.log(2)), rtol=1e-6)
+    assert np.all(np.asarray(terms.diffusion) >= 0) and np.all(np.asarray(terms.prior) >= 0)
+
+
+def test_bound_with_no_auxiliary_modality_is_the_ddpm_bound():
+    """N = 0, T = 3: the one-sample estimate averages to L_T + L_2 + L_3 + L_0 of DDPM computed by enumeration."""
+    plain = schedules.noise_schedule("cosine", 3)
+    schedule = schedules.diffusion_schedule(plain)
+    z_0 = jnp.array([[[[0.5]], [[-0.25]]]])  # [1, 2, 1, 1]
+    no_encodings = jnp.zeros((0, *z_0.shape))
+
+    def denoise(z_t, t):
+        return losses.DenoiserOutput(0.1 * z_t, no_encodings, jnp.zeros(z_t.shape[:1]))
+
+    estimates = jax.jit(jax.vmap(lambda rng: losses.variational_bound(schedule, denoise, z_0, no_encodings, rng).total))(
+        jax.random.split(jax.random.key(7), 20000))
+    # Independent evaluation: E over t of (T - 1) KL_t is the sum over t = 2..T of KL_t, each averaged over noise.
+    eps = jax.random.normal(jax.random.key(8), (20000, 2, 1, 1))
+    z_0_many = jnp.broadcast_to(z_0[0], (20000, 2, 1, 1))
+    no_many = jnp.zeros((0, 20000, 2, 1, 1))
+    expected = float(losses.prior_kl(schedule, z_0, no_encodings)[0])
+    for t in (2, 3):
+        steps = jnp.full((20000,), t)
+        z_t = diffusion.marginal_sample(schedule, z_0_many, steps, no_many, eps)
+        expected += float(jnp.mean(losses.posterior_kl(schedule, z_0_many, z_t, steps, no_many, 0.1 * z_t, no_many)))
+    ones = jnp.ones((20000,), jnp.int32)
+    z_1 = diffusion.marginal_sample(schedule, z_0_many, ones, no_many, eps)
+    expected += float(jnp.mean(losses.data_nll(schedule, z_0_many, z_1, no_many, 0.1 * z_1, no_many)))
+    assert float(jnp.mean(estimates)) == pytest.approx(expected, rel=0.03)
+
+
+def test_training_loss_terms_and_weights(schedule):
+    z_0, eps, encodings = random_inputs(9)
+    t = jnp.array([1, 5, 50, 100])
+    perfect, metrics = losses.training_loss(schedule, t, eps, eps, encodings, encodings)
+    assert float(perfect) == 0.0 and float(metrics["aggregation_mse"]) == 0.0
+    eps_theta = eps + 0.5
+    loss, metrics = losses.training_loss(schedule, t, eps, eps_theta, encodings, encodings)
+    np.testing.assert_allclose(metrics["eps_mse"], 0.25, rtol=1e-5)
+    encodings_hat = encodings.at[0].add(1.0)
+    loss, metrics = losses.training_loss(
+        schedule, t, eps, eps_theta, encodings, encodings_hat, {"label": jnp.array([1.0, 2, 3, 4])},
+        eps_weight=2.0, aggregation_weight=0.5, recovery_weights={"label": 0.1})
+    # aggregation error in eps units: (w_t / c_t)^2 for a unit error in modality 0.
+    beta, alpha = (np.asarray(a, np.float64)[np.asarray(t)] for a in (schedule.beta, schedule.alpha))
+    c = beta / (np.sqrt(alpha) * np.sqrt(np.asarray(schedule.one_minus_alpha_bar, np.float64)[np.asarray(t)]))
+    expected_aggregation = np.mean((np.asarray(schedule.w, np.float64)[0, np.asarray(t)] / c) ** 2)
+    np.testing.assert_allclose(metrics["aggregation_mse"], expected_aggregation, rtol=1e-4)
+    assert 0.01 < expected_aggregation < 100  # the eps-unit scaling keeps it comparable to the eps-MSE
+    np.testing.assert_allclose(metrics["recovery/label"], 2.5)
+    np.testing.assert_allclose(loss, 2 * 0.25 + 0.5 * expected_aggregation + 0.1 * 2.5, rtol=1e-4)
+    np.testing.assert_allclose(metrics["loss"], loss)
+
+
+def test_training_loss_reduces_to_ddpm_simple_loss_with_no_modality():
+    plain = schedules.make_schedule("linear", 100)
+    _, eps, _ = random_inputs(10, num_modalities=0)
+    eps_theta = 0.8 * eps
+    loss, _ = losses.training_loss(plain, jnp.array([1, 2, 3, 4]), eps, eps_theta, jnp.zeros((0, *eps.shape)),
+                                   jnp.zeros((0, *eps.shape)))
+    np.testing.assert_allclose(loss, np.mean((0.2 * np.asarray(eps)) ** 2), rtol=1e-5)
+
+
+def test_losses_work_under_jit_vmap_and_grad(schedule):
+    z_0, eps, encodings = random_inputs(11)
+    t = jnp.array([1, 5, 50, 100])
+
+    def loss(eps_theta, encodings_hat):
+        return losses.training_loss(schedule, t, eps, eps_theta, encodings, encodings_hat)[0]
+
+    eps_theta = eps * 0.5
+    grad_eps, grad_encodings = jax.jit(jax.grad(loss, argnums=(0, 1)))(eps_theta, encodings + 0.1)
+    np.testing.assert_allclose(grad_eps, 2 * (eps_theta - eps) / eps.size, rtol=1e-4, atol=1e-7)
+    assert np.all(np.isfinite(np.asarray(grad_encodings))) and np.any(np.asarray(grad_encodings) != 0)
+    # vmap over independent draws of the bound: one row per key.
+    denoise = oracle(schedule, z_0, encodings, 0.1, jnp.zeros(4))
+    rows = jax.jit(jax.vmap(lambda key: losses.variational_bound(schedule, denoise, z_0, encodings, key).total))(
+        jax.random.split(jax.random.key(0), 3))
+    assert rows.shape == (3, 4)
+    first = losses.variational_bound(schedule, denoise, z_0, encodings, jax.random.split(jax.random.key(0), 3)[0])
+    np.testing.assert_allclose(rows[0], first.total, rtol=1e-5)
+
+
+def test_training_loss_rejects_inconsistent_inputs(schedule):
+    _, eps, encodings = random_inputs(12)
+    t = jnp.array([1, 2, 3, 4])
+    with pytest.raises(ValueError, match="no recovery weight"):
+        losses.training_loss(schedule, t, eps, eps, encodings, encodings, {"label": jnp.zeros(4)})
+    with pytest.raises(ValueError, match="eps_prediction shape"):
+        losses.training_loss(schedule, t, eps, eps[:, :2], encodings, encodings)
+    with pytest.raises(ValueError, match="estimated_encodings shape"):
+        losses.training_loss(schedule, t, eps, eps, encodings, encodings[:1])

@@ -1,0 +1,21 @@
+"""The README's two commands are the ones users and CI run."""
+
+import pathlib
+import re
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def test_ci_runs_the_readme_test_command_verbatim():
+    ci_command = re.search(r'^TEST_COMMAND="(.*)"$', (ROOT / ".ci/run").read_text(), re.M).group(1)
+    readme = (ROOT / "README.md").read_text()
+    assert ci_command in readme, "the README's test command and .ci/run differ"
+    assert "pytest" in ci_command and "dataset-fashion-mnist" in ci_command
+
+
+def test_readme_opens_with_the_main_job_then_the_tests():
+    readme = (ROOT / "README.md").read_text()
+    blocks = re.findall(r"```(?:bash|sh)\n(.*?)```", readme, re.S)
+    assert len(blocks) >= 2
+    assert "python -m experiments.masked_pretrain" in blocks[0]
+    assert "pytest" in blocks[1]
