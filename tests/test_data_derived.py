@@ -9,117 +9,116 @@ from tests.test_data_fixtures import item_intensity, synthetic_arrays  # noqa: F
 
 
 def first_batch(name, arrays, batch_size=32, **options):
-  iterator = data.make_dataset(name, "train", batch_size=batch_size, seed=3,
-                               arrays=arrays, **options)
-  return next(iterator)
+    iterator = data.make_dataset(name, "train", batch_size=batch_size, seed=3, arrays=arrays, **options)
+    return next(iterator)
 
 
-@pytest.mark.parametrize("name,options", [
-    ("fashion_mnist", {}),
-    ("fashion_mnist", {"image_size": 28}),
-    ("fashion_mnist_masked", {"mask_kind": "patch"}),
-    ("fashion_mnist_masked", {"mask_kind": "pixel", "image_size": 28}),
-    ("fashion_mnist_scenes", {}),
-])
+@pytest.mark.parametrize(
+    "name,options",
+    [
+        ("fashion_mnist", {}),
+        ("fashion_mnist", {"image_size": 28}),
+        ("fashion_mnist_masked", {"mask_kind": "patch"}),
+        ("fashion_mnist_masked", {"mask_kind": "pixel", "image_size": 28}),
+        ("fashion_mnist_scenes", {}),
+    ],
+)
 def test_batches_match_spec(name, options, synthetic_arrays):  # noqa: F811
-  batch = first_batch(name, synthetic_arrays, **options)
-  spec = data.dataset_spec(name, **options)
-  assert set(batch) == set(spec.features)
-  for key, (shape, dtype) in spec.features.items():
-    assert batch[key].shape == (32,) + shape, key
-    assert batch[key].dtype == dtype, key
-  image = batch["image"]
-  assert image.min() == -1.0 and image.max() <= 1.0
-  for key, num_classes in spec.num_classes.items():
-    assert batch[key].min() >= 0 and batch[key].max() < num_classes
+    batch = first_batch(name, synthetic_arrays, **options)
+    spec = data.dataset_spec(name, **options)
+    assert set(batch) == set(spec.features)
+    for key, (shape, dtype) in spec.features.items():
+        assert batch[key].shape == (32,) + shape, key
+        assert batch[key].dtype == dtype, key
+    image = batch["image"]
+    assert image.min() == -1.0 and image.max() <= 1.0
+    for key, num_classes in spec.num_classes.items():
+        assert batch[key].min() >= 0 and batch[key].max() < num_classes
 
 
 def test_image_is_padded_with_black_and_scaled(synthetic_arrays):  # noqa: F811
-  dataset = data.make_map_dataset("fashion_mnist", "train",
-                                  arrays=synthetic_arrays)
-  example = dataset[5]
-  raw = synthetic_arrays["image"][5]
-  assert example["image"].shape == (32, 32, 1)
-  np.testing.assert_allclose(example["image"][2:30, 2:30],
-                             raw / 127.5 - 1, atol=1e-6)
-  border = np.ones((32, 32), bool)
-  border[2:30, 2:30] = False
-  assert np.all(example["image"][border] == -1.0)
-  assert example["label"] == synthetic_arrays["label"][5]
+    dataset = data.make_map_dataset("fashion_mnist", "train", arrays=synthetic_arrays)
+    example = dataset[5]
+    raw = synthetic_arrays["image"][5]
+    assert example["image"].shape == (32, 32, 1)
+    np.testing.assert_allclose(example["image"][2:30, 2:30], raw / 127.5 - 1, atol=1e-6)
+    border = np.ones((32, 32), bool)
+    border[2:30, 2:30] = False
+    assert np.all(example["image"][border] == -1.0)
+    assert example["label"] == synthetic_arrays["label"][5]
 
 
 @pytest.mark.parametrize("mask_kind", ["patch", "pixel"])
 @pytest.mark.parametrize("ratio", [0.1, 0.3, 0.5, 0.75])
 def test_masks_cover_requested_ratio(mask_kind, ratio, synthetic_arrays):  # noqa: F811
-  batch = first_batch("fashion_mnist_masked", synthetic_arrays, batch_size=64,
-                      mask_kind=mask_kind, mask_ratio=ratio)
-  mask = batch["mask"]
-  assert set(np.unique(mask)) == {0.0, 1.0}
-  hidden = 1 - mask.mean(axis=(1, 2, 3))  # per example
-  assert np.all(np.abs(hidden - ratio) <= 0.02), hidden
-  np.testing.assert_array_equal(batch["masked_image"],
-                                batch["image"] * mask)
-  assert np.all(batch["masked_image"][mask == 0] == 0)  # mid-grey
-  # Random per example: no two masks in the batch are equal.
-  flat = mask.reshape(len(mask), -1)
-  assert len({row.tobytes() for row in flat}) == len(mask)
-  if mask_kind == "patch":  # constant on each 4x4 patch of the grid
-    blocks = mask[..., 0].reshape(64, 8, 4, 8, 4)
-    assert np.all(blocks.min(axis=(2, 4)) == blocks.max(axis=(2, 4)))
+    batch = first_batch(
+        "fashion_mnist_masked", synthetic_arrays, batch_size=64, mask_kind=mask_kind, mask_ratio=ratio
+    )
+    mask = batch["mask"]
+    assert set(np.unique(mask)) == {0.0, 1.0}
+    hidden = 1 - mask.mean(axis=(1, 2, 3))  # per example
+    assert np.all(np.abs(hidden - ratio) <= 0.02), hidden
+    np.testing.assert_array_equal(batch["masked_image"], batch["image"] * mask)
+    assert np.all(batch["masked_image"][mask == 0] == 0)  # mid-grey
+    # Random per example: no two masks in the batch are equal.
+    flat = mask.reshape(len(mask), -1)
+    assert len({row.tobytes() for row in flat}) == len(mask)
+    if mask_kind == "patch":  # constant on each 4x4 patch of the grid
+        blocks = mask[..., 0].reshape(64, 8, 4, 8, 4)
+        assert np.all(blocks.min(axis=(2, 4)) == blocks.max(axis=(2, 4)))
 
 
 def test_mask_ratio_range_sampled_per_example(synthetic_arrays):  # noqa: F811
-  batch = first_batch("fashion_mnist_masked", synthetic_arrays, batch_size=64,
-                      mask_kind="pixel", mask_ratio=(0.2, 0.6))
-  hidden = 1 - batch["mask"].mean(axis=(1, 2, 3))
-  assert hidden.min() >= 0.2 - 1e-3 and hidden.max() <= 0.6 + 1e-3
-  assert hidden.std() > 0.05  # really varies
+    batch = first_batch(
+        "fashion_mnist_masked", synthetic_arrays, batch_size=64, mask_kind="pixel", mask_ratio=(0.2, 0.6)
+    )
+    hidden = 1 - batch["mask"].mean(axis=(1, 2, 3))
+    assert hidden.min() >= 0.2 - 1e-3 and hidden.max() <= 0.6 + 1e-3
+    assert hidden.std() > 0.05  # really varies
 
 
 @pytest.mark.parametrize("bad", [0.05, 0.8, (0.05, 0.5), (0.6, 0.4)])
 def test_mask_ratio_outside_range_is_rejected(bad, synthetic_arrays):  # noqa: F811
-  with pytest.raises(ValueError, match="mask_ratio"):
-    data.make_dataset("fashion_mnist_masked", "train", batch_size=4, seed=0,
-                      arrays=synthetic_arrays, mask_ratio=bad)
+    with pytest.raises(ValueError, match="mask_ratio"):
+        data.make_dataset(
+            "fashion_mnist_masked", "train", batch_size=4, seed=0, arrays=synthetic_arrays, mask_ratio=bad
+        )
 
 
 def test_compose_scene_occlusion_by_hand():
-  items = np.zeros((3, 28, 28, 1), np.uint8)
-  items[0, 4:20, 4:20] = 100  # class 2, at (0, 0)
-  items[1, 0:10, 0:10] = 200  # class 7, at (10, 10): over item 0
-  items[2, 0:5, 0:5] = 5      # below the threshold: transparent
-  image, segmentation = derived.compose_scene(
-      items, np.array([2, 7, 4]), np.array([[0, 0], [10, 10], [30, 30]]),
-      size=64, foreground_threshold=10)
-  expected = np.zeros((64, 64), np.int32)
-  expected[4:20, 4:20] = 3
-  expected[10:20, 10:20] = 8  # the later item occludes the earlier one
-  np.testing.assert_array_equal(segmentation, expected)
-  np.testing.assert_array_equal(image[..., 0],
-                                np.select([expected == 3, expected == 8],
-                                          [100, 200], 0))
+    items = np.zeros((3, 28, 28, 1), np.uint8)
+    items[0, 4:20, 4:20] = 100  # class 2, at (0, 0)
+    items[1, 0:10, 0:10] = 200  # class 7, at (10, 10): over item 0
+    items[2, 0:5, 0:5] = 5  # below the threshold: transparent
+    image, segmentation = derived.compose_scene(
+        items, np.array([2, 7, 4]), np.array([[0, 0], [10, 10], [30, 30]]), size=64, foreground_threshold=10
+    )
+    expected = np.zeros((64, 64), np.int32)
+    expected[4:20, 4:20] = 3
+    expected[10:20, 10:20] = 8  # the later item occludes the earlier one
+    np.testing.assert_array_equal(segmentation, expected)
+    np.testing.assert_array_equal(image[..., 0], np.select([expected == 3, expected == 8], [100, 200], 0))
 
 
 def test_scene_segmentation_agrees_with_pixels(synthetic_arrays):  # noqa: F811
-  batch = first_batch("fashion_mnist_scenes", synthetic_arrays, batch_size=64)
-  image = np.rint((batch["image"][..., 0] + 1) * 127.5).astype(int)
-  segmentation = batch["segmentation"]
-  background = segmentation == 0
-  assert np.all(image[background] == 0)
-  # Every drawn pixel has exactly the intensity of the class its mask names.
-  np.testing.assert_array_equal(image[~background],
-                                item_intensity(segmentation[~background] - 1))
-  objects = [len(np.unique(s)) - 1 for s in segmentation]
-  assert min(objects) >= 1 and max(objects) <= 4
-  assert np.mean(objects) > 1.5  # 2-4 items, rarely fully occluded
-  assert (~background).mean() > 0.05
+    batch = first_batch("fashion_mnist_scenes", synthetic_arrays, batch_size=64)
+    image = np.rint((batch["image"][..., 0] + 1) * 127.5).astype(int)
+    segmentation = batch["segmentation"]
+    background = segmentation == 0
+    assert np.all(image[background] == 0)
+    # Every drawn pixel has exactly the intensity of the class its mask names.
+    np.testing.assert_array_equal(image[~background], item_intensity(segmentation[~background] - 1))
+    objects = [len(np.unique(s)) - 1 for s in segmentation]
+    assert min(objects) >= 1 and max(objects) <= 4
+    assert np.mean(objects) > 1.5  # 2-4 items, rarely fully occluded
+    assert (~background).mean() > 0.05
 
 
 def test_scene_object_count_options(synthetic_arrays):  # noqa: F811
-  batch = first_batch("fashion_mnist_scenes", synthetic_arrays, batch_size=64,
-                      min_objects=1, max_objects=1, image_size=40)
-  assert batch["image"].shape == (64, 40, 40, 1)
-  assert all(len(np.unique(s)) == 2 for s in batch["segmentation"])
-  with pytest.raises(ValueError, match="min_objects"):
-    first_batch("fashion_mnist_scenes", synthetic_arrays, min_objects=3,
-                max_objects=2)
+    batch = first_batch(
+        "fashion_mnist_scenes", synthetic_arrays, batch_size=64, min_objects=1, max_objects=1, image_size=40
+    )
+    assert batch["image"].shape == (64, 40, 40, 1)
+    assert all(len(np.unique(s)) == 2 for s in batch["segmentation"])
+    with pytest.raises(ValueError, match="min_objects"):
+        first_batch("fashion_mnist_scenes", synthetic_arrays, min_objects=3, max_objects=2)

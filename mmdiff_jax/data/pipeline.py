@@ -38,226 +38,238 @@ from mmdiff_jax.data import embeddings as embeddings_lib
 from mmdiff_jax.data import fashion_mnist
 from mmdiff_jax.data import tfds_sets
 
-FASHION_MNIST_SETS = ("fashion_mnist", "fashion_mnist_masked",
-                      "fashion_mnist_scenes", "fashion_mnist_embedding")
+FASHION_MNIST_SETS = (
+    "fashion_mnist",
+    "fashion_mnist_masked",
+    "fashion_mnist_scenes",
+    "fashion_mnist_embedding",
+)
 KNOWN_DATASETS = FASHION_MNIST_SETS + tuple(tfds_sets.TFDS_SETS)
 _FASHION_OPTIONS = {
     "fashion_mnist": {"image_size": 32},
-    "fashion_mnist_masked": {"image_size": 32, "mask_kind": "patch",
-                             "mask_ratio": 0.5, "patch_size": 4},
-    "fashion_mnist_scenes": {"image_size": 64, "min_objects": 2,
-                             "max_objects": 4, "foreground_threshold": 10},
+    "fashion_mnist_masked": {"image_size": 32, "mask_kind": "patch", "mask_ratio": 0.5, "patch_size": 4},
+    "fashion_mnist_scenes": {
+        "image_size": 64,
+        "min_objects": 2,
+        "max_objects": 4,
+        "foreground_threshold": 10,
+    },
     "fashion_mnist_embedding": {"image_size": 32, "embedding_path": None},
 }
 # Options every Fashion-MNIST set takes: the IDX directory, an in-memory
 # stand-in for the split ({"image": [N, 28, 28, 1] uint8, "label": [N]}, for
 # tests and tiny runs), and a transform seed separate from the shuffle seed.
-_COMMON_FASHION_OPTIONS = {"idx_dir": None, "arrays": None,
-                           "transform_seed": None}
+_COMMON_FASHION_OPTIONS = {"idx_dir": None, "arrays": None, "transform_seed": None}
 
 
 @dataclasses.dataclass(frozen=True)
 class DatasetSpec:
-  """Per-example fields of a named set: key -> (shape, dtype); class counts."""
+    """Per-example fields of a named set: key -> (shape, dtype); class counts."""
 
-  features: Mapping[str, tuple[tuple[int, ...], np.dtype]]
-  num_classes: Mapping[str, int]
+    features: Mapping[str, tuple[tuple[int, ...], np.dtype]]
+    num_classes: Mapping[str, int]
 
 
 def _check_name(name: str) -> None:
-  if name not in KNOWN_DATASETS:
-    raise ValueError(f"Unknown dataset {name!r}; known: "
-                     f"{', '.join(KNOWN_DATASETS)}")
+    if name not in KNOWN_DATASETS:
+        raise ValueError(f"Unknown dataset {name!r}; known: {', '.join(KNOWN_DATASETS)}")
 
 
 def _resolve_options(name: str, options: Mapping[str, Any]) -> dict[str, Any]:
-  _check_name(name)
-  if name in FASHION_MNIST_SETS:
-    defaults = {**_FASHION_OPTIONS[name], **_COMMON_FASHION_OPTIONS}
-  else:
-    defaults = {"image_size": tfds_sets.TFDS_SETS[name].default_image_size}
-  unknown = sorted(set(options) - set(defaults))
-  if unknown:
-    raise ValueError(f"Unknown options {unknown} for {name!r}; it takes "
-                     f"{sorted(defaults)}")
-  return {**defaults, **options}
+    _check_name(name)
+    if name in FASHION_MNIST_SETS:
+        defaults = {**_FASHION_OPTIONS[name], **_COMMON_FASHION_OPTIONS}
+    else:
+        defaults = {"image_size": tfds_sets.TFDS_SETS[name].default_image_size}
+    unknown = sorted(set(options) - set(defaults))
+    if unknown:
+        raise ValueError(f"Unknown options {unknown} for {name!r}; it takes {sorted(defaults)}")
+    return {**defaults, **options}
 
 
 def dataset_spec(name: str, **options) -> DatasetSpec:
-  """Shapes/dtypes of one example of `name` (batches add a leading B)."""
-  options = _resolve_options(name, options)
-  size = options["image_size"]
-  image_f32 = np.dtype(np.float32)
-  int32 = np.dtype(np.int32)
-  if name in FASHION_MNIST_SETS:
-    image = ((size, size, 1), image_f32)
-    if name == "fashion_mnist":
-      return DatasetSpec({"image": image, "label": ((), int32)},
-                         {"label": fashion_mnist.NUM_CLASSES})
-    if name == "fashion_mnist_masked":
-      return DatasetSpec({"image": image, "masked_image": image,
-                          "mask": image}, {})
-    if name == "fashion_mnist_scenes":
-      return DatasetSpec({"image": image, "segmentation": ((size, size), int32)},
-                         {"segmentation": derived.SEGMENTATION_NUM_CLASSES})
-    dim = embeddings_lib.DEFAULT_EMBEDDING_DIM
-    if options["embedding_path"] is not None:
-      with np.load(options["embedding_path"]) as table:
-        dim = int(table["train"].shape[1])
-    return DatasetSpec({"image": image, "embedding": ((dim,), image_f32)}, {})
-  tfds_set = tfds_sets.TFDS_SETS[name]
-  features = {"image": ((size, size, 3), image_f32)}
-  num_classes = {}
-  if tfds_set.num_classes:
-    features["label"] = ((), int32)
-    num_classes["label"] = tfds_set.num_classes
-  if tfds_set.segmentation_classes:
-    features["segmentation"] = ((size, size), int32)
-    num_classes["segmentation"] = tfds_set.segmentation_classes
-  return DatasetSpec(features, num_classes)
+    """Shapes/dtypes of one example of `name` (batches add a leading B)."""
+    options = _resolve_options(name, options)
+    size = options["image_size"]
+    image_f32 = np.dtype(np.float32)
+    int32 = np.dtype(np.int32)
+    if name in FASHION_MNIST_SETS:
+        image = ((size, size, 1), image_f32)
+        if name == "fashion_mnist":
+            return DatasetSpec({"image": image, "label": ((), int32)}, {"label": fashion_mnist.NUM_CLASSES})
+        if name == "fashion_mnist_masked":
+            return DatasetSpec({"image": image, "masked_image": image, "mask": image}, {})
+        if name == "fashion_mnist_scenes":
+            return DatasetSpec(
+                {"image": image, "segmentation": ((size, size), int32)},
+                {"segmentation": derived.SEGMENTATION_NUM_CLASSES},
+            )
+        dim = embeddings_lib.DEFAULT_EMBEDDING_DIM
+        if options["embedding_path"] is not None:
+            with np.load(options["embedding_path"]) as table:
+                dim = int(table["train"].shape[1])
+        return DatasetSpec({"image": image, "embedding": ((dim,), image_f32)}, {})
+    tfds_set = tfds_sets.TFDS_SETS[name]
+    features = {"image": ((size, size, 3), image_f32)}
+    num_classes = {}
+    if tfds_set.num_classes:
+        features["label"] = ((), int32)
+        num_classes["label"] = tfds_set.num_classes
+    if tfds_set.segmentation_classes:
+        features["segmentation"] = ((size, size), int32)
+        num_classes["segmentation"] = tfds_set.segmentation_classes
+    return DatasetSpec(features, num_classes)
 
 
 class ArraySource:
-  """Random-access source over a dict of equal-length sequences (arrays)."""
+    """Random-access source over a dict of equal-length sequences (arrays)."""
 
-  def __init__(self, arrays: Mapping[str, Sequence[Any]]):
-    lengths = {key: len(value) for key, value in arrays.items()}
-    if len(set(lengths.values())) != 1:
-      raise ValueError(f"fields have different lengths: {lengths}")
-    self._arrays = dict(arrays)
-    self._length = next(iter(lengths.values()))
+    def __init__(self, arrays: Mapping[str, Sequence[Any]]):
+        lengths = {key: len(value) for key, value in arrays.items()}
+        if len(set(lengths.values())) != 1:
+            raise ValueError(f"fields have different lengths: {lengths}")
+        self._arrays = dict(arrays)
+        self._length = next(iter(lengths.values()))
 
-  def __len__(self) -> int:
-    return self._length
+    def __len__(self) -> int:
+        return self._length
 
-  def __getitem__(self, index: int) -> dict[str, Any]:
-    return {key: value[index] for key, value in self._arrays.items()}
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return {key: value[index] for key, value in self._arrays.items()}
 
 
 @dataclasses.dataclass(frozen=True)
 class _Check:
-  """map_with_index transform: raises BadExampleError for a bad example."""
+    """map_with_index transform: raises BadExampleError for a bad example."""
 
-  spec: checks.ExampleSpec
-  num_examples: int
+    spec: checks.ExampleSpec
+    num_examples: int
 
-  def __call__(self, index: int, example: dict[str, Any]) -> dict[str, Any]:
-    checks.check_example(example, index % self.num_examples, self.spec)
-    return example
+    def __call__(self, index: int, example: dict[str, Any]) -> dict[str, Any]:
+        checks.check_example(example, index % self.num_examples, self.spec)
+        return example
 
 
 def _fashion_map_dataset(name, split, seed, data_dir, options):
-  arrays = options["arrays"]
-  if arrays is None:
-    arrays = fashion_mnist.load_fashion_mnist(split, data_dir,
-                                              options["idx_dir"])
-  source = ArraySource(arrays)
-  spec = checks.ExampleSpec(
-      f"fashion_mnist_debian/{split}",
-      {"image": fashion_mnist.IMAGE_SHAPE, "label": ()},
-      {"label": fashion_mnist.NUM_CLASSES})
-  items = grain.MapDataset.source(source).map_with_index(
-      _Check(spec, len(source)))
-  size = options["image_size"]
-  transform_seed = (seed if options["transform_seed"] is None
-                    else options["transform_seed"])
-  if name == "fashion_mnist":
-    return items.map(derived.ImageLabel(size))
-  if name == "fashion_mnist_masked":
-    return items.random_map(derived.MaskedImage(
-        size, options["mask_kind"], options["mask_ratio"],
-        options["patch_size"]), seed=transform_seed)
-  if name == "fashion_mnist_scenes":
-    return items.random_map(derived.Scene(
-        items, size, options["min_objects"], options["max_objects"],
-        options["foreground_threshold"]), seed=transform_seed)
-  path = options["embedding_path"]
-  if path is None:
-    if options["arrays"] is not None:
-      raise ValueError("fashion_mnist_embedding with `arrays` needs an "
-                       "`embedding_path`")
-    path = embeddings_lib.ensure_default_embeddings(data_dir,
-                                                    options["idx_dir"])
-  table = embeddings_lib.load_embeddings(path, split, len(source))
-  return items.map_with_index(derived.ImageEmbedding(table, size))
+    arrays = options["arrays"]
+    if arrays is None:
+        arrays = fashion_mnist.load_fashion_mnist(split, data_dir, options["idx_dir"])
+    source = ArraySource(arrays)
+    spec = checks.ExampleSpec(
+        f"fashion_mnist_debian/{split}",
+        {"image": fashion_mnist.IMAGE_SHAPE, "label": ()},
+        {"label": fashion_mnist.NUM_CLASSES},
+    )
+    items = grain.MapDataset.source(source).map_with_index(_Check(spec, len(source)))
+    size = options["image_size"]
+    transform_seed = seed if options["transform_seed"] is None else options["transform_seed"]
+    if name == "fashion_mnist":
+        return items.map(derived.ImageLabel(size))
+    if name == "fashion_mnist_masked":
+        return items.random_map(
+            derived.MaskedImage(size, options["mask_kind"], options["mask_ratio"], options["patch_size"]),
+            seed=transform_seed,
+        )
+    if name == "fashion_mnist_scenes":
+        return items.random_map(
+            derived.Scene(
+                items, size, options["min_objects"], options["max_objects"], options["foreground_threshold"]
+            ),
+            seed=transform_seed,
+        )
+    path = options["embedding_path"]
+    if path is None:
+        if options["arrays"] is not None:
+            raise ValueError("fashion_mnist_embedding with `arrays` needs an `embedding_path`")
+        path = embeddings_lib.ensure_default_embeddings(data_dir, options["idx_dir"])
+    table = embeddings_lib.load_embeddings(path, split, len(source))
+    return items.map_with_index(derived.ImageEmbedding(table, size))
 
 
-def make_map_dataset(name: str, split: str, *, seed: int = 0,
-                     data_dir: str | os.PathLike | None = None,
-                     **options) -> grain.MapDataset:
-  """The whole split as a random-access grain MapDataset of single examples.
+def make_map_dataset(
+    name: str, split: str, *, seed: int = 0, data_dir: str | os.PathLike | None = None, **options
+) -> grain.MapDataset:
+    """The whole split as a random-access grain MapDataset of single examples.
 
-  Element i is example i of the split, transformed with the epoch-0 draw of
-  its seeded randomness; fields are as in `dataset_spec(name, **options)`.
-  Not sharded, shuffled or batched: `make_dataset` adds those.
-  """
-  options = _resolve_options(name, options)
-  if name in FASHION_MNIST_SETS:
-    return _fashion_map_dataset(name, split, seed, data_dir, options)
-  source = tfds_sets.open_tfds_source(name, split, data_dir)
-  return (grain.MapDataset.source(source)
-          .map_with_index(_Check(tfds_sets.example_spec(name, split),
-                                 len(source)))
-          .map(tfds_sets.StandardizeTfdsExample(name, options["image_size"])))
+    Element i is example i of the split, transformed with the epoch-0 draw of
+    its seeded randomness; fields are as in `dataset_spec(name, **options)`.
+    Not sharded, shuffled or batched: `make_dataset` adds those.
+    """
+    options = _resolve_options(name, options)
+    if name in FASHION_MNIST_SETS:
+        return _fashion_map_dataset(name, split, seed, data_dir, options)
+    source = tfds_sets.open_tfds_source(name, split, data_dir)
+    return (
+        grain.MapDataset.source(source)
+        .map_with_index(_Check(tfds_sets.example_spec(name, split), len(source)))
+        .map(tfds_sets.StandardizeTfdsExample(name, options["image_size"]))
+    )
 
 
-def make_dataset(name: str, split: str, *, batch_size: int, seed: int,
-                 data_dir: str | os.PathLike | None = None,
-                 shuffle: bool = True, num_epochs: int | None = None,
-                 shard_index: int | None = None,
-                 shard_count: int | None = None,
-                 drop_remainder: bool = True, num_threads: int = 2,
-                 prefetch_batches: int = 4, worker_count: int = 0,
-                 **options) -> grain.DatasetIterator:
-  """A checkpointable iterator over batches of the named set.
+def make_dataset(
+    name: str,
+    split: str,
+    *,
+    batch_size: int,
+    seed: int,
+    data_dir: str | os.PathLike | None = None,
+    shuffle: bool = True,
+    num_epochs: int | None = None,
+    shard_index: int | None = None,
+    shard_count: int | None = None,
+    drop_remainder: bool = True,
+    num_threads: int = 2,
+    prefetch_batches: int = 4,
+    worker_count: int = 0,
+    **options,
+) -> grain.DatasetIterator:
+    """A checkpointable iterator over batches of the named set.
 
-  Args:
-    name: one of `KNOWN_DATASETS`.
-    split: "train" / "test" for Fashion-MNIST sets; any TFDS split otherwise.
-    batch_size: examples per batch on this process.
-    seed: shuffle seed, and the transform seed unless `transform_seed` given.
-    data_dir: TFDS data directory (None: `$TFDS_DATA_DIR` or
-      `~/tensorflow_datasets`).
-    shuffle: shuffle within this process's shard, differently every epoch.
-    num_epochs: None repeats forever (batches may straddle epochs).
-    shard_index, shard_count: default `jax.process_index()` /
-      `jax.process_count()`.
-    drop_remainder: drop the final short batch (finite `num_epochs` only).
-    num_threads, prefetch_batches: grain ReadOptions (batches computed
-      ahead in threads).
-    worker_count: > 0 adds grain's multiprocess prefetch with that many
-      worker processes (needs absl flags parsed; same batches, same
-      checkpointable state).
-    **options: per-set options, see `dataset_spec` / the module docstrings;
-      e.g. `image_size`, `mask_kind`, `mask_ratio`, `embedding_path`.
+    Args:
+      name: one of `KNOWN_DATASETS`.
+      split: "train" / "test" for Fashion-MNIST sets; any TFDS split otherwise.
+      batch_size: examples per batch on this process.
+      seed: shuffle seed, and the transform seed unless `transform_seed` given.
+      data_dir: TFDS data directory (None: `$TFDS_DATA_DIR` or
+        `~/tensorflow_datasets`).
+      shuffle: shuffle within this process's shard, differently every epoch.
+      num_epochs: None repeats forever (batches may straddle epochs).
+      shard_index, shard_count: default `jax.process_index()` /
+        `jax.process_count()`.
+      drop_remainder: drop the final short batch (finite `num_epochs` only).
+      num_threads, prefetch_batches: grain ReadOptions (batches computed
+        ahead in threads).
+      worker_count: > 0 adds grain's multiprocess prefetch with that many
+        worker processes (needs absl flags parsed; same batches, same
+        checkpointable state).
+      **options: per-set options, see `dataset_spec` / the module docstrings;
+        e.g. `image_size`, `mask_kind`, `mask_ratio`, `embedding_path`.
 
-  Returns:
-    A `grain.DatasetIterator` of dicts of numpy arrays with a leading batch
-    dimension; supports `get_state()` / `set_state()`.
-  """
-  shard_index = jax.process_index() if shard_index is None else shard_index
-  shard_count = jax.process_count() if shard_count is None else shard_count
-  if not 0 <= shard_index < shard_count:
-    raise ValueError(f"shard_index {shard_index} not in [0, {shard_count})")
-  dataset = make_map_dataset(name, split, seed=seed, data_dir=data_dir,
-                             **options)
-  usable = len(dataset) // shard_count * shard_count
-  if usable == 0:
-    raise ValueError(f"{name}/{split} has {len(dataset)} examples, fewer "
-                     f"than the {shard_count} shards")
-  dataset = dataset[:usable][shard_index::shard_count]
-  if shuffle:
-    dataset = dataset.shuffle(seed=seed % 2**32)
-  dataset = dataset.repeat(num_epochs).batch(batch_size,
-                                             drop_remainder=drop_remainder)
-  iter_dataset = dataset.to_iter_dataset(grain.ReadOptions(
-      num_threads=num_threads, prefetch_buffer_size=prefetch_batches))
-  if worker_count > 0:
-    if not flags.FLAGS.is_parsed():
-      raise RuntimeError(
-          "worker_count > 0 uses grain's multiprocess prefetch, which reads "
-          "absl flags: run under absl.app.run, or call "
-          "absl.flags.FLAGS.mark_as_parsed() first")
-    iter_dataset = iter_dataset.mp_prefetch(
-        grain.MultiprocessingOptions(num_workers=worker_count))
-  return iter(iter_dataset)
+    Returns:
+      A `grain.DatasetIterator` of dicts of numpy arrays with a leading batch
+      dimension; supports `get_state()` / `set_state()`.
+    """
+    shard_index = jax.process_index() if shard_index is None else shard_index
+    shard_count = jax.process_count() if shard_count is None else shard_count
+    if not 0 <= shard_index < shard_count:
+        raise ValueError(f"shard_index {shard_index} not in [0, {shard_count})")
+    dataset = make_map_dataset(name, split, seed=seed, data_dir=data_dir, **options)
+    usable = len(dataset) // shard_count * shard_count
+    if usable == 0:
+        raise ValueError(f"{name}/{split} has {len(dataset)} examples, fewer than the {shard_count} shards")
+    dataset = dataset[:usable][shard_index::shard_count]
+    if shuffle:
+        dataset = dataset.shuffle(seed=seed % 2**32)
+    dataset = dataset.repeat(num_epochs).batch(batch_size, drop_remainder=drop_remainder)
+    iter_dataset = dataset.to_iter_dataset(
+        grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch_batches)
+    )
+    if worker_count > 0:
+        if not flags.FLAGS.is_parsed():
+            raise RuntimeError(
+                "worker_count > 0 uses grain's multiprocess prefetch, which reads "
+                "absl flags: run under absl.app.run, or call "
+                "absl.flags.FLAGS.mark_as_parsed() first"
+            )
+        iter_dataset = iter_dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
+    return iter(iter_dataset)
