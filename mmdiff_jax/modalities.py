@@ -1,0 +1,353 @@
+"""Modality specs and the assembled MT-Diffusion model (DESIGN.md sections 3 and 5).
+
+The primary modality x_0 (batch key `primary`, default 'image') defines the diffusion space: z_0 = x_0,
+an image in [-1, 1] of shape S = (H, W, C). Each auxiliary modality i = 1..N is a `Modality`: its batch
+key, its kind, its encoder E_i, head D_i, recovery loss and weight schedule. `MTDiffusion` assembles the
+shared U-Net, the encoders and the heads; the stack order of encodings [N, B, *S] is the order of the
+modality tuple, as is the row order of the `DiffusionSchedule` weights built by `modality_schedule`.
+
+Batches are dicts of arrays: image [B, H, W, C] float in [-1, 1]; masked_image [B, H, W, C] with
+mask [B, H, W, 1] (1 = observed); label [B] int; segmentation [B, H, W] int; vector [B, D] float.
+A masked image's data x_i is the C + 1 channels [x * mask, mask]: its encoder reads them and its head
+predicts them (a Gaussian mean), so re-encoding E_i(D_i(h)) needs no mask from outside.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mmdiff_jax import losses
+from mmdiff_jax.models.decoders import HEAD_KINDS, make_head
+from mmdiff_jax.models.encoders import ENCODER_KINDS, make_encoder
+from mmdiff_jax.models.unet import UNet, UNetConfig
+from mmdiff_jax.schedules import WEIGHT_SCHEDULES, DiffusionSchedule, make_schedule
+
+Array = jax.Array
+Batch = Mapping[str, Array]
+
+MASK_KEY = "mask"
+LOSS_KINDS = ("gaussian", "categorical", "none")
+HEAD_FEATURES = ("features", "bottleneck")
+
+
+class _KindRule(NamedTuple):
+    encoders: tuple[str, ...]  # the first is the default
+    head: str  # default head; 'none' is always allowed too
+    loss: str  # the only loss that fits the kind's head output
+    shape_rank: int  # len(Modality.shape)
+
+
+_RULES = {
+    "image": _KindRule(("identity", "conv1x1"), "conv", "gaussian", 3),
+    "masked_image": _KindRule(("conv1x1", "identity"), "conv", "gaussian", 3),
+    "label": _KindRule(("table",), "mlp", "categorical", 0),
+    "segmentation": _KindRule(("onehot_conv",), "conv", "categorical", 2),
+    "vector": _KindRule(("linear",), "mlp", "gaussian", 1),
+}
+MODALITY_KINDS = tuple(_RULES)
+
+
+@dataclasses.dataclass(frozen=True)
+class Modality:
+    """One auxiliary modality (hashable: usable as a Flax module field).
+
+    Attributes:
+      name: the batch key it reads (a masked image also reads 'mask').
+      kind: 'image' | 'masked_image' | 'label' | 'segmentation' | 'vector'.
+      shape: per-example shape: (H, W, C) for images, (H, W) for segmentation, (D,) for vectors, () for labels.
+      num_classes: K for labels and segmentation.
+      weight_schedule: (kind, gamma) for `schedules.make_schedule`, in lambda form.
+      loss_weight: lambda_i, the weight of this head's recovery NLL (nats per example) in the loss.
+      encoder: one of `encoders.ENCODER_KINDS` fitting the kind; None: the kind's default.
+      normalize: RMS-normalise the encoding; None: yes for learned encoders, no for 'identity' (it has
+        no parameters, cannot collapse, and keeps pixel scale).
+      head: 'conv' (full resolution), 'mlp' (pooled) or 'none' (always-observed conditioning); None: default.
+      loss: 'categorical' (labels, segmentation), 'gaussian' (images, vectors) or 'none' (with head 'none').
+      head_features: 'features' (full resolution) or 'bottleneck'; None: 'features' for conv heads,
+        'bottleneck' for MLP heads.
+      head_hidden: hidden width of the head; 0: the backbone's base width.
+      head_log_scale: fixed log std of the Gaussian p(x_i | z_t) of image and vector heads.
+      encoder_kernel_size: kernel size of the segmentation encoder's conv.
+    """
+
+    name: str
+    kind: str
+    shape: tuple[int, ...] = ()
+    num_classes: int = 0
+    weight_schedule: tuple[str, float] = ("bump", 1.0)
+    loss_weight: float = 1.0
+    encoder: str | None = None
+    normalize: bool | None = None
+    head: str | None = None
+    loss: str | None = None
+    head_features: str | None = None
+    head_hidden: int = 0
+    head_log_scale: float = 0.0
+    encoder_kernel_size: int = 3
+
+    def __post_init__(self):
+        where = f"modality {self.name!r}"
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError(f"{where}: the name must be a non-empty string (the batch key)")
+        if self.kind not in _RULES:
+            raise ValueError(f"{where}: unknown kind {self.kind!r}; known: {MODALITY_KINDS}")
+        rule = _RULES[self.kind]
+        resolve = lambda field, value: object.__setattr__(self, field, value)  # noqa: E731
+        resolve("shape", tuple(int(size) for size in self.shape))
+        resolve("weight_schedule", (str(self.weight_schedule[0]), float(self.weight_schedule[1])))
+        resolve("encoder", self.encoder or rule.encoders[0])
+        resolve("normalize", self.encoder != "identity" if self.normalize is None else bool(self.normalize))
+        resolve("head", self.head or rule.head)
+        resolve("loss", self.loss or ("none" if self.head == "none" else rule.loss))
+        resolve("head_features", self.head_features or ("features" if self.head == "conv" else "bottleneck"))
+
+        if len(self.shape) != rule.shape_rank or any(size < 1 for size in self.shape):
+            raise ValueError(f"{where}: kind {self.kind!r} needs a shape of {rule.shape_rank} positive sizes, "
+                             f"got {self.shape}")
+        if self.kind in ("label", "segmentation") and self.num_classes < 2:
+            raise ValueError(f"{where}: kind {self.kind!r} needs num_classes >= 2, got {self.num_classes}")
+        if self.encoder not in rule.encoders:
+            raise ValueError(f"{where}: encoder {self.encoder!r} does not fit kind {self.kind!r}; "
+                             f"use one of {rule.encoders} (all encoders: {ENCODER_KINDS})")
+        if self.head not in (rule.head, "none"):
+            raise ValueError(f"{where}: head {self.head!r} does not fit kind {self.kind!r}; use {rule.head!r} "
+                             f"or 'none' (all heads: {HEAD_KINDS})")
+        if self.loss not in LOSS_KINDS:
+            raise ValueError(f"{where}: unknown loss {self.loss!r}; known: {LOSS_KINDS}")
+        if (self.head == "none") != (self.loss == "none"):
+            raise ValueError(f"{where}: head {self.head!r} with loss {self.loss!r}: a head needs a loss and "
+                             f"loss 'none' needs head 'none'")
+        if self.head != "none" and self.loss != rule.loss:
+            output = "class logits" if rule.loss == "categorical" else "a Gaussian mean"
+            raise ValueError(f"{where}: loss {self.loss!r} does not match its {self.head!r} head, which predicts "
+                             f"{output} for kind {self.kind!r}; use loss {rule.loss!r}")
+        if self.head_features not in HEAD_FEATURES or (self.head == "conv" and self.head_features != "features"):
+            raise ValueError(f"{where}: head_features {self.head_features!r} is not valid for head {self.head!r} "
+                             f"(conv heads read 'features'; MLP heads 'features' or 'bottleneck')")
+        if self.weight_schedule[0] not in WEIGHT_SCHEDULES:
+            raise ValueError(f"{where}: unknown weight schedule {self.weight_schedule[0]!r}; "
+                             f"known: {WEIGHT_SCHEDULES}")
+
+    @property
+    def data_shape(self) -> tuple[int, ...]:
+        """Per-example shape of x_i as encoders read it and Gaussian heads predict it."""
+        if self.kind == "masked_image":
+            return self.shape[:2] + (self.shape[2] + 1,)
+        return self.shape
+
+    @property
+    def head_shape(self) -> tuple[int, ...]:
+        """Per-example shape of the head's output: logits [..., K] or the mean of x_i."""
+        if self.kind in ("label", "segmentation"):
+            return self.shape + (self.num_classes,)
+        return self.data_shape
+
+    def check_fits(self, z_shape: tuple[int, int, int]) -> None:
+        """Raises ValueError, naming the modality, when E_i's output cannot have z's shape."""
+        spatial_only = self.encoder in ("conv1x1", "onehot_conv")
+        if self.encoder == "identity" and self.shape != tuple(z_shape):
+            problem = f"the identity encoder keeps shape {self.shape}"
+        elif spatial_only and self.shape[:2] != tuple(z_shape[:2]):
+            problem = f"encoder {self.encoder!r} keeps the spatial size {self.shape[:2]}"
+        else:
+            return
+        raise ValueError(f"modality {self.name!r}: {problem}, which does not match z's shape {tuple(z_shape)}")
+
+
+def check_modalities(modalities: Sequence[Modality], z_shape: tuple[int, int, int], primary: str) -> None:
+    """Build-time checks of a modality list against z: types, unique and known names, encoder shapes."""
+    if len(z_shape) != 3:
+        raise ValueError(f"z_shape must be (H, W, C), got {z_shape}")
+    seen = set()
+    for modality in modalities:
+        if not isinstance(modality, Modality):
+            raise ValueError(f"expected Modality specs, got {modality!r}")
+        if modality.name in seen:
+            raise ValueError(f"modality {modality.name!r} is listed twice")
+        if modality.name in (primary, MASK_KEY):
+            raise ValueError(f"modality {modality.name!r}: the name is reserved (primary modality "
+                             f"{primary!r}, or {MASK_KEY!r} for masked images)")
+        seen.add(modality.name)
+        modality.check_fits(z_shape)
+
+
+def modality_schedule(noise_kind: str, num_steps: int, modalities: Sequence[Modality], *,
+                      modality_normalized: bool = False) -> DiffusionSchedule:
+    """The `DiffusionSchedule` whose weight row i belongs to modalities[i]."""
+    return make_schedule(noise_kind, num_steps, [m.weight_schedule for m in modalities],
+                         modality_normalized=modality_normalized)
+
+
+def modality_data(modality: Modality, batch: Batch) -> Array:
+    """x_i from a batch: the array at `modality.name`; a masked image as [x * mask, mask] (C + 1 channels)."""
+    data = batch[modality.name]
+    if modality.kind == "masked_image":
+        mask = jnp.asarray(batch[MASK_KEY], jnp.float32)
+        return jnp.concatenate([jnp.asarray(data, jnp.float32) * mask, mask], axis=-1)
+    return data
+
+
+def validate_batch(modalities: Sequence[Modality], z_shape: tuple[int, ...], batch: Batch,
+                   primary: str | None = "image", names: Sequence[str] | None = None) -> int:
+    """Checks keys, shapes and dtypes of a batch (works on tracers: shapes are static); returns B.
+
+    `primary` None skips x_0; `names` restricts the check to those modalities (e.g. the observed ones).
+    """
+    expected: dict[str, tuple[tuple[int, ...], bool | None]] = {}  # key -> (per-example shape, integer?)
+    if primary is not None:
+        expected[primary] = (tuple(z_shape), False)
+    for m in modalities:
+        if names is not None and m.name not in names:
+            continue
+        expected[m.name] = (m.shape, m.kind in ("label", "segmentation"))
+        if m.kind == "masked_image":
+            expected[MASK_KEY] = (m.shape[:2] + (1,), None)  # any dtype: cast to float32
+    missing = sorted(set(expected) - set(batch))
+    if missing:
+        raise ValueError(f"batch is missing keys {missing} (has {sorted(batch)})")
+    batch_sizes = {}
+    for key, (shape, integer) in expected.items():
+        value = batch[key]
+        if tuple(value.shape[1:]) != shape or value.ndim != len(shape) + 1:
+            raise ValueError(f"batch[{key!r}] must have shape [B, *{shape}], got {tuple(value.shape)}")
+        if integer is not None and integer != bool(jnp.issubdtype(value.dtype, jnp.integer)):
+            raise ValueError(f"batch[{key!r}] must be {'integer class ids' if integer else 'floating'}, "
+                             f"got dtype {value.dtype}")
+        batch_sizes[key] = value.shape[0]
+    if len(set(batch_sizes.values())) > 1:
+        raise ValueError(f"batch entries disagree on the batch size: {batch_sizes}")
+    return next(iter(batch_sizes.values()), 0)
+
+
+def recovery_nll(modalities: Sequence[Modality], heads: Mapping[str, Array], batch: Batch) -> dict[str, Array]:
+    """L2 per modality with a head: name -> -log p_theta(x_i | z_t), [B] nats (float32)."""
+    nll = {}
+    for m in modalities:
+        if m.loss == "categorical":
+            nll[m.name] = losses.categorical_nll(heads[m.name], batch[m.name])
+        elif m.loss == "gaussian":
+            target = jnp.asarray(modality_data(m, batch), jnp.float32)
+            nll[m.name] = losses.gaussian_nll(heads[m.name], target, m.head_log_scale)
+    return nll
+
+
+class ModelOutput(NamedTuple):
+    eps: Array  # [B, *S] float32, eps_theta(z_t, t)
+    heads: dict[str, Array]  # name -> D_i(h), float32: logits [B, K] / [B, H, W, K], or a mean of x_i
+    encodings: Array | None  # [N, B, *S], e_i = E_i(x_i) from the batch (None from `predict`)
+    estimated_encodings: Array  # [N, B, *S], ehat_i
+
+
+class MTDiffusion(nn.Module):
+    """The MT-Diffusion network: encoders E_i, a shared U-Net eps_theta with features h, heads D_i.
+
+    Fields: `unet` (backbone size), `modalities` (the N auxiliary specs, in stack order), `z_shape`
+    (H, W, C), `primary` (batch key of x_0), `dtype` (compute dtype of backbone and heads; params stay
+    float32, every output is float32). Everything is checked when the module is constructed.
+    """
+
+    unet: UNetConfig
+    modalities: tuple[Modality, ...]
+    z_shape: tuple[int, int, int]
+    primary: str = "image"
+    dtype: Any = jnp.float32
+
+    def __post_init__(self):
+        object.__setattr__(self, "modalities", tuple(self.modalities))
+        object.__setattr__(self, "z_shape", tuple(int(size) for size in self.z_shape))
+        check_modalities(self.modalities, self.z_shape, self.primary)
+        self.unet.validate(self.z_shape[:2])
+        super().__post_init__()
+
+    def setup(self):
+        self.backbone = UNet(self.unet, out_channels=self.z_shape[-1], dtype=self.dtype)
+        self.encoders = {m.name: make_encoder(m.encoder, self.z_shape, normalize=m.normalize,
+                                              num_classes=m.num_classes, kernel_size=m.encoder_kernel_size)
+                         for m in self.modalities}
+        self.decoders = {m.name: make_head(m.head, m.head_shape[-1] if m.head == "conv" else math.prod(m.head_shape),
+                                           m.head_hidden or self.unet.base_channels,
+                                           num_groups=self.unet.num_groups, dtype=self.dtype)
+                         for m in self.modalities if m.head != "none"}
+
+    def _stack(self, encodings: list[Array], batch_size: int) -> Array:
+        if not encodings:
+            return jnp.zeros((0, batch_size) + self.z_shape, jnp.float32)
+        return jnp.stack(encodings)
+
+    def encode(self, batch: Batch) -> Array:
+        """e_i = E_i(x_i) for every modality, stacked: [N, B, *S] float32."""
+        batch_size = validate_batch(self.modalities, self.z_shape, batch, primary=None)
+        if not self.modalities:
+            batch_size = batch[self.primary].shape[0]
+        return self._stack([self.encoders[m.name](modality_data(m, batch)) for m in self.modalities], batch_size)
+
+    def _denoise(self, z_t: Array, t: Array, known: Mapping[str, Array], *, train: bool):
+        """eps, heads and ehat (ehat_i = known[name] where given, else E_i(D_i(h)))."""
+        if tuple(z_t.shape[1:]) != self.z_shape:
+            raise ValueError(f"z_t must have shape [B, *{self.z_shape}], got {tuple(z_t.shape)}")
+        t = jnp.broadcast_to(jnp.asarray(t, jnp.int32), z_t.shape[:1])
+        output = self.backbone(z_t, t, train=train)
+        features = {"features": output.features, "bottleneck": output.bottleneck}
+        heads, estimated = {}, []
+        for m in self.modalities:
+            if m.head != "none":
+                prediction = self.decoders[m.name](features[m.head_features])
+                heads[m.name] = prediction.reshape(z_t.shape[:1] + m.head_shape)
+            if m.name in known:
+                estimated.append(known[m.name])
+            elif m.head == "none":
+                raise ValueError(f"modality {m.name!r} has no head (head 'none'): it must be observed")
+            else:
+                estimated.append(self.encoders[m.name].from_prediction(heads[m.name]))
+        return output.output.astype(jnp.float32), heads, self._stack(estimated, z_t.shape[0])
+
+    def __call__(self, batch: Batch, z_t: Array, t: Array, *, train: bool) -> ModelOutput:
+        """Training forward pass: z_t [B, *S], t [B] (or []) in 1..T, batch holding every modality."""
+        encodings = self.encode(batch)
+        # Modalities without a head are always observed: ehat_i = e_i.
+        known = {m.name: encodings[i] for i, m in enumerate(self.modalities) if m.head == "none"}
+        eps, heads, estimated = self._denoise(z_t, t, known, train=train)
+        return ModelOutput(eps, heads, encodings, estimated)
+
+    def predict(self, z_t: Array, t: Array, observed: Batch, *, train: bool = False) -> ModelOutput:
+        """Sampling forward pass: ehat_i = E_i(x_i) for observed modalities, E_i(D_i(h)) for the rest.
+
+        `observed` maps modality names to data in batch form (plus 'mask' with a masked image); its keys
+        are static under jit. Returns `encodings` None.
+        """
+        names = {m.name for m in self.modalities}
+        unknown = sorted(set(observed) - names - {MASK_KEY})
+        if unknown:
+            raise ValueError(f"observed modalities {unknown} are not in the model (known: {sorted(names)})")
+        batch_size = validate_batch(self.modalities, self.z_shape, observed, primary=None, names=tuple(observed))
+        if observed and batch_size != z_t.shape[0]:
+            raise ValueError(f"observed modalities have batch size {batch_size}, z_t has {z_t.shape[0]}")
+        known = {m.name: self.encoders[m.name](modality_data(m, observed)) for m in self.modalities
+                 if m.name in observed}
+        eps, heads, estimated = self._denoise(z_t, t, known, train=train)
+        return ModelOutput(eps, heads, None, estimated)
+
+
+def example_batch(model: MTDiffusion, batch_size: int = 1) -> dict[str, Array]:
+    """A zero batch of the right shapes and dtypes (for `init` and shape inference)."""
+    batch = {model.primary: jnp.zeros((batch_size,) + model.z_shape, jnp.float32)}
+    for m in model.modalities:
+        integer = m.kind in ("label", "segmentation")
+        batch[m.name] = jnp.zeros((batch_size,) + m.shape, jnp.int32 if integer else jnp.float32)
+        if m.kind == "masked_image":
+            batch[MASK_KEY] = jnp.ones((batch_size,) + m.shape[:2] + (1,), jnp.float32)
+    return batch
+
+
+def init_variables(model: MTDiffusion, rng: Array, batch_size: int = 1) -> dict[str, Any]:
+    """model.init on an example batch: {'params': ...} (float32). Wrap in jax.eval_shape for shapes only."""
+    batch = example_batch(model, batch_size)
+    t = jnp.ones((batch_size,), jnp.int32)
+    return model.init(rng, batch, batch[model.primary], t, train=False)

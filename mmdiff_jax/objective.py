@@ -1,0 +1,108 @@
+"""The training objective: the core math (`diffusion`, `losses`) wired to an `MTDiffusion` model.
+
+One step of the simplified multi-modal bound (DESIGN.md section 4), for a batch and a PRNG key:
+  t ~ U{1..T},  eps ~ N(0, I),  e_i = E_i(x_i),
+  z_t = sqrt(abar_t) z_0 + sum_i lambda_t^(i) e_i + sqrt(1 - abar_t) eps      (`diffusion.marginal_sample`)
+  loss = eps_weight * eps_mse + aggregation_weight * aggregation_mse + sum_i lambda_i L2_i
+                                                                               (`losses.training_loss`)
+with L2_i = -log p_theta(x_i | z_t) through head D_i (`modalities.recovery_nll`). Gradients reach the
+encoders through z_t (via m_t) and through the aggregation term, as in the bound.
+
+`make_loss_fn(model, schedule, loss_config)(params, batch, rng, train=True) -> (loss, metrics)` is pure
+and jit-able (keep `train` static); use it with `jax.value_and_grad(loss_fn, has_aux=True)`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from mmdiff_jax import diffusion, losses
+from mmdiff_jax.modalities import MTDiffusion, recovery_nll, validate_batch
+from mmdiff_jax.schedules import DiffusionSchedule
+
+Array = jax.Array
+LossFn = Callable[..., tuple[Array, dict[str, Array]]]
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    """Weights of the simplified bound. `recovery_weights` overrides `Modality.loss_weight` by name."""
+
+    eps_weight: float = 1.0
+    aggregation_weight: float = 1.0
+    recovery_weights: Mapping[str, float] | None = None
+
+    @classmethod
+    def from_any(cls, config: LossConfig | Mapping[str, Any] | None) -> LossConfig:
+        """From a LossConfig, a dict / ml_collections ConfigDict (unknown keys rejected), or None."""
+        if config is None or isinstance(config, LossConfig):
+            return config or cls()
+        fields = {field.name for field in dataclasses.fields(cls)}
+        values = dict(config.items())
+        unknown = sorted(set(values) - fields)
+        if unknown:
+            raise ValueError(f"unknown loss config keys {unknown}; known: {sorted(fields)}")
+        if values.get("recovery_weights") is not None:
+            values["recovery_weights"] = dict(values["recovery_weights"].items())
+        return cls(**values)
+
+
+def _variables(params: Any) -> dict[str, Any]:
+    """Accepts the parameter tree (`variables['params']`) or the full {'params': ...} variables dict."""
+    if isinstance(params, Mapping) and set(params.keys()) == {"params"}:
+        return params
+    return {"params": params}
+
+
+def make_loss_fn(model: MTDiffusion, schedule: DiffusionSchedule,
+                 loss_config: LossConfig | Mapping[str, Any] | None = None) -> LossFn:
+    """Returns loss_fn(params, batch, rng, train=True) -> (loss, metrics) for this model and schedule.
+
+    Checked here (before any tracing): the schedule has one weight row per modality, and every name in
+    `recovery_weights` is a modality with a head. Checked on each call, from static shapes: the batch.
+    Metrics: 'loss', 'eps_mse', 'aggregation_mse', 'recovery/<name>' (mean NLL, nats per example) and
+    'accuracy/<name>' for categorical heads.
+    """
+    config = LossConfig.from_any(loss_config)
+    if schedule.num_modalities != len(model.modalities):
+        raise ValueError(f"the schedule has weights for {schedule.num_modalities} modalities but the model has "
+                         f"{len(model.modalities)} ({[m.name for m in model.modalities]}): build it with "
+                         f"`modalities.modality_schedule`")
+    with_heads = {m.name: m for m in model.modalities if m.loss != "none"}
+    overrides = dict(config.recovery_weights or {})
+    unknown = sorted(set(overrides) - set(with_heads))
+    if unknown:
+        raise ValueError(f"recovery_weights name unknown modalities (or ones without a head) {unknown}; "
+                         f"modalities with heads: {sorted(with_heads)}")
+    recovery_weights = {name: float(overrides.get(name, m.loss_weight)) for name, m in with_heads.items()}
+    categorical = [name for name, m in with_heads.items() if m.loss == "categorical"]
+    num_steps = schedule.num_steps
+
+    def loss_fn(params: Any, batch: Mapping[str, Array], rng: Array,
+                train: bool = True) -> tuple[Array, dict[str, Array]]:
+        """One Monte-Carlo estimate of the simplified bound on `batch`; rng drives t, eps and dropout."""
+        batch_size = validate_batch(model.modalities, model.z_shape, batch, primary=model.primary)
+        variables = _variables(params)
+        step_rng, noise_rng, dropout_rng = jax.random.split(rng, 3)
+        z_0 = jnp.asarray(batch[model.primary], jnp.float32)
+        t = jax.random.randint(step_rng, (batch_size,), 1, num_steps + 1)
+        eps = jax.random.normal(noise_rng, z_0.shape, jnp.float32)
+        encodings = model.apply(variables, batch, method=model.encode)
+        z_t = diffusion.marginal_sample(schedule, z_0, t, encodings, eps)
+        output = model.apply(variables, batch, z_t, t, train=train, rngs={"dropout": dropout_rng})
+        loss, metrics = losses.training_loss(
+            schedule, t, eps, output.eps, output.encodings, output.estimated_encodings,
+            recovery_nll(model.modalities, output.heads, batch),
+            eps_weight=config.eps_weight, aggregation_weight=config.aggregation_weight,
+            recovery_weights=recovery_weights)
+        for name in categorical:
+            correct = jnp.argmax(output.heads[name], axis=-1) == batch[name]
+            metrics[f"accuracy/{name}"] = jnp.mean(correct.astype(jnp.float32))
+        return loss, metrics
+
+    return loss_fn

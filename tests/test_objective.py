@@ -1,0 +1,94 @@
+"""The training loss function: jit/grad, weights wiring, plain-DDPM reduction, bf16, clear errors."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from mmdiff_jax.modalities import Modality, MTDiffusion, init_variables, modality_schedule
+from mmdiff_jax.models.unet import unet_preset
+from mmdiff_jax.objective import LossConfig, make_loss_fn
+from tests.test_modalities import KEY, MICRO, Z_SHAPE, random_batch
+
+MODALITIES = (Modality("label", "label", num_classes=10, loss_weight=0.5),
+              Modality("masked_image", "masked_image", (8, 8, 1), loss_weight=0.01))
+
+
+@pytest.fixture(scope="module")
+def setup():
+    model = MTDiffusion(MICRO, MODALITIES, Z_SHAPE)
+    params = jax.jit(lambda key: init_variables(model, key, 2))(KEY)["params"]
+    return model, modality_schedule("linear", 100, MODALITIES), params, random_batch(MODALITIES, batch_size=4)
+
+
+def test_loss_and_gradients_under_jit(setup):
+    model, schedule, params, batch = setup
+    recovery_weights = {"label": 2.0, "masked_image": 0.01}
+    loss_fns = {weight: make_loss_fn(model, schedule, {"recovery_weights": {"label": weight}}) for weight in (0.5, 2.0)}
+
+    @jax.jit
+    def run(params, batch, rng):
+        (loss, metrics), grads = jax.value_and_grad(loss_fns[2.0], has_aux=True)(params, batch, rng)
+        other_loss, _ = loss_fns[0.5]({"params": params}, batch, rng)  # the full variables dict works too
+        return loss, metrics, grads, other_loss
+
+    loss, metrics, grads, other_loss = run(params, batch, KEY)
+    assert set(metrics) == {"loss", "eps_mse", "aggregation_mse", "recovery/label", "recovery/masked_image",
+                            "accuracy/label"}
+    expected = (metrics["eps_mse"] + metrics["aggregation_mse"]
+                + sum(weight * metrics[f"recovery/{name}"] for name, weight in recovery_weights.items()))
+    np.testing.assert_allclose(loss, expected, rtol=1e-5)
+    # Same rng, same t and eps: only the label's recovery weight differs.
+    np.testing.assert_allclose(loss - other_loss, 1.5 * metrics["recovery/label"], rtol=1e-4)
+    # A fresh model predicts eps = 0 (zero-initialised output conv) and near-uniform labels.
+    assert 0.6 < float(metrics["eps_mse"]) < 1.4
+    assert abs(float(metrics["recovery/label"]) - np.log(10)) < 0.5
+    assert 0.0 <= float(metrics["accuracy/label"]) <= 1.0
+    for group in ("backbone", "encoders_label", "encoders_masked_image", "decoders_label", "decoders_masked_image"):
+        norm = float(optax.tree.norm(grads[group]))
+        assert np.isfinite(norm) and norm > 0, group
+    # Another rng draws other t and eps.
+    assert float(run(params, batch, jax.random.fold_in(KEY, 1))[0]) != float(loss)
+
+
+def test_without_auxiliary_modalities_it_is_plain_ddpm():
+    model = MTDiffusion(MICRO, (), Z_SHAPE)
+    schedule = modality_schedule("cosine", 50, ())
+    params = jax.jit(lambda key: init_variables(model, key, 2))(KEY)["params"]
+    batch = {"image": random_batch((), batch_size=8)["image"]}
+    loss, metrics = jax.jit(make_loss_fn(model, schedule, LossConfig(eps_weight=2.0)))(params, batch, KEY)
+    assert float(metrics["aggregation_mse"]) == 0.0
+    np.testing.assert_allclose(loss, 2.0 * metrics["eps_mse"], rtol=1e-6)
+    assert 0.7 < float(metrics["eps_mse"]) < 1.3  # eps_theta = 0 at init: mean eps^2 over 512 draws
+
+
+def test_bf16_compute_gives_float32_loss_close_to_float32(setup):
+    model, schedule, params, batch = setup
+    bf16 = MTDiffusion(MICRO, MODALITIES, Z_SHAPE, dtype=jnp.bfloat16)
+    losses = [jax.jit(make_loss_fn(m, schedule))(params, batch, KEY) for m in (model, bf16)]
+    assert losses[1][0].dtype == jnp.float32
+    np.testing.assert_allclose(losses[1][0], losses[0][0], rtol=0.02)
+
+
+def test_configuration_errors_are_clear(setup):
+    model, schedule, params, batch = setup
+    with pytest.raises(ValueError, match=r"recovery_weights name unknown modalities .*\['lable'\]"):
+        make_loss_fn(model, schedule, {"recovery_weights": {"lable": 1.0}})
+    with pytest.raises(ValueError, match=r"unknown loss config keys \['eps_weigth'\]"):
+        make_loss_fn(model, schedule, {"eps_weigth": 1.0})
+    with pytest.raises(ValueError, match="the schedule has weights for 1 modalities but the model has 2"):
+        make_loss_fn(model, modality_schedule("linear", 100, MODALITIES[:1]))
+    loss_fn = make_loss_fn(model, schedule)
+    with pytest.raises(ValueError, match=r"batch is missing keys \['label'\]"):
+        jax.jit(loss_fn)(params, {k: v for k, v in batch.items() if k != "label"}, KEY)
+    with pytest.raises(ValueError, match=r"batch\['mask'\] must have shape"):
+        loss_fn(params, batch | {"mask": batch["mask"][..., 0]}, KEY)
+
+
+def test_unet_preset_default_fits_32x32_fashion_mnist():
+    model = MTDiffusion(unet_preset("default"), (Modality("label", "label", num_classes=10),), (32, 32, 1))
+    shapes = jax.eval_shape(lambda: init_variables(model, KEY))
+    count = sum(x.size for x in jax.tree.leaves(shapes))
+    print(f"\n'default' image+label model parameters: {count:,}")
+    assert 1e6 < count < 2e7
