@@ -23,35 +23,38 @@ import torch
 
 
 def main(out, pth_dir=None):
-  torch.manual_seed(0)
-  rng = np.random.default_rng(0)
-  arrays = {}
-  for case, calibrated in (("official_lin", True), ("random_lin", False)):
-    model = lpips.LPIPS(net="vgg", pretrained=calibrated, pnet_rand=True,
-                        verbose=False).eval()
-    if not calibrated:  # random non-negative weights, as calibrated ones are
-      with torch.no_grad():
-        for lin in model.lins:
-          lin.model[-1].weight.uniform_(0, 1)
-    arrays.update({f"{case}/{k}": v.numpy()
-                   for k, v in model.state_dict().items()})
-    if pth_dir and calibrated:  # the trunk alone, in torchvision's layout
-      torch.save({f"features.{k.split('.', 2)[2]}": v
-                  for k, v in model.state_dict().items()
-                  if k.startswith("net.")},
-                 f"{pth_dir}/vgg16_random_features.pth")
-    for size in (64, 32):
-      name = f"{case}_{size}"
-      x0 = rng.uniform(-1, 1, (4, 3, size, size)).astype(np.float32)
-      x1 = np.clip(x0 + rng.normal(0, 0.3, x0.shape), -1, 1).astype(np.float32)
-      with torch.no_grad():
-        d = model(torch.from_numpy(x0), torch.from_numpy(x1)).reshape(-1)
-      arrays[f"{name}/x0"], arrays[f"{name}/x1"] = x0, x1
-      arrays[f"{name}/d"] = d.numpy()
-  versions = ", ".join(f"{package} {metadata.version(package)}"
-                       for package in ("lpips", "torch", "torchvision"))
-  np.savez(out, versions=np.array(versions), **arrays)
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    arrays = {}
+    for case, calibrated in (("official_lin", True), ("random_lin", False)):
+        model = lpips.LPIPS(net="vgg", pretrained=calibrated, pnet_rand=True, verbose=False).eval()
+        if not calibrated:  # random non-negative weights, as calibrated ones are
+            with torch.no_grad():
+                for lin in model.lins:
+                    lin.model[-1].weight.uniform_(0, 1)
+        arrays.update({f"{case}/{k}": v.numpy() for k, v in model.state_dict().items()})
+        if pth_dir and calibrated:  # the trunk alone, in torchvision's layout
+            torch.save(
+                {
+                    f"features.{k.split('.', 2)[2]}": v
+                    for k, v in model.state_dict().items()
+                    if k.startswith("net.")
+                },
+                f"{pth_dir}/vgg16_random_features.pth",
+            )
+        for size in (64, 32):
+            name = f"{case}_{size}"
+            x0 = rng.uniform(-1, 1, (4, 3, size, size)).astype(np.float32)
+            x1 = np.clip(x0 + rng.normal(0, 0.3, x0.shape), -1, 1).astype(np.float32)
+            with torch.no_grad():
+                d = model(torch.from_numpy(x0), torch.from_numpy(x1)).reshape(-1)
+            arrays[f"{name}/x0"], arrays[f"{name}/x1"] = x0, x1
+            arrays[f"{name}/d"] = d.numpy()
+    versions = ", ".join(
+        f"{package} {metadata.version(package)}" for package in ("lpips", "torch", "torchvision")
+    )
+    np.savez(out, versions=np.array(versions), **arrays)
 
 
 if __name__ == "__main__":
-  main(*sys.argv[1:])
+    main(*sys.argv[1:])

@@ -38,109 +38,110 @@ _REGISTRY: dict[str, Callable[..., "Evaluator"]] = {}
 
 
 class Evaluator(abc.ABC):
-  """A metric accumulated over batches: `update(batch)` then `result()`."""
+    """A metric accumulated over batches: `update(batch)` then `result()`."""
 
-  @abc.abstractmethod
-  def reset(self) -> None:
-    """Forgets every batch seen so far."""
+    @abc.abstractmethod
+    def reset(self) -> None:
+        """Forgets every batch seen so far."""
 
-  @abc.abstractmethod
-  def update(self, batch: Mapping[str, Any]) -> None:
-    """Accumulates one batch (a dict of arrays, see the module docstring)."""
+    @abc.abstractmethod
+    def update(self, batch: Mapping[str, Any]) -> None:
+        """Accumulates one batch (a dict of arrays, see the module docstring)."""
 
-  @abc.abstractmethod
-  def result(self) -> dict[str, float]:
-    """The metric(s) over every batch since the last reset."""
+    @abc.abstractmethod
+    def result(self) -> dict[str, float]:
+        """The metric(s) over every batch since the last reset."""
 
 
 class MeanEvaluator(Evaluator):
-  """Mean over examples of a per-example value; NaN values are left out.
+    """Mean over examples of a per-example value; NaN values are left out.
 
-  Subclasses set `self.name` and implement `per_example(batch) -> [B]`.
-  """
+    Subclasses set `self.name` and implement `per_example(batch) -> [B]`.
+    """
 
-  name: str
+    name: str
 
-  def __init__(self):
-    self.reset()
+    def __init__(self):
+        self.reset()
 
-  def reset(self):
-    self._sum = 0.0
-    self._count = 0
+    def reset(self):
+        self._sum = 0.0
+        self._count = 0
 
-  @abc.abstractmethod
-  def per_example(self, batch: Mapping[str, Any]) -> Any:
-    """[B] values for one batch."""
+    @abc.abstractmethod
+    def per_example(self, batch: Mapping[str, Any]) -> Any:
+        """[B] values for one batch."""
 
-  def update(self, batch):
-    values = np.asarray(self.per_example(batch), np.float64).reshape(-1)
-    values = values[~np.isnan(values)]
-    self._sum += float(values.sum())
-    self._count += values.size
+    def update(self, batch):
+        values = np.asarray(self.per_example(batch), np.float64).reshape(-1)
+        values = values[~np.isnan(values)]
+        self._sum += float(values.sum())
+        self._count += values.size
 
-  def result(self):
-    return {self.name: self._sum / self._count if self._count else float("nan")}
+    def result(self):
+        return {self.name: self._sum / self._count if self._count else float("nan")}
 
 
 def require(batch: Mapping[str, Any], key: str, evaluator: str) -> Any:
-  """batch[key], or a KeyError naming the evaluator and the keys present."""
-  if key not in batch:
-    raise KeyError(f"{evaluator} needs batch[{key!r}]; the batch has "
-                   f"{sorted(batch)}. Pass the key name as an argument if "
-                   "yours differs.")
-  return batch[key]
+    """batch[key], or a KeyError naming the evaluator and the keys present."""
+    if key not in batch:
+        raise KeyError(
+            f"{evaluator} needs batch[{key!r}]; the batch has "
+            f"{sorted(batch)}. Pass the key name as an argument if "
+            "yours differs."
+        )
+    return batch[key]
 
 
 def register(name: str):
-  """Class decorator: makes an evaluator available to `make_evaluator(name)`."""
-  def decorate(factory):
-    if name in _REGISTRY:
-      raise ValueError(f"evaluator {name!r} is registered twice")
-    _REGISTRY[name] = factory
-    return factory
-  return decorate
+    """Class decorator: makes an evaluator available to `make_evaluator(name)`."""
+
+    def decorate(factory):
+        if name in _REGISTRY:
+            raise ValueError(f"evaluator {name!r} is registered twice")
+        _REGISTRY[name] = factory
+        return factory
+
+    return decorate
 
 
 def registered_evaluators() -> list[str]:
-  return sorted(_REGISTRY)
+    return sorted(_REGISTRY)
 
 
 def make_evaluator(name: str, **kwargs) -> Evaluator:
-  if name not in _REGISTRY:
-    raise KeyError(f"unknown evaluator {name!r}; registered: "
-                   f"{registered_evaluators()}")
-  return _REGISTRY[name](**kwargs)
+    if name not in _REGISTRY:
+        raise KeyError(f"unknown evaluator {name!r}; registered: {registered_evaluators()}")
+    return _REGISTRY[name](**kwargs)
 
 
 def make_evaluators(specs: Iterable[Any]) -> list[Evaluator]:
-  """Evaluators from config entries: "name", (name, kwargs) or {"name": ..., **kwargs}."""
-  evaluators = []
-  for spec in specs:
-    if isinstance(spec, str):
-      evaluators.append(make_evaluator(spec))
-    elif isinstance(spec, Mapping):
-      kwargs = dict(spec)
-      evaluators.append(make_evaluator(kwargs.pop("name"), **kwargs))
-    else:
-      name, kwargs = spec
-      evaluators.append(make_evaluator(name, **dict(kwargs)))
-  return evaluators
+    """Evaluators from config entries: "name", (name, kwargs) or {"name": ..., **kwargs}."""
+    evaluators = []
+    for spec in specs:
+        if isinstance(spec, str):
+            evaluators.append(make_evaluator(spec))
+        elif isinstance(spec, Mapping):
+            kwargs = dict(spec)
+            evaluators.append(make_evaluator(kwargs.pop("name"), **kwargs))
+        else:
+            name, kwargs = spec
+            evaluators.append(make_evaluator(name, **dict(kwargs)))
+    return evaluators
 
 
-def evaluate(evaluators: Iterable[Evaluator],
-             batches: Iterable[Mapping[str, Any]]) -> dict[str, float]:
-  """Resets, feeds every batch to every evaluator, and merges their results."""
-  evaluators = list(evaluators)
-  for evaluator in evaluators:
-    evaluator.reset()
-  for batch in batches:
+def evaluate(evaluators: Iterable[Evaluator], batches: Iterable[Mapping[str, Any]]) -> dict[str, float]:
+    """Resets, feeds every batch to every evaluator, and merges their results."""
+    evaluators = list(evaluators)
     for evaluator in evaluators:
-      evaluator.update(batch)
-  results = {}
-  for evaluator in evaluators:
-    for name, value in evaluator.result().items():
-      if name in results:
-        raise ValueError(f"two evaluators report {name!r}; give one a "
-                         "different `name`")
-      results[name] = value
-  return results
+        evaluator.reset()
+    for batch in batches:
+        for evaluator in evaluators:
+            evaluator.update(batch)
+    results = {}
+    for evaluator in evaluators:
+        for name, value in evaluator.result().items():
+            if name in results:
+                raise ValueError(f"two evaluators report {name!r}; give one a different `name`")
+            results[name] = value
+    return results

@@ -42,168 +42,173 @@ from mmdiff_jax.metrics import features as features_lib
 
 
 def feature_statistics(features) -> tuple[np.ndarray, np.ndarray]:
-  """features [N, D] -> (mean [D], covariance [D, D]), float64, ddof = 1."""
-  features = np.asarray(features, np.float64)
-  if features.ndim != 2 or features.shape[0] < 2:
-    raise ValueError(f"need features [N >= 2, D], got {features.shape}")
-  return features.mean(0), np.cov(features, rowvar=False).reshape(
-      features.shape[1], features.shape[1])
+    """features [N, D] -> (mean [D], covariance [D, D]), float64, ddof = 1."""
+    features = np.asarray(features, np.float64)
+    if features.ndim != 2 or features.shape[0] < 2:
+        raise ValueError(f"need features [N >= 2, D], got {features.shape}")
+    return features.mean(0), np.cov(features, rowvar=False).reshape(features.shape[1], features.shape[1])
 
 
 def _symmetric_sqrt(matrix):
-  eigenvalues, eigenvectors = np.linalg.eigh((matrix + matrix.T) / 2)
-  return (eigenvectors * np.sqrt(np.clip(eigenvalues, 0, None))) @ eigenvectors.T
+    eigenvalues, eigenvectors = np.linalg.eigh((matrix + matrix.T) / 2)
+    return (eigenvectors * np.sqrt(np.clip(eigenvalues, 0, None))) @ eigenvectors.T
 
 
 def frechet_distance(mean1, covariance1, mean2, covariance2) -> float:
-  """Frechet distance between N(mean1, covariance1) and N(mean2, covariance2)."""
-  mean1, mean2 = np.asarray(mean1, np.float64), np.asarray(mean2, np.float64)
-  covariance1 = np.asarray(covariance1, np.float64)
-  covariance2 = np.asarray(covariance2, np.float64)
-  root1 = _symmetric_sqrt(covariance1)
-  product = root1 @ covariance2 @ root1
-  trace_root = np.sqrt(np.clip(np.linalg.eigvalsh((product + product.T) / 2),
-                               0, None)).sum()
-  distance = (np.sum((mean1 - mean2) ** 2) + np.trace(covariance1)
-              + np.trace(covariance2) - 2 * trace_root)
-  return float(max(distance, 0.0))
+    """Frechet distance between N(mean1, covariance1) and N(mean2, covariance2)."""
+    mean1, mean2 = np.asarray(mean1, np.float64), np.asarray(mean2, np.float64)
+    covariance1 = np.asarray(covariance1, np.float64)
+    covariance2 = np.asarray(covariance2, np.float64)
+    root1 = _symmetric_sqrt(covariance1)
+    product = root1 @ covariance2 @ root1
+    trace_root = np.sqrt(np.clip(np.linalg.eigvalsh((product + product.T) / 2), 0, None)).sum()
+    distance = np.sum((mean1 - mean2) ** 2) + np.trace(covariance1) + np.trace(covariance2) - 2 * trace_root
+    return float(max(distance, 0.0))
 
 
 def fid(features1, features2) -> float:
-  """FID between two feature sets [N1, D], [N2, D]."""
-  return frechet_distance(*feature_statistics(features1),
-                          *feature_statistics(features2))
+    """FID between two feature sets [N1, D], [N2, D]."""
+    return frechet_distance(*feature_statistics(features1), *feature_statistics(features2))
 
 
 @jax.jit
 def _squared_distances(queries, points):
-  dot = jnp.matmul(queries, points.T, precision=jax.lax.Precision.HIGHEST)
-  squared = (jnp.sum(queries ** 2, 1)[:, None] - 2 * dot
-             + jnp.sum(points ** 2, 1)[None])
-  return jnp.maximum(squared, 0)
+    dot = jnp.matmul(queries, points.T, precision=jax.lax.Precision.HIGHEST)
+    squared = jnp.sum(queries**2, 1)[:, None] - 2 * dot + jnp.sum(points**2, 1)[None]
+    return jnp.maximum(squared, 0)
 
 
 @functools.partial(jax.jit, static_argnames="k")
 def _kth_smallest(queries, points, k):
-  """k-th smallest squared distance per query row (ties counted separately)."""
-  squared = _squared_distances(queries, points)
-  rows = jnp.arange(squared.shape[0])
-  # k - 1 passes striking out the row minimum: ~6x faster than lax.top_k on CPU
-  squared = jax.lax.fori_loop(
-      0, k - 1,
-      lambda _, s: s.at[rows, jnp.argmin(s, 1)].set(jnp.inf), squared)
-  return jnp.min(squared, 1)
+    """k-th smallest squared distance per query row (ties counted separately)."""
+    squared = _squared_distances(queries, points)
+    rows = jnp.arange(squared.shape[0])
+    # k - 1 passes striking out the row minimum: ~6x faster than lax.top_k on CPU
+    squared = jax.lax.fori_loop(0, k - 1, lambda _, s: s.at[rows, jnp.argmin(s, 1)].set(jnp.inf), squared)
+    return jnp.min(squared, 1)
 
 
 @jax.jit
 def _inside_any(queries, points, squared_radii):
-  return jnp.any(_squared_distances(queries, points) <= squared_radii[None], 1)
+    return jnp.any(_squared_distances(queries, points) <= squared_radii[None], 1)
 
 
 def _row_batches(function, queries, batch_size):
-  """function over equal row batches of queries (the last one padded), concatenated."""
-  size = min(batch_size, queries.shape[0])
-  padding = -queries.shape[0] % size  # one shape, so one compilation
-  padded = jnp.pad(queries, ((0, padding), (0, 0)))
-  outputs = [np.asarray(function(padded[i:i + size]))
-             for i in range(0, padded.shape[0], size)]
-  return np.concatenate(outputs)[:queries.shape[0]]
+    """function over equal row batches of queries (the last one padded), concatenated."""
+    size = min(batch_size, queries.shape[0])
+    padding = -queries.shape[0] % size  # one shape, so one compilation
+    padded = jnp.pad(queries, ((0, padding), (0, 0)))
+    outputs = [np.asarray(function(padded[i : i + size])) for i in range(0, padded.shape[0], size)]
+    return np.concatenate(outputs)[: queries.shape[0]]
 
 
 def knn_radii(points, k: int = 3, batch_size: int = 1024) -> np.ndarray:
-  """[N] distance from each point to its k-th nearest other point."""
-  points = jnp.asarray(points, jnp.float32)
-  if points.shape[0] <= k:
-    raise ValueError(f"need more than k = {k} points, got {points.shape[0]}")
-  squared = _row_batches(  # k + 1: the point itself is its nearest neighbour
-      lambda rows: _kth_smallest(rows, points, k + 1), points, batch_size)
-  return np.sqrt(squared)
+    """[N] distance from each point to its k-th nearest other point."""
+    points = jnp.asarray(points, jnp.float32)
+    if points.shape[0] <= k:
+        raise ValueError(f"need more than k = {k} points, got {points.shape[0]}")
+    squared = _row_batches(  # k + 1: the point itself is its nearest neighbour
+        lambda rows: _kth_smallest(rows, points, k + 1), points, batch_size
+    )
+    return np.sqrt(squared)
 
 
 def manifold_fraction(queries, points, radii, batch_size: int = 1024) -> float:
-  """Fraction of `queries` inside at least one ball (points[j], radii[j])."""
-  points = jnp.asarray(points, jnp.float32)
-  squared_radii = jnp.asarray(radii, jnp.float32) ** 2
-  inside = _row_batches(lambda rows: _inside_any(rows, points, squared_radii),
-                        jnp.asarray(queries, jnp.float32), batch_size)
-  return float(inside.mean())
+    """Fraction of `queries` inside at least one ball (points[j], radii[j])."""
+    points = jnp.asarray(points, jnp.float32)
+    squared_radii = jnp.asarray(radii, jnp.float32) ** 2
+    inside = _row_batches(
+        lambda rows: _inside_any(rows, points, squared_radii), jnp.asarray(queries, jnp.float32), batch_size
+    )
+    return float(inside.mean())
 
 
-def precision_recall(real, generated, k: int = 3,
-                     batch_size: int = 1024) -> tuple[float, float]:
-  """Improved (precision, recall) of `generated` [M, D] against `real` [N, D]."""
-  precision = manifold_fraction(generated, real, knn_radii(real, k, batch_size),
-                                batch_size)
-  recall = manifold_fraction(real, generated,
-                             knn_radii(generated, k, batch_size), batch_size)
-  return precision, recall
+def precision_recall(real, generated, k: int = 3, batch_size: int = 1024) -> tuple[float, float]:
+    """Improved (precision, recall) of `generated` [M, D] against `real` [N, D]."""
+    precision = manifold_fraction(generated, real, knn_radii(real, k, batch_size), batch_size)
+    recall = manifold_fraction(real, generated, knn_radii(generated, k, batch_size), batch_size)
+    return precision, recall
 
 
 def compute_features(feature_fn, images, batch_size: int = 500) -> np.ndarray:
-  """feature_fn over `images` [N, ...] in batches -> [N, D] float32."""
-  return np.concatenate([np.asarray(feature_fn(images[i:i + batch_size]),
-                                    np.float32)
-                         for i in range(0, len(images), batch_size)])
+    """feature_fn over `images` [N, ...] in batches -> [N, D] float32."""
+    return np.concatenate(
+        [
+            np.asarray(feature_fn(images[i : i + batch_size]), np.float32)
+            for i in range(0, len(images), batch_size)
+        ]
+    )
 
 
 class FeatureDistribution(base.Evaluator):
-  """FID and/or precision-recall between batch[reference] and batch[samples].
+    """FID and/or precision-recall between batch[reference] and batch[samples].
 
-  features: a registered feature network name ("fmnist_cnn", "inception_v3")
-    or a callable [B, H, W, C] -> [B, D] (give `feature_name` then).
-  reference_features: optional precomputed [N, D] reference set (e.g. the
-    whole test split); batches then need only batch[samples].
-  Reports "<metric>_<feature_name>" for metric in `metrics`.
-  """
+    features: a registered feature network name ("fmnist_cnn", "inception_v3")
+      or a callable [B, H, W, C] -> [B, D] (give `feature_name` then).
+    reference_features: optional precomputed [N, D] reference set (e.g. the
+      whole test split); batches then need only batch[samples].
+    Reports "<metric>_<feature_name>" for metric in `metrics`.
+    """
 
-  def __init__(self, metrics=("fid", "precision", "recall"),
-               features="fmnist_cnn", feature_name: str | None = None,
-               reference: str = "image", samples: str = "sample",
-               reference_features=None, k: int = 3):
-    unknown = set(metrics) - {"fid", "precision", "recall"}
-    if unknown:
-      raise ValueError(f"unknown metrics {sorted(unknown)}")
-    if feature_name is None and callable(features):
-      raise ValueError("give `feature_name` for a callable `features`: it "
-                       "names the feature space in the reported keys")
-    self.metrics, self.k = tuple(metrics), k
-    self.feature_name = feature_name or features
-    self._features, self._feature_fn = features, None
-    self.keys = (reference, samples)
-    self.fixed_reference = (None if reference_features is None
-                            else np.asarray(reference_features, np.float32))
-    self.reset()
+    def __init__(
+        self,
+        metrics=("fid", "precision", "recall"),
+        features="fmnist_cnn",
+        feature_name: str | None = None,
+        reference: str = "image",
+        samples: str = "sample",
+        reference_features=None,
+        k: int = 3,
+    ):
+        unknown = set(metrics) - {"fid", "precision", "recall"}
+        if unknown:
+            raise ValueError(f"unknown metrics {sorted(unknown)}")
+        if feature_name is None and callable(features):
+            raise ValueError(
+                "give `feature_name` for a callable `features`: it "
+                "names the feature space in the reported keys"
+            )
+        self.metrics, self.k = tuple(metrics), k
+        self.feature_name = feature_name or features
+        self._features, self._feature_fn = features, None
+        self.keys = (reference, samples)
+        self.fixed_reference = (
+            None if reference_features is None else np.asarray(reference_features, np.float32)
+        )
+        self.reset()
 
-  def reset(self):
-    self._reference, self._samples = [], []
+    def reset(self):
+        self._reference, self._samples = [], []
 
-  def update(self, batch):
-    if self._feature_fn is None:  # lazily: the default network trains on first use
-      self._feature_fn = features_lib.get_feature_fn(self._features)
-    reference, samples = self.keys
-    if self.fixed_reference is None:
-      self._reference.append(np.asarray(self._feature_fn(
-          base.require(batch, reference, type(self).__name__)), np.float32))
-    self._samples.append(np.asarray(self._feature_fn(
-        base.require(batch, samples, type(self).__name__)), np.float32))
+    def update(self, batch):
+        if self._feature_fn is None:  # lazily: the default network trains on first use
+            self._feature_fn = features_lib.get_feature_fn(self._features)
+        reference, samples = self.keys
+        if self.fixed_reference is None:
+            self._reference.append(
+                np.asarray(self._feature_fn(base.require(batch, reference, type(self).__name__)), np.float32)
+            )
+        self._samples.append(
+            np.asarray(self._feature_fn(base.require(batch, samples, type(self).__name__)), np.float32)
+        )
 
-  def result(self):
-    reference = (self.fixed_reference if self.fixed_reference is not None
-                 else np.concatenate(self._reference))
-    samples = np.concatenate(self._samples)
-    results = {}
-    if "fid" in self.metrics:
-      results[f"fid_{self.feature_name}"] = fid(reference, samples)
-    if {"precision", "recall"} & set(self.metrics):
-      precision, recall = precision_recall(reference, samples, self.k)
-      if "precision" in self.metrics:
-        results[f"precision_{self.feature_name}"] = precision
-      if "recall" in self.metrics:
-        results[f"recall_{self.feature_name}"] = recall
-    return results
+    def result(self):
+        reference = (
+            self.fixed_reference if self.fixed_reference is not None else np.concatenate(self._reference)
+        )
+        samples = np.concatenate(self._samples)
+        results = {}
+        if "fid" in self.metrics:
+            results[f"fid_{self.feature_name}"] = fid(reference, samples)
+        if {"precision", "recall"} & set(self.metrics):
+            precision, recall = precision_recall(reference, samples, self.k)
+            if "precision" in self.metrics:
+                results[f"precision_{self.feature_name}"] = precision
+            if "recall" in self.metrics:
+                results[f"recall_{self.feature_name}"] = recall
+        return results
 
 
 base.register("feature_distribution")(FeatureDistribution)
 base.register("fid")(functools.partial(FeatureDistribution, metrics=("fid",)))
-base.register("precision_recall")(
-    functools.partial(FeatureDistribution, metrics=("precision", "recall")))
+base.register("precision_recall")(functools.partial(FeatureDistribution, metrics=("precision", "recall")))

@@ -64,77 +64,76 @@ LAYER_CHANNELS = tuple(block[-1][1] for block in VGG16_BLOCKS)
 
 
 def normalize_channels(features, eps: float = 1e-10):
-  """features [..., C] / (L2 norm over C + eps), as lpips.normalize_tensor."""
-  return features / (jnp.sqrt(jnp.sum(features ** 2, -1, keepdims=True)) + eps)
+    """features [..., C] / (L2 norm over C + eps), as lpips.normalize_tensor."""
+    return features / (jnp.sqrt(jnp.sum(features**2, -1, keepdims=True)) + eps)
 
 
-def layer_distances(features0: Sequence[jax.Array],
-                    features1: Sequence[jax.Array],
-                    linear: Sequence[nn.Module] | None = None) -> list[jax.Array]:
-  """Per-layer LPIPS terms [B] from lists of [B, H, W, C] (or [B, C]) features.
+def layer_distances(
+    features0: Sequence[jax.Array], features1: Sequence[jax.Array], linear: Sequence[nn.Module] | None = None
+) -> list[jax.Array]:
+    """Per-layer LPIPS terms [B] from lists of [B, H, W, C] (or [B, C]) features.
 
-  With `linear` (callables on [B, H, W, C] -> [B, H, W, 1]), the calibrated
-  form; without, the unit-weight "baseline" (sum over channels).
-  """
-  terms = []
-  for index, (f0, f1) in enumerate(zip(features0, features1)):
-    if f0.ndim == 2:
-      f0, f1 = f0[:, None, None], f1[:, None, None]
-    diff = (normalize_channels(f0) - normalize_channels(f1)) ** 2
-    weighted = linear[index](diff) if linear is not None else diff.sum(
-        -1, keepdims=True)
-    terms.append(weighted.mean(axis=(1, 2, 3)))
-  return terms
+    With `linear` (callables on [B, H, W, C] -> [B, H, W, 1]), the calibrated
+    form; without, the unit-weight "baseline" (sum over channels).
+    """
+    terms = []
+    for index, (f0, f1) in enumerate(zip(features0, features1)):
+        if f0.ndim == 2:
+            f0, f1 = f0[:, None, None], f1[:, None, None]
+        diff = (normalize_channels(f0) - normalize_channels(f1)) ** 2
+        weighted = linear[index](diff) if linear is not None else diff.sum(-1, keepdims=True)
+        terms.append(weighted.mean(axis=(1, 2, 3)))
+    return terms
 
 
 class VGG16Features(nn.Module):
-  """VGG-16 convolutional trunk: [B, H, W, 3] -> the 5 relu*_* activations."""
+    """VGG-16 convolutional trunk: [B, H, W, 3] -> the 5 relu*_* activations."""
 
-  @nn.compact
-  def __call__(self, x):
-    outputs = []
-    for index, block in enumerate(VGG16_BLOCKS):
-      if index:
-        x = nn.max_pool(x, (2, 2), strides=(2, 2))  # floor, as torch MaxPool2d(2)
-      for name, channels, _ in block:
-        x = nn.relu(nn.Conv(channels, (3, 3), padding=1, name=name,
-                            precision=jax.lax.Precision.HIGHEST)(x))
-      outputs.append(x)
-    return outputs
+    @nn.compact
+    def __call__(self, x):
+        outputs = []
+        for index, block in enumerate(VGG16_BLOCKS):
+            if index:
+                x = nn.max_pool(x, (2, 2), strides=(2, 2))  # floor, as torch MaxPool2d(2)
+            for name, channels, _ in block:
+                x = nn.relu(
+                    nn.Conv(channels, (3, 3), padding=1, name=name, precision=jax.lax.Precision.HIGHEST)(x)
+                )
+            outputs.append(x)
+        return outputs
 
 
 class LPIPS(nn.Module):
-  """LPIPS v0.1 with a VGG-16 trunk: (images0, images1) [B, H, W, 3] -> [B]."""
+    """LPIPS v0.1 with a VGG-16 trunk: (images0, images1) [B, H, W, 3] -> [B]."""
 
-  @nn.compact
-  def __call__(self, images0, images1):
-    scaled = (jnp.concatenate([images0, images1]) - jnp.array(SHIFT)) / jnp.array(SCALE)
-    features = VGG16Features(name="features")(scaled)
-    half = images0.shape[0]
-    linear = [nn.Conv(1, (1, 1), use_bias=False, name=f"lin{i}",
-                      precision=jax.lax.Precision.HIGHEST)
-              for i in range(len(features))]
-    terms = layer_distances([f[:half] for f in features],
-                            [f[half:] for f in features], linear)
-    return sum(terms)
+    @nn.compact
+    def __call__(self, images0, images1):
+        scaled = (jnp.concatenate([images0, images1]) - jnp.array(SHIFT)) / jnp.array(SCALE)
+        features = VGG16Features(name="features")(scaled)
+        half = images0.shape[0]
+        linear = [
+            nn.Conv(1, (1, 1), use_bias=False, name=f"lin{i}", precision=jax.lax.Precision.HIGHEST)
+            for i in range(len(features))
+        ]
+        terms = layer_distances([f[:half] for f in features], [f[half:] for f in features], linear)
+        return sum(terms)
 
 
 def _to_rgb(images):
-  images = jnp.asarray(images, jnp.float32)
-  return jnp.repeat(images, 3, -1) if images.shape[-1] == 1 else images
+    images = jnp.asarray(images, jnp.float32)
+    return jnp.repeat(images, 3, -1) if images.shape[-1] == 1 else images
 
 
 def init_random_params(rng, image_size: int = 32):
-  """Randomly initialised LPIPS params (tests and shape checks)."""
-  images = jnp.zeros((1, image_size, image_size, 3))
-  return LPIPS().init(rng, images, images)
+    """Randomly initialised LPIPS params (tests and shape checks)."""
+    images = jnp.zeros((1, image_size, image_size, 3))
+    return LPIPS().init(rng, images, images)
 
 
 def expected_shapes() -> dict[str, tuple[int, ...]]:
-  """Flat "/"-joined parameter names -> shapes of the Flax LPIPS."""
-  shapes = jax.eval_shape(lambda: init_random_params(jax.random.key(0), 16))
-  return {k: v.shape for k, v in traverse_util.flatten_dict(
-      shapes["params"], sep="/").items()}
+    """Flat "/"-joined parameter names -> shapes of the Flax LPIPS."""
+    shapes = jax.eval_shape(lambda: init_random_params(jax.random.key(0), 16))
+    return {k: v.shape for k, v in traverse_util.flatten_dict(shapes["params"], sep="/").items()}
 
 
 # ---- official PyTorch layout -> our .npz ----------------------------------
@@ -143,106 +142,116 @@ _VGG_KEY = re.compile(r"^(?:features\.|net\.slice\d\.|)(\d+)\.(weight|bias)$")
 _LIN_KEY = re.compile(r"^lin(\d)\.model\.\d+\.weight$")
 
 
-def convert_torch_state_dicts(*state_dicts: Mapping[str, np.ndarray]
-                              ) -> dict[str, np.ndarray]:
-  """Official PyTorch tensors (as NumPy arrays) -> flat Flax params.
+def convert_torch_state_dicts(*state_dicts: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Official PyTorch tensors (as NumPy arrays) -> flat Flax params.
 
-  Accepts any mix of: torchvision's VGG-16 state dict ("features.N.weight"
-  [O, I, 3, 3], "features.N.bias"; "classifier.*" is ignored), the `lpips`
-  linear weights ("linL.model.1.weight" [1, C, 1, 1]), or a whole
-  `lpips.LPIPS` state dict ("net.sliceK.N.weight", "linL.model.1.weight").
-  Raises naming every missing or mis-shaped weight.
-  """
-  by_index = {index: name for block in VGG16_BLOCKS for name, _, index in block}
-  flat = {}
-  for state in state_dicts:
-    for key, value in state.items():
-      value = np.asarray(value, np.float32)
-      if match := _VGG_KEY.match(key):
-        index, kind = int(match.group(1)), match.group(2)
-        if index not in by_index:
-          raise ValueError(f"{key}: VGG-16 features[{index}] has no weights")
-        name = f"features/{by_index[index]}"
-        if kind == "weight":
-          flat[f"{name}/kernel"] = value.transpose(2, 3, 1, 0)  # OIHW -> HWIO
-        else:
-          flat[f"{name}/bias"] = value
-      elif match := _LIN_KEY.match(key):
-        flat[f"lin{match.group(1)}/kernel"] = value.transpose(2, 3, 1, 0)
-  check_flat_params(flat, "the converted state dicts")
-  return flat
+    Accepts any mix of: torchvision's VGG-16 state dict ("features.N.weight"
+    [O, I, 3, 3], "features.N.bias"; "classifier.*" is ignored), the `lpips`
+    linear weights ("linL.model.1.weight" [1, C, 1, 1]), or a whole
+    `lpips.LPIPS` state dict ("net.sliceK.N.weight", "linL.model.1.weight").
+    Raises naming every missing or mis-shaped weight.
+    """
+    by_index = {index: name for block in VGG16_BLOCKS for name, _, index in block}
+    flat = {}
+    for state in state_dicts:
+        for key, value in state.items():
+            value = np.asarray(value, np.float32)
+            if match := _VGG_KEY.match(key):
+                index, kind = int(match.group(1)), match.group(2)
+                if index not in by_index:
+                    raise ValueError(f"{key}: VGG-16 features[{index}] has no weights")
+                name = f"features/{by_index[index]}"
+                if kind == "weight":
+                    flat[f"{name}/kernel"] = value.transpose(2, 3, 1, 0)  # OIHW -> HWIO
+                else:
+                    flat[f"{name}/bias"] = value
+            elif match := _LIN_KEY.match(key):
+                flat[f"lin{match.group(1)}/kernel"] = value.transpose(2, 3, 1, 0)
+    check_flat_params(flat, "the converted state dicts")
+    return flat
 
 
 def check_flat_params(flat: Mapping[str, np.ndarray], source: str) -> None:
-  """Raises one error listing every missing, unexpected or mis-shaped weight."""
-  expected = expected_shapes()
-  problems = [f"missing {k} {v}" for k, v in expected.items() if k not in flat]
-  problems += [f"unexpected {k}" for k in flat if k not in expected]
-  problems += [f"{k}: shape {tuple(np.shape(v))}, expected {expected[k]}"
-               for k, v in flat.items()
-               if k in expected and tuple(np.shape(v)) != expected[k]]
-  if problems:
-    raise ValueError(f"LPIPS weights from {source} do not match the VGG-16 "
-                     "LPIPS network:\n  " + "\n  ".join(problems))
+    """Raises one error listing every missing, unexpected or mis-shaped weight."""
+    expected = expected_shapes()
+    problems = [f"missing {k} {v}" for k, v in expected.items() if k not in flat]
+    problems += [f"unexpected {k}" for k in flat if k not in expected]
+    problems += [
+        f"{k}: shape {tuple(np.shape(v))}, expected {expected[k]}"
+        for k, v in flat.items()
+        if k in expected and tuple(np.shape(v)) != expected[k]
+    ]
+    if problems:
+        raise ValueError(
+            f"LPIPS weights from {source} do not match the VGG-16 LPIPS network:\n  " + "\n  ".join(problems)
+        )
 
 
 def save_params(flat: Mapping[str, np.ndarray], path) -> pathlib.Path:
-  path = pathlib.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  temporary = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npz")
-  np.savez(temporary, **{k: np.asarray(v, np.float32) for k, v in flat.items()})
-  os.replace(temporary, path)
-  return path
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npz")
+    np.savez(temporary, **{k: np.asarray(v, np.float32) for k, v in flat.items()})
+    os.replace(temporary, path)
+    return path
 
 
 def default_weights_path() -> pathlib.Path:
-  return pathlib.Path(os.environ.get(WEIGHTS_ENV) or pathlib.Path.home().joinpath(
-      ".cache", "mmdiff_jax", "lpips_vgg16_v0.1.npz"))
+    return pathlib.Path(
+        os.environ.get(WEIGHTS_ENV)
+        or pathlib.Path.home().joinpath(".cache", "mmdiff_jax", "lpips_vgg16_v0.1.npz")
+    )
 
 
 def load_params(path=None):
-  """LPIPS params {"params": ...} from a converted .npz (default_weights_path())."""
-  path = pathlib.Path(path) if path is not None else default_weights_path()
-  if not path.is_file():
-    raise FileNotFoundError(
-        f"LPIPS weights {path} not found. LPIPS needs the VGG-16 ImageNet "
-        "weights, which you supply (torchvision's vgg16-397923af.pth), and "
-        "the lpips package's lpips/weights/v0.1/vgg.pth, converted once with:\n"
-        "  python -m mmdiff_jax.metrics.convert_lpips_weights --vgg16 "
-        f"vgg16-397923af.pth --out {path}\n(or set ${WEIGHTS_ENV}). For an "
-        "offline perceptual distance use 'perceptual_fmnist_cnn' instead.")
-  with np.load(path, allow_pickle=False) as data:
-    flat = {k: data[k] for k in data.files}
-  check_flat_params(flat, str(path))
-  return {"params": traverse_util.unflatten_dict(
-      {k: jnp.asarray(v) for k, v in flat.items()}, sep="/")}
+    """LPIPS params {"params": ...} from a converted .npz (default_weights_path())."""
+    path = pathlib.Path(path) if path is not None else default_weights_path()
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"LPIPS weights {path} not found. LPIPS needs the VGG-16 ImageNet "
+            "weights, which you supply (torchvision's vgg16-397923af.pth), and "
+            "the lpips package's lpips/weights/v0.1/vgg.pth, converted once with:\n"
+            "  python -m mmdiff_jax.metrics.convert_lpips_weights --vgg16 "
+            f"vgg16-397923af.pth --out {path}\n(or set ${WEIGHTS_ENV}). For an "
+            "offline perceptual distance use 'perceptual_fmnist_cnn' instead."
+        )
+    with np.load(path, allow_pickle=False) as data:
+        flat = {k: data[k] for k in data.files}
+    check_flat_params(flat, str(path))
+    return {"params": traverse_util.unflatten_dict({k: jnp.asarray(v) for k, v in flat.items()}, sep="/")}
 
 
 @jax.jit
 def lpips_distance(params, images0, images1):
-  """LPIPS per image pair [B]; images [B, H, W, 3 or 1] in [-1, 1]."""
-  return LPIPS().apply(params, _to_rgb(images0), _to_rgb(images1))
+    """LPIPS per image pair [B]; images [B, H, W, 3 or 1] in [-1, 1]."""
+    return LPIPS().apply(params, _to_rgb(images0), _to_rgb(images1))
 
 
 @base.register("lpips_vgg")
 class LPIPSEvaluator(base.MeanEvaluator):
-  """Mean VGG-16 LPIPS (official weights) of batch[prediction] vs batch[reference].
+    """Mean VGG-16 LPIPS (official weights) of batch[prediction] vs batch[reference].
 
-  Reports "lpips_vgg". `weights`: the converted .npz (default_weights_path()).
-  `resize`: optional side length to bilinearly resize both images to first.
-  """
+    Reports "lpips_vgg". `weights`: the converted .npz (default_weights_path()).
+    `resize`: optional side length to bilinearly resize both images to first.
+    """
 
-  def __init__(self, weights=None, reference: str = "image",
-               prediction: str = "sample", resize: int | None = None,
-               name: str = "lpips_vgg"):
-    self.params = load_params(weights)
-    self.keys, self.resize, self.name = (reference, prediction), resize, name
-    super().__init__()
+    def __init__(
+        self,
+        weights=None,
+        reference: str = "image",
+        prediction: str = "sample",
+        resize: int | None = None,
+        name: str = "lpips_vgg",
+    ):
+        self.params = load_params(weights)
+        self.keys, self.resize, self.name = (reference, prediction), resize, name
+        super().__init__()
 
-  def per_example(self, batch):
-    images = [jnp.asarray(base.require(batch, key, self.name), jnp.float32)
-              for key in self.keys]
-    if self.resize:
-      images = [jax.image.resize(x, x.shape[:1] + (self.resize, self.resize)
-                                 + x.shape[3:], "bilinear") for x in images]
-    return lpips_distance(self.params, *images)
+    def per_example(self, batch):
+        images = [jnp.asarray(base.require(batch, key, self.name), jnp.float32) for key in self.keys]
+        if self.resize:
+            images = [
+                jax.image.resize(x, x.shape[:1] + (self.resize, self.resize) + x.shape[3:], "bilinear")
+                for x in images
+            ]
+        return lpips_distance(self.params, *images)
