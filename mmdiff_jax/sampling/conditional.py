@@ -1,0 +1,213 @@
+"""The samplers wired to an `MTDiffusion` model: joint and conditional generation (DESIGN.md section 3).
+
+`observed` maps modality names to data in batch form (a masked image also needs 'mask'), exactly as
+`MTDiffusion.predict` reads it. Any subset may be observed, including none (joint generation):
+  ehat_i = E_i(x_i)          for observed modalities: in the reverse mean (a_t), in m_t, m_s (DDIM) and
+                             in the prior mean m_T (z_T carries the source under a `bridge` schedule);
+  ehat_i = E_i(D_i(h))       for the rest, from the same forward pass as eps.
+`make_denoise` is that wiring; `make_sample_fn` compiles a sampler around it once per batch shape and
+observed subset, and decodes the result: z_0 as the image (pixel space, clipped to [-1, 1]) and every
+head's output from the last model call (`decode_heads`). Restoration (`repaint`), image transition
+(`make_transition_fn`) and label-head guidance (`guidance`) are options of the same sampler.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from mmdiff_jax.modalities import MASK_KEY, Modality, MTDiffusion
+from mmdiff_jax.sampling.guidance import classifier_guidance
+from mmdiff_jax.sampling.restoration import known_region_hook
+from mmdiff_jax.sampling.samplers import Denoise, Prediction, ddim_sample, ddpm_sample
+from mmdiff_jax.schedules import DiffusionSchedule
+
+Array = jax.Array
+Observed = Mapping[str, Array]
+METHODS = ("ddpm", "ddim")
+
+
+class Samples(NamedTuple):
+    image: Array  # [B, *S], z_0 clipped to [-1, 1] (pixel space: z_0 = x_0)
+    z_0: Array  # [B, *S], the sampler's raw output
+    outputs: dict[str, dict[str, Array]]  # name -> decoded head output (`decode_heads`)
+
+
+def model_variables(params: Any) -> dict[str, Any]:
+    """Accepts the parameter tree or the full {'params': ...} variables dict."""
+    if isinstance(params, Mapping) and set(params.keys()) == {"params"}:
+        return dict(params)
+    return {"params": params}
+
+
+def check_schedule(model: MTDiffusion, schedule: DiffusionSchedule) -> None:
+    if schedule.num_modalities != len(model.modalities):
+        raise ValueError(f"the schedule has weights for {schedule.num_modalities} modalities but the model has "
+                         f"{len(model.modalities)} ({[m.name for m in model.modalities]}): build it with "
+                         f"`modalities.modality_schedule`")
+
+
+def observed_batch_size(observed: Observed, batch_size: int | None) -> int:
+    """B from the observed arrays (which must agree), or `batch_size` when nothing is observed."""
+    sizes = {name: value.shape[0] for name, value in observed.items()}
+    if batch_size is not None:
+        sizes["batch_size"] = batch_size
+    if not sizes:
+        raise ValueError("nothing is observed: give batch_size")
+    if len(set(sizes.values())) > 1:
+        raise ValueError(f"observed arrays and batch_size disagree on the batch size: {sizes}")
+    return next(iter(sizes.values()))
+
+
+def make_denoise(model: MTDiffusion, variables: Any, observed: Observed) -> Denoise:
+    """denoise(z_t, t) -> Prediction(eps, ehat, heads) through `MTDiffusion.predict` (eval mode).
+
+    ehat_i = E_i(x_i) for the modalities in `observed`, E_i(D_i(h)) for the others; aux = the heads'
+    raw outputs (logits or means), name -> array.
+    """
+    variables = model_variables(variables)
+
+    def denoise(z_t: Array, t: Array) -> Prediction:
+        output = model.apply(variables, z_t, t, dict(observed), train=False, method=model.predict)
+        return Prediction(output.eps, output.estimated_encodings, output.heads)
+
+    return denoise
+
+
+def head_estimates(modalities: Sequence[Modality], heads: Mapping[str, Array]) -> dict[str, Array]:
+    """Heads' outputs as estimates one can average: class probabilities (softmax) or Gaussian means."""
+    return {m.name: jax.nn.softmax(heads[m.name], axis=-1) if m.loss == "categorical" else heads[m.name]
+            for m in modalities if m.name in heads}
+
+
+def decode_heads(modalities: Sequence[Modality], estimates: Mapping[str, Array]) -> dict[str, dict[str, Array]]:
+    """Per modality with a head, from `head_estimates`:
+      label         {'class_ids': [B] int32, 'probabilities': [B, K]}
+      segmentation  {'class_map': [B, H, W] int32, 'probabilities': [B, H, W, K]}
+      vector        {'vector': [B, D]};   image  {'image': [B, H, W, C]}
+      masked_image  {'image': [B, H, W, C], 'mask': [B, H, W, 1]} (the predicted [x * mask, mask])
+    """
+    decoded = {}
+    for m in modalities:
+        if m.name not in estimates:
+            continue
+        value = estimates[m.name]
+        if m.kind == "label":
+            decoded[m.name] = {"class_ids": jnp.argmax(value, axis=-1).astype(jnp.int32), "probabilities": value}
+        elif m.kind == "segmentation":
+            decoded[m.name] = {"class_map": jnp.argmax(value, axis=-1).astype(jnp.int32), "probabilities": value}
+        elif m.kind == "masked_image":
+            decoded[m.name] = {"image": value[..., :-1], "mask": value[..., -1:]}
+        else:
+            decoded[m.name] = {m.kind: value}
+    return decoded
+
+
+def _modality(model: MTDiffusion, name: str, kinds: tuple[str, ...], role: str) -> Modality:
+    for m in model.modalities:
+        if m.name == name:
+            if m.kind not in kinds or (role == "guidance" and m.head == "none"):
+                raise ValueError(f"{role} needs a modality of kind {kinds} with a head; {name!r} is {m.kind!r} "
+                                 f"with head {m.head!r}")
+            return m
+    raise ValueError(f"{role}: no modality {name!r} in the model (has {[m.name for m in model.modalities]})")
+
+
+def make_sample_fn(model: MTDiffusion, schedule: DiffusionSchedule, *, method: str = "ddim",
+                   num_steps: int | None = None, eta: float = 0.0, variance: str = "small",
+                   clip_denoised: bool = True, prior_refinements: int = 1, repaint: str | None = None,
+                   guidance: str | None = None, sharding: jax.sharding.Sharding | None = None):
+    """A jit-compiled sampler for `model` on `schedule`.
+
+    Args:
+      method: 'ddpm' (all T steps, `variance` 'small' or 'large') or 'ddim' (`num_steps` respaced steps,
+        default min(50, T), stochasticity `eta`).
+      clip_denoised: clip the z_0 estimate to [-1, 1] at every step (pixel-space images).
+      prior_refinements: fixed-point steps for m_T (see `samplers.prior_sample`).
+      repaint: name of a masked-image modality: re-impose its known pixels at every step (it must be observed).
+      guidance: name of a label modality whose head guides sampling towards `guidance_labels`.
+      sharding: sharding of the batch axis of z (e.g. NamedSharding(mesh, P('data'))).
+    Returns:
+      sample(params, rng, observed=None, *, batch_size=None, prior_noise=None, guidance_labels=None,
+             guidance_scale=1.0) -> Samples.
+      Compiled once per batch size and observed subset (`batch_size` is static; needed only when
+      nothing is observed); scale, labels, params and observed values are traced.
+    """
+    check_schedule(model, schedule)
+    if method not in METHODS:
+        raise ValueError(f"unknown sampling method {method!r}; known: {METHODS}")
+    if method == "ddpm" and num_steps not in (None, schedule.num_steps):
+        raise ValueError(f"DDPM runs all T = {schedule.num_steps} steps; for fewer use method='ddim' (eta=1 is "
+                         f"ancestral sampling on the respaced chain)")
+    num_steps = num_steps or min(50, schedule.num_steps)
+    if repaint is not None:
+        _modality(model, repaint, ("masked_image",), "repaint")
+    if guidance is not None:
+        _modality(model, guidance, ("label",), "guidance")
+
+    def sample(params: Any, rng: Array, observed: Observed | None = None, *, batch_size: int | None = None,
+               prior_noise: Array | None = None, guidance_labels: Array | None = None,
+               guidance_scale: float | Array = 1.0) -> Samples:
+        observed = dict(observed or {})
+        shape = (observed_batch_size(observed, batch_size),) + model.z_shape
+        denoise = make_denoise(model, params, observed)
+        if guidance is not None:
+            if guidance_labels is None:
+                raise ValueError(f"guidance by {guidance!r} needs guidance_labels [B]")
+            labels = jnp.asarray(guidance_labels, jnp.int32)
+
+            def log_likelihood(prediction: Prediction) -> Array:
+                log_probabilities = jax.nn.log_softmax(prediction.aux[guidance], axis=-1)
+                return jnp.take_along_axis(log_probabilities, labels[:, None], axis=-1)[:, 0]
+
+            denoise = classifier_guidance(denoise, schedule, log_likelihood, guidance_scale)
+        hook = None
+        if repaint is not None:
+            if repaint not in observed or MASK_KEY not in observed:
+                raise ValueError(f"repaint={repaint!r} needs observed[{repaint!r}] and observed[{MASK_KEY!r}]")
+            hook = known_region_hook(schedule, jnp.asarray(observed[repaint], jnp.float32), observed[MASK_KEY])
+        common = dict(clip_denoised=clip_denoised, prior_noise=prior_noise, prior_refinements=prior_refinements,
+                      step_hook=hook, sharding=sharding)
+        if method == "ddpm":
+            output = ddpm_sample(denoise, schedule, rng, shape, variance=variance, **common)
+        else:
+            output = ddim_sample(denoise, schedule, rng, shape, num_steps=num_steps, eta=eta, **common)
+        outputs = decode_heads(model.modalities, head_estimates(model.modalities, output.aux))
+        return Samples(jnp.clip(output.z_0, -1.0, 1.0), output.z_0, outputs)
+
+    return jax.jit(sample, static_argnames=("batch_size",))
+
+
+def make_restore_fn(model: MTDiffusion, schedule: DiffusionSchedule, masked: str, *, repaint: bool = True,
+                    **sampler_options):
+    """Inpainting: restore(params, image, mask, rng, observed=None, **call_options) -> Samples.
+
+    The masked image (image [B, H, W, C], mask [B, H, W, 1], 1 = known) is observed as modality `masked`;
+    with `repaint` its known pixels are re-imposed at every step. Other options as `make_sample_fn`.
+    """
+    _modality(model, masked, ("masked_image",), "restoration")
+    sample = make_sample_fn(model, schedule, repaint=masked if repaint else None, **sampler_options)
+
+    def restore(params, image, mask, rng, observed=None, **call_options) -> Samples:
+        return sample(params, rng, {**(observed or {}), masked: image, MASK_KEY: mask}, **call_options)
+
+    return restore
+
+
+def make_transition_fn(model: MTDiffusion, schedule: DiffusionSchedule, source: str, **sampler_options):
+    """Image transition: transition(params, source_image, rng, observed=None, **call_options) -> Samples.
+
+    The source is observed as image modality `source`; under its `bridge` weight schedule the prior
+    N(m_T, I) already carries lambda_T E(source), and the reverse process removes it while generating
+    the target. Other options as `make_sample_fn`.
+    """
+    _modality(model, source, ("image",), "transition")
+    sample = make_sample_fn(model, schedule, **sampler_options)
+
+    def transition(params, source_image, rng, observed=None, **call_options) -> Samples:
+        return sample(params, rng, {**(observed or {}), source: source_image}, **call_options)
+
+    return transition

@@ -1,0 +1,228 @@
+"""Ancestral (DDPM) and DDIM samplers over a generic denoiser (DESIGN.md section 3); no Flax.
+
+A denoiser is any function `denoise(z_t, t) -> Prediction(eps, estimated_encodings, aux)` with
+  z_t [B, *S], t [B] int32 in 1..T  ->  eps [B, *S], estimated_encodings [N, B, *S] (ehat_i), aux (any pytree).
+ehat_i is E_i(x_i) for observed modalities and E_i(D_i(h_theta(z_t, t))) for the rest (the model layer
+decides, see `sampling.conditional`); `aux` (e.g. the heads' outputs) is returned from the last call.
+
+The samplers rest on the key identity of the forward process (DESIGN.md section 2): u_t = z_t - m_t,
+m_t = sum_i lambda_t^(i) e_i, is a plain DDPM chain, u_t = sqrt(abar_t) u_0 + sqrt(1 - abar_t) eps with
+u_0 = z_0. Everything DDPM/DDIM knows applies to u; the encodings only shift z by m_t.
+
+Prior.  q(z_T | z_0, X) ~ N(m_T, I) (abar_T ~ 0), so z_T = xi + m_T, xi ~ N(0, I). m_T needs ehat, and
+ehat of an unobserved modality depends on z_T: `prior_sample` solves z = xi + m_T(ehat(z, T)) by
+`refinements` fixed-point steps from z = xi. Observed ehat_i = e_i do not depend on z, so one step
+already gives their exact contribution lambda_T^(i) e_i (bridge schedules: z_T carries the source).
+
+DDPM (ancestral, every step t -> t - 1):
+  z_{t-1} = mu_theta + sigma_t xi,  mu_theta = (z_t - beta_t / sqrt(1 - abar_t) eps) / sqrt(alpha_t) - a_t,
+  a_t = sum_i w_t^(i) ehat_i (`diffusion.reverse_mean`), sigma_t^2 = beta~_t or beta_t, no noise at t = 1.
+
+DDIM (from t to any s < t of a respaced subsequence; s = 0 at the end).  DDIM's family for the plain
+chain u,  q_sigma(u_s | u_t, u_0) = N( sqrt(abar_s) u_0 + sqrt(1 - abar_s - sigma^2) (u_t - sqrt(abar_t) u_0)
+/ sqrt(1 - abar_t), sigma^2 I ),  has the marginal q(u_s | u_0) = N(sqrt(abar_s) u_0, (1 - abar_s) I) for any
+sigma: that of z_s - m_s. Plugging the model's u_0-estimate
+  z0hat = (z_t - m_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)            (`diffusion.z0_from_eps`, ehat in m_t)
+(so that (u_t - sqrt(abar_t) z0hat) / sqrt(1 - abar_t) = eps) and adding m_s back:
+  z_s = sqrt(abar_s) z0hat + sqrt(1 - abar_s - sigma_ts^2) eps + m_s + sigma_ts xi,
+  sigma_ts^2 = eta^2 (1 - abar_s) / (1 - abar_t) (1 - abar_t / abar_s),
+with m_t, m_s = sum_i lambda^(i) ehat_i from the prediction at t. Only abar and lambda of the original
+schedule at the kept steps enter, so respacing is exact: no betas or weights of a shorter chain are needed.
+- eta = 1, s = t - 1 gives sigma^2 = beta~_t and exactly the DDPM step with the small variance (u's
+  posterior mean plus m_{t-1}, which equals mu_theta since m_t = sqrt(alpha_t) (m_{t-1} + a_t)); on a
+  respaced subsequence eta = 1 is the ancestral sampler of the shorter chain.
+- eta = 0 is deterministic: with xbar = u / sqrt(abar), sigma = sqrt((1 - abar) / abar) the step reads
+  xbar_s = xbar_t + (sigma_s - sigma_t) eps, the Euler step of the probability-flow ODE dxbar/dsigma = eps.
+
+`clip_denoised` clips z0hat to [-1, 1] (pixel images) and recomputes eps from it (`diffusion.eps_from_z0`)
+before either update. Both samplers are `jax.lax.scan`s; trace them inside `jax.jit` (the model layer's
+`make_sample_fn` does) with the number of steps static.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mmdiff_jax import diffusion
+from mmdiff_jax.schedules import DiffusionSchedule
+
+Array = jax.Array
+
+
+class Prediction(NamedTuple):
+    """What a denoiser returns at (z_t, t)."""
+
+    eps: Array  # [B, *S]
+    estimated_encodings: Array  # [N, B, *S], ehat_i
+    aux: Any = None  # any pytree (e.g. the heads' outputs); the samplers return the last one
+
+
+class SamplerOutput(NamedTuple):
+    z_0: Array  # [B, *S]
+    aux: Any  # the denoiser's aux from its last call (at the smallest step of the chain)
+
+
+Denoise = Callable[[Array, Array], Prediction]
+# step_hook(z_s, s [B], estimated_encodings [N, B, *S], key) -> z_s: runs after every step (e.g. RePaint).
+StepHook = Callable[[Array, Array, Array, Array], Array]
+
+
+def respace(num_diffusion_steps: int, num_steps: int) -> np.ndarray:
+    """`num_steps` evenly spaced steps of 1..T, descending, always including T: int32 [num_steps].
+
+    round(linspace(T, 0, K + 1)) without its final 0; the smallest step is round(T / K) >= 1 and
+    K = T gives T, T - 1, ..., 1.
+    """
+    if not 1 <= num_steps <= num_diffusion_steps:
+        raise ValueError(f"num_steps must lie in 1..T = 1..{num_diffusion_steps}, got {num_steps}")
+    steps = np.round(np.linspace(num_diffusion_steps, 0, num_steps + 1))[:-1].astype(np.int32)
+    assert len(np.unique(steps)) == num_steps and steps[0] == num_diffusion_steps
+    return steps
+
+
+def _constrain(x: Array, sharding: jax.sharding.Sharding | None) -> Array:
+    return x if sharding is None else jax.lax.with_sharding_constraint(x, sharding)
+
+
+def _clip_prediction(schedule: DiffusionSchedule, z_t: Array, t: Array, prediction: Prediction) -> Array:
+    """eps recomputed from z0hat clipped to [-1, 1], with the same ehat in m_t."""
+    encodings = prediction.estimated_encodings
+    # Where abar_t underflows z0hat is inf but irrelevant: eps_from_z0 weighs it by sqrt(abar_t) = 0.
+    z_0 = jnp.clip(jnp.nan_to_num(diffusion.z0_from_eps(schedule, z_t, t, prediction.eps, encodings)), -1.0, 1.0)
+    return diffusion.eps_from_z0(schedule, z_t, t, z_0, encodings)
+
+
+def prior_sample(denoise: Denoise, schedule: DiffusionSchedule, noise: Array, *, refinements: int = 1) -> Array:
+    """z_T = xi + m_T(ehat), xi = `noise` [B, *S]; ehat by `refinements` fixed-point steps (see module doc).
+
+    With N = 0 or refinements = 0 this is z_T = xi (the plain N(0, I) prior).
+    """
+    t = jnp.full(noise.shape[:1], schedule.num_steps, jnp.int32)
+    z_T = noise
+    for _ in range(refinements if schedule.num_modalities else 0):
+        encodings = denoise(z_T, t).estimated_encodings
+        z_T = noise + diffusion.encoding_mean(schedule, t, encodings.astype(noise.dtype), noise)
+    return z_T
+
+
+def ddpm_step(schedule: DiffusionSchedule, z_t: Array, t: Array, prediction: Prediction, noise: Array, *,
+              variance: str = "small", clip_denoised: bool = False) -> Array:
+    """One ancestral step t -> t - 1 (t [B] or [] in 1..T): mu_theta + sigma_t noise, no noise where t = 1."""
+    eps = _clip_prediction(schedule, z_t, t, prediction) if clip_denoised else prediction.eps
+    mean = diffusion.reverse_mean(schedule, z_t, t, eps, prediction.estimated_encodings)
+    scale = jnp.where(t > 1, jnp.exp(0.5 * diffusion.reverse_log_variance(schedule, t, variance)), 0.0)
+    return mean + diffusion.expand_to(scale, z_t) * noise
+
+
+def _log_alpha_bar(schedule: DiffusionSchedule) -> Array:
+    """log abar_t = sum_{r<=t} log alpha_r, [T + 1]: finite where abar_t underflows float32 (long
+    `modality_normalized` chains), so ratios abar_s / abar_t stay exact."""
+    return jnp.cumsum(jnp.log(schedule.alpha))
+
+
+def ddim_sigma(schedule: DiffusionSchedule, t: Array, s: Array, eta: float | Array) -> Array:
+    """sigma_ts = eta sqrt( (1 - abar_s) / (1 - abar_t) (1 - abar_t / abar_s) ), shape t.shape; 0 at s = 0."""
+    log_alpha_bar = _log_alpha_bar(schedule)
+    decay = -jnp.expm1(log_alpha_bar[t] - log_alpha_bar[s])  # 1 - abar_t / abar_s
+    one_minus_t, one_minus_s = schedule.one_minus_alpha_bar[t], schedule.one_minus_alpha_bar[s]
+    return eta * jnp.sqrt(jnp.maximum(one_minus_s / one_minus_t * decay, 0.0))
+
+
+def ddim_step(schedule: DiffusionSchedule, z_t: Array, t: Array, s: Array, prediction: Prediction, noise: Array,
+              *, eta: float | Array = 0.0, clip_denoised: bool = False) -> Array:
+    """One DDIM step t -> s (t, s [B] or [], t in 1..T, s in 0..t-1), eq. in the module docstring:
+
+    z_s = sqrt(abar_s) z0hat + sqrt(1 - abar_s - sigma_ts^2) eps + m_s + sigma_ts noise,
+    computed as sqrt(abar_s / abar_t) (z_t - m_t - sqrt(1 - abar_t) eps) + ... (the ratio from log abar), which
+    stays finite where abar_t underflows.
+    """
+    encodings = prediction.estimated_encodings
+    eps = _clip_prediction(schedule, z_t, t, prediction) if clip_denoised else prediction.eps
+    log_alpha_bar = _log_alpha_bar(schedule)
+    signal_ratio = jnp.exp(0.5 * (diffusion.at_step(log_alpha_bar, s, z_t) - diffusion.at_step(log_alpha_bar, t, z_t)))
+    u_t = z_t - diffusion.encoding_mean(schedule, t, encodings, z_t)
+    scaled_z_0 = signal_ratio * (u_t - jnp.sqrt(diffusion.at_step(schedule.one_minus_alpha_bar, t, z_t)) * eps)
+    sigma = diffusion.expand_to(ddim_sigma(schedule, t, s, eta), z_t)
+    direction = jnp.sqrt(jnp.maximum(diffusion.at_step(schedule.one_minus_alpha_bar, s, z_t) - sigma ** 2, 0.0))
+    return scaled_z_0 + direction * eps + diffusion.encoding_mean(schedule, s, encodings, z_t) + sigma * noise
+
+
+def _run_chain(denoise: Denoise, schedule: DiffusionSchedule, step: Callable, steps: np.ndarray, rng: Array,
+               shape: tuple[int, ...], *, prior_noise: Array | None, prior_refinements: int,
+               step_hook: StepHook | None, sharding: jax.sharding.Sharding | None,
+               stochastic: bool = True) -> SamplerOutput:
+    """Prior, then a scan over (t, s) pairs of `steps` (descending, s = next step or 0); `stochastic` False
+    skips drawing the step noise (it would be multiplied by 0)."""
+    shape = tuple(shape)
+    prior_key, chain_key = jax.random.split(rng)
+    if prior_noise is None:
+        prior_noise = jax.random.normal(prior_key, shape, jnp.float32)
+    elif prior_noise.shape != shape:
+        raise ValueError(f"prior_noise must have shape {shape}, got {prior_noise.shape}")
+    z_T = _constrain(prior_sample(denoise, schedule, _constrain(prior_noise, sharding),
+                                  refinements=prior_refinements), sharding)
+    batch = shape[:1]
+    aux_shape = jax.eval_shape(denoise, z_T, jnp.ones(batch, jnp.int32)).aux
+    aux = jax.tree.map(lambda leaf: jnp.zeros(leaf.shape, leaf.dtype), aux_shape)
+    next_steps = np.concatenate([steps[1:], [0]]).astype(np.int32)
+
+    def body(carry, inputs):
+        z_t, _ = carry
+        t_step, s_step, key = inputs
+        noise_key, hook_key = jax.random.split(key)
+        prediction = denoise(z_t, jnp.full(batch, t_step))
+        noise = jax.random.normal(noise_key, shape, jnp.float32) if stochastic else jnp.zeros(shape, jnp.float32)
+        noise = _constrain(noise, sharding)
+        # The step is the same for the whole batch: scalar steps broadcast and spare per-example gathers.
+        z_s = step(z_t, t_step, s_step, prediction, noise)
+        if step_hook is not None:
+            z_s = step_hook(z_s, jnp.full(batch, s_step), prediction.estimated_encodings, hook_key)
+        return (_constrain(z_s.astype(jnp.float32), sharding), prediction.aux), None
+
+    keys = jax.random.split(chain_key, len(steps))
+    (z_0, aux), _ = jax.lax.scan(body, (z_T, aux), (jnp.asarray(steps), jnp.asarray(next_steps), keys))
+    return SamplerOutput(z_0, aux)
+
+
+def ddpm_sample(denoise: Denoise, schedule: DiffusionSchedule, rng: Array, shape: tuple[int, ...], *,
+                variance: str = "small", clip_denoised: bool = False, prior_noise: Array | None = None,
+                prior_refinements: int = 1, step_hook: StepHook | None = None,
+                sharding: jax.sharding.Sharding | None = None) -> SamplerOutput:
+    """Ancestral sampling over all T steps: z_T ~ N(m_T, I), then T `ddpm_step`s.
+
+    Args:
+      denoise: the denoiser (module docstring). schedule: the model's schedule (N weight rows).
+      rng: drives the prior noise (unless `prior_noise` [B, *S] is given) and every step's noise.
+      shape: (B, *S). variance: 'small' (beta~_t) or 'large' (beta_t).
+      step_hook: applied to z_{t-1} after each step. sharding: the batch sharding of z (constraint).
+    """
+    def step(z_t, t, s, prediction, noise):
+        del s
+        return ddpm_step(schedule, z_t, t, prediction, noise, variance=variance, clip_denoised=clip_denoised)
+
+    return _run_chain(denoise, schedule, step, respace(schedule.num_steps, schedule.num_steps), rng, shape,
+                      prior_noise=prior_noise, prior_refinements=prior_refinements, step_hook=step_hook,
+                      sharding=sharding)
+
+
+def ddim_sample(denoise: Denoise, schedule: DiffusionSchedule, rng: Array, shape: tuple[int, ...], *,
+                num_steps: int = 50, eta: float = 0.0, clip_denoised: bool = False,
+                prior_noise: Array | None = None, prior_refinements: int = 1, step_hook: StepHook | None = None,
+                sharding: jax.sharding.Sharding | None = None) -> SamplerOutput:
+    """DDIM over `respace(T, num_steps)`: z_T ~ N(m_T, I), then `ddim_step`s t -> s, the last to s = 0.
+
+    eta = 0: deterministic given the prior noise (probability flow); eta = 1 with num_steps = T: DDPM.
+    Other arguments as `ddpm_sample`.
+    """
+    def step(z_t, t, s, prediction, noise):
+        return ddim_step(schedule, z_t, t, s, prediction, noise, eta=eta, clip_denoised=clip_denoised)
+
+    deterministic = isinstance(eta, (int, float)) and eta == 0
+    return _run_chain(denoise, schedule, step, respace(schedule.num_steps, num_steps), rng, shape,
+                      prior_noise=prior_noise, prior_refinements=prior_refinements, step_hook=step_hook,
+                      sharding=sharding, stochastic=not deterministic)
