@@ -1,0 +1,77 @@
+"""experiments.joint_image_label / image_segmentation / image_embedding end to end on their tiny configs (stand-in
+Fashion-MNIST arrays): every model trained through its real training path, every evaluation, report.md /
+metrics.json / the published grid and the --results_dir copy."""
+
+import json
+import math
+
+import numpy as np
+
+from configs import image_embedding as embedding_config
+from configs import image_segmentation as segmentation_config
+from configs import joint_image_label as label_config
+from experiments import image_embedding, image_segmentation, joint_image_label
+from tests.training_helpers import write_arrays
+
+
+def _finite(tree) -> bool:
+    if isinstance(tree, dict):
+        return all(_finite(value) for value in tree.values())
+    if isinstance(tree, list):
+        return True
+    return math.isfinite(tree)
+
+
+def _check_outputs(workdir, results, grid, texts, steps):
+    metrics = json.loads((workdir / "metrics.json").read_text())
+    report = (workdir / "report.md").read_text()
+    for text in ("Command: `pytest tiny`", "Wall time", *texts):
+        assert text in report, text
+    for name in ("report.md", "metrics.json", f"grids/{grid}.png"):
+        assert (results / name).is_file(), name
+    assert not list(results.rglob("checkpoints"))
+    for name, record in metrics["training"].items():
+        assert record["steps"] == steps[name], (name, record)
+        assert (workdir / name / "checkpoints" / str(steps[name])).is_dir()
+    return metrics
+
+
+def test_joint_image_label_tiny(tmp_path):
+    config = label_config.get_config("tiny")
+    config.data.arrays_path = str(write_arrays(tmp_path / "arrays.npz", num_train=64, num_test=16))
+    run = joint_image_label.run_experiment(config, tmp_path / "run", tmp_path / "results", command="pytest tiny")
+    metrics = _check_outputs(tmp_path / "run", tmp_path / "results", "samples",
+                             ("label->image agreement", "FID-proxy", "same-backbone classifier"),
+                             {"mt_diffusion": 3, "class_conditional_ddpm": 3, "classifier": 3})
+    assert 0 <= metrics["joint"]["label_agreement"] <= 1 and sum(metrics["joint"]["generated_label_histogram"]) == 16
+    for name in ("mt_diffusion", "class_conditional_ddpm"):
+        assert 0 <= metrics["label_to_image"][name]["agreement"] <= 1
+        assert math.isfinite(metrics["label_to_image"][name]["fid_fmnist_cnn"])
+    assert set(metrics["image_to_label"]) == {"mt_diffusion_t1", "classifier", "fmnist_cnn_judge"}
+    assert run.trained["class_conditional_ddpm"].model.unet.num_classes == 10
+
+
+def test_image_segmentation_tiny(tmp_path):
+    config = segmentation_config.get_config("tiny")
+    config.data.arrays_path = str(write_arrays(tmp_path / "arrays.npz", num_train=64, num_test=16))
+    image_segmentation.run_experiment(config, tmp_path / "run", tmp_path / "results", command="pytest tiny")
+    metrics = _check_outputs(tmp_path / "run", tmp_path / "results", "segmentation",
+                             ("mIoU (11 classes)", "foreground IoU", "Mask -> image"), {"mt_diffusion": 3})
+    assert _finite(metrics["image_to_mask"]) and _finite(metrics["mask_to_image"])
+    assert metrics["image_to_mask"]["all_background"]["miou"] < 1
+    assert 0 <= metrics["mask_to_image"]["mt_diffusion"]["foreground_iou"] <= 1
+
+
+def test_image_embedding_tiny(tmp_path):
+    config = embedding_config.get_config("tiny")
+    config.data.arrays_path = str(write_arrays(tmp_path / "arrays.npz", num_train=64, num_test=16))
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "embeddings.npz", train=rng.standard_normal((64, 64)).astype(np.float32),
+             test=rng.standard_normal((16, 64)).astype(np.float32))
+    config.data.options.embedding_path = str(tmp_path / "embeddings.npz")
+    image_embedding.run_experiment(config, tmp_path / "run", tmp_path / "results", command="pytest tiny")
+    metrics = _check_outputs(tmp_path / "run", tmp_path / "results", "samples",
+                             ("RMS distance", "random pair", "FID-proxy"), {"mt_diffusion": 3})
+    scores = metrics["embedding_to_image"]
+    assert set(scores) == {"mt_diffusion", "joint_samples", "random_pair", "source_image"}
+    assert _finite(scores) and _finite(metrics["fid"])
