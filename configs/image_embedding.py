@@ -42,7 +42,7 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
     config.data.options = dict(image_size=28)  # embedding_path None: the project's default embeddings
     config.data.batch_size = 32
     config.data.eval_batch_size = 128
-    config.train.steps = 600
+    config.train.steps = 300
 
     config.experiment = dict(
         sampler=dict(method="ddim", num_steps=25, eta=0.0),  # z_0 estimates clipped to [-1, 1]

@@ -49,7 +49,7 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
     config.data.options = dict(image_size=size, min_objects=2, max_objects=3 if preset != "full" else 4)
     config.data.batch_size = 16
     config.data.eval_batch_size = 64
-    config.train.steps = 400
+    config.train.steps = 250
 
     config.experiment = dict(
         sampler=dict(method="ddim", num_steps=20, eta=0.0),  # every sampler; z_0 estimates clipped
