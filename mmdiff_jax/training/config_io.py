@@ -1,0 +1,251 @@
+"""From a config to the objects of a run (model, schedule, loss, data), with checks before any compilation.
+
+`base_config()` is the schema: every section the trainer reads, with defaults. A config file starts from
+it (see configs/default.py); `validate_config` rejects keys it does not know in these sections (typos in a
+config file; typos in `--config.x=y` overrides already fail in ml_collections), and semantic errors
+(unknown modality kind, a mesh that does not divide the devices, a batch that does not split over them,
+modalities the dataset does not provide) with a message naming the key. Top-level sections other than
+these are free (experiments keep their own settings there).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from mmdiff_jax import data as data_lib
+from mmdiff_jax import objective
+from mmdiff_jax.modalities import MASK_KEY, Modality, MTDiffusion, modality_schedule
+from mmdiff_jax.models.unet import UNetConfig
+from mmdiff_jax.training import mesh as mesh_lib
+from mmdiff_jax.training import state as state_lib
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# Sections whose sub-keys are free-form (checked by the code that reads them).
+_FREE_KEYS = ("model.modalities", "data.options")
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """Every key the trainer reads, with defaults (a 6M-parameter U-Net on 32x32 images)."""
+    config = ml_collections.ConfigDict()
+    config.seed = 0
+    config.model = dict(
+        unet=dataclasses.asdict(UNetConfig()),  # mmdiff_jax.models.unet.UNetConfig fields
+        z_shape=(32, 32, 1),  # (H, W, C) of the primary modality x_0 = z_0
+        primary="image",  # batch key of x_0
+        dtype="float32",  # compute dtype of the network: float32 | bfloat16 (params stay float32)
+        modalities={},  # name (batch key) -> mmdiff_jax.modalities.Modality fields (kind, shape, ...)
+    )
+    config.diffusion = dict(noise_schedule="linear", num_steps=1000, modality_normalized=False)
+    config.loss = dict(eps_weight=1.0, aggregation_weight=1.0)  # recovery weights: Modality.loss_weight
+    config.data = dict(
+        name="fashion_mnist_masked",  # mmdiff_jax.data.KNOWN_DATASETS
+        split="train", eval_split="test",
+        batch_size=128, eval_batch_size=128,  # global (all processes) batch sizes
+        options={},  # per-set options of mmdiff_jax.data.make_dataset (image_size, mask_kind, ...)
+        data_dir="",  # TFDS data_dir ('' = TFDS default)
+        arrays_path="",  # Fashion-MNIST sets only: an .npz of {split}_image [N,28,28,1] uint8, {split}_label
+        num_threads=2, prefetch_batches=4, worker_count=0,
+    )
+    config.optim = dict(
+        learning_rate=2e-4, end_learning_rate=0.0, warmup_steps=1000,
+        schedule="cosine",  # cosine | linear | constant (after linear warmup)
+        decay_steps=0,  # 0: train.steps
+        b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0,
+        grad_clip_norm=1.0,  # 0: no clipping
+        ema_decay=0.9999,
+        grad_accumulation_steps=1,  # micro-batches per step (the batch is split, not multiplied)
+    )
+    config.train = dict(
+        steps=100_000,
+        log_every=100,  # scalars to TensorBoard + metrics.jsonl; also where NaN/inf is noticed
+        eval_every=5000, eval_batches=8,
+        checkpoint_every=5000, keep_checkpoints=3,
+        best_metric="eval/loss", best_mode="min",  # also keep the best checkpoint by this eval metric
+        async_checkpointing=True,
+        progress_bar=True,
+        log_batch_checksum=False,  # log the sum of each batch's primary images (shows which data was seen)
+        transfer_guard="disallow",  # jax.transfer_guard around the step: no silent host<->device copies
+    )
+    config.sample = dict(
+        every=5000,  # 0: never; also at the last step
+        kinds=("one_step_x0",),  # mmdiff_jax.training.samples.SAMPLE_KINDS
+        num_images=8,
+        noise_levels=(0.25, 0.5, 0.75),  # t / T for the one-step predictions
+        sampler_steps=50, sampler_eta=0.0,  # DDIM kinds
+    )
+    config.mesh = dict(
+        shape=(-1, 1),  # (data, fsdp); one entry may be -1
+        fsdp_min_size=2**14,  # arrays with fewer elements stay replicated
+    )
+    config.distributed = dict(
+        initialize="auto",  # auto | always | never (see mesh.initialize_distributed)
+        coordinator_address="",  # 'host:port'; '' = from the environment
+        num_processes=0, process_id=-1,  # 0 / -1 = from the environment
+    )
+    return config
+
+
+def _flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in config.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, (Mapping, ml_collections.ConfigDict)) and path not in _FREE_KEYS:
+            flat.update(_flatten(value, path + "."))
+        else:
+            flat[path] = value
+    return flat
+
+
+def check_known_keys(config: ml_collections.ConfigDict) -> None:
+    """ValueError listing keys of the trainer's sections that `base_config()` does not have."""
+    known = _flatten(base_config())
+    sections = {path.split(".")[0] for path in known}
+    unknown = sorted(path for path in _flatten(config) if path.split(".")[0] in sections and path not in known
+                     and not any(path.startswith(free + ".") for free in _FREE_KEYS))
+    missing = sorted(path for path in known if path not in _flatten(config)
+                     and not any(path.startswith(free) for free in _FREE_KEYS))
+    if unknown or missing:
+        raise ValueError(f"config keys unknown to the trainer: {unknown}; missing: {missing} "
+                         f"(start config files from mmdiff_jax.training.base_config())")
+
+
+def build_modalities(config: ml_collections.ConfigDict) -> tuple[Modality, ...]:
+    """`config.model.modalities` (name -> Modality fields), in config order."""
+    fields = {field.name for field in dataclasses.fields(Modality)} - {"name"}
+    modalities = []
+    for name, spec in config.model.modalities.items():
+        spec = dict(spec)
+        unknown = sorted(set(spec) - fields)
+        if unknown:
+            raise ValueError(f"config.model.modalities.{name}: unknown fields {unknown}; Modality has {sorted(fields)}")
+        try:
+            modalities.append(Modality(name=name, **spec))
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"config.model.modalities.{name}: {error}") from error
+    return tuple(modalities)
+
+
+def build_model(config: ml_collections.ConfigDict) -> MTDiffusion:
+    """The MTDiffusion network of `config.model` (all its build-time checks run here)."""
+    model = config.model
+    if model.dtype not in DTYPES:
+        raise ValueError(f"config.model.dtype must be one of {sorted(DTYPES)}, got {model.dtype!r}")
+    unet_fields = {field.name for field in dataclasses.fields(UNetConfig)}
+    unknown = sorted(set(model.unet) - unet_fields)
+    if unknown:
+        raise ValueError(f"config.model.unet: unknown fields {unknown}; UNetConfig has {sorted(unet_fields)}")
+    return MTDiffusion(unet=UNetConfig(**dict(model.unet)), modalities=build_modalities(config),
+                       z_shape=tuple(model.z_shape), primary=model.primary, dtype=DTYPES[model.dtype])
+
+
+def build_schedule(config: ml_collections.ConfigDict, model: MTDiffusion):
+    diffusion = config.diffusion
+    return modality_schedule(diffusion.noise_schedule, diffusion.num_steps, model.modalities,
+                             modality_normalized=diffusion.modality_normalized)
+
+
+def build_loss_fn(config: ml_collections.ConfigDict, model: MTDiffusion, schedule) -> objective.LossFn:
+    return objective.make_loss_fn(model, schedule, dict(config.loss))
+
+
+def _data_options(config: ml_collections.ConfigDict, split: str) -> dict[str, Any]:
+    options = dict(config.data.options)
+    if config.data.arrays_path:
+        with np.load(config.data.arrays_path) as arrays:
+            keys = (f"{split}_image", f"{split}_label")
+            if any(key not in arrays for key in keys):
+                raise ValueError(f"config.data.arrays_path {config.data.arrays_path} needs arrays {keys}, "
+                                 f"has {sorted(arrays)}")
+            options["arrays"] = {"image": arrays[keys[0]], "label": arrays[keys[1]]}
+    return options
+
+
+def make_train_iterator(config: ml_collections.ConfigDict):
+    """This process's shuffled, repeating training batches (a grain iterator with get/set_state)."""
+    data = config.data
+    return data_lib.make_dataset(
+        data.name, data.split, batch_size=data.batch_size // jax.process_count(), seed=config.seed,
+        data_dir=data.data_dir or None, num_threads=data.num_threads, prefetch_batches=data.prefetch_batches,
+        worker_count=data.worker_count, **_data_options(config, data.split))
+
+
+def make_eval_iterator(config: ml_collections.ConfigDict):
+    """This process's evaluation batches: the first ones of `eval_split`, unshuffled, the same every time."""
+    data = config.data
+    return data_lib.make_dataset(
+        data.name, data.eval_split, batch_size=data.eval_batch_size // jax.process_count(), seed=config.seed,
+        data_dir=data.data_dir or None, shuffle=False, num_epochs=1, num_threads=data.num_threads,
+        prefetch_batches=data.prefetch_batches, **_data_options(config, data.eval_split))
+
+
+def check_data_fits_model(config: ml_collections.ConfigDict, model: MTDiffusion) -> None:
+    """ValueError when the dataset lacks a key the model reads, or gives it another shape."""
+    spec = data_lib.dataset_spec(config.data.name, **dict(config.data.options))
+    needed = {model.primary: (tuple(model.z_shape), "the primary modality (config.model.primary)")}
+    for m in model.modalities:
+        needed[m.name] = (m.shape, f"modality {m.name!r}")
+        if m.kind == "masked_image":
+            needed[MASK_KEY] = (m.shape[:2] + (1,), f"the mask of masked image {m.name!r}")
+    for key, (shape, what) in needed.items():
+        if key not in spec.features:
+            raise ValueError(f"{what} reads batch key {key!r}, which dataset {config.data.name!r} does not "
+                             f"provide (it has {sorted(spec.features)})")
+        if tuple(spec.features[key][0]) != tuple(shape):
+            raise ValueError(f"{what}: dataset {config.data.name!r} gives {key!r} per-example shape "
+                             f"{tuple(spec.features[key][0])}, the model expects {tuple(shape)}")
+
+
+def validate_config(config: ml_collections.ConfigDict, num_devices: int | None = None) -> MTDiffusion:
+    """All checks that need no compilation; returns the model. Run after `jax.distributed.initialize`."""
+    check_known_keys(config)
+    model = build_model(config)
+    build_loss_fn(config, model, build_schedule(config, model))
+    state_lib.learning_rate_schedule(config.optim, config.train.steps)
+    mesh = mesh_lib.make_mesh(config.mesh.shape, jax.devices()[:num_devices] if num_devices else None)
+    accumulation = config.optim.grad_accumulation_steps
+    if accumulation < 1:
+        raise ValueError(f"config.optim.grad_accumulation_steps must be >= 1, got {accumulation}")
+    mesh_lib.check_batch_size("config.data.batch_size", config.data.batch_size, mesh, accumulation)
+    mesh_lib.check_batch_size("config.data.eval_batch_size", config.data.eval_batch_size, mesh)
+    check_data_fits_model(config, model)
+    train = config.train
+    for key in ("steps", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints"):
+        if train[key] < (1 if key in ("steps", "log_every", "keep_checkpoints") else 0):
+            raise ValueError(f"config.train.{key} must be positive, got {train[key]}")
+    if train.best_mode not in ("min", "max"):
+        raise ValueError(f"config.train.best_mode must be 'min' or 'max', got {train.best_mode!r}")
+    if train.transfer_guard not in ("allow", "log", "disallow", "log_explicit", "disallow_explicit"):
+        raise ValueError(f"config.train.transfer_guard: unknown level {train.transfer_guard!r}")
+    return model
+
+
+def model_signature(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """What a checkpoint must agree on to be restored: the model and diffusion sections, JSON-normalised."""
+    return json.loads(json.dumps({"model": config.model.to_dict(), "diffusion": config.diffusion.to_dict()}))
+
+
+def signature_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+    """'key: checkpoint X, config Y' for every differing leaf of two signatures."""
+    flat_saved, flat_current = _flatten_all(saved), _flatten_all(current)
+    missing = object()
+    return [f"{key}: checkpoint {flat_saved.get(key, '<absent>')!r}, config {flat_current.get(key, '<absent>')!r}"
+            for key in sorted(set(flat_saved) | set(flat_current))
+            if flat_saved.get(key, missing) != flat_current.get(key, missing)]
+
+
+def _flatten_all(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            flat.update(_flatten_all(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat

@@ -1,0 +1,108 @@
+"""Config validation (before any compilation), the optimizer schedule, writers: all fast, no training."""
+
+import copy
+
+import jax
+import numpy as np
+import optax
+import pytest
+
+from configs.default import get_config
+from mmdiff_jax.training import checkpoint as checkpoint_lib
+from mmdiff_jax.training import config_io, writers
+from mmdiff_jax.training import state as state_lib
+from tests import training_helpers as helpers
+
+
+@pytest.fixture(scope="module")
+def config(tmp_path_factory):
+    return helpers.tiny_config(helpers.write_arrays(tmp_path_factory.mktemp("data") / "arrays.npz"))
+
+
+def test_default_and_tiny_configs_validate(config):
+    model = config_io.validate_config(config)
+    assert [m.name for m in model.modalities] == ["masked_image"]
+    full = get_config()
+    config_io.check_known_keys(full)
+    assert config_io.build_model(full).unet.base_channels == 64
+    with pytest.raises(ValueError, match="unknown variant"):
+        get_config("huge")
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda c: c.train.__setitem__("stepz", 3), r"unknown to the trainer: \['train.stepz'\]"),
+    (lambda c: c.model.modalities.masked_image.__setitem__("kind", "smell"),
+     r"config.model.modalities.masked_image: .*unknown kind 'smell'"),
+    (lambda c: c.model.modalities.masked_image.__setitem__("colour", 1),
+     r"config.model.modalities.masked_image: unknown fields \['colour'\]"),
+    (lambda c: c.model.unet.__setitem__("depth", 3), r"unknown to the trainer: \['model.unet.depth'\]"),
+    (lambda c: c.model.__setitem__("dtype", "float16"), "config.model.dtype must be one of"),
+    (lambda c: c.mesh.__setitem__("shape", (2, -1)), r"mesh.shape \(2, -1\) does not divide the 1 devices"),
+    (lambda c: setattr(c, "data", dict(c.data.to_dict(), name="fashion_mnist", options={"image_size": 32})),
+     r"modality 'masked_image' reads batch key 'masked_image', which dataset 'fashion_mnist' does not provide"),
+    (lambda c: c.model.modalities.masked_image.__setitem__("shape", (16, 16, 1)), "does not match z's shape"),
+    (lambda c: c.optim.__setitem__("schedule", "exponential"), "optim.schedule must be one of"),
+    (lambda c: c.train.__setitem__("best_mode", "best"), "best_mode must be 'min' or 'max'"),
+])
+def test_semantic_errors_name_the_key(config, mutate, message):
+    broken = copy.deepcopy(config)
+    broken.unlock()
+    mutate(broken)
+    with pytest.raises(ValueError, match=message):
+        config_io.validate_config(broken)
+
+
+def test_batch_must_split_over_devices_and_micro_batches(config):
+    mesh = jax.make_mesh((1, 1), ("data", "fsdp"))
+    from mmdiff_jax.training import mesh as mesh_lib
+    mesh_lib.check_batch_size("config.data.batch_size", 8, mesh, 2)
+    broken = copy.deepcopy(config)
+    broken.optim.grad_accumulation_steps = 3
+    with pytest.raises(ValueError, match=r"config.data.batch_size=8 is not divisible by the data-parallel size 1 "
+                                         r".* x 3 micro-batches"):
+        config_io.validate_config(broken)
+
+
+def test_learning_rate_schedule_warms_up_then_decays():
+    optim = dict(get_config().optim)
+    optim.update(learning_rate=1.0, end_learning_rate=0.1, warmup_steps=10, decay_steps=110)
+    for kind in ("cosine", "linear"):
+        schedule = state_lib.learning_rate_schedule(dict(optim, schedule=kind), total_steps=1000)
+        np.testing.assert_allclose([schedule(0), schedule(5), schedule(10), schedule(110)], [0, 0.5, 1, 0.1],
+                                   atol=1e-6)
+    constant = state_lib.learning_rate_schedule(dict(optim, schedule="constant"), total_steps=1000)
+    np.testing.assert_allclose([constant(5), constant(500)], [0.5, 1.0], atol=1e-6)
+    with pytest.raises(ValueError, match="must exceed optim.warmup_steps"):
+        state_lib.learning_rate_schedule(dict(optim, decay_steps=5), total_steps=1000)
+
+
+def test_optimizer_clips_and_decays_only_matrices():
+    optim = dict(get_config().optim, learning_rate=0.1, warmup_steps=0, schedule="constant", weight_decay=0.5,
+                 grad_clip_norm=1.0)
+    optimizer, _ = state_lib.make_optimizer(optim, total_steps=10)
+    params = {"kernel": jax.numpy.ones((2, 2)), "bias": jax.numpy.ones((2,))}
+    zero_grads = jax.tree.map(jax.numpy.zeros_like, params)
+    updates, _ = optimizer.update(zero_grads, optimizer.init(params), params)
+    assert float(jax.numpy.abs(updates["kernel"]).max()) > 0 and float(jax.numpy.abs(updates["bias"]).max()) == 0
+    huge = jax.tree.map(lambda p: 1e6 * jax.numpy.ones_like(p), params)
+    clipped, _ = optax.clip_by_global_norm(1.0).update(huge, optax.EmptyState())
+    np.testing.assert_allclose(optax.tree.norm(clipped), 1.0, rtol=1e-5)
+
+
+def test_signature_and_shape_differences_are_named():
+    saved = {"model": {"unet": {"base_channels": 8}, "dtype": "float32"}, "diffusion": {"num_steps": 100}}
+    current = {"model": {"unet": {"base_channels": 16}, "dtype": "float32"}, "diffusion": {"num_steps": 100}}
+    assert config_io.signature_differences(saved, current) == ["model.unet.base_channels: checkpoint 8, config 16"]
+    old = {"params": {"w": jax.ShapeDtypeStruct((3, 4), np.float32), "gone": jax.ShapeDtypeStruct((2,), np.float32)}}
+    new = {"params": {"w": jax.ShapeDtypeStruct((3, 5), np.float32), "new": jax.ShapeDtypeStruct((1,), np.float32)}}
+    assert checkpoint_lib.shape_differences(old, new) == [
+        "params/gone: not in the model (checkpoint (2,) float32)",
+        "params/new: not in the checkpoint (model (1,) float32)",
+        "params/w: checkpoint (3, 4) float32, model (3, 5) float32"]
+
+
+def test_image_grid_layout():
+    images = np.stack([np.full((2, 4, 4, 1), -1.0), np.full((2, 4, 4, 1), 1.0)])  # 2 rows x 2 columns
+    grid = writers.image_grid(images, padding=1)
+    assert grid.shape == (11, 11) and grid.dtype == np.uint8
+    assert grid[1, 1] == 0 and grid[6, 6] == 255 and grid[0, 0] == 255

@@ -1,0 +1,175 @@
+"""Exact resume, preemption, NaN guard and mismatch refusal of `train_and_evaluate`, on the tiny config.
+
+The reference is one straight 20-step run; the others must end with the same params, EMA and optimizer
+state, having seen the same batches (the per-step batch checksums in metrics.jsonl, which come from the
+real grain iterator restored from the checkpoint).
+"""
+
+import copy
+import importlib.util
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from mmdiff_jax.training import CheckpointMismatchError, NonFiniteLossError, config_io, train_and_evaluate, writers
+from mmdiff_jax.training import checkpoint as checkpoint_lib
+from tests import training_helpers as helpers
+
+# The DDIM sample grids need the sampling layer (mmdiff_jax.sampling); the one-step preview does not.
+HAVE_SAMPLERS = importlib.util.find_spec("mmdiff_jax.sampling") is not None
+SAMPLE_GRIDS = ["one_step_x0_t50"] + (["ddim_given_masked_image", "ddim_joint"] if HAVE_SAMPLERS else [])
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    """One persistent compilation cache for every worker and child process of the session."""
+    directory = helpers.shared_dir(tmp_path_factory, "training_jax_cache")
+    helpers.use_compilation_cache(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def arrays(tmp_path_factory):
+    return helpers.write_arrays(tmp_path_factory.mktemp("data") / "arrays.npz")
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory, arrays, cache_dir):
+    """20 steps in one go (eval and sample grids at 10 and 20, checkpoints every 5, keep 2 + best); run once
+    per session, by whichever xdist worker needs it first (read-only for the tests)."""
+    root = helpers.shared_dir(tmp_path_factory, "training_straight_run")
+    workdir = root / "run"
+    with helpers.file_lock(root / "lock"):
+        if not (root / "done").exists():
+            shutil.rmtree(workdir, ignore_errors=True)
+            config = helpers.tiny_config(arrays, checkpoint_every=5)
+            if HAVE_SAMPLERS:
+                config.sample.kinds = ("one_step_x0", "ddim_conditional", "ddim_joint")
+            train_and_evaluate(config, workdir)
+            (root / "done").touch()
+    return workdir
+
+
+def assert_same_state(workdir, reference, step=20):
+    ours, theirs = helpers.read_state(workdir, step), helpers.read_state(reference, step)
+    assert ours.keys() == theirs.keys()
+    for name in theirs:
+        np.testing.assert_allclose(ours[name], theirs[name], rtol=0, atol=1e-6, err_msg=name)
+
+
+def test_straight_run_writes_logs_samples_and_checkpoints(straight_run):
+    records = writers.read_jsonl(straight_run / "metrics.jsonl")
+    assert [r["step"] for r in records if "loss" in r] == list(range(1, 21))
+    assert {r["step"] for r in records if "eval/loss" in r} == {10, 20}
+    assert all(np.isfinite(r["loss"]) and "steps_per_second" in r for r in records if "loss" in r)
+    assert sorted(p.name for p in (straight_run / "samples").glob("*.png")) == sorted(
+        f"{name}_{step:08d}.png" for name in SAMPLE_GRIDS for step in (10, 20))
+    assert (straight_run / "loss.png").stat().st_size > 0
+    assert list((straight_run / "tensorboard").glob("events.out.tfevents.*"))
+    assert json.loads((straight_run / "config.json").read_text())["train"]["steps"] == 20
+    # keep the last 2 (15, 20) plus the best by eval/loss among the evaluated ones (10, 20)
+    steps = sorted(int(p.name) for p in (straight_run / "checkpoints").iterdir() if p.name.isdigit())
+    eval_losses = {r["step"]: r["eval/loss"] for r in records if "eval/loss" in r}
+    best = min(eval_losses, key=eval_losses.get)
+    assert steps == sorted({15, 20, best})
+
+
+def test_stop_and_resume_equals_straight_run(tmp_path, arrays, straight_run):
+    config = helpers.tiny_config(arrays, checkpoint_every=5)
+    first_half = copy.deepcopy(config)
+    first_half.train.steps = 10
+    state = train_and_evaluate(first_half, tmp_path)
+    assert int(state.step) == 10
+    state = train_and_evaluate(config, tmp_path)
+    assert int(state.step) == 20
+    assert_same_state(tmp_path, straight_run)
+    assert helpers.checksums(tmp_path) == helpers.checksums(straight_run)
+    assert len(helpers.checksums(tmp_path)) == 20
+    assert (tmp_path / "config.1.json").exists()  # the 10-step launch's config, kept
+
+
+def test_sigterm_saves_and_resume_equals_straight_run(tmp_path, arrays, straight_run, cache_dir):
+    env = helpers.child_env(cache_dir)
+    command = [sys.executable, helpers.__file__, "train", str(tmp_path), str(arrays), "--pause-at", "10"]
+    child = subprocess.Popen(command, env=env, cwd=helpers.REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True)
+    try:
+        deadline = time.monotonic() + 400
+        while not (tmp_path / "paused_at_10").exists():
+            assert child.poll() is None, child.communicate()[1][-3000:]
+            assert time.monotonic() < deadline, "the child never reached step 10"
+            time.sleep(0.1)
+        child.send_signal(signal.SIGTERM)
+        stdout, stderr = child.communicate(timeout=120)
+    finally:
+        if child.poll() is None:
+            child.kill()
+    assert child.returncode == 0, stderr[-3000:]
+    assert json.loads(stdout.strip().splitlines()[-1]) == {"final_step": 10, "preempted": True}
+    assert checkpoint_lib.Checkpointer(tmp_path / "checkpoints", signature={}, save_every=5, keep=2).latest_step() == 10
+
+    resumed = helpers.run_child(["train", str(tmp_path), str(arrays)], env, timeout=400)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert json.loads(resumed.stdout.strip().splitlines()[-1])["final_step"] == 20
+    assert_same_state(tmp_path, straight_run)
+    assert helpers.checksums(tmp_path) == helpers.checksums(straight_run)
+
+
+class _NanAt:
+    """Wraps a data iterator; batch number `index` (1-based) gets a NaN pixel. Checkpointable like the inner one."""
+
+    def __init__(self, iterator, index):
+        self.iterator, self.index, self.count = iterator, index, 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        batch = dict(next(self.iterator))
+        self.count += 1
+        if self.count == self.index:
+            batch["image"] = batch["image"].copy()
+            batch["image"][0, 0, 0, 0] = np.nan
+        return batch
+
+    def get_state(self):
+        return self.iterator.get_state()
+
+    def set_state(self, state):
+        self.iterator.set_state(state)
+
+
+def test_nan_batch_stops_run_and_last_checkpoint_restores(tmp_path, arrays, cache_dir):
+    config = helpers.tiny_config(arrays, checkpoint_every=5, log_every=4, eval_every=0)
+    config.sample.every = 0
+    with pytest.raises(NonFiniteLossError, match=r"NaN/inf at step 7\b.*stops at step 8") as error:
+        train_and_evaluate(config, tmp_path,
+                           train_iterator_fn=lambda c: _NanAt(config_io.make_train_iterator(c), index=7))
+    assert "step 5" in str(error.value)
+    checkpoints = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+    assert checkpoints == [5]
+    saved = helpers.read_state(tmp_path, 5)
+    assert all(np.all(np.isfinite(value)) for value in saved.values())
+    # A relaunch on clean data restores step 5 and carries on.
+    config.train.steps = 6
+    state = train_and_evaluate(config, tmp_path)
+    assert int(state.step) == 6 and int(state.first_nonfinite_step) == -1
+
+
+def test_checkpoint_of_other_model_is_refused(tmp_path, arrays, straight_run):
+    workdir = tmp_path / "run"
+    shutil.copytree(straight_run, workdir)
+    config = helpers.tiny_config(arrays)
+    config.model.unet.base_channels = 16
+    with pytest.raises(CheckpointMismatchError) as error:
+        train_and_evaluate(config, workdir)
+    message = str(error.value)
+    assert "model.unet.base_channels: checkpoint 8, config 16" in message
+    assert "params/backbone/Conv_0/kernel: checkpoint (3, 3, 1, 8) float32, model (3, 3, 1, 16) float32" in message
+    assert helpers.read_state(workdir, 20).keys() == helpers.read_state(straight_run, 20).keys()

@@ -1,0 +1,222 @@
+"""Shared pieces of the training tests: a tiny config on in-memory Fashion-MNIST stand-ins, the persistent
+compilation cache, checkpoint reading, and subprocess plumbing (children get their own XLA_FLAGS).
+
+Run as a script it is the child process of the subprocess tests:
+  python tests/training_helpers.py train WORKDIR ARRAYS [--steps N] [--pause-at S]   (SIGTERM test)
+  python tests/training_helpers.py sharding ARRAYS                                   (8 fake devices)
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import json
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def write_arrays(path: pathlib.Path, num_train: int = 64, num_test: int = 16) -> pathlib.Path:
+    """An .npz of Fashion-MNIST-shaped stand-ins (config.data.arrays_path): rectangles whose value names the class."""
+    rng = np.random.default_rng(0)
+
+    def split(count):
+        images = np.zeros((count, 28, 28, 1), np.uint8)
+        labels = np.arange(count) % 10
+        for i, label in enumerate(labels):
+            top, left = rng.integers(0, 12, 2)
+            height, width = rng.integers(8, 16, 2)
+            images[i, top:top + height, left:left + width] = 40 + 20 * label
+        return images, labels
+
+    (train_image, train_label), (test_image, test_label) = split(num_train), split(num_test)
+    np.savez(path, train_image=train_image, train_label=train_label, test_image=test_image, test_label=test_label)
+    return path
+
+
+def tiny_config(arrays_path: str | os.PathLike, **train_overrides):
+    """configs/default.py:tiny on the stand-in arrays, logging every step's batch checksum."""
+    sys.path.insert(0, str(REPO))
+    from configs.default import get_config
+
+    config = get_config("tiny")
+    config.data.arrays_path = str(arrays_path)
+    config.train.log_batch_checksum = True
+    config.train.log_every = 1
+    config.train.progress_bar = False
+    for key, value in train_overrides.items():
+        config.train[key] = value
+    return config
+
+
+def shared_dir(tmp_path_factory, name: str) -> pathlib.Path:
+    """A directory shared by all pytest-xdist workers of this session (the parent of their base temps)."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent
+    path = root / name
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@contextlib.contextmanager
+def file_lock(path: pathlib.Path):
+    """An exclusive lock across processes (for work done once per session, whichever worker comes first)."""
+    with open(path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def use_compilation_cache(directory: str | os.PathLike) -> None:
+    """JAX's persistent compilation cache: repeated compiles across runs and processes become loads."""
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", str(directory))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def child_env(cache_dir: str | os.PathLike, devices: int = 1, fast_compile: bool = False) -> dict[str, str]:
+    """Environment of a child process: `devices` fake CPU devices, the shared compilation cache and, with
+    `fast_compile`, LLVM optimisation off (compiles ~2x faster; numerics may differ from an optimised
+    build, so only for children that are not compared bitwise with this process)."""
+    env = dict(os.environ)
+    flags = f"--xla_force_host_platform_device_count={devices}"
+    if fast_compile:
+        flags += " --xla_backend_optimization_level=0"
+    env.update(PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(cache_dir),
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+               XLA_FLAGS=flags)
+    return env
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def read_state(workdir: str | os.PathLike, step: int) -> dict[str, np.ndarray]:
+    """The saved TrainState of `step` as {path: numpy array}, read onto this process's first device
+    (whatever the mesh and process count that wrote it)."""
+    import jax
+    import orbax.checkpoint as ocp
+
+    path = pathlib.Path(workdir).resolve() / "checkpoints" / str(step) / "state"
+    checkpointer = ocp.StandardCheckpointer()
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree.map(lambda meta: jax.ShapeDtypeStruct(meta.shape, meta.dtype, sharding=device),
+                          checkpointer.metadata(path).item_metadata.tree)
+    tree = checkpointer.restore(path, target)
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in leaves}
+
+
+def checksums(workdir: str | os.PathLike) -> dict[int, float]:
+    """step -> batch_checksum from metrics.jsonl (a resumed run's later lines win)."""
+    from mmdiff_jax.training.writers import read_jsonl
+
+    return {record["step"]: record["batch_checksum"] for record in read_jsonl(pathlib.Path(workdir) / "metrics.jsonl")
+            if "batch_checksum" in record}
+
+
+def run_child(args: list[str], env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, __file__, *args], check=False, env=env, cwd=REPO, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+# ----------------------------------------------------------------------------------------------- children
+
+
+def _train_child(args) -> None:
+    from mmdiff_jax.training import loop
+
+    config = tiny_config(args.arrays, steps=args.steps)
+    hooks = []
+    if args.pause_at:
+        def pause(step, state, metrics):
+            if step == args.pause_at:
+                (pathlib.Path(args.workdir) / f"paused_at_{step}").touch()
+                if not loop.wait_for_preemption(timeout=300):
+                    raise TimeoutError("no SIGTERM arrived")
+        hooks.append(pause)
+    state = loop.train_and_evaluate(config, args.workdir, hooks=hooks)
+    print(json.dumps({"final_step": int(state.step), "preempted": loop.preemption_requested()}))
+
+
+def _sharding_child(args) -> None:
+    """One train step of the tiny model on 1 device, 8-way data parallel and 2 x 4 data + fsdp."""
+    import jax
+
+    from mmdiff_jax.training import config_io
+    from mmdiff_jax.training import mesh as mesh_lib
+    from mmdiff_jax.training import state as state_lib
+    from mmdiff_jax.training import steps as steps_lib
+
+    config = tiny_config(args.arrays)
+    config.data.batch_size = 16
+    model = config_io.build_model(config)
+    schedule = config_io.build_schedule(config, model)
+    loss_fn = config_io.build_loss_fn(config, model, schedule)
+    optimizer, learning_rate_fn = state_lib.make_optimizer(config.optim, config.train.steps)
+    local_batch = next(config_io.make_train_iterator(config))
+    results = {"devices": jax.device_count(), "seconds": {}}
+    reference = None
+    initial = None
+    for name, shape, devices in (("single", (1, 1), jax.devices()[:1]), ("data", (8, 1), None),
+                                 ("data_fsdp", (2, 4), None)):
+        start = time.perf_counter()
+        mesh = mesh_lib.make_mesh(shape, devices)
+        if initial is None:  # initialised once, then laid out on each mesh
+            initial, shardings = state_lib.create_train_state(model, optimizer, mesh, jax.random.key(0),
+                                                              fsdp_min_size=256)
+            initial = jax.device_get(initial)
+        _, shardings = state_lib.train_state_shardings(model, optimizer, mesh, jax.random.key(0), fsdp_min_size=256)
+        state = jax.device_put(initial, shardings)
+        step = steps_lib.jit_train_step(mesh, shardings, loss_fn=loss_fn, optimizer=optimizer,
+                                        learning_rate_fn=learning_rate_fn, ema_decay=0.9)
+        batch = mesh_lib.global_batch(local_batch, mesh_lib.batch_sharding(mesh))
+        new_state, metrics = step(state, batch)
+        leaves = {jax.tree_util.keystr(path): leaf
+                  for path, leaf in jax.tree_util.tree_flatten_with_path((new_state.params, new_state.opt_state))[0]}
+        values = {key: np.asarray(jax.device_get(leaf)) for key, leaf in leaves.items()}
+        sharded = {key: [list(leaf.sharding.spec), list(leaf.addressable_shards[0].data.shape), list(leaf.shape)]
+                   for key, leaf in leaves.items() if leaf.ndim}
+        entry = {"loss": float(metrics["loss"]), "grad_norm": float(metrics["grad_norm"]), "sharding": sharded,
+                 "batch_shard_shape": list(batch[config.model.primary].addressable_shards[0].data.shape)}
+        if reference is None:
+            reference = values
+        else:
+            entry["max_param_difference"] = max(float(np.max(np.abs(values[k] - reference[k]))) for k in values)
+            entry["max_param_scale"] = max(float(np.max(np.abs(reference[k]))) for k in values)
+        results[name] = entry
+        results["seconds"][name] = time.perf_counter() - start
+    print("RESULT " + json.dumps(results))
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    commands = parser.add_subparsers(dest="command", required=True)
+    train = commands.add_parser("train")
+    train.add_argument("workdir")
+    train.add_argument("arrays")
+    train.add_argument("--steps", type=int, default=20)
+    train.add_argument("--pause-at", type=int, default=0)
+    sharding = commands.add_parser("sharding")
+    sharding.add_argument("arrays")
+    arguments = parser.parse_args()
+    if arguments.command == "train":
+        _train_child(arguments)
+    else:
+        _sharding_child(arguments)
