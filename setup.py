@@ -33,5 +33,7 @@ setuptools.setup(
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-xdist>=3.5", "scipy>=1.11"],
+        # Benchmarks only (bench/vs_torch.py): the CPU wheel on the project machines. Never unpinned torch.
+        "bench": ["torch==2.13.0"],
     },
 )
