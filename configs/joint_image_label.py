@@ -113,7 +113,7 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
     config.data.options = dict(image_size=28)
     config.data.batch_size = 32
     config.data.eval_batch_size = 100
-    config.train.steps = 300
+    config.train.steps = 200
 
     # Everything the experiment evaluates (experiments/joint_image_label.py).
     config.experiment = dict(
