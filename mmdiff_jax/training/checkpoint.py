@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -116,7 +117,8 @@ class Checkpointer:
 
     def __init__(self, directory: str | epath.PathLike, *, signature: Mapping[str, Any], save_every: int,
                  keep: int, best_metric: str = "", best_mode: str = "min", async_save: bool = True):
-        self.directory = epath.Path(directory)
+        # Orbax refuses relative paths (and would fail only at the first save): resolve local ones here.
+        self.directory = epath.Path(directory if "://" in str(directory) else os.path.abspath(directory))
         self.signature = dict(signature)
         self.best_metric = best_metric
         best_fn = (lambda metrics: metrics[best_metric]) if best_metric else None
