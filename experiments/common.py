@@ -413,7 +413,7 @@ class Run:
 
     def __init__(self, name: str, config: ml_collections.ConfigDict, workdir: str | pathlib.Path, command: str):
         self.name, self.config, self.command = name, config, command
-        self.workdir = pathlib.Path(workdir)
+        self.workdir = pathlib.Path(workdir).absolute()  # Orbax refuses relative checkpoint paths
         self.workdir.mkdir(parents=True, exist_ok=True)
         (self.workdir / "config.json").write_text(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
         self.report = Report(name, self.workdir)

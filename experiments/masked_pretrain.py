@@ -174,9 +174,13 @@ def write_report(config, run: common.Run, restoration: dict, unconditional: dict
     labels = method_labels(config)
     ratios = [str(r) for r in experiment.restoration.mask_ratios]
     methods = list(experiment.restoration.methods)
+    modality = config.model.modalities[baselines.masked_modality(config)]
+    low, high = config.data.options.mask_ratio
     report.text(
-        "MT-Diffusion trained on Fashion-MNIST (28x28) with the image and a masked image (4x4 patch masks hiding "
-        f"{config.data.options.mask_ratio[0]:.0%}-{config.data.options.mask_ratio[1]:.0%} of the image), against "
+        f"MT-Diffusion trained on Fashion-MNIST ({config.model.z_shape[0]}x{config.model.z_shape[1]}) with the image "
+        f"and a masked image ({config.data.options.patch_size}x{config.data.options.patch_size} patch masks hiding "
+        f"{low:.0%}-{high:.0%} of the image; encoder '{modality.get('encoder') or 'default'}', weight schedule "
+        f"{modality.weight_schedule[0]} of height {modality.weight_schedule[1]:g}), against "
         "plain DDPM (no auxiliary modality) and a reconstruction-only U-Net, all with the same U-Net, steps, batch, "
         "optimizer and EMA. One MT-Diffusion model serves every mask ratio and unconditional generation. "
         f"Sampler for every diffusion model: {common.describe_sampler(experiment.sampler)}, z_0 estimates "

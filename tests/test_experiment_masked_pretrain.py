@@ -26,9 +26,11 @@ def test_masked_pretrain_tiny_end_to_end(tmp_path):
     workdir, results = tmp_path / "run", tmp_path / "results"
     env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu",
                XLA_FLAGS="--xla_force_host_platform_device_count=1 --xla_backend_optimization_level=0")
-    command = [sys.executable, "-m", "experiments.masked_pretrain", "--config=configs/masked_pretrain.py:tiny",
-               f"--config.data.arrays_path={arrays}", f"--workdir={workdir}", f"--results_dir={results}"]
-    child = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    # Relative --workdir / --results_dir, as in the README's command (resolved against the working directory).
+    command = [sys.executable, "-m", "experiments.masked_pretrain",
+               f"--config={REPO / 'configs/masked_pretrain.py'}:tiny", f"--config.data.arrays_path={arrays}",
+               "--workdir=run", "--results_dir=results"]
+    child = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert child.returncode == 0, child.stderr[-4000:]
 
     metrics = json.loads((workdir / "metrics.json").read_text())
