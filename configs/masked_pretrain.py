@@ -2,10 +2,18 @@
 
 One model, trained on patch masks hiding a random 10-60% of the image, serves restoration at every mask
 ratio (the masked image observed) and unconditional joint generation (nothing observed). The masked image
-[x * mask, mask] enters through a learned 1x1-conv encoder under a 'bump' weight schedule (lambda_t = 0 at
-both ends, so the prior stays N(0, I)); a conv head recovers it. Baselines, at the same budget (steps,
-batch, optimizer, EMA) and backbone: plain DDPM (N = 0), a one-pass reconstruction U-Net (MSE), SDEdit
-restoration and RePaint restoration with the plain DDPM.
+enters through the identity encoder, e = x * mask (hidden pixels 0), under a 'bump' weight schedule of
+height 0.3 (lambda_t = 0 at both ends, so the prior stays N(0, I)); a conv head recovers [x * mask, mask].
+Baselines, at the same budget (steps, batch, optimizer, EMA) and backbone: plain DDPM (N = 0), a one-pass
+reconstruction U-Net (MSE), SDEdit restoration and RePaint restoration with the plain DDPM.
+
+Encoder and height were picked by a quick ablation of the CPU default (800 steps, seed 0; restoration at mask
+ratio 0.5 on 96 test images, DDIM-25; FID-proxy of 192 joint samples): PSNR hidden without / with RePaint,
+FID-proxy: conv1x1 (RMS-normalised, the kind's default) gamma 1.0: 5.1 / 5.6, 88.0; conv1x1 0.3: 7.0 / 9.4,
+46.4; identity 1.0: 8.2 / 10.6, 66.7; identity 0.5: 7.4 / 11.1, 52.4; identity 0.3: 7.1 / 11.4, 44.7
+(plain DDPM: 45.6). Larger gamma makes conditioning through the aggregation stronger but the one-step
+estimates worse: eps_theta sees only z_t, so where it cannot yet tell lambda_t e from the image, the observed
+e subtracted in the sampler leaves an error lambda_t (E[e | z_t] - e) / sqrt(abar_t) in the z_0 estimate.
 
 Run (the CPU default: < 15 minutes on 2 idle CPU cores, baselines and evaluation included; writes
 workdirs/masked_pretrain):
@@ -49,8 +57,8 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
     # per-value mean: weight 1 / 1568 puts the recovery term on eps-MSE's per-value scale (weight 1 would
     # outweigh it a thousandfold and, with gradient clipping, starve the denoiser).
     config.model.modalities = {
-        "masked_image": dict(kind="masked_image", shape=(28, 28, 1), weight_schedule=("bump", 1.0),
-                             loss_weight=1.0 / (28 * 28 * 2)),
+        "masked_image": dict(kind="masked_image", shape=(28, 28, 1), encoder="identity",
+                             weight_schedule=("bump", 0.3), loss_weight=1.0 / (28 * 28 * 2)),
     }
     config.diffusion.noise_schedule = "linear"
     config.diffusion.num_steps = 1000
