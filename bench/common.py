@@ -276,12 +276,13 @@ def project_trainer(model: MTDiffusion, schedule: Any, batch: dict[str, np.ndarr
     from mmdiff_jax.objective import make_loss_fn
     from mmdiff_jax.training import base_config, create_train_state, make_mesh, make_optimizer
     from mmdiff_jax.training import mesh as mesh_lib
+    from mmdiff_jax.training.state import params_init_fn
     from mmdiff_jax.training.steps import jit_train_step
 
     optim = base_config().optim
     optimizer, learning_rate = make_optimizer(optim, total_steps=100_000)
     mesh = make_mesh((-1, 1))
-    state, shardings = create_train_state(model, optimizer, mesh, jax.random.key(seed))
+    state, shardings = create_train_state(params_init_fn(model), optimizer, mesh, jax.random.key(seed))
     step = jit_train_step(mesh, shardings, loss_fn=make_loss_fn(model, schedule), optimizer=optimizer,
                           learning_rate_fn=learning_rate, ema_decay=optim.ema_decay)
     batch = jax.device_put(batch, mesh_lib.batch_sharding(mesh))

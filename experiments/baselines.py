@@ -4,8 +4,7 @@
                                     (same U-Net, schedule, data order, t and noise draws)
   train_reconstruction(name, config, workdir) -> common.Trained
                                     the same U-Net trained by MSE to predict the image from the masked image
-                                    [x * mask, mask] in one pass (t fixed at 0); the training path's pieces
-                                    (optimizer, EMA, sharded step, Orbax checkpoints, TensorBoard / JSONL, bar)
+                                    [x * mask, mask] in one pass (t fixed at 0), by `train_and_evaluate`
   make_reconstruct_fn(trained)      reconstruct(params, masked_image, mask) -> image
   make_sdedit_fn(model, schedule, strength, num_steps)
                                     SDEdit restoration (Meng et al. 2022) with a plain diffusion model
@@ -19,9 +18,7 @@ mask [B, H, W, 1] (1 = known) and return images in [-1, 1]; callers paste the kn
 
 from __future__ import annotations
 
-import json
 import pathlib
-import time
 from typing import Any
 
 import flax.linen as nn
@@ -35,11 +32,7 @@ from mmdiff_jax import diffusion
 from mmdiff_jax.modalities import MASK_KEY
 from mmdiff_jax.models.unet import UNet, UNetConfig
 from mmdiff_jax.sampling import ddim_sample, ddim_step, ddpm_sample, known_region_hook, make_denoise, respace
-from mmdiff_jax.training import Checkpointer, NonFiniteLossError, config_io, make_optimizer, writers
-from mmdiff_jax.training import mesh as mesh_lib
-from mmdiff_jax.training import steps as steps_lib
-from mmdiff_jax.training.loop import save_config
-from mmdiff_jax.training.state import TrainState, count_params
+from mmdiff_jax.training import Objective, config_io
 
 Array = jax.Array
 
@@ -97,78 +90,17 @@ def make_reconstruction_loss(model: ReconstructionNet, primary: str, masked: str
 
 def train_reconstruction(name: str, config: ml_collections.ConfigDict,
                          workdir: str | pathlib.Path) -> common.Trained:
-    """Trains `ReconstructionNet` with config's optim / train / data / mesh sections; resumes from the
-    workdir's latest checkpoint (a finished run is only restored). Workdir layout as train_and_evaluate's."""
-    workdir = pathlib.Path(workdir)
-    resumed_from = common.latest_checkpoint_step(workdir)
-    start = time.perf_counter()
-    train = config.train
-    save_config(config, workdir)
-    mesh = mesh_lib.make_mesh(config.mesh.shape)
-    model = reconstruction_model(config)
-    masked = masked_modality(config)
-    optimizer, learning_rate_fn = make_optimizer(config.optim, train.steps)
+    """Trains `ReconstructionNet` through the training path (`train_and_evaluate` with an `Objective`) with
+    config's optim / train / data / mesh sections; resumes, or only restores a finished run."""
+    model, masked = reconstruction_model(config), masked_modality(config)
     height, width, channels = config.model.z_shape
-
-    def init(rng):
-        init_rng, train_rng = jax.random.split(rng)
-        params = model.init(init_rng, jnp.zeros((1, height, width, channels)), jnp.ones((1, height, width, 1)))
-        params = params["params"]
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=jax.tree.map(jnp.copy, params),
-                          opt_state=optimizer.init(params), rng=jax.random.key_data(train_rng),
-                          first_nonfinite_step=jnp.full((), -1, jnp.int32))
-
-    rng = jax.random.key(config.seed)
-    abstract = jax.eval_shape(init, rng)
-    shardings = mesh_lib.state_shardings(abstract, mesh, config.mesh.fsdp_min_size)
-    abstract = jax.tree.map(lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
-                            abstract, shardings)
-    iterator = config_io.make_train_iterator(config)
-    signature = json.loads(json.dumps({"reconstruction": {"unet": dict(config.model.unet), "input": masked,
-                                                          "z_shape": list(config.model.z_shape),
-                                                          "dtype": config.model.dtype}}))
-    checkpointer = Checkpointer(workdir / "checkpoints", signature=signature, save_every=train.checkpoint_every,
-                                keep=train.keep_checkpoints, best_metric="",
-                                async_save=train.async_checkpointing)
-    writer = writers.MetricWriter(workdir)
-    progress = None
-    try:
-        if checkpointer.latest_step() is not None:
-            state = checkpointer.restore(abstract, iterator)
-        else:
-            state = jax.jit(init, out_shardings=shardings)(rng)
-        step = int(jax.device_get(state.step))
-        train_step = steps_lib.jit_train_step(
-            mesh, shardings, loss_fn=make_reconstruction_loss(model, config.model.primary, masked),
-            optimizer=optimizer, learning_rate_fn=learning_rate_fn, ema_decay=config.optim.ema_decay,
-            accumulation_steps=config.optim.grad_accumulation_steps)
-        batch_sharding = mesh_lib.batch_sharding(mesh)
-        progress = writers.Progress(train.steps, step, enabled=train.progress_bar)
-        while step < train.steps:
-            state, metrics = train_step(state, mesh_lib.global_batch(next(iterator), batch_sharding))
-            step += 1
-            progress.update(step)
-            last = step == train.steps
-            if step % train.log_every == 0 or last:
-                values = jax.device_get(metrics)
-                bad = int(jax.device_get(state.first_nonfinite_step))
-                if bad >= 0:
-                    raise NonFiniteLossError(f"{name}: loss or gradient norm became NaN/inf at step {bad}")
-                values["steps_per_second"] = progress.rate(step)
-                progress.show(loss=values["loss"], steps_per_s=values["steps_per_second"])
-                writer.write_scalars(step, values)
-            if last or (train.checkpoint_every and step % train.checkpoint_every == 0):
-                checkpointer.save(step, state, iterator, force=last)
-        checkpointer.wait_until_finished()
-        writers.plot_losses(workdir / "metrics.jsonl", workdir / "loss.png", keys=("loss",))
-    finally:
-        if progress is not None:
-            progress.close()
-        checkpointer.wait_until_finished()
-        checkpointer.close()
-        writer.close()
-    return common.Trained(name, model, None, state.ema_params, config, workdir, count_params(state.params), step,
-                          time.perf_counter() - start, resumed_from)
+    objective = Objective(
+        init_params=lambda rng: model.init(rng, jnp.zeros((1, height, width, channels)),
+                                           jnp.ones((1, height, width, 1)))["params"],
+        loss_fn=make_reconstruction_loss(model, config.model.primary, masked),
+        signature={"reconstruction": {"unet": dict(config.model.unet), "input": masked,
+                                      "z_shape": list(config.model.z_shape), "dtype": config.model.dtype}})
+    return common.train_model(name, config, workdir, objective=objective, model=model)
 
 
 def make_reconstruct_fn(trained: common.Trained):

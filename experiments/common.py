@@ -27,10 +27,12 @@ API:
                                          `:full`, or --config.preset=full), --config.x=y overrides,
                                          --workdir (default workdirs/<name>), --results_dir (copy for git)
   run_experiment(name, run_fn, config, workdir, results_dir=None) -> Run     the same, no flags (tests)
-  Run        .config, .workdir, .report, .phase(name) (times a block), .train(name, config, train_fn)
+  Run        .config, .workdir, .report, .phase(name) (times a block), .train(name, config, train_fn, loss)
   Trained    name, model, schedule (None for non-diffusion baselines), params (EMA), config, workdir,
              num_params, steps, train_seconds, resumed_from (checkpoint step found before training, or None)
-  train_diffusion(name, config, workdir) -> Trained     `train_and_evaluate` + its final EMA params
+  train_model(name, config, workdir, objective=None, model=None, schedule=None) -> Trained
+                                        `train_and_evaluate` (MT-Diffusion, or a baseline's Objective)
+                                        + its final EMA params
   Report     .metrics (nested dict -> metrics.json), .text(md), .table(title, columns, rows, notes),
              .image(name, grid, caption, publish)
   eval_batches(config, num_examples, batch_size, split=None, **data_options)   first examples, numpy batches
@@ -75,7 +77,7 @@ from PIL import Image, ImageDraw, ImageFont
 from mmdiff_jax import metrics as metrics_lib
 from mmdiff_jax.data import embeddings
 from mmdiff_jax.metrics import features as features_lib
-from mmdiff_jax.training import config_io, train_and_evaluate
+from mmdiff_jax.training import Objective, config_io, train_and_evaluate
 from mmdiff_jax.training.state import count_params
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -114,16 +116,29 @@ def latest_checkpoint_step(workdir: pathlib.Path) -> int | None:
     return max(steps, default=None)
 
 
-def train_diffusion(name: str, config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> Trained:
-    """`train_and_evaluate(config, workdir)` (resuming, or only restoring a finished run), then its EMA params."""
+def train_model(name: str, config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
+                objective: Objective | None = None, model: Any = None, schedule: Any = None) -> Trained:
+    """`train_and_evaluate(config, workdir, objective=objective)` (resuming, or only restoring a finished run),
+    then its EMA params. Without an objective: the config's MT-Diffusion model and schedule; with one, `model`
+    is the network its params belong to (and `schedule` its diffusion schedule, if it is a diffusion model)."""
     workdir = pathlib.Path(workdir)
     resumed_from = latest_checkpoint_step(workdir)
     start = time.perf_counter()
-    state = train_and_evaluate(config, workdir)
+    state = train_and_evaluate(config, workdir, objective=objective)
     seconds = time.perf_counter() - start
-    model = config_io.build_model(config)
-    return Trained(name, model, config_io.build_schedule(config, model), state.ema_params, config, workdir,
-                   count_params(state.params), int(jax.device_get(state.step)), seconds, resumed_from)
+    if objective is None:
+        model = config_io.build_model(config)
+        schedule = config_io.build_schedule(config, model)
+    return Trained(name, model, schedule, state.ema_params, config, workdir, count_params(state.params),
+                   int(jax.device_get(state.step)), seconds, resumed_from)
+
+
+def diffusion_loss(config: ml_collections.ConfigDict) -> str:
+    """The training loss of `config`'s MT-Diffusion model in words ("eps-MSE" for plain DDPM, N = 0)."""
+    if not config.model.modalities:
+        return "eps-MSE"
+    recovered = [m.name for m in config_io.build_modalities(config) if m.loss in ("categorical", "gaussian")]
+    return "eps-MSE + aggregation MSE" + (f" + NLL of {', '.join(recovered)}" if recovered else "")
 
 
 # --------------------------------------------------------------------------------------------- data, sampling, metrics
@@ -419,6 +434,7 @@ class Run:
         self.report = Report(name, self.workdir)
         self.timings: dict[str, float] = {}
         self.trained: dict[str, Trained] = {}
+        self.losses: dict[str, str] = {}  # model name -> its training loss, in words
         self._start, self._monitor = time.perf_counter(), _LoadMonitor()
 
     @contextlib.contextmanager
@@ -431,31 +447,34 @@ class Run:
         print(f"[{self.name}] {name}: {self.timings[name]:.0f} s", file=sys.stderr, flush=True)
 
     def train(self, name: str, config: ml_collections.ConfigDict,
-              train_fn: Callable[[str, ml_collections.ConfigDict, pathlib.Path], Trained] = train_diffusion
-              ) -> Trained:
-        """train_fn(name, config, workdir / name) (default: `train_diffusion`), timed and recorded."""
+              train_fn: Callable[[str, ml_collections.ConfigDict, pathlib.Path], Trained] = train_model,
+              loss: str | None = None) -> Trained:
+        """train_fn(name, config, workdir / name) (default: `train_model`), timed and recorded; `loss` names
+        its training loss in the report (default: `diffusion_loss(config)`, for MT-Diffusion / plain DDPM)."""
         with self.phase(f"train {name}"):
             trained = train_fn(name, config, self.workdir / name)
         self.trained[name] = trained
+        self.losses[name] = loss or diffusion_loss(config)
         return trained
 
     def _training_table(self) -> list[str]:
         rows, records = [], {}
         for name, trained in self.trained.items():
             final = trained.final_metrics()
-            records[name] = {"num_params": trained.num_params, "steps": trained.steps,
+            records[name] = {"loss": self.losses[name], "num_params": trained.num_params, "steps": trained.steps,
                              "batch_size": trained.config.data.batch_size, "train_seconds": trained.train_seconds,
                              "resumed_from": trained.resumed_from, "final": final}
             note = "" if trained.resumed_from is None else f" (resumed at {trained.resumed_from})"
             rows.append([name, f"{trained.num_params:,}", trained.steps, trained.config.data.batch_size,
-                         final.get("loss", float("nan")), f"{trained.train_seconds / 60:.1f}{note}"])
+                         self.losses[name], final.get("loss", float("nan")),
+                         f"{trained.train_seconds / 60:.1f}{note}"])
         self.report.metrics["training"] = records
         if not rows:
             return []
         return [markdown_table("Training (same backbone, steps, batch, optimizer and EMA for every model)",
-                             ["model", "parameters", "steps", "batch", "final train loss", "wall time (min)"],
-                             rows, notes=["Losses differ in kind (MT-Diffusion: eps-MSE + aggregation + masked-"
-                                          "image NLL; plain DDPM: eps-MSE; reconstruction: pixel MSE)."])]
+                             ["model", "parameters", "steps", "batch", "training loss", "final train loss",
+                              "wall time (min)"], rows,
+                             notes=["Final losses differ in kind from row to row: compare them within a row only."])]
 
     def finish(self, results_dir: str | pathlib.Path | None = None) -> None:
         """Writes report.md and metrics.json (with timings, load, hardware, command); copies them and the

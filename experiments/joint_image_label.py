@@ -21,10 +21,6 @@ Then measures (config section `experiment`), with the project's Fashion-MNIST CN
 
 from __future__ import annotations
 
-import json
-import pathlib
-import time
-from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
@@ -42,11 +38,7 @@ from mmdiff_jax.metrics.distribution import compute_features
 from mmdiff_jax.modalities import modality_schedule
 from mmdiff_jax.models.decoders import make_head
 from mmdiff_jax.models.unet import UNet, UNetConfig
-from mmdiff_jax.training import Checkpointer, NonFiniteLossError, config_io, make_optimizer, writers
-from mmdiff_jax.training import mesh as mesh_lib
-from mmdiff_jax.training import steps as steps_lib
-from mmdiff_jax.training.loop import save_config
-from mmdiff_jax.training.state import TrainState, count_params
+from mmdiff_jax.training import Objective, config_io
 
 NAME = "joint_image_label"
 FID_PROXY = "FID-proxy (Fashion-MNIST CNN features)"
@@ -99,73 +91,6 @@ def plain_schedule(config: ml_collections.ConfigDict):
     return modality_schedule(config.diffusion.noise_schedule, config.diffusion.num_steps, ())
 
 
-# ----------------------------------------------------------------------------------------------- a supervised trainer
-def train_network(name: str, config: ml_collections.ConfigDict, workdir: str | pathlib.Path, model: nn.Module,
-                  example_inputs: tuple, loss_fn: Callable, signature: dict) -> common.Trained:
-    """Trains `model` on loss_fn(params, batch, rng, train) with config's optim / train / data / mesh sections
-    (the pieces of the training path: optimizer, EMA, sharded step, Orbax checkpoints, JSONL / TensorBoard);
-    resumes from the workdir's latest checkpoint, a finished run is only restored."""
-    workdir = pathlib.Path(workdir)
-    resumed_from = common.latest_checkpoint_step(workdir)
-    start = time.perf_counter()
-    train = config.train
-    save_config(config, workdir)
-    mesh = mesh_lib.make_mesh(config.mesh.shape)
-    optimizer, learning_rate_fn = make_optimizer(config.optim, train.steps)
-
-    def init(rng):
-        init_rng, train_rng = jax.random.split(rng)
-        params = model.init(init_rng, *example_inputs)["params"]
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=jax.tree.map(jnp.copy, params),
-                          opt_state=optimizer.init(params), rng=jax.random.key_data(train_rng),
-                          first_nonfinite_step=jnp.full((), -1, jnp.int32))
-
-    rng = jax.random.key(config.seed)
-    abstract = jax.eval_shape(init, rng)
-    shardings = mesh_lib.state_shardings(abstract, mesh, config.mesh.fsdp_min_size)
-    abstract = jax.tree.map(lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
-                            abstract, shardings)
-    iterator = config_io.make_train_iterator(config)
-    checkpointer = Checkpointer(workdir / "checkpoints", signature=json.loads(json.dumps(signature)),
-                                save_every=train.checkpoint_every, keep=train.keep_checkpoints, best_metric="",
-                                async_save=train.async_checkpointing)
-    writer, progress = writers.MetricWriter(workdir), None
-    try:
-        state = (checkpointer.restore(abstract, iterator) if checkpointer.latest_step() is not None
-                 else jax.jit(init, out_shardings=shardings)(rng))
-        step = int(jax.device_get(state.step))
-        train_step = steps_lib.jit_train_step(mesh, shardings, loss_fn=loss_fn, optimizer=optimizer,
-                                              learning_rate_fn=learning_rate_fn, ema_decay=config.optim.ema_decay,
-                                              accumulation_steps=config.optim.grad_accumulation_steps)
-        batch_sharding = mesh_lib.batch_sharding(mesh)
-        progress = writers.Progress(train.steps, step, enabled=train.progress_bar)
-        while step < train.steps:
-            state, metrics = train_step(state, mesh_lib.global_batch(next(iterator), batch_sharding))
-            step += 1
-            progress.update(step)
-            last = step == train.steps
-            if step % train.log_every == 0 or last:
-                values = jax.device_get(metrics)
-                bad = int(jax.device_get(state.first_nonfinite_step))
-                if bad >= 0:
-                    raise NonFiniteLossError(f"{name}: loss or gradient norm became NaN/inf at step {bad}")
-                values["steps_per_second"] = progress.rate(step)
-                progress.show(loss=values["loss"], steps_per_s=values["steps_per_second"])
-                writer.write_scalars(step, values)
-            if last or (train.checkpoint_every and step % train.checkpoint_every == 0):
-                checkpointer.save(step, state, iterator, force=last)
-        checkpointer.wait_until_finished()
-        writers.plot_losses(workdir / "metrics.jsonl", workdir / "loss.png", keys=("loss",))
-    finally:
-        if progress is not None:
-            progress.close()
-        checkpointer.wait_until_finished()
-        checkpointer.close()
-        writer.close()
-    return common.Trained(name, model, None, state.ema_params, config, workdir, count_params(state.params), step,
-                          time.perf_counter() - start, resumed_from)
-
-
 def train_class_conditional_ddpm(name, config, workdir) -> common.Trained:
     """The class-conditional DDPM baseline: eps-MSE with t ~ U{1..T}, z_t = sqrt(abar_t) x + sqrt(1 - abar_t) eps."""
     height, width, channels = config.model.z_shape
@@ -183,11 +108,11 @@ def train_class_conditional_ddpm(name, config, workdir) -> common.Trained:
         return mse, {"eps_mse": mse}
 
     example = (jnp.zeros((1, height, width, channels)), jnp.ones((1,), jnp.int32), jnp.zeros((1,), jnp.int32))
-    trained = train_network(name, config, workdir, model, example, loss_fn,
-                            {"class_conditional_ddpm": {"unet": dict(config.model.unet), "diffusion": dict(
-                                config.diffusion), "z_shape": list(config.model.z_shape)}})
-    trained.schedule = schedule
-    return trained
+    objective = Objective(init_params=lambda rng: model.init(rng, *example)["params"], loss_fn=loss_fn,
+                          signature={"class_conditional_ddpm": {"unet": dict(config.model.unet),
+                                                                "diffusion": dict(config.diffusion),
+                                                                "z_shape": list(config.model.z_shape)}})
+    return common.train_model(name, config, workdir, objective=objective, model=model, schedule=schedule)
 
 
 def train_classifier(name, config, workdir) -> common.Trained:
@@ -204,8 +129,11 @@ def train_classifier(name, config, workdir) -> common.Trained:
         loss = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, batch[label]))
         return loss, {"cross_entropy": loss, "accuracy": jnp.mean(jnp.argmax(logits, -1) == batch[label])}
 
-    return train_network(name, config, workdir, model, (jnp.zeros((1, height, width, channels)),), loss_fn,
-                         {"classifier": {"unet": dict(config.model.unet), "z_shape": list(config.model.z_shape)}})
+    objective = Objective(init_params=lambda rng: model.init(rng, jnp.zeros((1, height, width, channels)))["params"],
+                          loss_fn=loss_fn,
+                          signature={"classifier": {"unet": dict(config.model.unet),
+                                                    "z_shape": list(config.model.z_shape)}})
+    return common.train_model(name, config, workdir, objective=objective, model=model)
 
 
 def make_class_conditional_sample_fn(trained: common.Trained, section):
@@ -352,8 +280,9 @@ def write_report(config, run: common.Run, results: dict) -> None:
 def run(config: ml_collections.ConfigDict, run: common.Run) -> None:
     models = {
         "mt_diffusion": run.train("mt_diffusion", config),
-        "class_conditional_ddpm": run.train("class_conditional_ddpm", config, train_class_conditional_ddpm),
-        "classifier": run.train("classifier", config, train_classifier),
+        "class_conditional_ddpm": run.train("class_conditional_ddpm", config, train_class_conditional_ddpm,
+                                            loss="eps-MSE"),
+        "classifier": run.train("classifier", config, train_classifier, loss="cross-entropy"),
     }
     with run.phase("metrics classifier"):
         classifier = common.metrics_classifier(config)

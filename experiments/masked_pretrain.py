@@ -97,7 +97,6 @@ def _sdedit(config, ddpm: common.Trained, masked: str):
 def evaluate_restoration(config, run: common.Run, models, classifier) -> dict:
     """metrics[ratio][method] and one grid per ratio (the largest ratio's is published)."""
     section, experiment = config.experiment.restoration, config.experiment
-    masked = baselines.masked_modality(config)
     methods = restoration_methods(config, models)
     labels = method_labels(config)
     results, count = {}, experiment.grid_images
@@ -215,19 +214,27 @@ def write_report(config, run: common.Run, restoration: dict, unconditional: dict
 def _findings(restoration, unconditional, ratios, methods, labels) -> list[str]:
     lines = []
     compared = [m for m in methods if m != "masked_input"]
+    pairs = [("mt_diffusion_repaint", "ddpm_repaint"), ("mt_diffusion_repaint", "sdedit"),
+             ("mt_diffusion", "sdedit"), ("mt_diffusion", "masked_input")]
     for r in ratios:
-        best_psnr = max(compared, key=lambda m: restoration[r][m]["psnr_masked"])
-        best_lpips = min(compared, key=lambda m: restoration[r][m]["perceptual_fmnist_cnn"])
-        line = (f"- r={r}: best PSNR hidden: {labels[best_psnr]} ({restoration[r][best_psnr]['psnr_masked']:.2f} dB); "
-                f"best LPIPS-proxy: {labels[best_lpips]} ({restoration[r][best_lpips]['perceptual_fmnist_cnn']:.3f}).")
-        if "mt_diffusion" in compared and "sdedit" in compared:
-            mt, sd = restoration[r]["mt_diffusion"], restoration[r]["sdedit"]
-            line += (f" MT-Diffusion vs SDEdit: PSNR {mt['psnr_masked'] - sd['psnr_masked']:+.2f} dB, LPIPS-proxy "
-                     f"{mt['perceptual_fmnist_cnn'] - sd['perceptual_fmnist_cnn']:+.3f}.")
+        measured = restoration[r]
+        best_psnr = max(compared, key=lambda m: measured[m]["psnr_masked"])
+        best_lpips = min(compared, key=lambda m: measured[m]["perceptual_fmnist_cnn"])
+        line = (f"- r={r}: best PSNR hidden: {labels[best_psnr]} ({measured[best_psnr]['psnr_masked']:.2f} dB); "
+                f"best LPIPS-proxy: {labels[best_lpips]} ({measured[best_lpips]['perceptual_fmnist_cnn']:.3f}).")
+        for a, b in pairs:
+            if a in methods and b in methods:
+                psnr = measured[a]["psnr_masked"] - measured[b]["psnr_masked"]
+                lpips = measured[a]["perceptual_fmnist_cnn"] - measured[b]["perceptual_fmnist_cnn"]
+                line += f" {labels[a]} vs {labels[b]}: PSNR {psnr:+.2f} dB, LPIPS-proxy {lpips:+.3f}."
         lines.append(line)
-    mt, ddpm = unconditional["mt_diffusion"]["fid_fmnist_cnn"], unconditional["plain_ddpm"]["fid_fmnist_cnn"]
-    lines.append(f"- Unconditional FID-proxy: MT-Diffusion {mt:.2f} vs plain DDPM {ddpm:.2f} "
-                 f"({'lower, better' if mt < ddpm else 'higher, worse'} for MT-Diffusion by {abs(mt - ddpm):.2f}).")
+    mt, ddpm = unconditional["mt_diffusion"], unconditional["plain_ddpm"]
+    fid_mt, fid_ddpm = mt["fid_fmnist_cnn"], ddpm["fid_fmnist_cnn"]
+    verdict = "lower, better" if fid_mt < fid_ddpm else "higher, worse"
+    lines.append(f"- Unconditional FID-proxy: MT-Diffusion {fid_mt:.2f} vs plain DDPM {fid_ddpm:.2f} ({verdict} for "
+                 f"MT-Diffusion by {abs(fid_mt - fid_ddpm):.2f}); precision {mt['precision_fmnist_cnn']:.2f} vs "
+                 f"{ddpm['precision_fmnist_cnn']:.2f}, recall {mt['recall_fmnist_cnn']:.2f} vs "
+                 f"{ddpm['recall_fmnist_cnn']:.2f}.")
     return lines
 
 
@@ -235,7 +242,7 @@ def run(config: ml_collections.ConfigDict, run: common.Run) -> None:
     models = {
         "mt_diffusion": run.train("mt_diffusion", config),
         "plain_ddpm": run.train("plain_ddpm", baselines.plain_ddpm_config(config)),
-        "reconstruction": run.train("reconstruction", config, baselines.train_reconstruction),
+        "reconstruction": run.train("reconstruction", config, baselines.train_reconstruction, loss="pixel MSE"),
     }
     with run.phase("metrics classifier"):
         classifier = common.metrics_classifier(config)

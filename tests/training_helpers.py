@@ -170,6 +170,7 @@ def _sharding_child(args) -> None:
     schedule = config_io.build_schedule(config, model)
     loss_fn = config_io.build_loss_fn(config, model, schedule)
     optimizer, learning_rate_fn = state_lib.make_optimizer(config.optim, config.train.steps)
+    init_params = state_lib.params_init_fn(model)
     local_batch = next(config_io.make_train_iterator(config))
     results = {"devices": jax.device_count(), "seconds": {}}
     reference = None
@@ -179,10 +180,11 @@ def _sharding_child(args) -> None:
         start = time.perf_counter()
         mesh = mesh_lib.make_mesh(shape, devices)
         if initial is None:  # initialised once, then laid out on each mesh
-            initial, shardings = state_lib.create_train_state(model, optimizer, mesh, jax.random.key(0),
+            initial, shardings = state_lib.create_train_state(init_params, optimizer, mesh, jax.random.key(0),
                                                               fsdp_min_size=256)
             initial = jax.device_get(initial)
-        _, shardings = state_lib.train_state_shardings(model, optimizer, mesh, jax.random.key(0), fsdp_min_size=256)
+        _, shardings = state_lib.train_state_shardings(init_params, optimizer, mesh, jax.random.key(0),
+                                                       fsdp_min_size=256)
         state = jax.device_put(initial, shardings)
         step = steps_lib.jit_train_step(mesh, shardings, loss_fn=loss_fn, optimizer=optimizer,
                                         learning_rate_fn=learning_rate_fn, ema_decay=0.9)

@@ -9,17 +9,23 @@ recorded inside the step (the update is skipped) and noticed at the next log or 
 stops with `NonFiniteLossError` naming the first bad step; no checkpoint is written after it, so the last
 one holds finite params. SIGTERM (preemption) finishes the current step, saves and returns normally; in a
 multi-process run JAX's preemption sync manager picks the step at which all processes save.
+
+What is trained is the config's MT-Diffusion model unless an `Objective` is given (a baseline network and
+its loss): the same optimizer, EMA, sharding, checkpoints, logs, evaluation and progress bar either way.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import json
 import logging
 import pathlib
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 import jax
 import ml_collections
@@ -36,6 +42,20 @@ from mmdiff_jax.training.state import TrainState
 Hook = Callable[[int, TrainState, dict], None]
 _EVAL_SEED_OFFSET, _SAMPLE_SEED_OFFSET = 1_000_003, 2_000_003
 _preemption = threading.Event()
+
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+    """What `train_and_evaluate` optimises (default: the config's MT-Diffusion model, `objective.make_loss_fn`).
+
+    init_params: rng -> the parameter tree (pure: it is traced by jax.eval_shape and jit).
+    loss_fn: (params, batch, rng, train: bool) -> (loss [], {name: scalar []}), as `objective.make_loss_fn`.
+    signature: JSON-able description of the model; a checkpoint saved under a different one is refused.
+    """
+
+    init_params: state_lib.ParamsInit
+    loss_fn: Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
+    signature: Mapping[str, Any]
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -82,7 +102,8 @@ class _Run:
     """State of one call of `train_and_evaluate` (kept off the module so runs do not share anything)."""
 
     def __init__(self, config: ml_collections.ConfigDict, workdir: pathlib.Path,
-                 train_iterator_fn: Callable[[ml_collections.ConfigDict], Iterator] | None):
+                 train_iterator_fn: Callable[[ml_collections.ConfigDict], Iterator] | None,
+                 objective: Objective | None):
         self.config, self.workdir = config, workdir
         self.multi_process = mesh_lib.initialize_distributed(config.distributed)
         self.model = config_io.validate_config(config)
@@ -91,12 +112,16 @@ class _Run:
             save_config(config, workdir)
         self.mesh = mesh_lib.make_mesh(config.mesh.shape)
         self.schedule = config_io.build_schedule(config, self.model)
-        self.loss_fn = config_io.build_loss_fn(config, self.model, self.schedule)
+        self.is_mt_diffusion = objective is None  # sample grids need the MT-Diffusion model
+        self.objective = objective or Objective(
+            init_params=state_lib.params_init_fn(self.model),
+            loss_fn=config_io.build_loss_fn(config, self.model, self.schedule),
+            signature=config_io.model_signature(config))
         self.optimizer, self.learning_rate_fn = state_lib.make_optimizer(config.optim, config.train.steps)
         self.batch_sharding = mesh_lib.batch_sharding(self.mesh)
         self.train_iterator = (train_iterator_fn or config_io.make_train_iterator)(config)
         self.checkpointer = checkpoint_lib.Checkpointer(
-            workdir / "checkpoints", signature=config_io.model_signature(config),
+            workdir / "checkpoints", signature=json.loads(json.dumps(self.objective.signature)),
             save_every=config.train.checkpoint_every, keep=config.train.keep_checkpoints,
             best_metric=config.train.best_metric, best_mode=config.train.best_mode,
             async_save=config.train.async_checkpointing)
@@ -105,15 +130,16 @@ class _Run:
 
     def initial_state(self) -> tuple[TrainState, TrainState]:
         rng = jax.random.key(self.config.seed)
-        abstract, shardings = state_lib.train_state_shardings(
-            self.model, self.optimizer, self.mesh, rng, fsdp_min_size=self.config.mesh.fsdp_min_size)
+        init_params, fsdp_min_size = self.objective.init_params, self.config.mesh.fsdp_min_size
+        abstract, shardings = state_lib.train_state_shardings(init_params, self.optimizer, self.mesh, rng,
+                                                              fsdp_min_size=fsdp_min_size)
         latest = self.checkpointer.latest_step()
         if latest is not None:
             logging.info("Resuming from %s/%d", self.checkpointer.directory, latest)
             state = self.checkpointer.restore(abstract, self.train_iterator, latest)
         else:
-            state, shardings = state_lib.create_train_state(
-                self.model, self.optimizer, self.mesh, rng, fsdp_min_size=self.config.mesh.fsdp_min_size)
+            state, shardings = state_lib.create_train_state(init_params, self.optimizer, self.mesh, rng,
+                                                            fsdp_min_size=fsdp_min_size)
         return state, shardings
 
     def eval_batches(self) -> list[dict[str, jax.Array]]:
@@ -158,8 +184,8 @@ class _Run:
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
                        hooks: Sequence[Hook] = (),
-                       train_iterator_fn: Callable[[ml_collections.ConfigDict], Iterator] | None = None
-                       ) -> TrainState:
+                       train_iterator_fn: Callable[[ml_collections.ConfigDict], Iterator] | None = None,
+                       objective: Objective | None = None) -> TrainState:
     """Trains `config` in `workdir`, resuming from its latest checkpoint if there is one.
 
     Args:
@@ -168,6 +194,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
       hooks: called after every step as hook(step, state, metrics) (device values: fetching syncs).
       train_iterator_fn: config -> this process's training batch iterator (numpy dicts with
         get_state/set_state); default `config_io.make_train_iterator`.
+      objective: another network and loss to train (a baseline) with the config's optim / train / data /
+        mesh sections; default: the config's MT-Diffusion model. Sample grids are drawn for the default only.
     Returns:
       The final train state (after `train.steps` steps, or at the step where SIGTERM stopped the run).
     Raises:
@@ -175,7 +203,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
       checkpoint.CheckpointMismatchError: the workdir's checkpoint belongs to a different model.
       ValueError: an invalid config (before anything is compiled).
     """
-    run = _Run(config, pathlib.Path(workdir), train_iterator_fn)
+    run = _Run(config, pathlib.Path(workdir), train_iterator_fn, objective)
     train, total = config.train, config.train.steps
     progress = None
     try:
@@ -184,13 +212,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
         logging.info("Model: %d parameters; mesh %s; %d processes; step %d of %d",
                      state_lib.count_params(state.params), dict(run.mesh.shape), jax.process_count(), step, total)
         train_step = steps_lib.jit_train_step(
-            run.mesh, shardings, loss_fn=run.loss_fn, optimizer=run.optimizer,
+            run.mesh, shardings, loss_fn=run.objective.loss_fn, optimizer=run.optimizer,
             learning_rate_fn=run.learning_rate_fn, ema_decay=config.optim.ema_decay,
             accumulation_steps=config.optim.grad_accumulation_steps,
             checksum_key=config.model.primary if train.log_batch_checksum else None)
-        eval_step = steps_lib.jit_eval_step(run.mesh, shardings, run.loss_fn)
-        sample_fns = samples_lib.make_sample_fns(tuple(config.sample.kinds), run.model, run.schedule,
-                                                 config.sample, run.mesh) if config.sample.every > 0 else {}
+        eval_step = steps_lib.jit_eval_step(run.mesh, shardings, run.objective.loss_fn)
+        sample_fns = {}
+        if config.sample.every > 0 and run.is_mt_diffusion:
+            sample_fns = samples_lib.make_sample_fns(tuple(config.sample.kinds), run.model, run.schedule,
+                                                     config.sample, run.mesh)
         progress = writers.Progress(total, step, enabled=run.chief and train.progress_bar)
         with _sigterm_saves(not run.multi_process):
             while step < total:

@@ -12,7 +12,7 @@ Params, EMA and optimizer state are float32 (bf16 compute is the model's `dtype`
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import flax.struct
@@ -82,35 +82,45 @@ def make_optimizer(optim: Mapping[str, Any], total_steps: int
     return adamw, learning_rate
 
 
-def init_train_state(model: MTDiffusion, optimizer: optax.GradientTransformation, rng: jax.Array) -> TrainState:
+ParamsInit = Callable[[jax.Array], Any]  # rng -> the model's parameter tree (pure, so eval_shape and jit work)
+
+
+def params_init_fn(model: MTDiffusion) -> ParamsInit:
+    """rng -> the parameters of an MTDiffusion model (`modalities.init_variables`)."""
+    return lambda rng: init_variables(model, rng)["params"]
+
+
+def init_train_state(init_params: ParamsInit, optimizer: optax.GradientTransformation,
+                     rng: jax.Array) -> TrainState:
     """A fresh state (pure: jit it with out_shardings to land sharded)."""
     init_rng, train_rng = jax.random.split(rng)
-    params = init_variables(model, init_rng)["params"]
+    params = init_params(init_rng)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                       ema_params=jax.tree.map(jnp.copy, params), opt_state=optimizer.init(params),
                       rng=jax.random.key_data(train_rng), first_nonfinite_step=jnp.full((), -1, jnp.int32))
 
 
-def train_state_shardings(model: MTDiffusion, optimizer: optax.GradientTransformation, mesh: Mesh,
+def train_state_shardings(init_params: ParamsInit, optimizer: optax.GradientTransformation, mesh: Mesh,
                           rng: jax.Array, *, fsdp_min_size: int = 2**14) -> tuple[TrainState, TrainState]:
     """(abstract state, shardings): ShapeDtypeStructs carrying their target NamedShardings (the restore
     target for Orbax), and the NamedShardings alone (for jit in/out shardings). No arrays are created."""
-    abstract = jax.eval_shape(lambda key: init_train_state(model, optimizer, key), rng)
+    abstract = jax.eval_shape(lambda key: init_train_state(init_params, optimizer, key), rng)
     shardings = mesh_lib.state_shardings(abstract, mesh, fsdp_min_size)
     abstract = jax.tree.map(lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
                             abstract, shardings)
     return abstract, shardings
 
 
-def create_train_state(model: MTDiffusion, optimizer: optax.GradientTransformation, mesh: Mesh, rng: jax.Array,
-                       *, fsdp_min_size: int = 2**14) -> tuple[TrainState, TrainState]:
+def create_train_state(init_params: ParamsInit, optimizer: optax.GradientTransformation, mesh: Mesh,
+                       rng: jax.Array, *, fsdp_min_size: int = 2**14) -> tuple[TrainState, TrainState]:
     """Initialises straight into sharded arrays; returns (state, a TrainState of its NamedShardings).
 
+    `init_params`: rng -> params, e.g. `params_init_fn(model)` for an MTDiffusion model.
     `jax.eval_shape` gives the shapes, `mesh.state_shardings` the specs, and the jit-ed init writes each
     shard where it lives (no full copy on one device first).
     """
-    _, shardings = train_state_shardings(model, optimizer, mesh, rng, fsdp_min_size=fsdp_min_size)
-    state = jax.jit(lambda key: init_train_state(model, optimizer, key), out_shardings=shardings)(rng)
+    _, shardings = train_state_shardings(init_params, optimizer, mesh, rng, fsdp_min_size=fsdp_min_size)
+    state = jax.jit(lambda key: init_train_state(init_params, optimizer, key), out_shardings=shardings)(rng)
     return state, shardings
 
 
