@@ -89,8 +89,9 @@ def test_train_classifier_caches_params(tmp_path, monkeypatch):
     np.testing.assert_allclose(loaded.features(images), trained.features(images), rtol=1e-6)
 
 
-def test_unknown_and_missing_feature_networks():
-    with pytest.raises(NotImplementedError, match="not provided yet"):
+def test_unknown_and_missing_feature_networks(tmp_path, monkeypatch):
+    monkeypatch.setenv("MMDIFF_INCEPTION_WEIGHTS", str(tmp_path / "absent.npz"))
+    with pytest.raises(FileNotFoundError, match="pt_inception-2015-12-05"):
         features.get_feature_fn("inception_v3")
     with pytest.raises(KeyError, match="fmnist_cnn"):
         features.get_feature_fn("resnet")

@@ -133,3 +133,25 @@ def test_checkpointer_accepts_a_relative_directory(tmp_path, monkeypatch):
     checkpointer.close()
     np.testing.assert_array_equal(restored["w"], state["w"])
     assert position.index == 7
+
+
+@pytest.mark.parametrize("name", ["default", "masked_pretrain", "joint_image_label", "image_segmentation",
+                                  "image_embedding"])
+def test_overriding_one_config_key_changes_no_other(name):
+    """`--config.train.eval_every=100` must not move train.steps (as a shared ml_collections FieldReference
+    would): every scalar of every preset is set alone, and the rest of the config stays as it was."""
+    module = __import__(f"configs.{name}", fromlist=["get_config"])
+    for preset in ("", "tiny"):
+        before = module.get_config(preset).to_dict()
+        flat = {key: value for key, value in config_io._flatten(before).items()
+                if isinstance(value, (int, float)) and not isinstance(value, bool)}
+        for key, value in flat.items():
+            config = module.get_config(preset)
+            section, field = key.rsplit(".", 1) if "." in key else ("", key)
+            target = config
+            for part in filter(None, section.split(".")):
+                target = target[part]
+            target[field] = value + 7
+            after = config_io._flatten(config.to_dict())
+            changed = [k for k in flat if after[k] != flat[k]]
+            assert changed == [key], f"configs/{name}.py preset {preset!r}: setting {key} also changed {changed}"

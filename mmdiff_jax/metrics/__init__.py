@@ -9,20 +9,21 @@ Registered evaluators (name -> reported keys):
   perceptual_fmnist_cnn      "perceptual_fmnist_cnn": LPIPS-style, uncalibrated, on the
                              Fashion-MNIST classifier's features; offline; NOT LPIPS  (features)
   fid, precision_recall,     "fid_<features>", "precision_<features>", "recall_<features>"
-  feature_distribution       (distribution; features "fmnist_cnn" or any callable)
+  feature_distribution       (distribution; features "fmnist_cnn", "inception_v3" or any callable)
   accuracy, label_agreement, "accuracy", "label_agreement", "miou"        (agreement)
   miou
 
 Every metric is also a plain function: image_quality.psnr / ssim,
 lpips.lpips_distance, features.perceptual_distance, distribution.fid /
 frechet_distance / precision_recall, agreement.accuracy / label_agreement /
-mean_iou. The Inception-V3 feature network is not provided yet.
+mean_iou; inception.inception_features is FID's Inception-V3 (user-given weights).
 """
 
 from mmdiff_jax.metrics import agreement
 from mmdiff_jax.metrics import distribution
 from mmdiff_jax.metrics import features
 from mmdiff_jax.metrics import image_quality
+from mmdiff_jax.metrics import inception
 from mmdiff_jax.metrics import lpips
 from mmdiff_jax.metrics.base import Evaluator
 from mmdiff_jax.metrics.base import MeanEvaluator

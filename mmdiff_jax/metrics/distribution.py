@@ -17,7 +17,7 @@ Distances are computed in row batches with JAX (float32, HIGHEST precision).
 Which feature space a number is in is part of its name: the evaluators report
 "fid_<features>", "precision_<features>", "recall_<features>", e.g.
 "fid_fmnist_cnn" (the project's Fashion-MNIST classifier, see `features`):
-not comparable with Inception FIDs. The Inception network is not provided yet.
+not comparable with Inception FIDs ("fid_inception_v3", `inception`, with the user's weights).
 
 Sanity check on the real data, "fmnist_cnn" features (600-step classifier,
 test accuracy 0.87), images padded to 32x32:

@@ -8,7 +8,12 @@ Registered by name (`get_feature_fn`):
                   (`mmdiff_jax.data.embeddings.EmbeddingEncoder`, trained by
                   `train_embedding_encoder`, the same recipe and seed as the
                   default embeddings): its 64-d penultimate layer.
-  "inception_v3"  NOT PROVIDED YET: raises NotImplementedError.
+  "inception_v3"  the FID Inception-V3 (pytorch-fid's port of the TF
+                  2015-12-05 graph, `inception`): its 2048-d pool3 layer.
+                  Needs the user's weights, converted once
+                  (`convert_inception_weights`); `weights_path` defaults to
+                  `inception.default_weights_path()`. Images are resized to
+                  299x299, as pytorch-fid does.
 
 Our images are 28x28 Fashion-MNIST zero-padded to 32x32 (pad value -1): the
 classifier sees the centre 28x28 crop.
@@ -45,6 +50,7 @@ from flax import traverse_util
 from mmdiff_jax.data import embeddings
 from mmdiff_jax.data import fashion_mnist
 from mmdiff_jax.metrics import base
+from mmdiff_jax.metrics import inception
 from mmdiff_jax.metrics import lpips
 
 FeatureFn = Callable[[Any], jax.Array]
@@ -158,13 +164,9 @@ def default_classifier(data_dir=None, idx_dir=None) -> Classifier:
     return train_classifier(data_dir, idx_dir)
 
 
-def _inception_v3(**unused):
-    raise NotImplementedError(
-        "The Inception-V3 feature network is not provided yet: FID / precision-"
-        "recall with Inception features need a Flax InceptionV3 and the user's "
-        "weights. Pass your own `features` callable ([B, H, W, C] -> [B, D]) "
-        "or use 'fmnist_cnn'."
-    )
+def _inception_v3(weights_path=None) -> FeatureFn:
+    """pool3 features [B, 2048]; FileNotFoundError (saying how to get them) without weights."""
+    return functools.partial(inception.inception_features, inception.load_params(weights_path))
 
 
 _FEATURE_NETWORKS: dict[str, Callable[..., FeatureFn]] = {

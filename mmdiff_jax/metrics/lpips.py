@@ -36,7 +36,6 @@ vgg.pth, reproduces lpips' distances within 1e-5 relative.
 
 from __future__ import annotations
 
-import os
 import pathlib
 import re
 from collections.abc import Mapping, Sequence
@@ -48,6 +47,7 @@ import numpy as np
 from flax import traverse_util
 
 from mmdiff_jax.metrics import base
+from mmdiff_jax.metrics import weight_files
 
 WEIGHTS_ENV = "MMDIFF_LPIPS_WEIGHTS"
 SHIFT = (-0.030, -0.088, -0.188)
@@ -173,50 +173,26 @@ def convert_torch_state_dicts(*state_dicts: Mapping[str, np.ndarray]) -> dict[st
 
 def check_flat_params(flat: Mapping[str, np.ndarray], source: str) -> None:
     """Raises one error listing every missing, unexpected or mis-shaped weight."""
-    expected = expected_shapes()
-    problems = [f"missing {k} {v}" for k, v in expected.items() if k not in flat]
-    problems += [f"unexpected {k}" for k in flat if k not in expected]
-    problems += [
-        f"{k}: shape {tuple(np.shape(v))}, expected {expected[k]}"
-        for k, v in flat.items()
-        if k in expected and tuple(np.shape(v)) != expected[k]
-    ]
-    if problems:
-        raise ValueError(
-            f"LPIPS weights from {source} do not match the VGG-16 LPIPS network:\n  " + "\n  ".join(problems)
-        )
+    weight_files.check_flat_params(flat, expected_shapes(), "VGG-16 LPIPS network", source)
 
 
-def save_params(flat: Mapping[str, np.ndarray], path) -> pathlib.Path:
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npz")
-    np.savez(temporary, **{k: np.asarray(v, np.float32) for k, v in flat.items()})
-    os.replace(temporary, path)
-    return path
+save_params = weight_files.save_flat
 
 
 def default_weights_path() -> pathlib.Path:
-    return pathlib.Path(
-        os.environ.get(WEIGHTS_ENV)
-        or pathlib.Path.home().joinpath(".cache", "mmdiff_jax", "lpips_vgg16_v0.1.npz")
-    )
+    return weight_files.cache_path(WEIGHTS_ENV, "lpips_vgg16_v0.1.npz")
 
 
 def load_params(path=None):
     """LPIPS params {"params": ...} from a converted .npz (default_weights_path())."""
     path = pathlib.Path(path) if path is not None else default_weights_path()
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"LPIPS weights {path} not found. LPIPS needs the VGG-16 ImageNet "
-            "weights, which you supply (torchvision's vgg16-397923af.pth), and "
-            "the lpips package's lpips/weights/v0.1/vgg.pth, converted once with:\n"
-            "  python -m mmdiff_jax.metrics.convert_lpips_weights --vgg16 "
-            f"vgg16-397923af.pth --out {path}\n(or set ${WEIGHTS_ENV}). For an "
-            "offline perceptual distance use 'perceptual_fmnist_cnn' instead."
-        )
-    with np.load(path, allow_pickle=False) as data:
-        flat = {k: data[k] for k in data.files}
+    flat = weight_files.load_flat(path, (
+        f"LPIPS weights {path} not found. LPIPS needs the VGG-16 ImageNet "
+        "weights, which you supply (torchvision's vgg16-397923af.pth), and "
+        "the lpips package's lpips/weights/v0.1/vgg.pth, converted once with:\n"
+        "  python -m mmdiff_jax.metrics.convert_lpips_weights --vgg16 "
+        f"vgg16-397923af.pth --out {path}\n(or set ${WEIGHTS_ENV}). For an "
+        "offline perceptual distance use 'perceptual_fmnist_cnn' instead."))
     check_flat_params(flat, str(path))
     return {"params": traverse_util.unflatten_dict({k: jnp.asarray(v) for k, v in flat.items()}, sep="/")}
 
