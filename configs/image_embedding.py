@@ -15,6 +15,7 @@ Tiny (seconds; tests/test_experiments_other.py, with a stand-in embedding file):
 """
 
 import ml_collections
+from ml_collections import config_dict
 
 from configs.joint_image_label import PRESETS, apply_preset, small_unet
 from mmdiff_jax.training.config_io import base_config
@@ -40,12 +41,17 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
     config.diffusion.num_steps = 1000
 
     config.data.name = "fashion_mnist_embedding"
-    config.data.options = dict(image_size=28)  # embedding_path None: the project's default embeddings
+    # embedding_path: an .npz of the user's embeddings {train: [N, D], test: [M, D]} float32
+    # (--config.data.options.embedding_path=FILE); None: the project's default CNN embeddings.
+    config.data.options = dict(image_size=28, embedding_path=config_dict.placeholder(str))
     config.data.batch_size = 32
     config.data.eval_batch_size = 128
     config.train.steps = 300
 
     config.experiment = dict(
+        # Feature spaces of FID / precision / recall: 'fmnist_cnn' (offline); add 'inception_v3' for Inception
+        # FIDs with the user's weights ($MMDIFF_INCEPTION_WEIGHTS; mmdiff_jax.metrics.inception).
+        feature_spaces=("fmnist_cnn",),
         sampler=dict(method="ddim", num_steps=25, eta=0.0),  # z_0 estimates clipped to [-1, 1]
         generation=dict(
             num_samples=256, batch_size=128,  # embedding -> image (test embeddings) and joint samples

@@ -118,6 +118,9 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
 
     # Everything the experiment evaluates (experiments/joint_image_label.py).
     config.experiment = dict(
+        # Feature spaces of FID / precision / recall: 'fmnist_cnn' (offline); add 'inception_v3' for Inception
+        # FIDs with the user's weights ($MMDIFF_INCEPTION_WEIGHTS; mmdiff_jax.metrics.inception).
+        feature_spaces=("fmnist_cnn",),
         sampler=dict(method="ddim", num_steps=25, eta=0.0),  # every diffusion model; z_0 estimates clipped
         generation=dict(
             num_samples=256, batch_size=128,  # joint samples, and label -> image with balanced labels, per model

@@ -87,6 +87,9 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
 
     # Everything the experiment evaluates (experiments/masked_pretrain.py).
     config.experiment = dict(
+        # Feature spaces of FID / precision / recall: 'fmnist_cnn' (offline); add 'inception_v3' for Inception
+        # FIDs with the user's weights ($MMDIFF_INCEPTION_WEIGHTS; mmdiff_jax.metrics.inception).
+        feature_spaces=("fmnist_cnn",),
         # Samplers (the same for every model): DDIM, clipping the z_0 estimate to [-1, 1].
         sampler=dict(method="ddim", num_steps=25, eta=0.0),
         restoration=dict(

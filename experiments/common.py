@@ -39,6 +39,8 @@ API:
   map_batches(fn, batches, seed, desc)   fn(batch, rng) -> arrays, over batches, concatenated (numpy)
   sampler_options(section)               config sampler section -> `sampling.make_sample_fn` kwargs
   metrics_classifier(config)             the Fashion-MNIST CNN of the feature metrics (cached)
+  reference_features(config, num_reference, classifier)   space -> features of the reference images, for
+                                         each of config.experiment.feature_spaces ('fmnist_cnn', 'inception_v3')
   evaluate_metrics(specs, batches, classifier, reference_features=None)   config evaluator specs -> dict
   labelled_grid(rows), tint_hidden(images, mask), overlay_classes(images, class_map, num_classes)
 
@@ -53,6 +55,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import importlib.util
 import json
 import math
@@ -77,6 +80,7 @@ from PIL import Image, ImageDraw, ImageFont
 from mmdiff_jax import metrics as metrics_lib
 from mmdiff_jax.data import embeddings
 from mmdiff_jax.metrics import features as features_lib
+from mmdiff_jax.metrics.distribution import compute_features
 from mmdiff_jax.training import Objective, config_io, train_and_evaluate
 from mmdiff_jax.training.state import count_params
 
@@ -229,22 +233,46 @@ def _evaluator_spec(spec: Any) -> tuple[str, dict[str, Any]]:
     return name, dict(kwargs)
 
 
+def feature_fn(space: str, classifier: features_lib.Classifier) -> features_lib.FeatureFn:
+    """The feature network of a feature space: 'fmnist_cnn' (`classifier`), or a registered one such as
+    'inception_v3' (its weights from $MMDIFF_INCEPTION_WEIGHTS or the default path; loaded once)."""
+    return classifier.features if space == "fmnist_cnn" else _feature_network(space)
+
+
+@functools.lru_cache(maxsize=None)
+def _feature_network(space: str) -> features_lib.FeatureFn:
+    return features_lib.get_feature_fn(space)
+
+
+def reference_features(config: ml_collections.ConfigDict, num_reference: int,
+                       classifier: features_lib.Classifier) -> dict[str, np.ndarray]:
+    """space -> features [num_reference, D] of the first eval images, for each of
+    `config.experiment.feature_spaces` (the FID / precision / recall reference set)."""
+    batches = eval_batches(config, num_reference, min(num_reference, 1000))
+    images = np.concatenate([b[config.model.primary] for b in batches])
+    return {space: compute_features(feature_fn(space, classifier), images)
+            for space in config.experiment.feature_spaces}
+
+
 def evaluate_metrics(specs: Sequence[Any], batches: Iterable[Mapping[str, Any]],
-                     classifier: features_lib.Classifier, reference_features: np.ndarray | None = None
-                     ) -> dict[str, float]:
+                     classifier: features_lib.Classifier,
+                     reference_features: Mapping[str, np.ndarray] | None = None) -> dict[str, float]:
     """`mmdiff_jax.metrics` evaluators from config specs ("name", (name, kwargs) or {"name": ...}) over
-    `batches`. Feature-based evaluators get `classifier` (perceptual_fmnist_cnn; fid / precision_recall /
-    feature_distribution in 'fmnist_cnn' space) and, when given, `reference_features` [N, D]."""
+    `batches`. perceptual_fmnist_cnn gets `classifier`; a feature evaluator (fid / precision_recall /
+    feature_distribution) that names no `features` runs once per feature space of `reference_features`
+    (from `reference_features()`; default: 'fmnist_cnn' alone), against those reference features."""
+    spaces = reference_features or {"fmnist_cnn": None}
     evaluators = []
     for spec in specs:
         name, kwargs = _evaluator_spec(spec)
         if name == "perceptual_fmnist_cnn":
             kwargs.setdefault("classifier", classifier)
-        if name in FEATURE_EVALUATORS and kwargs.get("features", "fmnist_cnn") == "fmnist_cnn":
-            kwargs.update(features=classifier.features, feature_name="fmnist_cnn")
-            if reference_features is not None:
-                kwargs.setdefault("reference_features", reference_features)
-        evaluators.append(metrics_lib.make_evaluator(name, **kwargs))
+        if name in FEATURE_EVALUATORS and "features" not in kwargs:
+            evaluators += [metrics_lib.make_evaluator(name, **kwargs, features=feature_fn(space, classifier),
+                                                      feature_name=space, reference_features=reference)
+                           for space, reference in spaces.items()]
+        else:
+            evaluators.append(metrics_lib.make_evaluator(name, **kwargs))
     return metrics_lib.evaluate(evaluators, batches)
 
 
@@ -343,6 +371,16 @@ class Report:
         markdown = markdown_table(title, columns, rows, notes, digits)
         self.sections.append(markdown)
         return markdown
+
+    def feature_space_tables(self, title: str, results: Mapping[str, Mapping[str, float]],
+                             spaces: Sequence[str]) -> None:
+        """One FID / precision / recall table per feature space other than 'fmnist_cnn' (e.g. 'inception_v3',
+        asked for in config.experiment.feature_spaces); rows: row label -> that row's metrics."""
+        for space in spaces:
+            if space != "fmnist_cnn":
+                self.table(f"{title}, {space} features", ["samples", "FID ↓", "precision ↑", "recall ↑"],
+                           [[label] + [metrics.get(f"{m}_{space}") for m in ("fid", "precision", "recall")]
+                            for label, metrics in results.items()])
 
     def image(self, name: str, grid: np.ndarray, caption: str = "", publish: bool = False) -> pathlib.Path:
         """Writes grids/<name>.png; published ones are shown in report.md ('## Sample grids', after the sections)

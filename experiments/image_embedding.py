@@ -63,8 +63,7 @@ def run(config: ml_collections.ConfigDict, run: common.Run) -> None:
         statistics = common.eval_batches(config, section.num_statistics, min(section.num_statistics, 1000),
                                          split="train")
         embed = make_embed_fn(classifier, np.concatenate([b[primary] for b in statistics]))
-        reference = common.eval_batches(config, section.num_reference, min(section.num_reference, 1000))
-        reference_features = compute_features(classifier.features, np.concatenate([b[primary] for b in reference]))
+        reference_features = common.reference_features(config, section.num_reference, classifier)
         real = np.concatenate([b[primary] for b in common.eval_batches(config, section.num_samples,
                                                                        section.batch_size, split="train")])
     test = common.eval_batches(config, section.num_samples, section.batch_size)
@@ -131,6 +130,10 @@ def write_report(config, run: common.Run, results: dict) -> None:
                   ["real training images (floor)", fid["real_train_images"]["fid_fmnist_cnn"]]],
                  notes=[f"Against the features of {section.num_reference} test images; not comparable with Inception "
                         "FIDs; biased upwards at this sample count (the real-image row is the floor)."])
+    report.feature_space_tables("Sample quality", {
+        "MT-Diffusion, embedding -> image": fid["mt_diffusion_embedding_to_image"],
+        "MT-Diffusion, joint samples": fid["mt_diffusion_joint"], "real training images (floor)":
+        fid["real_train_images"]}, config.experiment.feature_spaces)
     mt, pair = scores["mt_diffusion"], scores["random_pair"]
     lines = [f"- Embedding -> image: RMS distance {mt['rms_distance']:.3f} vs random pair {pair['rms_distance']:.3f} "
              f"and ceiling {scores['source_image']['rms_distance']:.3f}; class agreement {mt['class_agreement']:.3f} "

@@ -34,7 +34,6 @@ from experiments import common
 from mmdiff_jax import diffusion, sampling
 from mmdiff_jax.data.fashion_mnist import CLASS_NAMES
 from mmdiff_jax.metrics import agreement
-from mmdiff_jax.metrics.distribution import compute_features
 from mmdiff_jax.modalities import modality_schedule
 from mmdiff_jax.models.decoders import make_head
 from mmdiff_jax.models.unet import UNet, UNetConfig
@@ -179,8 +178,7 @@ def evaluate(config, run: common.Run, models, classifier) -> dict:
                                      seed=experiment.seed, desc="cc-DDPM label->image")
     given = np.concatenate(given)
     with run.phase("reference features"):
-        reference = common.eval_batches(config, section.num_reference, min(section.num_reference, 1000))
-        reference_features = compute_features(classifier.features, np.concatenate([b[primary] for b in reference]))
+        reference_features = common.reference_features(config, section.num_reference, classifier)
         real = np.concatenate([b[primary] for b in common.eval_batches(config, section.num_samples, batch_size,
                                                                        split="train")])
 
@@ -257,6 +255,10 @@ def write_report(config, run: common.Run, results: dict) -> None:
                      "labels, 10% per class).",
                      f"{FID_PROXY} against {section.num_reference} test images; not comparable with Inception FIDs; "
                      "biased upwards at this sample count (the real-image row is the floor)."])
+    report.feature_space_tables("Generation", {
+        "MT-Diffusion, joint": results["joint"], "MT-Diffusion, label -> image": label_to_image["mt_diffusion"],
+        "class-conditional DDPM, label -> image": label_to_image["class_conditional_ddpm"],
+        "real training images (floor)": results["real_train_images"]}, experiment.feature_spaces)
     accuracy = results["image_to_label"]
     rows = [[f"MT-Diffusion label head, z_t from the image at t = {t}", accuracy[f"mt_diffusion_t{t}"]]
             for t in experiment.classification.noise_levels]

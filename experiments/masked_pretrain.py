@@ -33,7 +33,6 @@ import numpy as np
 
 from experiments import baselines, common
 from mmdiff_jax import sampling
-from mmdiff_jax.metrics.distribution import compute_features
 from mmdiff_jax.modalities import MASK_KEY
 
 NAME = "masked_pretrain"
@@ -134,9 +133,7 @@ def evaluate_unconditional(config, run: common.Run, models, classifier) -> dict:
         raise ValueError(f"unconditional.num_samples {section.num_samples} is not a multiple of the batch size "
                          f"{section.batch_size}")
     with run.phase("unconditional: reference features"):
-        reference = common.eval_batches(config, section.num_reference, min(section.num_reference, 1000))
-        reference_features = compute_features(classifier.features,
-                                               np.concatenate([b[config.model.primary] for b in reference]))
+        reference_features = common.reference_features(config, section.num_reference, classifier)
         real = common.eval_batches(config, section.num_samples, section.batch_size, split="train")
         real_images = np.concatenate([b[config.model.primary] for b in real])
     samples = {}
@@ -207,6 +204,8 @@ def write_report(config, run: common.Run, restoration: dict, unconditional: dict
                  notes=[f"Against the features of {section.num_reference} test images; improved precision / recall "
                         "(k = 3) in the same space. Not comparable with Inception FIDs; with this few samples FID is "
                         "biased upwards, the real-image row shows the floor for the same count."])
+    report.feature_space_tables("Unconditional samples", {names[n]: unconditional[n] for n in names},
+                                experiment.feature_spaces)
     report.text("## Findings (computed from the numbers above)\n\n" + "\n".join(_findings(restoration, unconditional,
                                                                                          ratios, methods, labels)))
 

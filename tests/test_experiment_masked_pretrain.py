@@ -2,14 +2,10 @@
 three models trained through the real training paths, every restoration method at every mask ratio,
 unconditional samples, the feature metrics, report.md / metrics.json / grids and the --results_dir copy.
 
-The run is a child process with XLA's backend optimisations off (`--xla_backend_optimization_level=0`):
-compiling its ~15 programs then takes a quarter of the time, and a tiny run's speed does not matter."""
+The run is a child process (`training_helpers.run_experiment_cli`)."""
 
 import json
 import math
-import os
-import subprocess
-import sys
 
 import numpy as np
 from absl import flags
@@ -17,21 +13,14 @@ from ml_collections import config_flags
 
 from configs.masked_pretrain import get_config
 from experiments import common
-from tests.training_helpers import REPO, write_arrays
+from tests.training_helpers import REPO, run_experiment_cli, write_arrays
 
 
 def test_masked_pretrain_tiny_end_to_end(tmp_path):
     config = get_config("tiny")
     arrays = write_arrays(tmp_path / "arrays.npz", num_train=64, num_test=16)
     workdir, results = tmp_path / "run", tmp_path / "results"
-    env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu",
-               XLA_FLAGS="--xla_force_host_platform_device_count=1 --xla_backend_optimization_level=0")
-    # Relative --workdir / --results_dir, as in the README's command (resolved against the working directory).
-    command = [sys.executable, "-m", "experiments.masked_pretrain",
-               f"--config={REPO / 'configs/masked_pretrain.py'}:tiny", f"--config.data.arrays_path={arrays}",
-               "--workdir=run", "--results_dir=results"]
-    child = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    assert child.returncode == 0, child.stderr[-4000:]
+    run_experiment_cli("masked_pretrain", tmp_path, f"--config.data.arrays_path={arrays}")
 
     metrics = json.loads((workdir / "metrics.json").read_text())
     methods = config.experiment.restoration.methods

@@ -1,17 +1,14 @@
 """experiments.joint_image_label / image_segmentation / image_embedding end to end on their tiny configs (stand-in
-Fashion-MNIST arrays): every model trained through its real training path, every evaluation, report.md /
-metrics.json / the published grid and the --results_dir copy."""
+Fashion-MNIST arrays), through the CLI in a child process (`training_helpers.run_experiment_cli`): every model
+trained through its real training path, every evaluation, report.md / metrics.json / the published grid and
+the --results_dir copy."""
 
 import json
 import math
 
 import numpy as np
 
-from configs import image_embedding as embedding_config
-from configs import image_segmentation as segmentation_config
-from configs import joint_image_label as label_config
-from experiments import image_embedding, image_segmentation, joint_image_label
-from tests.training_helpers import write_arrays
+from tests.training_helpers import run_experiment_cli, write_arrays
 
 
 def _finite(tree) -> bool:
@@ -25,7 +22,7 @@ def _finite(tree) -> bool:
 def _check_outputs(workdir, results, grid, texts, steps):
     metrics = json.loads((workdir / "metrics.json").read_text())
     report = (workdir / "report.md").read_text()
-    for text in ("Command: `pytest tiny`", "Wall time", *texts):
+    for text in ("Command: `python -m experiments.", "Wall time", *texts):
         assert text in report, text
     for name in ("report.md", "metrics.json", f"grids/{grid}.png"):
         assert (results / name).is_file(), name
@@ -36,10 +33,12 @@ def _check_outputs(workdir, results, grid, texts, steps):
     return metrics
 
 
+def _arrays(tmp_path) -> str:
+    return f"--config.data.arrays_path={write_arrays(tmp_path / 'arrays.npz', num_train=64, num_test=16)}"
+
+
 def test_joint_image_label_tiny(tmp_path):
-    config = label_config.get_config("tiny")
-    config.data.arrays_path = str(write_arrays(tmp_path / "arrays.npz", num_train=64, num_test=16))
-    run = joint_image_label.run_experiment(config, tmp_path / "run", tmp_path / "results", command="pytest tiny")
+    run_experiment_cli("joint_image_label", tmp_path, _arrays(tmp_path))
     metrics = _check_outputs(tmp_path / "run", tmp_path / "results", "samples",
                              ("label->image agreement", "FID-proxy", "same-backbone classifier"),
                              {"mt_diffusion": 3, "class_conditional_ddpm": 3, "classifier": 3})
@@ -48,13 +47,13 @@ def test_joint_image_label_tiny(tmp_path):
         assert 0 <= metrics["label_to_image"][name]["agreement"] <= 1
         assert math.isfinite(metrics["label_to_image"][name]["fid_fmnist_cnn"])
     assert set(metrics["image_to_label"]) == {"mt_diffusion_t1", "classifier", "fmnist_cnn_judge"}
-    assert run.trained["class_conditional_ddpm"].model.unet.num_classes == 10
+    assert metrics["training"]["class_conditional_ddpm"]["loss"] == "eps-MSE"
+    assert metrics["training"]["classifier"]["loss"] == "cross-entropy"
+    assert metrics["training"]["mt_diffusion"]["loss"] == "eps-MSE + aggregation MSE + NLL of label"
 
 
 def test_image_segmentation_tiny(tmp_path):
-    config = segmentation_config.get_config("tiny")
-    config.data.arrays_path = str(write_arrays(tmp_path / "arrays.npz", num_train=64, num_test=16))
-    image_segmentation.run_experiment(config, tmp_path / "run", tmp_path / "results", command="pytest tiny")
+    run_experiment_cli("image_segmentation", tmp_path, _arrays(tmp_path))
     metrics = _check_outputs(tmp_path / "run", tmp_path / "results", "segmentation",
                              ("mIoU (11 classes)", "foreground IoU", "Mask -> image"), {"mt_diffusion": 3})
     assert _finite(metrics["image_to_mask"]) and _finite(metrics["mask_to_image"])
@@ -63,13 +62,11 @@ def test_image_segmentation_tiny(tmp_path):
 
 
 def test_image_embedding_tiny(tmp_path):
-    config = embedding_config.get_config("tiny")
-    config.data.arrays_path = str(write_arrays(tmp_path / "arrays.npz", num_train=64, num_test=16))
     rng = np.random.default_rng(0)
     np.savez(tmp_path / "embeddings.npz", train=rng.standard_normal((64, 64)).astype(np.float32),
              test=rng.standard_normal((16, 64)).astype(np.float32))
-    config.data.options.embedding_path = str(tmp_path / "embeddings.npz")
-    image_embedding.run_experiment(config, tmp_path / "run", tmp_path / "results", command="pytest tiny")
+    run_experiment_cli("image_embedding", tmp_path, _arrays(tmp_path),
+                       f"--config.data.options.embedding_path={tmp_path / 'embeddings.npz'}")
     metrics = _check_outputs(tmp_path / "run", tmp_path / "results", "samples",
                              ("RMS distance", "random pair", "FID-proxy"), {"mt_diffusion": 3})
     scores = metrics["embedding_to_image"]

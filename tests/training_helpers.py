@@ -57,6 +57,20 @@ def tiny_config(arrays_path: str | os.PathLike, **train_overrides):
     return config
 
 
+def run_experiment_cli(name: str, cwd: pathlib.Path, *overrides: str) -> subprocess.CompletedProcess:
+    """`python -m experiments.<name> --config=configs/<name>.py:tiny <overrides> --workdir=run
+    --results_dir=results` in `cwd` (relative dirs, as the README's command), a child process with XLA's backend
+    optimisations off (`--xla_backend_optimization_level=0`): compiling an experiment's programs then takes a
+    fraction of the time, and a tiny run's speed does not matter. Fails the test on a non-zero exit."""
+    env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu",
+               XLA_FLAGS="--xla_force_host_platform_device_count=1 --xla_backend_optimization_level=0")
+    command = [sys.executable, "-m", f"experiments.{name}", f"--config={REPO / 'configs' / name}.py:tiny",
+               *overrides, "--workdir=run", "--results_dir=results"]
+    child = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    assert child.returncode == 0, child.stderr[-4000:]
+    return child
+
+
 def shared_dir(tmp_path_factory, name: str) -> pathlib.Path:
     """A directory shared by all pytest-xdist workers of this session (the parent of their base temps)."""
     root = tmp_path_factory.getbasetemp()
