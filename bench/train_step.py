@@ -46,7 +46,7 @@ def bench_one(name: str, args: argparse.Namespace) -> dict:
     batch_size = args.batch_size or common.default_batch_size(name)
     cpu_adm = name == "adm64" and common.backend() == "cpu"
     steps, repeats = (args.steps, args.repeats) if not cpu_adm else (1, min(args.repeats, 2))
-    model, schedule = common.build_model(name, args.dtype)
+    model, schedule = common.build_model(name, args.dtype, remat=args.remat)
     batch = common.make_batch(name, batch_size)
     make = common.project_trainer if args.step == "project" else common.minimal_trainer
     trainer = make(model, schedule, batch)
@@ -63,7 +63,7 @@ def bench_one(name: str, args: argparse.Namespace) -> dict:
     device_memory = common.device_memory_mb()
     return {
         "config": name, "params": trainer.num_params, "batch": batch_size, "dtype": args.dtype,
-        "image_shape": list(common.BENCH_CONFIGS[name]["z_shape"]), "step": trainer.description,
+        "remat": args.remat, "image_shape": list(common.BENCH_CONFIGS[name]["z_shape"]), "step": trainer.description,
         "compile_s": compile_s, "first_step_s": first_step_s, "steps_per_block": steps,
         "step_s": stats, "step_s_min": stats["min"], "step_s_median": stats["median"], "step_s_max": stats["max"],
         "images_per_s": batch_size / stats["median"],
@@ -87,7 +87,7 @@ def run_child(name: str, args: argparse.Namespace) -> dict:
         command = [sys.executable, __file__, "--_child", name, "--_child_out", str(out), "--dtype", args.dtype,
                    "--step", args.step, "--steps", str(args.steps), "--repeats", str(args.repeats),
                    "--warmup_steps", str(args.warmup_steps), "--matmul_size", str(args.matmul_size),
-                   "--batch_size", str(args.batch_size)]
+                   "--batch_size", str(args.batch_size), f"--remat={args.remat}"]
         completed = subprocess.run(command, timeout=args.timeout, env=CHILD_ENVIRONMENT)
         if completed.returncode or not out.exists():
             return {"config": name, "error": f"child exited with status {completed.returncode}"}
@@ -102,6 +102,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--batch_size", type=int, default=0, help="0: per config and backend (see common.py)")
     parser.add_argument("--dtype", default="float32", choices=sorted(common.DTYPES))
     parser.add_argument("--step", default="project", choices=("project", "minimal"))
+    parser.add_argument("--remat", default="", choices=sorted(common.REMAT_POLICIES),
+                        help="UNetConfig.remat: '' (off) or a jax.checkpoint policy around every block")
     parser.add_argument("--steps", type=int, default=3, help="steps per timed block")
     parser.add_argument("--repeats", type=int, default=5, help="timed blocks")
     parser.add_argument("--warmup_steps", type=int, default=1, help="after the first execution")

@@ -98,7 +98,7 @@ def train_reconstruction(name: str, config: ml_collections.ConfigDict,
         init_params=lambda rng: model.init(rng, jnp.zeros((1, height, width, channels)),
                                            jnp.ones((1, height, width, 1)))["params"],
         loss_fn=make_reconstruction_loss(model, config.model.primary, masked),
-        signature={"reconstruction": {"unet": dict(config.model.unet), "input": masked,
+        signature={"reconstruction": {"unet": config_io.unet_signature(config.model.unet), "input": masked,
                                       "z_shape": list(config.model.z_shape), "dtype": config.model.dtype}})
     return common.train_model(name, config, workdir, objective=objective, model=model)
 

@@ -108,7 +108,7 @@ def train_class_conditional_ddpm(name, config, workdir) -> common.Trained:
 
     example = (jnp.zeros((1, height, width, channels)), jnp.ones((1,), jnp.int32), jnp.zeros((1,), jnp.int32))
     objective = Objective(init_params=lambda rng: model.init(rng, *example)["params"], loss_fn=loss_fn,
-                          signature={"class_conditional_ddpm": {"unet": dict(config.model.unet),
+                          signature={"class_conditional_ddpm": {"unet": config_io.unet_signature(config.model.unet),
                                                                 "diffusion": dict(config.diffusion),
                                                                 "z_shape": list(config.model.z_shape)}})
     return common.train_model(name, config, workdir, objective=objective, model=model, schedule=schedule)
@@ -130,7 +130,7 @@ def train_classifier(name, config, workdir) -> common.Trained:
 
     objective = Objective(init_params=lambda rng: model.init(rng, jnp.zeros((1, height, width, channels)))["params"],
                           loss_fn=loss_fn,
-                          signature={"classifier": {"unet": dict(config.model.unet),
+                          signature={"classifier": {"unet": config_io.unet_signature(config.model.unet),
                                                     "z_shape": list(config.model.z_shape)}})
     return common.train_model(name, config, workdir, objective=objective, model=model)
 

@@ -93,6 +93,9 @@ def test_signature_and_shape_differences_are_named():
     saved = {"model": {"unet": {"base_channels": 8}, "dtype": "float32"}, "diffusion": {"num_steps": 100}}
     current = {"model": {"unet": {"base_channels": 16}, "dtype": "float32"}, "diffusion": {"num_steps": 100}}
     assert config_io.signature_differences(saved, current) == ["model.unet.base_channels: checkpoint 8, config 16"]
+    rematerialised = get_config()
+    rematerialised.model.unet.remat = "nothing_saveable"  # same parameters: a checkpoint restores either way
+    assert config_io.model_signature(rematerialised) == config_io.model_signature(get_config())
     old = {"params": {"w": jax.ShapeDtypeStruct((3, 4), np.float32), "gone": jax.ShapeDtypeStruct((2,), np.float32)}}
     new = {"params": {"w": jax.ShapeDtypeStruct((3, 5), np.float32), "new": jax.ShapeDtypeStruct((1,), np.float32)}}
     assert checkpoint_lib.shape_differences(old, new) == [

@@ -15,6 +15,7 @@ activations at full resolution, [B, H, W, base_channels * channel_multipliers[0]
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from collections.abc import Sequence
 from typing import Any, NamedTuple
@@ -34,6 +35,9 @@ class UNetConfig:
     attention_resolutions are spatial sizes (e.g. (32, 16, 8) for a 64x64 input), as in ADM's flags.
     `num_classes` > 0 adds ADM's class embedding to the time embedding (the classic class-conditional
     baseline; MT-Diffusion conditions through the encoders instead and leaves it 0).
+    `remat`: '' (off) or a `jax.checkpoint_policies` policy (REMAT_POLICIES) applied to every residual and
+    attention block: the backward pass recomputes what the policy does not save (less memory, more FLOPs;
+    'nothing_saveable' keeps only the blocks' inputs). Parameters and results are the same either way.
     """
 
     base_channels: int = 64
@@ -45,6 +49,7 @@ class UNetConfig:
     resblock_updown: bool = True
     num_groups: int = 32
     num_classes: int = 0
+    remat: str = ""
 
     def __post_init__(self):
         # Config files give lists; keep the dataclass hashable.
@@ -56,6 +61,8 @@ class UNetConfig:
 
     def validate(self, spatial_shape: Sequence[int]) -> None:
         """Raises ValueError when this U-Net cannot run on inputs of spatial shape (H, W)."""
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"unknown U-Net remat policy {self.remat!r}; known: {sorted(REMAT_POLICIES)}")
         factor = 2 ** (len(self.channel_multipliers) - 1)
         if any(size % factor for size in spatial_shape):
             raise ValueError(f"U-Net with {len(self.channel_multipliers)} levels needs H and W divisible by "
@@ -70,6 +77,16 @@ class UNetConfig:
             if channels % self.num_head_channels:
                 raise ValueError(f"U-Net width {channels} is not divisible by num_head_channels="
                                  f"{self.num_head_channels}")
+
+
+# UNetConfig.remat -> the policy of `jax.checkpoint` around each block (MaxDiffusion's gradient_checkpoint).
+REMAT_POLICIES = {
+    "": None,
+    "nothing_saveable": jax.checkpoint_policies.nothing_saveable,
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "everything_saveable": jax.checkpoint_policies.everything_saveable,
+}
 
 
 PRESETS: dict[str, UNetConfig] = {
@@ -122,7 +139,7 @@ class ResBlock(nn.Module):
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: Array, embedding: Array, *, train: bool) -> Array:
+    def __call__(self, x: Array, embedding: Array, train: bool) -> Array:
         """x [B, H, W, C], embedding [B, E] -> [B, H', W', out_channels]."""
         h = nn.silu(nn.GroupNorm(self.num_groups, dtype=self.dtype)(x))
         if self.resample is not None:
@@ -178,9 +195,17 @@ class UNet(nn.Module):
         """x [B, H, W, C_in], t [B] integer steps, y [B] class ids (only with config.num_classes > 0)."""
         config, dtype = self.config, self.dtype
         config.validate(x.shape[1:3])
-        block = lambda channels, resample=None: ResBlock(  # noqa: E731
-            channels, config.dropout, resample, config.num_groups, dtype)
-        attention = lambda: AttentionBlock(config.num_head_channels, config.num_groups, dtype)  # noqa: E731
+        residual_class, attention_class = ResBlock, AttentionBlock
+        if config.remat:  # train (argument 3, counting self) is a Python bool: static
+            policy = REMAT_POLICIES[config.remat]
+            residual_class = nn.remat(ResBlock, policy=policy, static_argnums=(3,))
+            attention_class = nn.remat(AttentionBlock, policy=policy)
+        # Explicit names, the ones Flax gives the plain classes: the same parameters with and without remat.
+        residual_ids, attention_ids = itertools.count(), itertools.count()
+        block = lambda channels, resample=None: residual_class(  # noqa: E731
+            channels, config.dropout, resample, config.num_groups, dtype, name=f"ResBlock_{next(residual_ids)}")
+        attention = lambda: attention_class(  # noqa: E731
+            config.num_head_channels, config.num_groups, dtype, name=f"AttentionBlock_{next(attention_ids)}")
 
         embedding_dim = 4 * config.base_channels
         embedding = timestep_embedding(t, config.base_channels)
@@ -196,31 +221,31 @@ class UNet(nn.Module):
         skips = [h]
         for level, channels in enumerate(config.level_channels()):
             for _ in range(config.num_res_blocks):
-                h = block(channels)(h, embedding, train=train)
+                h = block(channels)(h, embedding, train)
                 if resolution in config.attention_resolutions:
                     h = attention()(h)
                 skips.append(h)
             if level != len(config.channel_multipliers) - 1:
                 if config.resblock_updown:
-                    h = block(channels, "down")(h, embedding, train=train)
+                    h = block(channels, "down")(h, embedding, train)
                 else:
                     h = nn.Conv(channels, (3, 3), strides=(2, 2), dtype=dtype)(h)
                 resolution //= 2
                 skips.append(h)
 
-        h = block(h.shape[-1])(h, embedding, train=train)
+        h = block(h.shape[-1])(h, embedding, train)
         h = attention()(h)
-        h = block(h.shape[-1])(h, embedding, train=train)
+        h = block(h.shape[-1])(h, embedding, train)
         bottleneck = h
 
         for level, channels in reversed(list(enumerate(config.level_channels()))):
             for index in range(config.num_res_blocks + 1):
-                h = block(channels)(jnp.concatenate([h, skips.pop()], axis=-1), embedding, train=train)
+                h = block(channels)(jnp.concatenate([h, skips.pop()], axis=-1), embedding, train)
                 if resolution in config.attention_resolutions:
                     h = attention()(h)
                 if level and index == config.num_res_blocks:
                     if config.resblock_updown:
-                        h = block(channels, "up")(h, embedding, train=train)
+                        h = block(channels, "up")(h, embedding, train)
                     else:
                         h = nn.Conv(channels, (3, 3), dtype=dtype)(upsample_nearest(h))
                     resolution *= 2

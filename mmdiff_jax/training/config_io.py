@@ -227,9 +227,19 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int | None =
     return model
 
 
+# U-Net fields that change how the network computes, not its parameters: left out of checkpoint signatures.
+COMPUTE_ONLY_UNET_FIELDS = ("remat",)
+
+
+def unet_signature(unet: Mapping[str, Any]) -> dict[str, Any]:
+    """A config's U-Net section without its compute-only fields (a checkpoint restores under any remat)."""
+    return {key: value for key, value in dict(unet).items() if key not in COMPUTE_ONLY_UNET_FIELDS}
+
+
 def model_signature(config: ml_collections.ConfigDict) -> dict[str, Any]:
     """What a checkpoint must agree on to be restored: the model and diffusion sections, JSON-normalised."""
-    return json.loads(json.dumps({"model": config.model.to_dict(), "diffusion": config.diffusion.to_dict()}))
+    model = {**config.model.to_dict(), "unet": unet_signature(config.model.unet)}
+    return json.loads(json.dumps({"model": model, "diffusion": config.diffusion.to_dict()}))
 
 
 def signature_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
