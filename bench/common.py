@@ -34,7 +34,7 @@ if str(REPO) not in sys.path:  # run from a checkout without installing
     sys.path.insert(0, str(REPO))
 
 from mmdiff_jax.modalities import Modality, MTDiffusion, modality_schedule  # noqa: E402
-from mmdiff_jax.models.unet import REMAT_POLICIES, unet_preset  # noqa: E402
+from mmdiff_jax.models.unet import unet_preset  # noqa: E402
 
 # The benchmarked setups: the primary image plus one class label (table encoder, 'bump' weights, MLP head
 # on the bottleneck), T = 1000 linear betas. Batch sizes are per backend: CPU ones keep a step near a second.

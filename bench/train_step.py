@@ -32,6 +32,8 @@ import tempfile
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import common  # noqa: E402
 
+from mmdiff_jax.models.unet import REMAT_POLICIES  # noqa: E402
+
 # Children get the environment as it was; this parent process only asks JAX which backend it has, and on
 # a GPU must not preallocate the memory its children need.
 CHILD_ENVIRONMENT = dict(os.environ)
@@ -102,7 +104,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--batch_size", type=int, default=0, help="0: per config and backend (see common.py)")
     parser.add_argument("--dtype", default="float32", choices=sorted(common.DTYPES))
     parser.add_argument("--step", default="project", choices=("project", "minimal"))
-    parser.add_argument("--remat", default="", choices=sorted(common.REMAT_POLICIES),
+    parser.add_argument("--remat", default="", choices=sorted(REMAT_POLICIES),
                         help="UNetConfig.remat: '' (off) or a jax.checkpoint policy around every block")
     parser.add_argument("--steps", type=int, default=3, help="steps per timed block")
     parser.add_argument("--repeats", type=int, default=5, help="timed blocks")
