@@ -54,7 +54,7 @@ class Objective:
     """
 
     init_params: state_lib.ParamsInit
-    loss_fn: Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
+    loss_fn: steps_lib.LossFn
     signature: Mapping[str, Any]
 
 
