@@ -259,15 +259,18 @@ def evaluate_metrics(specs: Sequence[Any], batches: Iterable[Mapping[str, Any]],
                      reference_features: Mapping[str, np.ndarray] | None = None) -> dict[str, float]:
     """`mmdiff_jax.metrics` evaluators from config specs ("name", (name, kwargs) or {"name": ...}) over
     `batches`. perceptual_fmnist_cnn gets `classifier`; a feature evaluator (fid / precision_recall /
-    feature_distribution) that names no `features` runs once per feature space of `reference_features`
-    (from `reference_features()`; default: 'fmnist_cnn' alone), against those reference features."""
-    spaces = reference_features or {"fmnist_cnn": None}
+    feature_distribution) runs in the feature space its spec names (`features`), or else once per feature
+    space of `reference_features` (from `reference_features()`; default: 'fmnist_cnn' alone), against the
+    reference features of that space when there are some ('fmnist_cnn' is `classifier`'s features)."""
+    references = dict(reference_features or {"fmnist_cnn": None})
     evaluators = []
     for spec in specs:
         name, kwargs = _evaluator_spec(spec)
         if name == "perceptual_fmnist_cnn":
             kwargs.setdefault("classifier", classifier)
-        if name in FEATURE_EVALUATORS and "features" not in kwargs:
+        if name in FEATURE_EVALUATORS and not callable(kwargs.get("features")):
+            named = kwargs.pop("features", None)
+            spaces = references if named is None else {named: references.get(named)}
             evaluators += [metrics_lib.make_evaluator(name, **kwargs, features=feature_fn(space, classifier),
                                                       feature_name=space, reference_features=reference)
                            for space, reference in spaces.items()]

@@ -44,6 +44,12 @@ def test_feature_evaluators_run_in_every_configured_space(tmp_path, monkeypatch)
         expected = distribution.fid(reference[space], np.asarray(features(samples), np.float32))
         np.testing.assert_allclose(results[f"fid_{space}"], expected, rtol=1e-4)
 
+    # A spec naming its space runs there alone (no reference features given: the batch's images are the set).
+    named = common.evaluate_metrics([("fid", {"features": "pixels"})], [{"image": images, "sample": samples}],
+                                    classifier)
+    assert named.keys() == {"fid_pixels"}
+    np.testing.assert_allclose(named["fid_pixels"], distribution.fid(_pixels(images), _pixels(samples)), rtol=1e-4)
+
     report = common.Report("test", tmp_path)
     report.feature_space_tables("Unconditional samples", {"model": results}, config.experiment.feature_spaces)
     assert len(report.sections) == 1 and "Unconditional samples, pixels features" in report.sections[0]
