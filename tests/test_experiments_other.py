@@ -3,11 +3,16 @@ Fashion-MNIST arrays), through the CLI in a child process (`training_helpers.run
 trained through its real training path, every evaluation, report.md / metrics.json / the published grid and
 the --results_dir copy."""
 
+import dataclasses
 import json
 import math
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
+from configs import joint_image_label as label_config
+from mmdiff_jax.models.unet import UNet, UNetConfig
 from tests.training_helpers import run_experiment_cli, write_arrays
 
 
@@ -33,6 +38,13 @@ def _check_outputs(workdir, results, grid, texts, steps):
     return metrics
 
 
+def _unet_params(config: UNetConfig) -> int:
+    labels = jnp.zeros((1,), jnp.int32) if config.num_classes else None
+    shapes = jax.eval_shape(lambda: UNet(config, out_channels=1).init(
+        jax.random.key(0), jnp.zeros((1, 28, 28, 1)), jnp.zeros((1,), jnp.int32), labels, train=False))
+    return sum(leaf.size for leaf in jax.tree.leaves(shapes))
+
+
 def _arrays(tmp_path) -> str:
     return f"--config.data.arrays_path={write_arrays(tmp_path / 'arrays.npz', num_train=64, num_test=16)}"
 
@@ -48,6 +60,11 @@ def test_joint_image_label_tiny(tmp_path):
         assert math.isfinite(metrics["label_to_image"][name]["fid_fmnist_cnn"])
     assert set(metrics["image_to_label"]) == {"mt_diffusion_t1", "classifier", "fmnist_cnn_judge"}
     assert metrics["training"]["class_conditional_ddpm"]["loss"] == "eps-MSE"
+    # The class-conditional baseline is the U-Net with ADM's class embedding: 10 x (4 x base_channels) more.
+    unet = UNetConfig(**dict(label_config.get_config("tiny").model.unet))
+    with_classes, without = _unet_params(dataclasses.replace(unet, num_classes=10)), _unet_params(unet)
+    assert metrics["training"]["class_conditional_ddpm"]["num_params"] == with_classes
+    assert with_classes - without == 10 * 4 * unet.base_channels
     assert metrics["training"]["classifier"]["loss"] == "cross-entropy"
     assert metrics["training"]["mt_diffusion"]["loss"] == "eps-MSE + aggregation MSE + NLL of label"
 
