@@ -464,6 +464,16 @@ class _LoadMonitor:
                 "max": float(np.max(self.samples))}
 
 
+def load_sentence(load: Mapping[str, float], cores: int) -> str:
+    """The report's line on machine load: whether other jobs shared the cores (the run alone loads about
+    `cores`: XLA runs one thread per core; the 1-minute average lags, so the mean decides)."""
+    shared = load["mean"] > cores + 0.5
+    verdict = ("other jobs shared the cores, so an idle machine runs faster" if shared
+               else "about what this run alone puts on the cores")
+    return (f"Machine load (1-min load average, sampled every 10 s, this run included): mean {load['mean']:.1f}, "
+            f"max {load['max']:.1f}, at start {load['start']:.1f}: {verdict}.")
+
+
 class Run:
     """One invocation of an experiment: its config, workdir, report, timings and trained models."""
 
@@ -538,9 +548,7 @@ class Run:
             f"Wall time: **{wall / 60:.1f} min** on {cores} {info['backend'].upper()} core(s) "
             f"({info.get('cpu', 'unknown CPU')}, {info.get('memory_gib', '?')} GiB); process CPU time "
             f"{cpu / 60:.1f} min. Phases (min): {phases}.",
-            f"Machine load (1-min load average, sampled every 10 s, this run included): mean {load['mean']:.1f}, "
-            f"max {load['max']:.1f}, at start {load['start']:.1f}: other users' jobs shared the cores, so an "
-            f"idle machine runs faster.",
+            load_sentence(load, cores),
         ]
         footer = training + [f"Config preset `{run_info['preset'] or 'default'}`; full config in the workdir's "
                              f"`config.json`. git {run_info['git_commit']}, JAX {info['jax']}, Python "

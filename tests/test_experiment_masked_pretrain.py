@@ -72,3 +72,10 @@ def test_labelled_grid_shapes():
                                                   ["x", "y", "z"])])
     assert grid.dtype == np.uint8 and grid.ndim == 3 and grid.shape[2] == 3
     assert grid.shape[1] > 3 * 56 and grid.shape[0] > 2 * 56
+
+
+def test_load_sentence_says_when_other_jobs_shared_the_cores():
+    quiet = common.load_sentence({"mean": 1.6, "max": 2.2, "start": 0.9}, cores=2)
+    busy = common.load_sentence({"mean": 4.8, "max": 9.0, "start": 5.1}, cores=2)
+    assert "mean 1.6, max 2.2, at start 0.9: about what this run alone puts on the cores." in quiet
+    assert busy.endswith("other jobs shared the cores, so an idle machine runs faster.")
