@@ -345,12 +345,10 @@ def default_weights_path() -> pathlib.Path:
 def load_params(path=None):
     """{"params", "batch_stats"} from a converted .npz (default_weights_path())."""
     path = pathlib.Path(path) if path is not None else default_weights_path()
-    flat = weight_files.load_flat(path, (
+    return weight_files.load_tree(path, (
         f"Inception-V3 weights {path} not found. FID's Inception needs pytorch-fid's port of the "
         "TF 2015-12-05 weights, which you supply: download pt_inception-2015-12-05-6726825d.pth "
         f"({WEIGHTS_URL}) and convert it once with\n"
         "  python -m mmdiff_jax.metrics.convert_inception_weights --pth "
         f"pt_inception-2015-12-05-6726825d.pth --out {path}\n(or set ${WEIGHTS_ENV}). Without them, use "
-        "the offline features 'fmnist_cnn'."))
-    check_flat_params(flat, str(path))
-    return traverse_util.unflatten_dict({k: jnp.asarray(v) for k, v in flat.items()}, sep="/")
+        "the offline features 'fmnist_cnn'."), check_flat_params)

@@ -186,15 +186,13 @@ def default_weights_path() -> pathlib.Path:
 def load_params(path=None):
     """LPIPS params {"params": ...} from a converted .npz (default_weights_path())."""
     path = pathlib.Path(path) if path is not None else default_weights_path()
-    flat = weight_files.load_flat(path, (
+    return {"params": weight_files.load_tree(path, (
         f"LPIPS weights {path} not found. LPIPS needs the VGG-16 ImageNet "
         "weights, which you supply (torchvision's vgg16-397923af.pth), and "
         "the lpips package's lpips/weights/v0.1/vgg.pth, converted once with:\n"
         "  python -m mmdiff_jax.metrics.convert_lpips_weights --vgg16 "
         f"vgg16-397923af.pth --out {path}\n(or set ${WEIGHTS_ENV}). For an "
-        "offline perceptual distance use 'perceptual_fmnist_cnn' instead."))
-    check_flat_params(flat, str(path))
-    return {"params": traverse_util.unflatten_dict({k: jnp.asarray(v) for k, v in flat.items()}, sep="/")}
+        "offline perceptual distance use 'perceptual_fmnist_cnn' instead."), check_flat_params)}
 
 
 @jax.jit

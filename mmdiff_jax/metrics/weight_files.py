@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import os
 import pathlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
+import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
 
 
 def cache_path(environment_variable: str, file_name: str) -> pathlib.Path:
@@ -40,9 +42,13 @@ def save_flat(flat: Mapping[str, np.ndarray], path) -> pathlib.Path:
     return path
 
 
-def load_flat(path: pathlib.Path, missing_message: str) -> dict[str, np.ndarray]:
-    """The arrays of a converted .npz; FileNotFoundError(missing_message) when there is none."""
+def load_tree(path: pathlib.Path, missing_message: str,
+              check: Callable[[dict[str, np.ndarray], str], None]) -> dict:
+    """The converted .npz at `path`, checked by check(flat, source), as a nested tree of jax arrays;
+    FileNotFoundError(missing_message) when there is none."""
     if not path.is_file():
         raise FileNotFoundError(missing_message)
     with np.load(path, allow_pickle=False) as data:
-        return {k: data[k] for k in data.files}
+        flat = {k: data[k] for k in data.files}
+    check(flat, str(path))
+    return traverse_util.unflatten_dict({k: jnp.asarray(v) for k, v in flat.items()}, sep="/")
