@@ -6,10 +6,10 @@ through a linear encoder (RMS-normalised) under a 'bump' weight schedule (the pr
 head on the bottleneck recovers it (Gaussian NLL). One model serves joint generation and embedding -> image.
 
 Run (the CPU default: about 10 minutes on 2 idle CPU cores; writes workdirs/image_embedding):
-  python -m experiments.image_embedding --workdir=$PWD/workdirs/image_embedding \
+  python -m experiments.image_embedding --workdir=workdirs/image_embedding \
       --results_dir=results/image_embedding
 Real numbers (a 7.7M-parameter U-Net trained 100k steps; one accelerator):
-  python -m experiments.image_embedding --config.preset=full --workdir=$PWD/workdirs/image_embedding_full
+  python -m experiments.image_embedding --config.preset=full --workdir=workdirs/image_embedding_full
 Tiny (seconds; tests/test_experiments_other.py, with a stand-in embedding file):
   python -m experiments.image_embedding --config=configs/image_embedding.py:tiny --workdir=/tmp/emb_tiny
 """

@@ -11,10 +11,10 @@ objects: 64x64 costs 1.8x the pixels, too much for the 2-core CPU budget. 'full'
 'tiny' 32x32.
 
 Run (the CPU default: about 10 minutes on 2 idle CPU cores; writes workdirs/image_segmentation):
-  python -m experiments.image_segmentation --workdir=$PWD/workdirs/image_segmentation \
+  python -m experiments.image_segmentation --workdir=workdirs/image_segmentation \
       --results_dir=results/image_segmentation
 Real numbers (a 7.7M-parameter U-Net trained 100k steps on 64x64 scenes; one accelerator):
-  python -m experiments.image_segmentation --config.preset=full --workdir=$PWD/workdirs/image_segmentation_full
+  python -m experiments.image_segmentation --config.preset=full --workdir=workdirs/image_segmentation_full
 Tiny (seconds; tests/test_experiments_other.py):
   python -m experiments.image_segmentation --config=configs/image_segmentation.py:tiny --workdir=/tmp/seg_tiny
 """

@@ -7,10 +7,10 @@ backbone: a class-conditional DDPM (ADM class embedding) and the same U-Net trai
 
 Run (the CPU default: about 10 minutes on 2 idle CPU cores, baselines and evaluation included; writes
 workdirs/joint_image_label):
-  python -m experiments.joint_image_label --workdir=$PWD/workdirs/joint_image_label \
+  python -m experiments.joint_image_label --workdir=workdirs/joint_image_label \
       --results_dir=results/joint_image_label
 Real numbers (a 7.7M-parameter U-Net trained 100k steps; one accelerator):
-  python -m experiments.joint_image_label --config.preset=full --workdir=$PWD/workdirs/joint_image_label_full
+  python -m experiments.joint_image_label --config.preset=full --workdir=workdirs/joint_image_label_full
 Tiny (seconds; tests/test_experiments_other.py):
   python -m experiments.joint_image_label --config=configs/joint_image_label.py:tiny --workdir=/tmp/jil_tiny
 """

@@ -29,7 +29,8 @@ API:
   run_experiment(name, run_fn, config, workdir, results_dir=None) -> Run     the same, no flags (tests)
   Run        .config, .workdir, .report, .phase(name) (times a block), .train(name, config, train_fn, loss)
   Trained    name, model, schedule (None for non-diffusion baselines), params (EMA), config, workdir,
-             num_params, steps, train_seconds, resumed_from (checkpoint step found before training, or None)
+             num_params, steps, train_seconds, resumed_from (checkpoint step found before training, or None),
+             loss (its training loss in words)
   train_model(name, config, workdir, objective=None, model=None, schedule=None) -> Trained
                                         `train_and_evaluate` (MT-Diffusion, or a baseline's Objective)
                                         + its final EMA params
@@ -103,6 +104,7 @@ class Trained:
     steps: int
     train_seconds: float
     resumed_from: int | None = None  # the checkpoint step found in workdir before this run (None: fresh)
+    loss: str = ""  # its training loss in words (set by `Run.train`, shown in the report)
 
     def final_metrics(self) -> dict[str, float]:
         """The last logged value of every scalar in workdir/metrics.jsonl (loss, eval/loss, ...)."""
@@ -479,13 +481,12 @@ class Run:
 
     def __init__(self, name: str, config: ml_collections.ConfigDict, workdir: str | pathlib.Path, command: str):
         self.name, self.config, self.command = name, config, command
-        self.workdir = pathlib.Path(workdir).absolute()  # Orbax refuses relative checkpoint paths
+        self.workdir = pathlib.Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         (self.workdir / "config.json").write_text(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
         self.report = Report(name, self.workdir)
         self.timings: dict[str, float] = {}
         self.trained: dict[str, Trained] = {}
-        self.losses: dict[str, str] = {}  # model name -> its training loss, in words
         self._start, self._monitor = time.perf_counter(), _LoadMonitor()
 
     @contextlib.contextmanager
@@ -505,19 +506,19 @@ class Run:
         with self.phase(f"train {name}"):
             trained = train_fn(name, config, self.workdir / name)
         self.trained[name] = trained
-        self.losses[name] = loss or diffusion_loss(config)
+        trained.loss = loss or diffusion_loss(config)
         return trained
 
     def _training_table(self) -> list[str]:
         rows, records = [], {}
         for name, trained in self.trained.items():
             final = trained.final_metrics()
-            records[name] = {"loss": self.losses[name], "num_params": trained.num_params, "steps": trained.steps,
+            records[name] = {"loss": trained.loss, "num_params": trained.num_params, "steps": trained.steps,
                              "batch_size": trained.config.data.batch_size, "train_seconds": trained.train_seconds,
                              "resumed_from": trained.resumed_from, "final": final}
             note = "" if trained.resumed_from is None else f" (resumed at {trained.resumed_from})"
             rows.append([name, f"{trained.num_params:,}", trained.steps, trained.config.data.batch_size,
-                         self.losses[name], final.get("loss", float("nan")),
+                         trained.loss, final.get("loss", float("nan")),
                          f"{trained.train_seconds / 60:.1f}{note}"])
         self.report.metrics["training"] = records
         if not rows:

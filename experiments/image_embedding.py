@@ -1,9 +1,9 @@
 """Image + embedding vector (issue 7): joint generation and embedding -> image with one MT-Diffusion model.
 
-  python -m experiments.image_embedding --workdir=$PWD/workdirs/image_embedding        # the CPU default
-  python -m experiments.image_embedding --config.preset=full --workdir=$PWD/workdirs/image_embedding_full
+  python -m experiments.image_embedding        # the CPU default
+  python -m experiments.image_embedding --config.preset=full --workdir=workdirs/image_embedding_full
   python -m experiments.image_embedding --config=configs/image_embedding.py:tiny --workdir=/tmp/emb_tiny
-(configs/image_embedding.py. --workdir must be absolute: Orbax rejects relative checkpoint paths.)
+(configs/image_embedding.py; --workdir default workdirs/image_embedding.)
 
 Trains one MT-Diffusion model (image x_0 + the 64-d embedding x_1 of the project's Fashion-MNIST CNN). Then
 measures (config section `experiment`), embedding the generated images with the same CNN recipe (the metrics'

@@ -1,9 +1,9 @@
 """Image + segmentation mask (issue 7): joint generation, image -> mask and mask -> image on multi-object scenes.
 
-  python -m experiments.image_segmentation --workdir=$PWD/workdirs/image_segmentation        # the CPU default
-  python -m experiments.image_segmentation --config.preset=full --workdir=$PWD/workdirs/image_segmentation_full
+  python -m experiments.image_segmentation        # the CPU default
+  python -m experiments.image_segmentation --config.preset=full --workdir=workdirs/image_segmentation_full
   python -m experiments.image_segmentation --config=configs/image_segmentation.py:tiny --workdir=/tmp/seg_tiny
-(configs/image_segmentation.py. --workdir must be absolute: Orbax rejects relative checkpoint paths.)
+(configs/image_segmentation.py; --workdir default workdirs/image_segmentation.)
 
 Trains one MT-Diffusion model (image x_0 + segmentation mask x_1, 11 classes: background 0, item class c as
 c + 1). Then measures (config section `experiment`):

@@ -1,9 +1,9 @@
 """Image + class label (issue 7): joint generation, label -> image and image -> label with one MT-Diffusion model.
 
-  python -m experiments.joint_image_label --workdir=$PWD/workdirs/joint_image_label        # the CPU default
-  python -m experiments.joint_image_label --config.preset=full --workdir=$PWD/workdirs/joint_image_label_full
+  python -m experiments.joint_image_label        # the CPU default
+  python -m experiments.joint_image_label --config.preset=full --workdir=workdirs/joint_image_label_full
   python -m experiments.joint_image_label --config=configs/joint_image_label.py:tiny --workdir=/tmp/jil_tiny
-(configs/joint_image_label.py. --workdir must be absolute: Orbax rejects relative checkpoint paths.)
+(configs/joint_image_label.py; --workdir default workdirs/joint_image_label.)
 
 Trains, at the same budget (steps, batch, optimizer, EMA) and backbone:
   mt_diffusion            MT-Diffusion with the image x_0 and the label x_1 (learned table encoder, 'bump' weights,

@@ -13,6 +13,7 @@ import numpy as np
 
 from configs import joint_image_label as label_config
 from mmdiff_jax.models.unet import UNet, UNetConfig
+from mmdiff_jax.training.state import count_params
 from tests.training_helpers import run_experiment_cli, write_arrays
 
 
@@ -42,7 +43,7 @@ def _unet_params(config: UNetConfig) -> int:
     labels = jnp.zeros((1,), jnp.int32) if config.num_classes else None
     shapes = jax.eval_shape(lambda: UNet(config, out_channels=1).init(
         jax.random.key(0), jnp.zeros((1, 28, 28, 1)), jnp.zeros((1,), jnp.int32), labels, train=False))
-    return sum(leaf.size for leaf in jax.tree.leaves(shapes))
+    return count_params(shapes)
 
 
 def _arrays(tmp_path) -> str:
