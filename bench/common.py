@@ -302,14 +302,14 @@ def minimal_trainer(model: MTDiffusion, schedule: Any, batch: dict[str, np.ndarr
     """value_and_grad of the MT-Diffusion loss + AdamW, nothing else: the step the PyTorch port mirrors."""
     import optax
 
-    from mmdiff_jax.modalities import init_variables
     from mmdiff_jax.objective import make_loss_fn
+    from mmdiff_jax.training.state import params_init_fn
 
     loss_fn = make_loss_fn(model, schedule)
     optimizer = adamw(learning_rate, weight_decay)
     init_key, train_key = jax.random.split(jax.random.key(seed))
     if params is None:
-        params = jax.jit(lambda key: init_variables(model, key)["params"])(init_key)
+        params = jax.jit(params_init_fn(model))(init_key)
     state = (params, optimizer.init(params), jnp.zeros((), jnp.int32), jax.random.key_data(train_key))
 
     def step(state, batch):
