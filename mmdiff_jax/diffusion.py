@@ -1,4 +1,4 @@
-"""The multi-modal forward and reverse processes, exact and pure (DESIGN.md sections 2-3).
+"""The multi-modal forward and reverse processes, exact and pure (docs/design.md sections 2-3).
 
 Shapes used throughout:
   z_0, z_t, noise, eps   [B, *S]      a batch of points in the shared diffusion space (e.g. S = H, W, C)

@@ -1,4 +1,4 @@
-"""The four-term multi-modal variational bound and the simplified training loss (DESIGN.md section 4).
+"""The four-term multi-modal variational bound and the simplified training loss (docs/design.md section 4).
 
   L0 prior:      KL( q(z_T | z_0, X) || p(z_T) )                               `prior_kl`
   L1 diffusion:  sum_{t>=2} KL( q(z_{t-1} | z_t, z_0, X) || p(z_{t-1} | z_t) )  `posterior_kl` (one t)

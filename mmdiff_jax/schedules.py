@@ -1,10 +1,10 @@
-"""Noise schedules and per-modality aggregation-weight schedules (DESIGN.md sections 1-2).
+"""Noise schedules and per-modality aggregation-weight schedules (docs/design.md sections 1-2).
 
 Every schedule array is indexed by the diffusion step t = 0..T and so has length T + 1; entry 0 holds
 the t = 0 convention (`beta_0 = 0`, `alpha_0 = alpha_bar_0 = 1`, `w_0 = lambda_0 = 0`). A step argument
 `t` anywhere in the library is therefore used as a plain index: `schedule.alpha_bar[t]`.
 
-Aggregation weights come in two equivalent forms (DESIGN.md section 2):
+Aggregation weights come in two equivalent forms (docs/design.md section 2):
   w_t^(i)       the weight of encoding e_i in the transition at step t,
   lambda_t^(i)  how much of e_i the marginal z_t carries:  m_t = sum_i lambda_t^(i) e_i,
 related exactly by  lambda_t = sqrt(alpha_t) (lambda_{t-1} + w_t)  and  w_t = lambda_t / sqrt(alpha_t) - lambda_{t-1}.
@@ -170,7 +170,7 @@ def weight_schedule(kind: str, schedule: NoiseSchedule, gamma: float = 1.0) -> A
                the prior stays N(0, I): suits unconditional joint generation.
     bridge:    lambda_t = gamma * (1 - sqrt(abar_t)); z_T carries the source, prior N(m_T, I): suits
                image transition.
-    The paper leaves the schedule open; these are the library's choices (DESIGN.md section 2).
+    The paper leaves the schedule open; these are the library's choices (docs/design.md section 2).
     """
     sqrt_alpha_bar = jnp.sqrt(schedule.alpha_bar)
     if kind == "zero":

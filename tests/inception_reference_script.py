@@ -1,7 +1,7 @@
 """Runs pytorch-fid's InceptionV3 on random weights and dumps weights, images, features.
 
 Run with an interpreter that has pytorch-fid 0.3.0 + torch + torchvision (NOT
-the project's venv; see DESIGN.md section 7):
+the project's venv; see docs/design.md section 7):
 
   python tests/inception_reference_script.py OUT.npz [PTH_DIR]
 

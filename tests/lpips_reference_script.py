@@ -1,7 +1,7 @@
 """Runs the reference PyTorch `lpips` package and dumps weights, images, distances.
 
 Run with an interpreter that has lpips 0.1.4 + torch + torchvision (NOT the
-project's venv; see DESIGN.md section 7):
+project's venv; see docs/design.md section 7):
 
   python tests/lpips_reference_script.py OUT.npz [PTH_DIR]
 

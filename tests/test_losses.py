@@ -42,7 +42,7 @@ def test_posterior_kl_is_nonnegative_and_zero_exactly_at_the_posterior(schedule)
 
 
 def test_posterior_kl_equals_its_closed_form(schedule):
-    """|| c_t (eps_theta - eps) + sum_i w_t^i (ehat_i - e_i) ||^2 / (2 sigma^2) + variance term (DESIGN.md)."""
+    """|| c_t (eps_theta - eps) + sum_i w_t^i (ehat_i - e_i) ||^2 / (2 sigma^2) + variance term (docs/design.md)."""
     z_0, eps, encodings = random_inputs(2)
     keys = jax.random.split(jax.random.key(3), 2)
     eps_theta = eps + 0.2 * jax.random.normal(keys[0], eps.shape)

@@ -2,7 +2,7 @@
 
 Skipped unless MMDIFF_LPIPS_REFERENCE=1. The reference (lpips 0.1.4, which needs
 torchvision, i.e. torch==2.14.1 + torchvision==0.29.1, a CUDA build) lives in a
-throwaway venv, never in the project's (DESIGN.md section 7); point
+throwaway venv, never in the project's (docs/design.md section 7); point
 MMDIFF_LPIPS_REFERENCE_PYTHON at its interpreter (default: this one):
 
   python3.11 -m venv /tmp/lpips_ref && /tmp/lpips_ref/bin/pip install \

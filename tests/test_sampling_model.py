@@ -89,7 +89,7 @@ def setup():
 
 
 def independent_chain(setup, masked_image_observed=True):
-    """DDIM eta = 0 written out from DESIGN.md with ehat stated independently of the sampler: the probe's
+    """DDIM eta = 0 written out from docs/design.md with ehat stated independently of the sampler: the probe's
     E(x) for the observed masked image (or E(D(h)) if not observed), E(D(h)) for the label (softmax
     expectation of the normalised table) and the segmentation (normalised conv of the head's softmax), and
     the source image itself (identity encoder, always observed)."""

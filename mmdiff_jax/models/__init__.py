@@ -1,4 +1,4 @@
-"""Flax Linen networks: the shared ADM-style U-Net, modality encoders and task heads (DESIGN.md section 5)."""
+"""Flax Linen networks: the shared ADM-style U-Net, modality encoders and task heads (docs/design.md section 5)."""
 
 from mmdiff_jax.models.decoders import ConvHead, MLPHead, make_head
 from mmdiff_jax.models.encoders import (Conv1x1Encoder, IdentityEncoder, LinearEncoder, OneHotConvEncoder,

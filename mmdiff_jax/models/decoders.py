@@ -1,4 +1,4 @@
-"""Task decoder heads D_i on the shared backbone's features (DESIGN.md section 5).
+"""Task decoder heads D_i on the shared backbone's features (docs/design.md section 5).
 
   'conv'  full-resolution head for images and masks: GN -> SiLU -> conv3x3 -> SiLU -> conv3x3,
           features [B, H, W, F] -> [B, H, W, out] (image mean, or segmentation logits with out = K).

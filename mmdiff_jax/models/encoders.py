@@ -1,7 +1,7 @@
-"""Modality encoders E_i : X_i -> Z, one per kind (DESIGN.md section 5).
+"""Modality encoders E_i : X_i -> Z, one per kind (docs/design.md section 5).
 
 Every encoder maps a batch of its modality's data to z's shape S = (H, W, C), and also maps its head's
-prediction D_i(h) to the estimated encoding ehat_i = E_i(D_i(h)) (DESIGN.md section 3):
+prediction D_i(h) to the estimated encoding ehat_i = E_i(D_i(h)) (docs/design.md section 3):
 
   encoder        data x_i                         prediction D_i(h)           weights
   'identity'     [B, H, W, C] image               [B, H, W, C] mean           none

@@ -1,4 +1,4 @@
-"""Samplers and conditional generation (DESIGN.md section 3).
+"""Samplers and conditional generation (docs/design.md section 3).
 
   samplers     pure DDPM / DDIM chains over a generic denoise(z_t, t) -> Prediction (no Flax)
   guidance     classifier guidance by a likelihood the denoiser computes (no Flax)

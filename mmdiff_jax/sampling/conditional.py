@@ -1,4 +1,4 @@
-"""The samplers wired to an `MTDiffusion` model: joint and conditional generation (DESIGN.md section 3).
+"""The samplers wired to an `MTDiffusion` model: joint and conditional generation (docs/design.md section 3).
 
 `observed` maps modality names to data in batch form (a masked image also needs 'mask'), exactly as
 `MTDiffusion.predict` reads it. Any subset may be observed, including none (joint generation):

@@ -1,4 +1,4 @@
-"""Classifier guidance by a likelihood the denoiser itself computes (DESIGN.md section 3); no Flax.
+"""Classifier guidance by a likelihood the denoiser itself computes (docs/design.md section 3); no Flax.
 
 With p(z_t | y) proportional to p(z_t) p(y | z_t) and eps(z_t) = -sqrt(1 - abar_t) grad log p(z_t),
   eps~(z_t, t) = eps(z_t, t) - scale * sqrt(1 - abar_t) * grad_{z_t} log p(y | z_t)

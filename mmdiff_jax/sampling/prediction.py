@@ -1,6 +1,6 @@
 """Prediction by the model's own heads: classification and segmentation of an observed image.
 
-With the primary image x_0 observed, the heads read z_t at a chosen noise level t (DESIGN.md section 2):
+With the primary image x_0 observed, the heads read z_t at a chosen noise level t (docs/design.md section 2):
   z_t = sqrt(abar_t) x_0 + m_t + sqrt(1 - abar_t) xi,   xi ~ N(0, I),   m_t = sum_i lambda_t^(i) ehat_i,
 with ehat_i = E_i(x_i) for further observed modalities and, for the unknown ones (the label being
 predicted, say), E_i(D_i(h)) found by `refinements` fixed-point steps z <- base + m_t(ehat(z)) from

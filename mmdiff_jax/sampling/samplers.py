@@ -1,11 +1,11 @@
-"""Ancestral (DDPM) and DDIM samplers over a generic denoiser (DESIGN.md section 3); no Flax.
+"""Ancestral (DDPM) and DDIM samplers over a generic denoiser (docs/design.md section 3); no Flax.
 
 A denoiser is any function `denoise(z_t, t) -> Prediction(eps, estimated_encodings, aux)` with
   z_t [B, *S], t [B] int32 in 1..T  ->  eps [B, *S], estimated_encodings [N, B, *S] (ehat_i), aux (any pytree).
 ehat_i is E_i(x_i) for observed modalities and E_i(D_i(h_theta(z_t, t))) for the rest (the model layer
 decides, see `sampling.conditional`); `aux` (e.g. the heads' outputs) is returned from the last call.
 
-The samplers rest on the key identity of the forward process (DESIGN.md section 2): u_t = z_t - m_t,
+The samplers rest on the key identity of the forward process (docs/design.md section 2): u_t = z_t - m_t,
 m_t = sum_i lambda_t^(i) e_i, is a plain DDPM chain, u_t = sqrt(abar_t) u_0 + sqrt(1 - abar_t) eps with
 u_0 = z_0. Everything DDPM/DDIM knows applies to u; the encodings only shift z by m_t.
 
