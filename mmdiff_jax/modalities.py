@@ -1,4 +1,4 @@
-"""Modality specs and the assembled MT-Diffusion model (DESIGN.md sections 3 and 5).
+"""Modality specs and the assembled MT-Diffusion model (docs/design.md sections 3 and 5).
 
 The primary modality x_0 (batch key `primary`, default 'image') defines the diffusion space: z_0 = x_0,
 an image in [-1, 1] of shape S = (H, W, C). Each auxiliary modality i = 1..N is a `Modality`: its batch

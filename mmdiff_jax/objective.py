@@ -1,6 +1,6 @@
 """The training objective: the core math (`diffusion`, `losses`) wired to an `MTDiffusion` model.
 
-One step of the simplified multi-modal bound (DESIGN.md section 4), for a batch and a PRNG key:
+One step of the simplified multi-modal bound (docs/design.md section 4), for a batch and a PRNG key:
   t ~ U{1..T},  eps ~ N(0, I),  e_i = E_i(x_i),
   z_t = sqrt(abar_t) z_0 + sum_i lambda_t^(i) e_i + sqrt(1 - abar_t) eps      (`diffusion.marginal_sample`)
   loss = eps_weight * eps_mse + aggregation_weight * aggregation_mse + sum_i lambda_i L2_i
