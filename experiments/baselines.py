@@ -44,6 +44,15 @@ def plain_ddpm_config(config: ml_collections.ConfigDict) -> ml_collections.Confi
     return plain
 
 
+def aggregation_only_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """`config` with every modality's condition path 'none': the denoiser sees nothing observed and
+    conditioning enters through the aggregation only (the ablation of docs/design.md section 3b)."""
+    ablation = common.copy_config(config)
+    for spec in ablation.model.modalities.values():
+        spec["condition"] = "none"
+    return ablation
+
+
 def masked_modality(config: ml_collections.ConfigDict) -> str:
     """The name of the config's (first) masked-image modality."""
     for name, spec in config.model.modalities.items():

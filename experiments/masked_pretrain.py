@@ -40,11 +40,18 @@ LPIPS_PROXY = "LPIPS-proxy (perceptual distance on Fashion-MNIST CNN features, n
 FID_PROXY = "FID-proxy (Fashion-MNIST CNN features)"
 
 
+def cfg_method(scale: float) -> str:
+    return f"mt_diffusion_cfg{scale:g}"
+
+
 def method_labels(config: ml_collections.ConfigDict) -> dict[str, str]:
     strength = config.experiment.restoration.sdedit_strength
     return {
         "mt_diffusion": "MT-Diffusion (masked image observed)",
         "mt_diffusion_repaint": "MT-Diffusion + RePaint",
+        **{cfg_method(s): f"MT-Diffusion, guidance s = {s:g}" for s in config.experiment.restoration.cfg_scales},
+        "aggregation_only": "ablation: aggregation-only MT-Diffusion",
+        "aggregation_only_repaint": "ablation: aggregation-only + RePaint",
         "sdedit": f"SDEdit, plain DDPM (t0 = {strength:g} T)",
         "ddpm_repaint": "plain DDPM + RePaint",
         "reconstruction": "reconstruction-only U-Net (one pass)",
@@ -52,33 +59,48 @@ def method_labels(config: ml_collections.ConfigDict) -> dict[str, str]:
     }
 
 
+def all_methods(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+    """The configured restoration methods, the guidance sweep's and, with the ablation, the aggregation-only
+    model's."""
+    experiment = config.experiment
+    methods = tuple(experiment.restoration.methods) + tuple(cfg_method(s) for s in experiment.restoration.cfg_scales)
+    if experiment.aggregation_only_ablation:
+        methods += ("aggregation_only", "aggregation_only_repaint")
+    return methods
+
+
 def restoration_methods(config: ml_collections.ConfigDict, models: dict[str, common.Trained]) -> dict:
     """name -> fn(batch, rng) -> restored images [B, H, W, C], for the configured methods."""
     sampler = common.sampler_options(config.experiment.sampler)
     mt, ddpm, recon = models["mt_diffusion"], models["plain_ddpm"], models["reconstruction"]
     masked = baselines.masked_modality(config)
+
+    def mt_restorer(trained, repaint, **call_options):
+        restore = sampling.make_restore_fn(trained.model, trained.schedule, masked, repaint=repaint, **sampler)
+        return lambda batch, rng: restore(trained.params, batch[masked], batch[MASK_KEY], rng, **call_options).image
+
     makers = {
-        "mt_diffusion": lambda: _restorer(sampling.make_restore_fn(mt.model, mt.schedule, masked, repaint=False,
-                                                                   **sampler), mt.params, masked),
-        "mt_diffusion_repaint": lambda: _restorer(sampling.make_restore_fn(mt.model, mt.schedule, masked,
-                                                                           repaint=True, **sampler), mt.params, masked),
+        "mt_diffusion": lambda: mt_restorer(mt, False),
+        "mt_diffusion_repaint": lambda: mt_restorer(mt, True),
+        **{cfg_method(s): (lambda s=s: mt_restorer(mt, False, cfg_scales=s))
+           for s in config.experiment.restoration.cfg_scales},
+        "aggregation_only": lambda: mt_restorer(models["aggregation_only"], False),
+        "aggregation_only_repaint": lambda: mt_restorer(models["aggregation_only"], True),
         "sdedit": lambda: _sdedit(config, ddpm, masked),
-        "ddpm_repaint": lambda: _restorer(baselines.make_repaint_fn(ddpm.model, ddpm.schedule, **sampler),
-                                          ddpm.params, masked, plain=True),
+        "ddpm_repaint": lambda: _repaint_restorer(baselines.make_repaint_fn(ddpm.model, ddpm.schedule, **sampler),
+                                                  ddpm.params, masked),
         "reconstruction": lambda: _reconstructor(baselines.make_reconstruct_fn(recon), recon.params, masked),
         "masked_input": lambda: (lambda batch, rng: batch[masked]),
     }
-    methods = tuple(config.experiment.restoration.methods)
+    methods = all_methods(config)
     unknown = sorted(set(methods) - set(makers))
     if unknown:
         raise ValueError(f"config.experiment.restoration.methods: unknown {unknown}; known: {sorted(makers)}")
     return {name: makers[name]() for name in methods}
 
 
-def _restorer(restore, params, masked, plain=False):
-    if plain:
-        return lambda batch, rng: restore(params, batch[masked], batch[MASK_KEY], rng)
-    return lambda batch, rng: restore(params, batch[masked], batch[MASK_KEY], rng).image
+def _repaint_restorer(restore, params, masked):
+    return lambda batch, rng: restore(params, batch[masked], batch[MASK_KEY], rng)
 
 
 def _reconstructor(reconstruct, params, masked):
@@ -137,7 +159,7 @@ def evaluate_unconditional(config, run: common.Run, models, classifier) -> dict:
         real = common.eval_batches(config, section.num_samples, section.batch_size, split="train")
         real_images = np.concatenate([b[config.model.primary] for b in real])
     samples = {}
-    for name in ("mt_diffusion", "plain_ddpm"):
+    for name in [name for name in ("mt_diffusion", "aggregation_only", "plain_ddpm") if name in models]:
         trained = models[name]
         sample = sampling.make_sample_fn(trained.model, trained.schedule, **sampler)
         with run.phase(f"unconditional: {name}"):
@@ -146,8 +168,7 @@ def evaluate_unconditional(config, run: common.Run, models, classifier) -> dict:
                                                                                 batch_size=section.batch_size),
                 range(num_batches), seed=experiment.seed, desc=f"{name} samples")
     results = {}
-    for name, images in (("mt_diffusion", samples["mt_diffusion"].image), ("plain_ddpm", samples["plain_ddpm"].image),
-                         ("real_train_images", real_images)):
+    for name, images in [(name, s.image) for name, s in samples.items()] + [("real_train_images", real_images)]:
         results[name] = common.evaluate_metrics(section.metrics, [{"sample": images}], classifier,
                                                 reference_features=reference_features)
     count = experiment.grid_images
@@ -169,7 +190,7 @@ def write_report(config, run: common.Run, restoration: dict, unconditional: dict
     experiment, report = config.experiment, run.report
     labels = method_labels(config)
     ratios = [str(r) for r in experiment.restoration.mask_ratios]
-    methods = list(experiment.restoration.methods)
+    methods = list(all_methods(config))
     modality = config.model.modalities[baselines.masked_modality(config)]
     low, high = config.data.options.mask_ratio
     report.text(
@@ -195,8 +216,10 @@ def write_report(config, run: common.Run, restoration: dict, unconditional: dict
         report.table("SSIM on the hidden region (↑)", ["method"] + [f"r={r}" for r in ratios],
                      [[labels[m]] + [restoration[r][m]["ssim_masked"] for r in ratios] for m in methods])
     section = experiment.unconditional
-    names = {"mt_diffusion": "MT-Diffusion, joint samples (nothing observed)", "plain_ddpm": "plain DDPM",
+    names = {"mt_diffusion": "MT-Diffusion, joint samples (nothing observed)",
+             "aggregation_only": "ablation: aggregation-only MT-Diffusion, joint samples", "plain_ddpm": "plain DDPM",
              "real_train_images": "real training images (floor)"}
+    names = {name: label for name, label in names.items() if name in unconditional}
     report.table(f"Unconditional samples ({section.num_samples} per model, equal training budget)",
                  ["model", f"{FID_PROXY} ↓", "precision ↑", "recall ↑"],
                  [[names[n], unconditional[n]["fid_fmnist_cnn"], unconditional[n].get("precision_fmnist_cnn"),
@@ -214,7 +237,8 @@ def _findings(restoration, unconditional, ratios, methods, labels) -> list[str]:
     lines = []
     compared = [m for m in methods if m != "masked_input"]
     pairs = [("mt_diffusion_repaint", "ddpm_repaint"), ("mt_diffusion_repaint", "sdedit"),
-             ("mt_diffusion", "sdedit"), ("mt_diffusion", "masked_input")]
+             ("mt_diffusion", "sdedit"), ("mt_diffusion", "ddpm_repaint"), ("mt_diffusion", "masked_input"),
+             ("mt_diffusion", "aggregation_only")]
     for r in ratios:
         measured = restoration[r]
         best_psnr = max(compared, key=lambda m: measured[m]["psnr_masked"])
@@ -243,6 +267,8 @@ def run(config: ml_collections.ConfigDict, run: common.Run) -> None:
         "plain_ddpm": run.train("plain_ddpm", baselines.plain_ddpm_config(config)),
         "reconstruction": run.train("reconstruction", config, baselines.train_reconstruction, loss="pixel MSE"),
     }
+    if config.experiment.aggregation_only_ablation:
+        models["aggregation_only"] = run.train("aggregation_only", baselines.aggregation_only_config(config))
     with run.phase("metrics classifier"):
         classifier = common.metrics_classifier(config)
     restoration = evaluate_restoration(config, run, models, classifier)

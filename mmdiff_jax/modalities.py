@@ -24,6 +24,8 @@ import jax
 import jax.numpy as jnp
 
 from mmdiff_jax import losses
+from mmdiff_jax.models.conditioning import (CONDITION_KINDS, SPATIAL_KINDS, EmbeddingCondition, TokenCondition,
+                                            spatial_condition)
 from mmdiff_jax.models.decoders import HEAD_KINDS, make_head
 from mmdiff_jax.models.encoders import ENCODER_KINDS, make_encoder
 from mmdiff_jax.models.unet import UNet, UNetConfig
@@ -75,6 +77,12 @@ class Modality:
       head_hidden: hidden width of the head; 0: the backbone's base width.
       head_log_scale: fixed log std of the Gaussian p(x_i | z_t) of image and vector heads.
       encoder_kernel_size: kernel size of the segmentation encoder's conv.
+      condition: how the observed data reaches the denoiser (`models.conditioning`, docs/design.md
+        section 3b): 'none' (the aggregation only), 'concat' (spatial kinds), 'embedding' (labels,
+        vectors) or 'cross_attention' (any kind).
+      p_uncond: probability that training hides this modality from the denoiser, per example (condition
+        dropout); 1 trains the joint model only. Unused with condition 'none'.
+      token_patch_size: patch size of a spatial kind's cross-attention tokens (must divide H and W).
     """
 
     name: str
@@ -91,6 +99,9 @@ class Modality:
     head_hidden: int = 0
     head_log_scale: float = 0.0
     encoder_kernel_size: int = 3
+    condition: str = "none"
+    p_uncond: float = 0.2
+    token_patch_size: int = 4
 
     def __post_init__(self):
         where = f"modality {self.name!r}"
@@ -107,6 +118,7 @@ class Modality:
         resolve("head", self.head or rule.head)
         resolve("loss", self.loss or ("none" if self.head == "none" else rule.loss))
         resolve("head_features", self.head_features or ("features" if self.head == "conv" else "bottleneck"))
+        resolve("p_uncond", float(self.p_uncond))
 
         if len(self.shape) != rule.shape_rank or any(size < 1 for size in self.shape):
             raise ValueError(f"{where}: kind {self.kind!r} needs a shape of {rule.shape_rank} positive sizes, "
@@ -131,6 +143,18 @@ class Modality:
         if self.head_features not in HEAD_FEATURES or (self.head == "conv" and self.head_features != "features"):
             raise ValueError(f"{where}: head_features {self.head_features!r} is not valid for head {self.head!r} "
                              f"(conv heads read 'features'; MLP heads 'features' or 'bottleneck')")
+        if self.condition not in CONDITION_KINDS:
+            raise ValueError(f"{where}: unknown condition {self.condition!r}; known: {CONDITION_KINDS}")
+        fitting = {"concat": SPATIAL_KINDS, "embedding": ("label", "vector")}.get(self.condition, MODALITY_KINDS)
+        if self.kind not in fitting:
+            raise ValueError(f"{where}: condition {self.condition!r} does not fit kind {self.kind!r} (it takes "
+                             f"{fitting}); 'cross_attention' takes any kind")
+        if not 0.0 <= self.p_uncond <= 1.0:
+            raise ValueError(f"{where}: p_uncond must lie in [0, 1], got {self.p_uncond}")
+        if self.condition == "cross_attention" and self.kind in SPATIAL_KINDS and (
+                self.token_patch_size < 1 or any(size % self.token_patch_size for size in self.shape[:2])):
+            raise ValueError(f"{where}: token_patch_size {self.token_patch_size} must divide the spatial size "
+                             f"{self.shape[:2]}")
         if self.weight_schedule[0] not in WEIGHT_SCHEDULES:
             raise ValueError(f"{where}: unknown weight schedule {self.weight_schedule[0]!r}; "
                              f"known: {WEIGHT_SCHEDULES}")
@@ -149,6 +173,11 @@ class Modality:
             return self.shape + (self.num_classes,)
         return self.data_shape
 
+    @property
+    def conditioned(self) -> bool:
+        """Whether the denoiser can see this modality (condition other than 'none')."""
+        return self.condition != "none"
+
     def check_fits(self, z_shape: tuple[int, int, int]) -> None:
         """Raises ValueError, naming the modality, when E_i's output cannot have z's shape."""
         spatial_only = self.encoder in ("conv1x1", "onehot_conv")
@@ -156,6 +185,8 @@ class Modality:
             problem = f"the identity encoder keeps shape {self.shape}"
         elif spatial_only and self.shape[:2] != tuple(z_shape[:2]):
             problem = f"encoder {self.encoder!r} keeps the spatial size {self.shape[:2]}"
+        elif self.condition == "concat" and self.shape[:2] != tuple(z_shape[:2]):
+            problem = f"condition 'concat' needs z's spatial size, the data has {self.shape[:2]}"
         else:
             return
         raise ValueError(f"modality {self.name!r}: {problem}, which does not match z's shape {tuple(z_shape)}")
@@ -191,6 +222,19 @@ def modality_data(modality: Modality, batch: Batch) -> Array:
     if modality.kind == "masked_image":
         mask = jnp.asarray(batch[MASK_KEY], jnp.float32)
         return jnp.concatenate([jnp.asarray(data, jnp.float32) * mask, mask], axis=-1)
+    return data
+
+
+def condition_data(modality: Modality, batch: Batch, batch_size: int) -> Array:
+    """The raw input of c_i (`models.conditioning`): float data for spatial kinds (one-hot for segmentation)
+    and vectors, int ids for labels; zeros of that shape where the batch lacks the modality (it is then
+    hidden from the denoiser, so the values never matter)."""
+    if modality.name not in batch:
+        shape = modality.head_shape if modality.kind == "segmentation" else modality.data_shape
+        return jnp.zeros((batch_size,) + shape, jnp.int32 if modality.kind == "label" else jnp.float32)
+    data = modality_data(modality, batch)
+    if modality.kind == "segmentation":
+        return jax.nn.one_hot(data, modality.num_classes, dtype=jnp.float32)
     return data
 
 
@@ -275,6 +319,11 @@ class MTDiffusion(nn.Module):
                                            m.head_hidden or self.unet.base_channels,
                                            num_groups=self.unet.num_groups, dtype=self.dtype)
                          for m in self.modalities if m.head != "none"}
+        features = 4 * self.unet.base_channels  # the U-Net's time-embedding width
+        self.conditioners = {
+            m.name: EmbeddingCondition(m.kind, features, m.num_classes) if m.condition == "embedding"
+            else TokenCondition(m.kind, features, m.num_classes, m.token_patch_size)
+            for m in self.modalities if m.condition in ("embedding", "cross_attention")}
 
     def _stack(self, encodings: list[Array], batch_size: int) -> Array:
         if not encodings:
@@ -288,12 +337,43 @@ class MTDiffusion(nn.Module):
             batch_size = batch[self.primary].shape[0]
         return self._stack([self.encoders[m.name](modality_data(m, batch)) for m in self.modalities], batch_size)
 
-    def _denoise(self, z_t: Array, t: Array, known: Mapping[str, Array], *, train: bool):
-        """eps, heads and ehat (ehat_i = known[name] where given, else E_i(D_i(h)))."""
+    def _present(self, present: Mapping[str, Array] | None, batch_size: int, visible: Sequence[str]) -> dict:
+        """name -> [B] bool for every conditioned modality: `present` where given, else name in `visible`."""
+        present = dict(present or {})
+        conditioned = [m.name for m in self.modalities if m.conditioned]
+        unknown = sorted(set(present) - set(conditioned))
+        if unknown:
+            raise ValueError(f"present names {unknown}, which are not conditioned modalities of the model "
+                             f"(conditioned: {conditioned})")
+        return {name: jnp.broadcast_to(jnp.asarray(present.get(name, name in visible), bool), (batch_size,))
+                for name in conditioned}
+
+    def _condition_inputs(self, source: Batch, present: Mapping[str, Array], batch_size: int):
+        """The U-Net's condition inputs: extra input channels, time-embedding offset, context tokens."""
+        channels, embedding, context = [], None, []
+        for m in self.modalities:
+            if not m.conditioned:
+                continue
+            data = condition_data(m, source, batch_size)
+            if m.condition == "concat":
+                channels.append(spatial_condition(data, present[m.name]))
+            elif m.condition == "embedding":
+                offset = self.conditioners[m.name](data, present[m.name])
+                embedding = offset if embedding is None else embedding + offset
+            else:
+                context.append(self.conditioners[m.name](data, present[m.name]))
+        return channels, embedding, (jnp.concatenate(context, axis=1) if context else None)
+
+    def _denoise(self, z_t: Array, t: Array, known: Mapping[str, Array], present: Mapping[str, Array],
+                 source: Batch, *, train: bool):
+        """eps, heads and ehat (ehat_i = known[name] where given, else E_i(D_i(h))); the denoiser sees the
+        conditioned modalities of `source` where `present` (docs/design.md section 3b)."""
         if tuple(z_t.shape[1:]) != self.z_shape:
             raise ValueError(f"z_t must have shape [B, *{self.z_shape}], got {tuple(z_t.shape)}")
         t = jnp.broadcast_to(jnp.asarray(t, jnp.int32), z_t.shape[:1])
-        output = self.backbone(z_t, t, train=train)
+        channels, embedding, context = self._condition_inputs(source, present, z_t.shape[0])
+        x = jnp.concatenate([z_t] + channels, axis=-1) if channels else z_t
+        output = self.backbone(x, t, condition_embedding=embedding, context=context, train=train)
         features = {"features": output.features, "bottleneck": output.bottleneck}
         heads, estimated = {}, []
         for m in self.modalities:
@@ -308,30 +388,49 @@ class MTDiffusion(nn.Module):
                 estimated.append(self.encoders[m.name].from_prediction(heads[m.name]))
         return output.output.astype(jnp.float32), heads, self._stack(estimated, z_t.shape[0])
 
-    def __call__(self, batch: Batch, z_t: Array, t: Array, *, train: bool) -> ModelOutput:
-        """Training forward pass: z_t [B, *S], t [B] (or []) in 1..T, batch holding every modality."""
+    def __call__(self, batch: Batch, z_t: Array, t: Array, *, train: bool,
+                 present: Mapping[str, Array] | None = None) -> ModelOutput:
+        """Training forward pass: z_t [B, *S], t [B] (or []) in 1..T, batch holding every modality.
+
+        present: name -> [B] bool, which conditioned modalities the denoiser sees (default: none, the
+        aggregation-only model). Where modality i is seen, ehat_i = e_i (as when it is observed in sampling).
+        """
         encodings = self.encode(batch)
+        batch_size = z_t.shape[0]
+        present = self._present(present, batch_size, visible=())
         # Modalities without a head are always observed: ehat_i = e_i.
         known = {m.name: encodings[i] for i, m in enumerate(self.modalities) if m.head == "none"}
-        eps, heads, estimated = self._denoise(z_t, t, known, train=train)
+        eps, heads, estimated = self._denoise(z_t, t, known, present, batch, train=train)
+        if present:
+            estimated = jnp.stack([
+                jnp.where(present[m.name].reshape((-1,) + (1,) * len(self.z_shape)), encodings[i], estimated[i])
+                if m.conditioned else estimated[i] for i, m in enumerate(self.modalities)])
         return ModelOutput(eps, heads, encodings, estimated)
 
-    def predict(self, z_t: Array, t: Array, observed: Batch, *, train: bool = False) -> ModelOutput:
+    def predict(self, z_t: Array, t: Array, observed: Batch, *, train: bool = False,
+                present: Mapping[str, Array] | None = None) -> ModelOutput:
         """Sampling forward pass: ehat_i = E_i(x_i) for observed modalities, E_i(D_i(h)) for the rest.
 
         `observed` maps modality names to data in batch form (plus 'mask' with a masked image); its keys
-        are static under jit. Returns `encodings` None.
+        are static under jit. The denoiser sees every observed conditioned modality, unless `present`
+        (name -> [B] or [] bool) hides it (classifier-free guidance's unconditional passes); unobserved
+        ones get the null condition. Returns `encodings` None.
         """
         names = {m.name for m in self.modalities}
         unknown = sorted(set(observed) - names - {MASK_KEY})
         if unknown:
             raise ValueError(f"observed modalities {unknown} are not in the model (known: {sorted(names)})")
+        unseen = sorted(set(present or {}) - set(observed))
+        if unseen:
+            raise ValueError(f"present names modalities {unseen} that are not observed: the denoiser can only "
+                             f"see observed data")
         batch_size = validate_batch(self.modalities, self.z_shape, observed, primary=None, names=tuple(observed))
         if observed and batch_size != z_t.shape[0]:
             raise ValueError(f"observed modalities have batch size {batch_size}, z_t has {z_t.shape[0]}")
+        present = self._present(present, z_t.shape[0], visible=tuple(observed))
         known = {m.name: self.encoders[m.name](modality_data(m, observed)) for m in self.modalities
                  if m.name in observed}
-        eps, heads, estimated = self._denoise(z_t, t, known, train=train)
+        eps, heads, estimated = self._denoise(z_t, t, known, present, observed, train=train)
         return ModelOutput(eps, heads, None, estimated)
 
 

@@ -8,6 +8,13 @@ One step of the simplified multi-modal bound (docs/design.md section 4), for a b
 with L2_i = -log p_theta(x_i | z_t) through head D_i (`modalities.recovery_nll`). Gradients reach the
 encoders through z_t (via m_t) and through the aggregation term, as in the bound.
 
+Condition dropout (docs/design.md section 3b): each conditioned modality i (`Modality.condition` other
+than 'none') is shown to the denoiser independently per example with probability 1 - p_uncond_i; where
+shown, ehat_i = e_i (its aggregation error is zero, as when it is observed in sampling) and its recovery
+NLL is left out: L2_i is the mean over the examples where i was hidden (a head that sees its target would
+learn to copy it). The forward process always uses the true encodings. With no conditioned modality the
+loss (and its random draws) is the aggregation-only one exactly; p_uncond = 1 gives the same loss value.
+
 `make_loss_fn(model, schedule, loss_config)(params, batch, rng, train=True) -> (loss, metrics)` is pure
 and jit-able (keep `train` static); use it with `jax.value_and_grad(loss_fn, has_aux=True)`.
 """
@@ -15,14 +22,14 @@ and jit-able (keep `train` static); use it with `jax.value_and_grad(loss_fn, has
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 from mmdiff_jax import diffusion, losses
-from mmdiff_jax.modalities import MTDiffusion, recovery_nll, validate_batch
+from mmdiff_jax.modalities import Modality, MTDiffusion, recovery_nll, validate_batch
 from mmdiff_jax.schedules import DiffusionSchedule
 
 Array = jax.Array
@@ -81,6 +88,7 @@ def make_loss_fn(model: MTDiffusion, schedule: DiffusionSchedule,
                          f"modalities with heads: {sorted(with_heads)}")
     recovery_weights = {name: float(overrides.get(name, m.loss_weight)) for name, m in with_heads.items()}
     categorical = [name for name, m in with_heads.items() if m.loss == "categorical"]
+    conditioned = [m for m in model.modalities if m.conditioned]
     num_steps = schedule.num_steps
 
     def loss_fn(params: Any, batch: Mapping[str, Array], rng: Array,
@@ -94,10 +102,16 @@ def make_loss_fn(model: MTDiffusion, schedule: DiffusionSchedule,
         eps = jax.random.normal(noise_rng, z_0.shape, jnp.float32)
         encodings = model.apply(variables, batch, method=model.encode)
         z_t = diffusion.marginal_sample(schedule, z_0, t, encodings, eps)
-        output = model.apply(variables, batch, z_t, t, train=train, rngs={"dropout": dropout_rng})
+        present = condition_dropout(conditioned, jax.random.fold_in(rng, 1), batch_size)
+        output = model.apply(variables, batch, z_t, t, train=train, present=present, rngs={"dropout": dropout_rng})
+        nll = recovery_nll(model.modalities, output.heads, batch)
+        for name, shown in present.items():
+            if name in nll:  # the mean over the examples where the denoiser did not see modality `name`
+                hidden = 1.0 - shown.astype(jnp.float32)
+                fraction = jnp.mean(hidden)
+                nll[name] = jnp.where(fraction > 0, nll[name] * hidden / jnp.maximum(fraction, 1e-12), 0.0)
         loss, metrics = losses.training_loss(
-            schedule, t, eps, output.eps, output.encodings, output.estimated_encodings,
-            recovery_nll(model.modalities, output.heads, batch),
+            schedule, t, eps, output.eps, output.encodings, output.estimated_encodings, nll,
             eps_weight=config.eps_weight, aggregation_weight=config.aggregation_weight,
             recovery_weights=recovery_weights)
         for name in categorical:
@@ -106,3 +120,10 @@ def make_loss_fn(model: MTDiffusion, schedule: DiffusionSchedule,
         return loss, metrics
 
     return loss_fn
+
+
+def condition_dropout(modalities: Sequence[Modality], rng: Array, batch_size: int) -> dict[str, Array]:
+    """name -> [B] bool, True where the denoiser sees modality `name`: Bernoulli(1 - p_uncond) per example,
+    independently per modality (one key per modality, folded in by position)."""
+    return {m.name: jax.random.bernoulli(jax.random.fold_in(rng, index), 1.0 - m.p_uncond, (batch_size,))
+            for index, m in enumerate(modalities)}

@@ -23,20 +23,26 @@ def test_masked_pretrain_tiny_end_to_end(tmp_path):
     run_experiment_cli("masked_pretrain", tmp_path, f"--config.data.arrays_path={arrays}")
 
     metrics = json.loads((workdir / "metrics.json").read_text())
-    methods = config.experiment.restoration.methods
+    methods = tuple(config.experiment.restoration.methods) + ("mt_diffusion_cfg2", "aggregation_only",
+                                                              "aggregation_only_repaint")
     for ratio in ("0.1", "0.25", "0.5"):
         measured = metrics["restoration"][ratio]
         assert 0 < measured["hidden_fraction"] < 1
         for method in methods:
             assert set(measured[method]) == {"psnr_masked", "ssim_masked", "perceptual_fmnist_cnn"}
             assert all(math.isfinite(value) for value in measured[method].values()), (ratio, method, measured)
-    for name in ("mt_diffusion", "plain_ddpm", "real_train_images"):
+    for name in ("mt_diffusion", "aggregation_only", "plain_ddpm", "real_train_images"):
         assert math.isfinite(metrics["unconditional"][name]["fid_fmnist_cnn"])
         assert 0 <= metrics["unconditional"][name]["precision_fmnist_cnn"] <= 1
     # Equal budgets; every model ran its steps and kept its final checkpoint and logs.
     training = metrics["training"]
     assert {name: record["steps"] for name, record in training.items()} == {
-        "mt_diffusion": 3, "plain_ddpm": 3, "reconstruction": 3}
+        "mt_diffusion": 3, "plain_ddpm": 3, "reconstruction": 3, "aggregation_only": 3}
+    # The conditioned model concatenates the masked image to the U-Net input; the ablation does not.
+    assert json.loads((workdir / "mt_diffusion" / "config.json").read_text())["model"]["modalities"][
+        "masked_image"]["condition"] == "concat"
+    assert json.loads((workdir / "aggregation_only" / "config.json").read_text())["model"]["modalities"][
+        "masked_image"]["condition"] == "none"
     assert json.loads((workdir / "plain_ddpm" / "config.json").read_text())["model"]["modalities"] == {}
     for name in training:
         assert (workdir / name / "checkpoints" / "3").is_dir() and (workdir / name / "tensorboard").is_dir()
@@ -47,6 +53,7 @@ def test_masked_pretrain_tiny_end_to_end(tmp_path):
     report = (workdir / "report.md").read_text()
     for text in ("Command: `python -m experiments.masked_pretrain --config=", "Wall time", "PSNR hidden, r=0.5",
                  "LPIPS-proxy", "FID-proxy", "LPIPS-VGG: not measured", "SDEdit", "reconstruction-only",
+                 "guidance s = 2", "ablation: aggregation-only",
                  "grids/unconditional.png"):
         assert text in report, text
     for name in ("report.md", "metrics.json", "grids/restoration_mask0.5.png", "grids/unconditional.png"):

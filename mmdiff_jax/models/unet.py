@@ -177,6 +177,30 @@ class AttentionBlock(nn.Module):
         return x + h.reshape(x.shape)
 
 
+class CrossAttentionBlock(nn.Module):
+    """Multi-head attention from every position to condition tokens, pre-norm, zero-initialised output
+    projection (so a new condition path starts as the identity)."""
+
+    num_head_channels: int
+    num_groups: int = 32
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array, context: Array) -> Array:
+        """x [B, H, W, C], context [B, L, D] -> [B, H, W, C]; C / num_head_channels heads."""
+        batch, height, width, channels = x.shape
+        num_heads = channels // self.num_head_channels
+        h = nn.GroupNorm(self.num_groups, dtype=self.dtype)(x).reshape(batch, height * width, channels)
+        query = nn.Dense(channels, dtype=self.dtype, name="query")(h)
+        key_value = nn.Dense(2 * channels, dtype=self.dtype, name="key_value")(
+            nn.LayerNorm(dtype=self.dtype)(context.astype(self.dtype)))
+        split = lambda part: part.reshape(part.shape[0], part.shape[1], num_heads, self.num_head_channels)  # noqa: E731
+        key, value = jnp.split(key_value, 2, axis=-1)
+        h = jax.nn.dot_product_attention(split(query), split(key), split(value)).reshape(batch, height * width, channels)
+        h = nn.Dense(channels, dtype=self.dtype, kernel_init=nn.initializers.zeros, name="proj_out")(h)
+        return x + h.reshape(x.shape)
+
+
 class UNetOutput(NamedTuple):
     output: Array  # [B, H, W, out_channels]: eps (and ADM's variance channels if out_channels is doubled)
     features: Array  # [B, H, W, base_channels * channel_multipliers[0]]: full-resolution features
@@ -191,21 +215,35 @@ class UNet(nn.Module):
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: Array, t: Array, y: Array | None = None, *, train: bool) -> UNetOutput:
-        """x [B, H, W, C_in], t [B] integer steps, y [B] class ids (only with config.num_classes > 0)."""
+    def __call__(self, x: Array, t: Array, y: Array | None = None, *, condition_embedding: Array | None = None,
+                 context: Array | None = None, train: bool) -> UNetOutput:
+        """x [B, H, W, C_in], t [B] integer steps, y [B] class ids (only with config.num_classes > 0).
+
+        condition_embedding [B, 4 * base_channels] is added to the time embedding; with context [B, L, D]
+        (condition tokens) a cross-attention block follows every self-attention block
+        (`models.conditioning`, docs/design.md section 3b).
+        """
         config, dtype = self.config, self.dtype
         config.validate(x.shape[1:3])
-        residual_class, attention_class = ResBlock, AttentionBlock
+        residual_class, attention_class, cross_class = ResBlock, AttentionBlock, CrossAttentionBlock
         if config.remat:  # train (argument 3, counting self) is a Python bool: static
             policy = REMAT_POLICIES[config.remat]
             residual_class = nn.remat(ResBlock, policy=policy, static_argnums=(3,))
             attention_class = nn.remat(AttentionBlock, policy=policy)
+            cross_class = nn.remat(CrossAttentionBlock, policy=policy)
         # Explicit names, the ones Flax gives the plain classes: the same parameters with and without remat.
         residual_ids, attention_ids = itertools.count(), itertools.count()
         block = lambda channels, resample=None: residual_class(  # noqa: E731
             channels, config.dropout, resample, config.num_groups, dtype, name=f"ResBlock_{next(residual_ids)}")
-        attention = lambda: attention_class(  # noqa: E731
-            config.num_head_channels, config.num_groups, dtype, name=f"AttentionBlock_{next(attention_ids)}")
+        cross_ids = itertools.count()
+
+        def attention(h):
+            h = attention_class(config.num_head_channels, config.num_groups, dtype,
+                                name=f"AttentionBlock_{next(attention_ids)}")(h)
+            if context is None:
+                return h
+            return cross_class(config.num_head_channels, config.num_groups, dtype,
+                               name=f"CrossAttentionBlock_{next(cross_ids)}")(h, context)
 
         embedding_dim = 4 * config.base_channels
         embedding = timestep_embedding(t, config.base_channels)
@@ -215,6 +253,8 @@ class UNet(nn.Module):
             if y is None:
                 raise ValueError("this U-Net has a class embedding (num_classes > 0): pass class ids y")
             embedding = embedding + nn.Embed(config.num_classes, embedding_dim, dtype=dtype)(y)
+        if condition_embedding is not None:
+            embedding = embedding + condition_embedding.astype(embedding.dtype)
 
         resolution = x.shape[1]
         h = nn.Conv(config.level_channels()[0], (3, 3), dtype=dtype)(x.astype(dtype))
@@ -223,7 +263,7 @@ class UNet(nn.Module):
             for _ in range(config.num_res_blocks):
                 h = block(channels)(h, embedding, train)
                 if resolution in config.attention_resolutions:
-                    h = attention()(h)
+                    h = attention(h)
                 skips.append(h)
             if level != len(config.channel_multipliers) - 1:
                 if config.resblock_updown:
@@ -234,7 +274,7 @@ class UNet(nn.Module):
                 skips.append(h)
 
         h = block(h.shape[-1])(h, embedding, train)
-        h = attention()(h)
+        h = attention(h)
         h = block(h.shape[-1])(h, embedding, train)
         bottleneck = h
 
@@ -242,7 +282,7 @@ class UNet(nn.Module):
             for index in range(config.num_res_blocks + 1):
                 h = block(channels)(jnp.concatenate([h, skips.pop()], axis=-1), embedding, train)
                 if resolution in config.attention_resolutions:
-                    h = attention()(h)
+                    h = attention(h)
                 if level and index == config.num_res_blocks:
                     if config.resblock_updown:
                         h = block(channels, "up")(h, embedding, train)

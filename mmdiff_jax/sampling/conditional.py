@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from mmdiff_jax.modalities import MASK_KEY, Modality, MTDiffusion
-from mmdiff_jax.sampling.guidance import classifier_guidance
+from mmdiff_jax.sampling.guidance import classifier_free_guidance, classifier_guidance
 from mmdiff_jax.sampling.restoration import known_region_hook
 from mmdiff_jax.sampling.samplers import Denoise, Prediction, ddim_sample, ddpm_sample
 from mmdiff_jax.schedules import DiffusionSchedule
@@ -62,19 +62,72 @@ def observed_batch_size(observed: Observed, batch_size: int | None) -> int:
     return next(iter(sizes.values()))
 
 
-def make_denoise(model: MTDiffusion, variables: Any, observed: Observed) -> Denoise:
+CfgScales = float | Array | Mapping[str, float | Array] | None
+
+
+def guidance_passes(model: MTDiffusion, observed: Observed,
+                    cfg_scales: CfgScales) -> tuple[list[frozenset[str]], Array] | None:
+    """The condition sets of classifier-free guidance and their scales (docs/design.md section 3b).
+
+    cfg_scales None: no guidance (None returned). A scalar s, the joint form: passes [nothing seen, every
+    observed conditioned modality seen], eps(none) + s (eps(all) - eps(none)). A mapping name -> s_i: the
+    base set is the observed conditioned modalities without a scale, and pass i adds modality i,
+    eps(base) + sum_i s_i (eps(base + i) - eps(base)).
+    """
+    if cfg_scales is None:
+        return None
+    conditioned = {m.name for m in model.modalities if m.conditioned}
+    visible = frozenset(name for name in observed if name in conditioned)
+    if not isinstance(cfg_scales, Mapping):
+        if not visible:
+            raise ValueError(f"classifier-free guidance needs an observed conditioned modality; observed "
+                             f"{sorted(observed)}, conditioned {sorted(conditioned)}")
+        return [frozenset(), visible], jnp.reshape(jnp.asarray(cfg_scales, jnp.float32), (1,))
+    wrong = sorted(set(cfg_scales) - visible)
+    if wrong:
+        raise ValueError(f"cfg_scales name {wrong}, which are not observed conditioned modalities "
+                         f"(observed and conditioned: {sorted(visible)})")
+    names = sorted(cfg_scales)
+    base = visible - set(names)
+    scales = jnp.stack([jnp.asarray(cfg_scales[name], jnp.float32) for name in names]) if names else jnp.zeros((0,))
+    return [base] + [base | {name} for name in names], scales
+
+
+def make_denoise(model: MTDiffusion, variables: Any, observed: Observed, cfg_scales: CfgScales = None) -> Denoise:
     """denoise(z_t, t) -> Prediction(eps, ehat, heads) through `MTDiffusion.predict` (eval mode).
 
     ehat_i = E_i(x_i) for the modalities in `observed`, E_i(D_i(h)) for the others; aux = the heads'
-    raw outputs (logits or means), name -> array.
+    raw outputs (logits or means), name -> array. The denoiser sees every observed conditioned modality;
+    with `cfg_scales` (see `guidance_passes`) the predictions of every condition set come from one model
+    call on the passes stacked along the batch, combined by `guidance.classifier_free_guidance`.
     """
     variables = model_variables(variables)
+    passes = guidance_passes(model, observed, cfg_scales)
 
-    def denoise(z_t: Array, t: Array) -> Prediction:
-        output = model.apply(variables, z_t, t, dict(observed), train=False, method=model.predict)
+    def predict(z_t, t, observed_data, present=None):
+        output = model.apply(variables, z_t, t, dict(observed_data), train=False, present=present,
+                             method=model.predict)
         return Prediction(output.eps, output.estimated_encodings, output.heads)
 
-    return denoise
+    if passes is None:
+        return lambda z_t, t: predict(z_t, t, observed)
+    condition_sets, scales = passes
+    count = len(condition_sets)
+    shown = {name for condition_set in condition_sets for name in condition_set}
+    tiled = {name: jnp.concatenate([value] * count) for name, value in observed.items()}
+
+    def guided(z_t: Array, t: Array) -> Prediction:
+        batch = z_t.shape[0]
+        t = jnp.broadcast_to(jnp.asarray(t, jnp.int32), (batch,))
+        present = {name: jnp.repeat(jnp.asarray([name in condition_set for condition_set in condition_sets]), batch)
+                   for name in shown}
+        output = predict(jnp.concatenate([z_t] * count), jnp.concatenate([t] * count), tiled, present)
+        split = lambda x, axis=0: jnp.moveaxis(  # noqa: E731  [.., count * B, ..] -> [count, .., B, ..]
+            x.reshape(x.shape[:axis] + (count, batch) + x.shape[axis + 1:]), axis, 0)
+        stacked = Prediction(split(output.eps), split(output.estimated_encodings, 1), jax.tree.map(split, output.aux))
+        return classifier_free_guidance(stacked, scales)
+
+    return guided
 
 
 def head_estimates(modalities: Sequence[Modality], heads: Mapping[str, Array]) -> dict[str, Array]:
@@ -132,9 +185,11 @@ def make_sample_fn(model: MTDiffusion, schedule: DiffusionSchedule, *, method: s
       sharding: sharding of the batch axis of z (e.g. NamedSharding(mesh, P('data'))).
     Returns:
       sample(params, rng, observed=None, *, batch_size=None, prior_noise=None, guidance_labels=None,
-             guidance_scale=1.0) -> Samples.
-      Compiled once per batch size and observed subset (`batch_size` is static; needed only when
-      nothing is observed); scale, labels, params and observed values are traced.
+             guidance_scale=1.0, cfg_scales=None) -> Samples.
+      Compiled once per batch size, observed subset and form of `cfg_scales` (None, a scalar, or a
+      mapping name -> scale: classifier-free guidance, see `guidance_passes`); `batch_size` is static
+      (needed only when nothing is observed); the scales' values, labels, params and observed values
+      are traced.
     """
     check_schedule(model, schedule)
     if method not in METHODS:
@@ -150,10 +205,10 @@ def make_sample_fn(model: MTDiffusion, schedule: DiffusionSchedule, *, method: s
 
     def sample(params: Any, rng: Array, observed: Observed | None = None, *, batch_size: int | None = None,
                prior_noise: Array | None = None, guidance_labels: Array | None = None,
-               guidance_scale: float | Array = 1.0) -> Samples:
+               guidance_scale: float | Array = 1.0, cfg_scales: CfgScales = None) -> Samples:
         observed = dict(observed or {})
         shape = (observed_batch_size(observed, batch_size),) + model.z_shape
-        denoise = make_denoise(model, params, observed)
+        denoise = make_denoise(model, params, observed, cfg_scales)
         if guidance is not None:
             if guidance_labels is None:
                 raise ValueError(f"guidance by {guidance!r} needs guidance_labels [B]")

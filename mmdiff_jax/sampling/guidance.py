@@ -1,5 +1,12 @@
-"""Classifier guidance by a likelihood the denoiser itself computes (docs/design.md section 3); no Flax.
+"""Guidance (docs/design.md sections 3 and 3b); no Flax.
 
+Classifier-free guidance (Ho & Salimans 2022) combines predictions of one denoiser under several
+condition sets, stacked on a leading pass axis: pass 0 the base set, pass k the base plus modality k:
+  guided = P_0 + sum_k s_k (P_k - P_0)
+for every leaf of the prediction (eps, the estimated encodings of unobserved modalities, the heads'
+outputs): all scales 0 give the base prediction, a single scale 1 the prediction of pass 1.
+
+Classifier guidance by a likelihood the denoiser itself computes:
 With p(z_t | y) proportional to p(z_t) p(y | z_t) and eps(z_t) = -sqrt(1 - abar_t) grad log p(z_t),
   eps~(z_t, t) = eps(z_t, t) - scale * sqrt(1 - abar_t) * grad_{z_t} log p(y | z_t)
 is the conditional model's eps at scale 1 (exactly, for exact eps and p(y | z_t)) and sharpens the
@@ -19,6 +26,28 @@ from mmdiff_jax.sampling.samplers import Denoise, Prediction
 from mmdiff_jax.schedules import DiffusionSchedule
 
 Array = jax.Array
+
+
+def classifier_free_guidance(passes: Prediction, scales: Array) -> Prediction:
+    """P_0 + sum_k s_k (P_k - P_0) over every leaf.
+
+    Args:
+      passes: a Prediction whose leaves carry a leading pass axis of size K + 1 (pass 0: the base).
+      scales: [K] guidance scales s_k (traced or concrete).
+    Returns:
+      A Prediction without the pass axis.
+    """
+    scales = jnp.asarray(scales, jnp.float32)
+
+    def combine(leaf: Array) -> Array:
+        base = leaf[0]
+        differences = leaf[1:] - base[None]
+        return base + jnp.tensordot(scales.astype(leaf.dtype), differences, axes=1)
+
+    num_passes = jax.tree.leaves(passes)[0].shape[0]
+    if scales.shape != (num_passes - 1,):
+        raise ValueError(f"{num_passes} passes need {num_passes - 1} scales, got shape {scales.shape}")
+    return jax.tree.map(combine, passes)
 
 
 def classifier_guidance(denoise: Denoise, schedule: DiffusionSchedule,
