@@ -12,18 +12,27 @@ The forward transition
 has the marginal
   q(z_t | z_0, X) = N( sqrt(abar_t) z_0 + m_t, (1 - abar_t) I ),        m_t = sum_i lambda_t^(i) e_i,
 and u_t = z_t - m_t is a standard DDPM chain started at u_0 = z_0, from which the posterior follows.
+
+Steps.  Each function states its range of t (0..T for the marginal, 1..T for transition, posterior, reverse
+step and the z_0 / eps conversions). Steps known outside a trace (Python ints, NumPy arrays, JAX arrays in
+eager mode, static arguments of `jit`) outside that range raise a ValueError naming it; float steps raise
+too. Traced steps (arguments of `jit`, `vmap`, `grad`, `scan`) cannot be checked: a traced step outside 0..T
+reads NaN from the schedule (`lookup`), so the result is NaN rather than a silently clamped or wrapped-around
+value; a traced step that is inside 0..T but below a function's range is not caught here (e.g. t = 0 gives
+`eps_from_z0` 0 / 0 = NaN and `transition_mean` the identity).
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from mmdiff_jax.schedules import DiffusionSchedule
 
 Array = jax.Array
 
-VARIANCE_KINDS = ("large", "small")
+VARIANCE_KINDS = ("large", "large_adm", "small")
 
 
 def _check_encodings(schedule: DiffusionSchedule, encodings: Array, z: Array) -> None:
@@ -35,12 +44,33 @@ def _check_encodings(schedule: DiffusionSchedule, encodings: Array, z: Array) ->
             f"N = {schedule.num_modalities} modalities), got {encodings.shape}")
 
 
-def _step_index(t: Array) -> Array:
-    """t as an index array; every lookup of a schedule entry goes through here."""
+def check_steps(t: Array, num_steps: int, first: int = 0) -> Array:
+    """t as an integer step array, checked against the range first..T (T = `num_steps`) where it can be.
+
+    Raises ValueError for a non-integer dtype, and for concrete steps outside first..T. Traced steps (under
+    `jit`, `vmap`, `grad`, `scan`) are not checked; see the module docstring for what they give.
+    """
+    if not isinstance(t, jax.core.Tracer):
+        steps = np.asarray(t)
+        if np.issubdtype(steps.dtype, np.integer) and steps.size and (steps.min() < first or steps.max() > num_steps):
+            bad = np.unique(steps[(steps < first) | (steps > num_steps)])
+            raise ValueError(f"steps t must lie in {first}..T = {first}..{num_steps} here, got t = "
+                             f"{', '.join(str(step) for step in bad[:5])}{' ...' if bad.size > 5 else ''}")
     t = jnp.asarray(t)
     if not jnp.issubdtype(t.dtype, jnp.integer):
         raise ValueError(f"t must hold integer steps, got dtype {t.dtype}")
     return t
+
+
+def lookup(values: Array, t: Array) -> Array:
+    """values[t] for a schedule array [T + 1] and integer steps t (any shape) -> t.shape.
+
+    Every read of a schedule entry goes through here: concrete steps outside 0..T raise (`check_steps`),
+    traced ones read NaN (not JAX's clamped or wrapped-around index).
+    """
+    num_steps = values.shape[-1] - 1
+    t = check_steps(t, num_steps)
+    return jnp.where((t >= 0) & (t <= num_steps), values[jnp.clip(t, 0, num_steps)], jnp.nan)
 
 
 def expand_to(values: Array, z: Array) -> Array:
@@ -53,7 +83,7 @@ def expand_to(values: Array, z: Array) -> Array:
 
 def at_step(values: Array, t: Array, z: Array) -> Array:
     """values[t] shaped to broadcast against z: [T + 1] -> t.shape + (1,) * (z.ndim - t.ndim)."""
-    return expand_to(values[_step_index(t)], z)
+    return expand_to(lookup(values, t), z)
 
 
 def _weighted_sum(weights: Array, t: Array, encodings: Array, z: Array) -> Array:
@@ -77,14 +107,15 @@ def encoding_mean(schedule: DiffusionSchedule, t: Array, encodings: Array, z: Ar
 # Forward transition q(z_t | z_{t-1}, X).
 
 def transition_mean(schedule: DiffusionSchedule, z_previous: Array, t: Array, encodings: Array) -> Array:
-    """sqrt(alpha_t) (z_{t-1} + a_t), shape z.shape; t >= 1."""
+    """sqrt(alpha_t) (z_{t-1} + a_t), shape z.shape; t in 1..T."""
+    t = check_steps(t, schedule.num_steps, first=1)
     a_t = aggregation(schedule, t, encodings, z_previous)
     return jnp.sqrt(at_step(schedule.alpha, t, z_previous)) * (z_previous + a_t)
 
 
 def transition_variance(schedule: DiffusionSchedule, t: Array) -> Array:
-    """beta_t, shape t.shape."""
-    return schedule.beta[t]
+    """beta_t, shape t.shape; t in 1..T."""
+    return lookup(schedule.beta, check_steps(t, schedule.num_steps, first=1))
 
 
 def transition_sample(
@@ -103,8 +134,8 @@ def marginal_mean(schedule: DiffusionSchedule, z_0: Array, t: Array, encodings: 
 
 
 def marginal_variance(schedule: DiffusionSchedule, t: Array) -> Array:
-    """1 - abar_t, shape t.shape."""
-    return schedule.one_minus_alpha_bar[t]
+    """1 - abar_t, shape t.shape; t in 0..T."""
+    return lookup(schedule.one_minus_alpha_bar, t)
 
 
 def marginal_sample(schedule: DiffusionSchedule, z_0: Array, t: Array, encodings: Array, noise: Array) -> Array:
@@ -116,14 +147,16 @@ def marginal_sample(schedule: DiffusionSchedule, z_0: Array, t: Array, encodings
 # Conversions between z_0 and eps given z_t (the marginal solved for one or the other).
 
 def z0_from_eps(schedule: DiffusionSchedule, z_t: Array, t: Array, eps: Array, encodings: Array) -> Array:
-    """z_0 = (z_t - m_t - sqrt(1 - abar_t) eps) / sqrt(abar_t); t >= 1."""
+    """z_0 = (z_t - m_t - sqrt(1 - abar_t) eps) / sqrt(abar_t); t in 1..T."""
+    t = check_steps(t, schedule.num_steps, first=1)
     u_t = z_t - encoding_mean(schedule, t, encodings, z_t)
     noise_scale = jnp.sqrt(at_step(schedule.one_minus_alpha_bar, t, z_t))
     return (u_t - noise_scale * eps) / jnp.sqrt(at_step(schedule.alpha_bar, t, z_t))
 
 
 def eps_from_z0(schedule: DiffusionSchedule, z_t: Array, t: Array, z_0: Array, encodings: Array) -> Array:
-    """eps = (z_t - m_t - sqrt(abar_t) z_0) / sqrt(1 - abar_t); t >= 1."""
+    """eps = (z_t - m_t - sqrt(abar_t) z_0) / sqrt(1 - abar_t); t in 1..T."""
+    t = check_steps(t, schedule.num_steps, first=1)
     u_t = z_t - encoding_mean(schedule, t, encodings, z_t)
     signal_scale = jnp.sqrt(at_step(schedule.alpha_bar, t, z_t))
     return (u_t - signal_scale * z_0) / jnp.sqrt(at_step(schedule.one_minus_alpha_bar, t, z_t))
@@ -132,12 +165,13 @@ def eps_from_z0(schedule: DiffusionSchedule, z_t: Array, t: Array, z_0: Array, e
 # Posterior q(z_{t-1} | z_t, z_0, X).
 
 def posterior_mean(schedule: DiffusionSchedule, z_0: Array, z_t: Array, t: Array, encodings: Array) -> Array:
-    """mu~_t in z0-form; t >= 1.
+    """mu~_t in z0-form; t in 1..T.
 
     mu~_t = sqrt(abar_{t-1}) beta_t / (1 - abar_t) z_0 + sqrt(alpha_t) (1 - abar_{t-1}) / (1 - abar_t) z_t
             + beta_t / (1 - abar_t) m_{t-1} - alpha_t (1 - abar_{t-1}) / (1 - abar_t) a_t
     """
     _check_encodings(schedule, encodings, z_t)
+    t = check_steps(t, schedule.num_steps, first=1)
     beta, alpha = at_step(schedule.beta, t, z_t), at_step(schedule.alpha, t, z_t)
     alpha_bar_previous = at_step(schedule.alpha_bar, t - 1, z_t)
     one_minus, one_minus_previous = (at_step(schedule.one_minus_alpha_bar, step, z_t) for step in (t, t - 1))
@@ -150,19 +184,22 @@ def posterior_mean(schedule: DiffusionSchedule, z_0: Array, z_t: Array, t: Array
 def posterior_mean_from_eps(
     schedule: DiffusionSchedule, z_t: Array, t: Array, eps: Array, encodings: Array
 ) -> Array:
-    """mu~_t in eps-form: ( z_t - beta_t / sqrt(1 - abar_t) eps ) / sqrt(alpha_t) - a_t; t >= 1.
+    """mu~_t in eps-form: ( z_t - beta_t / sqrt(1 - abar_t) eps ) / sqrt(alpha_t) - a_t; t in 1..T.
 
     The DDPM posterior mean minus this step's aggregation. Equals `posterior_mean` when
     z_t = sqrt(abar_t) z_0 + m_t + sqrt(1 - abar_t) eps.
     """
+    t = check_steps(t, schedule.num_steps, first=1)
     beta, alpha = at_step(schedule.beta, t, z_t), at_step(schedule.alpha, t, z_t)
     ddpm_mean = (z_t - beta / jnp.sqrt(at_step(schedule.one_minus_alpha_bar, t, z_t)) * eps) / jnp.sqrt(alpha)
     return ddpm_mean - aggregation(schedule, t, encodings, z_t)
 
 
 def posterior_variance(schedule: DiffusionSchedule, t: Array) -> Array:
-    """beta~_t = beta_t (1 - abar_{t-1}) / (1 - abar_t), shape t.shape; 0 at t = 1."""
-    return schedule.beta[t] * schedule.one_minus_alpha_bar[t - 1] / schedule.one_minus_alpha_bar[t]
+    """beta~_t = beta_t (1 - abar_{t-1}) / (1 - abar_t), shape t.shape; 0 at t = 1; t in 1..T."""
+    t = check_steps(t, schedule.num_steps, first=1)
+    return (lookup(schedule.beta, t) * lookup(schedule.one_minus_alpha_bar, t - 1)
+            / lookup(schedule.one_minus_alpha_bar, t))
 
 
 # Reverse process p(z_{t-1} | z_t).
@@ -181,17 +218,29 @@ def reverse_mean(
 def reverse_log_variance(
     schedule: DiffusionSchedule, t: Array, kind: str = "small", interpolation: Array | None = None
 ) -> Array:
-    """log sigma_t^2 of the reverse step, shape t.shape (or interpolation's shape).
+    """log sigma_t^2 of the reverse step, shape t.shape (or interpolation's shape); t in 1..T.
 
-    kind 'large': sigma_t^2 = beta_t; 'small': sigma_t^2 = beta~_t, with beta~_1 = 0 replaced by beta~_2
-    (as ADM's clipped log variance, so the t = 1 data term stays finite). `interpolation` v in [0, 1]
-    gives ADM's learned variance, log sigma^2 = v log beta_t + (1 - v) log beta~_t (clipped).
+    The kinds differ from beta_t / beta~_t only at t = 1, where beta~_1 = 0:
+      'small'      sigma_t^2 = beta~_t, with beta~_1 replaced by beta~_2 (ADM's clipped log variance, so the
+                   t = 1 data term stays finite).
+      'large'      sigma_t^2 = beta_t at every t, sigma_1^2 = beta_1 included (the DDPM paper's sigma_t^2 =
+                   beta_t, read literally). The library's default for 'large'.
+      'large_adm'  sigma_t^2 = beta_t for t >= 2 and beta~_2 at t = 1: the convention of the DDPM and ADM code
+                   (guided-diffusion's fixed-large, log(append(posterior_variance[1], betas[1:]))). Only the
+                   t = 1 data term differs from 'large'; use it for bits/dim comparable with ADM's likelihoods.
+    `interpolation` v in [0, 1] gives ADM's learned variance, log sigma^2 = v log beta_t + (1 - v) log beta~_t,
+    beta~ clipped as in 'small' and beta_1 unclipped (as guided-diffusion's learned range); it overrides `kind`.
     """
-    small = jnp.log(posterior_variance(schedule, jnp.maximum(t, 2)))
+    t = check_steps(t, schedule.num_steps, first=1)
+    clipped = jnp.where(t == 1, min(2, schedule.num_steps), t)  # beta~_1 = 0 -> beta~_2
+    small = jnp.log(posterior_variance(schedule, clipped))
+    large = jnp.log(lookup(schedule.beta, t))
     if interpolation is not None:
-        return interpolation * jnp.log(schedule.beta[t]) + (1.0 - interpolation) * small
+        return interpolation * large + (1.0 - interpolation) * small
     if kind == "large":
-        return jnp.log(schedule.beta[t])
+        return large
+    if kind == "large_adm":
+        return jnp.where(t == 1, small, large)
     if kind == "small":
         return small
     raise ValueError(f"unknown reverse variance {kind!r}; known: {VARIANCE_KINDS}")

@@ -7,6 +7,11 @@
 
 All terms are in nats. Inputs carry one leading batch axis ([B, *S] as in `diffusion`, encodings
 [N, B, *S]) and each term returns one value per example, [B]; `jax.vmap` adds further leading axes.
+Computation is in JAX's default float dtype (float64 under x64; lower-precision model outputs are upcast).
+Steps follow `diffusion`'s rules: concrete out-of-range steps raise a ValueError, traced ones give NaN.
+
+Reverse variances at t = 1 (`data_nll`): 'small' and 'large_adm' use beta~_2 there (ADM's bits/dim), 'large'
+uses beta_1 (see `diffusion.reverse_log_variance`); `posterior_kl` (t >= 2) is the same for both 'large' kinds.
 """
 
 from __future__ import annotations
@@ -71,20 +76,24 @@ def posterior_kl(
     variance_kind: str = "small",
     variance_interpolation: Array | None = None,
 ) -> Array:
-    """L1 term at step t >= 2: KL( q(z_{t-1} | z_t, z_0, X) || p_theta(z_{t-1} | z_t) ), [B].
+    """L1 term at step t in 2..T: KL( q(z_{t-1} | z_t, z_0, X) || p_theta(z_{t-1} | z_t) ), [B].
 
     Exact Gaussian KL between the posterior (z0-form mean, variance beta~_t) and the reverse step
     (mean from eps_theta and the estimated encodings, variance per `reverse_log_variance`). It equals
     || beta_t / (sqrt(alpha_t) sqrt(1 - abar_t)) (eps_theta - eps) + sum_i w_t^(i) (ehat_i - e_i) ||^2
     / (2 sigma_t^2) plus a term that depends only on the variances.
+
+    Concrete t outside 2..T raises ValueError (at t = 1 the posterior is a point mass: that step is the data
+    term `data_nll`); traced t outside 2..T gives NaN for those examples.
     """
+    t = diffusion.check_steps(t, schedule.num_steps, first=2)
     target_mean = diffusion.posterior_mean(schedule, z_0, z_t, t, encodings)
     target_log_variance = jnp.log(diffusion.posterior_variance(schedule, t))
     model_mean = diffusion.reverse_mean(schedule, z_t, t, eps_prediction, estimated_encodings)
     model_log_variance = diffusion.reverse_log_variance(schedule, t, variance_kind, variance_interpolation)
     kl = normal_kl(target_mean, diffusion.expand_to(target_log_variance, z_t),
                    model_mean, diffusion.expand_to(model_log_variance, z_t))
-    return _sum_per_example(kl)
+    return jnp.where(t >= 2, _sum_per_example(kl), jnp.nan)
 
 
 # L2: modality recovery through the heads.
@@ -94,7 +103,7 @@ def categorical_nll(logits: Array, labels: Array) -> Array:
 
     For class labels ([B, K] logits) and segmentation masks ([B, H, W, K] logits).
     """
-    log_probabilities = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    log_probabilities = jax.nn.log_softmax(logits.astype(float), axis=-1)
     picked = jnp.take_along_axis(log_probabilities, labels[..., None].astype(jnp.int32), axis=-1)[..., 0]
     return -_sum_per_example(picked)
 
@@ -104,8 +113,8 @@ def gaussian_nll(mean: Array, target: Array, log_scale: Array | float = 0.0) -> 
 
     For images and embedding vectors; with a fixed log_scale it is a scaled MSE plus a constant.
     """
-    mean = mean.astype(jnp.float32)
-    log_scale = jnp.broadcast_to(jnp.asarray(log_scale, jnp.float32), mean.shape)
+    mean = mean.astype(float)
+    log_scale = jnp.broadcast_to(jnp.asarray(log_scale, float), mean.shape)
     nll = 0.5 * jnp.square(target - mean) * jnp.exp(-2.0 * log_scale) + log_scale + 0.5 * math.log(2 * math.pi)
     return _sum_per_example(nll)
 
@@ -264,10 +273,11 @@ def training_loss(
     if estimated_encodings.shape != encodings.shape:
         raise ValueError(f"estimated_encodings shape {estimated_encodings.shape} != encodings shape {encodings.shape}")
 
-    eps_mse = jnp.mean(_mean_per_example(jnp.square(eps_prediction.astype(jnp.float32) - eps)))
+    t = diffusion.check_steps(t, schedule.num_steps, first=1)
+    eps_mse = jnp.mean(_mean_per_example(jnp.square(eps_prediction.astype(float) - eps)))
     beta, alpha = diffusion.at_step(schedule.beta, t, eps), diffusion.at_step(schedule.alpha, t, eps)
     eps_coefficient = beta / (jnp.sqrt(alpha) * jnp.sqrt(diffusion.at_step(schedule.one_minus_alpha_bar, t, eps)))
-    aggregation_error = diffusion.aggregation(schedule, t, estimated_encodings.astype(jnp.float32) - encodings, eps)
+    aggregation_error = diffusion.aggregation(schedule, t, estimated_encodings.astype(float) - encodings, eps)
     aggregation_mse = jnp.mean(_mean_per_example(jnp.square(aggregation_error / eps_coefficient)))
 
     metrics = {"eps_mse": eps_mse, "aggregation_mse": aggregation_mse}

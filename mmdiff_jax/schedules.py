@@ -10,7 +10,13 @@ Aggregation weights come in two equivalent forms (docs/design.md section 2):
 related exactly by  lambda_t = sqrt(alpha_t) (lambda_{t-1} + w_t)  and  w_t = lambda_t / sqrt(alpha_t) - lambda_{t-1}.
 Users think in lambda_t; the transition uses w_t; `DiffusionSchedule` carries both.
 
-Pure functions of arrays, no Flax. Schedules are built in float64 NumPy and stored as float32.
+Pure functions of arrays, no Flax. Schedules are built in float64 NumPy and stored in JAX's default float
+dtype: float32, or float64 when x64 is enabled (`jax.config.update("jax_enable_x64", True)`); the math layer
+(`diffusion`, `losses`) then computes in float64 throughout.
+
+Every beta_t must lie in (0, 1): beta_t = 1 makes alpha_bar_T = 0 (zero terminal SNR), where the library's
+eps-prediction cannot recover z_0 (z_0 = (z_t - sqrt(1 - abar_t) eps) / sqrt(abar_t) divides by 0), so such
+schedules are refused.
 """
 
 from __future__ import annotations
@@ -71,18 +77,33 @@ class DiffusionSchedule(NamedTuple):
         return NoiseSchedule(self.beta, self.alpha, self.alpha_bar, self.one_minus_alpha_bar)
 
 
+def default_float(x) -> Array:
+    """x as a JAX array of the default float dtype: float32, or float64 under x64 (never a hard-coded float32)."""
+    return jnp.asarray(x, dtype=float)
+
+
 def schedule_from_beta(beta: np.ndarray | Sequence[float]) -> NoiseSchedule:
-    """Builds a `NoiseSchedule` from beta_1..beta_T (shape [T]), each in (0, 1]."""
+    """Builds a `NoiseSchedule` from beta_1..beta_T (shape [T]), each in (0, 1).
+
+    Raises ValueError for a beta outside (0, 1), naming the first offending t; in particular beta_t = 1
+    (alpha_bar_T = 0, zero terminal SNR) is refused: eps-prediction cannot sample from it. Clip the betas
+    below 1 instead, e.g. `cosine_beta`'s default max_beta = 0.999.
+    """
     beta = np.asarray(beta, dtype=np.float64)
     if beta.ndim != 1 or beta.size == 0:
         raise ValueError(f"beta must be a non-empty vector beta_1..beta_T, got shape {beta.shape}")
-    if not np.all((beta > 0) & (beta <= 1)):
-        raise ValueError("every beta_t must lie in (0, 1]")
+    outside = np.flatnonzero(~((beta > 0) & (beta < 1)))
+    if outside.size:
+        t = int(outside[0]) + 1
+        reason = (" (alpha_bar_T = 0, a zero-terminal-SNR schedule: the eps-prediction models and samplers of this "
+                  "library cannot recover z_0 where no signal is left; clip the betas below 1, e.g. the cosine "
+                  "schedule's default max_beta=0.999)" if beta[t - 1] == 1 else "")
+        raise ValueError(f"every beta_t must lie in (0, 1), got beta_{t} = {beta[t - 1]:g}{reason}")
     beta = np.concatenate([[0.0], beta])
     alpha = 1.0 - beta
     alpha_bar = np.cumprod(alpha)
-    one_minus_alpha_bar = -np.expm1(np.cumsum(np.log1p(-np.minimum(beta, 1 - 1e-300))))
-    return NoiseSchedule(*(jnp.asarray(a, jnp.float32) for a in (beta, alpha, alpha_bar, one_minus_alpha_bar)))
+    one_minus_alpha_bar = -np.expm1(np.cumsum(np.log1p(-beta)))
+    return NoiseSchedule(*(default_float(a) for a in (beta, alpha, alpha_bar, one_minus_alpha_bar)))
 
 
 def linear_beta(num_steps: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> np.ndarray:
@@ -95,7 +116,8 @@ def linear_beta(num_steps: int, beta_start: float = 1e-4, beta_end: float = 0.02
 
 
 def cosine_beta(num_steps: int, offset: float = 0.008, max_beta: float = 0.999) -> np.ndarray:
-    """Improved-DDPM cosine betas [T]: alpha_bar(t) = cos^2(pi/2 (t/T + s) / (1 + s)), betas clipped."""
+    """Improved-DDPM cosine betas [T]: alpha_bar(t) = cos^2(pi/2 (t/T + s) / (1 + s)), betas clipped at
+    `max_beta`, which must be < 1 (the unclipped beta_T is 1: see `schedule_from_beta`)."""
     steps = np.arange(num_steps + 1, dtype=np.float64) / num_steps
     f = np.cos((steps + offset) / (1 + offset) * math.pi / 2) ** 2
     return np.minimum(1.0 - f[1:] / f[:-1], max_beta)
@@ -133,8 +155,8 @@ def lambda_from_w(w: Array, alpha: Array) -> Array:
       [..., T + 1]; equals sum_{s<=t} w_s sqrt(alpha_bar_t / alpha_bar_{s-1}). Computed by the
       recursion (a scan), which stays accurate where alpha_bar_t underflows.
     """
-    w = jnp.asarray(w, jnp.float32)
-    sqrt_alpha = jnp.sqrt(jnp.asarray(alpha, jnp.float32))
+    w = default_float(w)
+    sqrt_alpha = jnp.sqrt(default_float(alpha))
 
     def step(previous, inputs):
         w_t, sqrt_alpha_t = inputs
@@ -156,8 +178,8 @@ def w_from_lambda(lambda_: Array, alpha: Array) -> Array:
     Returns:
       [..., T + 1].
     """
-    lambda_ = jnp.asarray(lambda_, jnp.float32)
-    w = lambda_[..., 1:] / jnp.sqrt(jnp.asarray(alpha, jnp.float32)[1:]) - lambda_[..., :-1]
+    lambda_ = default_float(lambda_)
+    w = lambda_[..., 1:] / jnp.sqrt(default_float(alpha)[1:]) - lambda_[..., :-1]
     return jnp.concatenate([jnp.zeros_like(lambda_[..., :1]), w], axis=-1)
 
 
@@ -185,10 +207,10 @@ def weight_schedule(kind: str, schedule: NoiseSchedule, gamma: float = 1.0) -> A
 
 
 def _weight_matrix(weights: Sequence[Array] | Array, length: int) -> np.ndarray:
-    """Concrete weights as an [N, T + 1] float32 matrix, validated."""
-    weights = np.asarray(weights, np.float32)
+    """Concrete weights as an [N, T + 1] float64 matrix, validated."""
+    weights = np.asarray(weights, np.float64)
     if weights.size == 0:
-        return np.zeros((0, length), np.float32)
+        return np.zeros((0, length), np.float64)
     weights = weights[None] if weights.ndim == 1 else weights
     if weights.ndim != 2 or weights.shape[1] != length:
         raise ValueError(f"weights must have shape [N, T + 1] = [N, {length}], got {weights.shape}")
@@ -212,12 +234,12 @@ def diffusion_schedule(
     if w is not None:
         if len(lambdas):
             raise ValueError("give the aggregation weights as lambdas or as w, not both")
-        w = jnp.asarray(_weight_matrix(w, length)).at[:, 0].set(0.0)
+        w = default_float(_weight_matrix(w, length)).at[:, 0].set(0.0)
         return DiffusionSchedule(*noise, w=w, lambda_=lambda_from_w(w, noise.alpha))
     lambdas = _weight_matrix(lambdas, length)
     if np.any(lambdas[:, 0] != 0):
         raise ValueError("lambda_0 must be 0: z_0 carries no encoding")
-    lambdas = jnp.asarray(lambdas)
+    lambdas = default_float(lambdas)
     return DiffusionSchedule(*noise, w=w_from_lambda(lambdas, noise.alpha), lambda_=lambdas)
 
 

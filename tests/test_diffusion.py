@@ -218,3 +218,52 @@ def test_inconsistent_inputs_raise_clear_errors():
         diffusion.marginal_mean(schedule, z, jnp.ones(4), jnp.zeros((2, 4, 3)))
     with pytest.raises(ValueError, match="batch prefix"):
         diffusion.marginal_mean(schedule, z, jnp.ones(5, jnp.int32), jnp.zeros((2, 4, 3)))
+
+
+def test_large_adm_variance_is_guided_diffusions_fixed_large():
+    """guided-diffusion's fixed-large log variance in its own 0-based terms (index t - 1),
+    log(append(posterior_variance[1], betas[1:])); 'large' keeps log beta_1 at t = 1 and agrees elsewhere."""
+    betas = np.linspace(1e-4, 0.02, 1000)
+    alphas_cumprod = np.cumprod(1.0 - betas)
+    alphas_cumprod_prev = np.append(1.0, alphas_cumprod[:-1])
+    posterior_variance = betas * (1.0 - alphas_cumprod_prev) / (1.0 - alphas_cumprod)
+    adm_log_variance = np.log(np.append(posterior_variance[1], betas[1:]))
+    schedule = schedules.make_schedule("linear", 1000)
+    t = jnp.array([1, 2, 3, 500, 1000])
+    adm = diffusion.reverse_log_variance(schedule, t, "large_adm")
+    np.testing.assert_allclose(adm, adm_log_variance[np.asarray(t) - 1], rtol=1e-6)
+    large = diffusion.reverse_log_variance(schedule, t, "large")
+    np.testing.assert_allclose(large[0], np.log(betas[0]), rtol=1e-6)
+    np.testing.assert_allclose(large[1:], adm[1:])
+    assert abs(float(large[0] - adm[0])) > 0.5  # log(beta~_2 / beta_1) = log 1.98: what the option changes
+
+
+def test_out_of_range_steps_raise_when_concrete_and_read_nan_when_traced():
+    """Steps above T were clamped to T and t - 1 = -1 wrapped around to T; now concrete steps outside a function's
+    range raise a ValueError naming it, and traced steps outside 0..T give NaN."""
+    schedule = random_schedule(1, False)
+    z = jnp.ones((3, 2))
+    encodings = jnp.ones((1, 3, 2))
+    calls = {
+        "marginal_mean": (lambda t: diffusion.marginal_mean(schedule, z, t, encodings), 0),
+        "marginal_variance": (lambda t: diffusion.marginal_variance(schedule, t), 0),
+        "transition_mean": (lambda t: diffusion.transition_mean(schedule, z, t, encodings), 1),
+        "transition_variance": (lambda t: diffusion.transition_variance(schedule, t), 1),
+        "posterior_mean": (lambda t: diffusion.posterior_mean(schedule, z, z, t, encodings), 1),
+        "posterior_variance": (lambda t: diffusion.posterior_variance(schedule, t), 1),
+        "reverse_mean": (lambda t: diffusion.reverse_mean(schedule, z, t, z, encodings), 1),
+        "reverse_log_variance": (lambda t: diffusion.reverse_log_variance(schedule, t, "large_adm"), 1),
+        "z0_from_eps": (lambda t: diffusion.z0_from_eps(schedule, z, t, z, encodings), 1),
+        "eps_from_z0": (lambda t: diffusion.eps_from_z0(schedule, z, t, z, encodings), 1),
+    }
+    for name, (call, first) in calls.items():
+        for bad in (first - 1, NUM_STEPS + 1):
+            with pytest.raises(ValueError, match=rf"{first}\.\.T = {first}\.\.{NUM_STEPS} here, got t = {bad}"):
+                call(jnp.array([2, bad, 3]))
+        assert np.all(np.isfinite(call(jnp.array([first, 2, NUM_STEPS])))), name
+        traced = np.asarray(jax.jit(call)(jnp.array([-1, 2, NUM_STEPS + 1])))
+        assert np.all(np.isnan(traced[0])) and np.all(np.isnan(traced[2])) and np.all(np.isfinite(traced[1])), name
+    # t - 1 at t = 0 reads NaN (it wrapped around to abar_T), a static step is checked at trace time.
+    assert np.all(np.isnan(jax.jit(calls["posterior_mean"][0])(jnp.zeros(3, jnp.int32))))
+    with pytest.raises(ValueError, match="got t = 51"):
+        jax.jit(calls["marginal_mean"][0], static_argnums=0)(NUM_STEPS + 1)

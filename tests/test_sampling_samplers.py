@@ -186,6 +186,41 @@ def test_ddim_eta1_on_the_full_schedule_is_ddpm():
     assert np.abs(np.asarray(other) - np.asarray(ddpm)).mean() > 0.1  # the match is not trivial
 
 
+@pytest.mark.parametrize("make_noise", [
+    lambda: schedules.noise_schedule("cosine", 20, max_beta=1.0),
+    lambda: schedules.schedule_from_beta(np.r_[np.full(19, 0.1), 1.0]),
+], ids=["cosine_max_beta_1", "last_beta_1"])
+def test_zero_terminal_snr_schedules_are_refused(make_noise):
+    """alpha_bar_T = 0 leaves no signal for eps-prediction: sampling gave NaN even with the exact denoiser."""
+    with pytest.raises(ValueError, match=r"beta_20 = 1 .*zero-terminal-SNR.*max_beta=0.999"):
+        make_noise()
+
+
+def test_exact_denoiser_samples_point_data_on_a_clipped_cosine_schedule():
+    """Data concentrated at 0.3, the exact eps = (z_t - sqrt(abar_t) 0.3 - m_t) / sqrt(1 - abar_t) on the
+    cosine T = 20 schedule with its default max_beta = 0.999 (and an observed bump modality): DDPM and DDIM
+    land on 0.3."""
+    noise = schedules.noise_schedule("cosine", 20)
+    schedule = schedules.diffusion_schedule(noise, [schedules.weight_schedule("bump", noise, 1.0)])
+    batch, point = 64, 0.3
+    encodings = stacked(ENCODINGS[:1], batch)
+
+    def denoise(z_t, t):
+        alpha_bar = diffusion.at_step(schedule.alpha_bar, t, z_t)
+        one_minus = diffusion.at_step(schedule.one_minus_alpha_bar, t, z_t)
+        u_t = z_t - diffusion.encoding_mean(schedule, t, encodings, z_t)
+        return Prediction((u_t - jnp.sqrt(alpha_bar) * point) / jnp.sqrt(one_minus), encodings)
+
+    @jax.jit
+    def samples(rng):
+        return (ddpm_sample(denoise, schedule, rng, (batch, 2)).z_0,
+                ddim_sample(denoise, schedule, rng, (batch, 2), num_steps=20).z_0,
+                ddim_sample(denoise, schedule, rng, (batch, 2), num_steps=5, eta=1.0).z_0)
+
+    for z_0 in samples(jax.random.key(0)):
+        np.testing.assert_allclose(z_0, point, atol=1e-5)
+
+
 MIXTURE_MEANS = np.array([[2.0, 0.0], [-2.0, 1.0]])  # two equally likely classes, each N(mu_k, S^2 I)
 
 
