@@ -6,6 +6,7 @@ Entry point:
                     mask_kind="pixel", mask_ratio=0.5)
   batch = next(it)      # {"image", "masked_image", "mask"}: [128, 32, 32, 1]
   state = it.get_state()  # JSON-serialisable; it.set_state(state) resumes
+  it.close()            # its threads / workers (or `with make_dataset(...) as it:`; else done at exit)
 
 Modules: `fashion_mnist` (TFDS builder from Debian's IDX files), `derived`
 (the derived sets as seeded per-example transforms), `embeddings` (user .npz
@@ -20,8 +21,10 @@ from mmdiff_jax.data.embeddings import load_embeddings
 from mmdiff_jax.data.fashion_mnist import FashionMnistDebian
 from mmdiff_jax.data.fashion_mnist import load_fashion_mnist
 from mmdiff_jax.data.fashion_mnist import prepare_fashion_mnist
+from mmdiff_jax.data.pipeline import DataIterator
 from mmdiff_jax.data.pipeline import DatasetSpec
 from mmdiff_jax.data.pipeline import KNOWN_DATASETS
+from mmdiff_jax.data.pipeline import close_iterators
 from mmdiff_jax.data.pipeline import dataset_spec
 from mmdiff_jax.data.pipeline import make_dataset
 from mmdiff_jax.data.pipeline import make_map_dataset

@@ -145,9 +145,9 @@ class _Run:
     def eval_batches(self) -> list[dict[str, jax.Array]]:
         """The evaluation batches (global arrays), read once and reused: the same examples every time."""
         if self._eval_batches is None:
-            iterator = config_io.make_eval_iterator(self.config)
-            self._eval_batches = [mesh_lib.global_batch(batch, self.batch_sharding)
-                                  for _, batch in zip(range(self.config.train.eval_batches), iterator, strict=False)]
+            with config_io.make_eval_iterator(self.config) as iterator:
+                self._eval_batches = [mesh_lib.global_batch(batch, self.batch_sharding) for _, batch
+                                      in zip(range(self.config.train.eval_batches), iterator, strict=False)]
             if not self._eval_batches:
                 raise ValueError(f"eval split {self.config.data.eval_split!r} gave no batch of "
                                  f"{self.config.data.eval_batch_size}")
@@ -270,6 +270,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
         run.checkpointer.wait_until_finished()
         run.checkpointer.close()
         run.writer.close()
+        if hasattr(run.train_iterator, "close"):  # its prefetch threads and workers (a data.DataIterator)
+            run.train_iterator.close()
 
 
 def wait_for_preemption(timeout: float) -> bool:
