@@ -614,10 +614,13 @@ def main(name: str, run_fn: Callable[[ml_collections.ConfigDict, Run], None],
     from absl import app, flags
     from ml_collections import config_flags
 
-    config_flag = config_flags.DEFINE_config_file(
-        "config", str(default_config or REPO / "configs" / f"{name}.py"),
-        "Experiment config (a get_config(preset) module; ':tiny' / ':full' or --config.preset=... pick a preset).",
-        lock_config=True)
+    from mmdiff_jax.training import cli
+
+    with cli.defining_flags():  # a default config file is parsed, with the --config.x=y overrides, right here
+        config_flag = config_flags.DEFINE_config_file(
+            "config", str(default_config or REPO / "configs" / f"{name}.py"),
+            "Experiment config (a get_config(preset) module; ':tiny' / ':full' or --config.preset=... pick a "
+            "preset).", lock_config=True)
     workdir = flags.DEFINE_string("workdir", f"workdirs/{name}", "Run directory: models, logs, grids, report.")
     results_dir = flags.DEFINE_string("results_dir", "", "Also copy report.md, metrics.json and the published "
                                       "grids here (e.g. results/<name>).")
@@ -625,8 +628,11 @@ def main(name: str, run_fn: Callable[[ml_collections.ConfigDict, Run], None],
     def run_main(argv):
         if len(argv) > 1:
             raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+        cli.check_directory_flag("workdir", workdir.value)
+        if results_dir.value:
+            cli.check_directory_flag("results_dir", results_dir.value)
         config = resolve_preset(flags.FLAGS[config_flag.name])
         command = shlex.join(["python", "-m", f"experiments.{name}", *sys.argv[1:]])
         run_experiment(name, run_fn, config, workdir.value, results_dir.value or None, command)
 
-    app.run(run_main)
+    cli.run(run_main)  # flag mistakes: one line naming the flag (MMDIFF_DEBUG=1: the traceback)

@@ -8,6 +8,8 @@
 --config.distributed.process_id=i` where no launcher (SLURM, TPU, Open MPI) sets them.
 Exit status 0 also after a preemption (SIGTERM): the run saved a checkpoint and resumes when relaunched.
 Orbax's INFO logs (several lines per checkpoint) are hidden unless --verbosity=1.
+A mistake in the flags (an unknown flag or config key, a bad value, a --workdir that is a file) ends in one
+line naming the flag, exit status 2; MMDIFF_DEBUG=1 shows the traceback (`training.cli`).
 """
 
 import logging
@@ -16,7 +18,7 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from mmdiff_jax.training import CheckpointMismatchError, NonFiniteLossError, train_and_evaluate
+from mmdiff_jax.training import CheckpointMismatchError, NonFiniteLossError, cli, train_and_evaluate
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file (a get_config() module).",
                                           lock_config=True)
@@ -35,6 +37,7 @@ class _QuietOrbax(logging.Filter):
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    cli.check_directory_flag("workdir", _WORKDIR.value)
     if absl_logging.get_verbosity() < 1:
         absl_logging.get_absl_handler().addFilter(_QuietOrbax())
     try:
@@ -44,4 +47,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -7,7 +7,7 @@
 Modules: `config_io` (config schema, building model / schedule / loss / data, validation), `mesh`
 (the only place sharding is set up), `state` (TrainState, optimizer, sharded init), `steps` (train_step,
 eval_step), `checkpoint` (Orbax manager), `writers` (TensorBoard, JSONL, PNG, progress), `samples`
-(pluggable sample grids), `loop` (train_and_evaluate).
+(pluggable sample grids), `loop` (train_and_evaluate), `cli` (the entry points' one-line flag errors).
 """
 
 from mmdiff_jax.training.checkpoint import Checkpointer, CheckpointMismatchError

@@ -1,0 +1,105 @@
+"""Command-line plumbing shared by `python -m mmdiff_jax.train` and `python -m experiments.<name>`.
+
+A mistake on the command line ends in one line on stderr that names the flag and what is wrong, and exit
+status 2, before anything is compiled:
+
+  error: --config.train.stepz=5: the config has no key 'stepz' (did you mean "steps"?)
+  error: --workdir=/tmp/run.txt: /tmp/run.txt exists and is not a directory
+
+With the environment variable MMDIFF_DEBUG=1 the error is raised instead, with its traceback.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pathlib
+import re
+import sys
+from collections.abc import Callable, Iterator, Sequence
+
+from absl import app, flags
+
+DEBUG_VARIABLE = "MMDIFF_DEBUG"
+
+
+class CommandLineError(Exception):
+    """A mistake in the command line; the message names the flag."""
+
+
+def _innermost_message(error: BaseException) -> str:
+    """The text of an error whose first argument may itself be an error (ml_collections wraps a KeyError
+    holding the did-you-mean hint in an AttributeError), on one line."""
+    while error.args and isinstance(error.args[0], BaseException):
+        error = error.args[0]
+    message = str(error.args[0]) if error.args else str(error)
+    return " ".join(message.split())
+
+
+def _override_error(error: BaseException) -> str:
+    """'--config.a.b=v: the config has no key 'b' (did you mean ...)' for ml_collections' unknown-key error;
+    the flag is found in sys.argv (where ml_collections reads the overrides)."""
+    message = _innermost_message(error)
+    key = re.match(r"'([^']+)'", message)
+    hint = re.search(r'Did you mean "([^"]+)"', message)
+    if key is None:
+        return f"a --config override: {message}"
+    overrides = [arg for arg in sys.argv[1:] if arg.startswith("--") and "." in arg.split("=")[0]]
+    flag = next((arg for arg in overrides if key.group(1) in arg.split("=")[0].split(".")[1:]), None)
+    where = flag or "a --config override"
+    return f"{where}: the config has no key '{key.group(1)}'" + (f' (did you mean "{hint.group(1)}"?)' if hint else "")
+
+
+@contextlib.contextmanager
+def _as_command_line_errors() -> Iterator[None]:
+    """Raises absl's flag errors and ml_collections' unknown-key errors as CommandLineError."""
+    try:
+        yield
+    except flags.Error as error:
+        raise CommandLineError(_innermost_message(error)) from error
+    except (AttributeError, KeyError) as error:  # ml_collections: an override names no config field
+        raise CommandLineError(_override_error(error)) from error
+
+
+@contextlib.contextmanager
+def reported() -> Iterator[None]:
+    """A CommandLineError raised inside is printed as one line on stderr, exit status 2; with MMDIFF_DEBUG=1
+    it propagates with its traceback."""
+    try:
+        yield
+    except CommandLineError as error:
+        if os.environ.get(DEBUG_VARIABLE, "") not in ("", "0"):
+            raise
+        sys.stderr.write(f"error: {error}  ({DEBUG_VARIABLE}=1 shows the traceback)\n")
+        sys.exit(2)
+
+
+@contextlib.contextmanager
+def defining_flags() -> Iterator[None]:
+    """Around flag definitions: a `--config` flag defined with a default file parses the `--config.x=y`
+    overrides right there, before `run`; their mistakes are reported as by `run`."""
+    with reported(), _as_command_line_errors():
+        yield
+
+
+def parse_flags(argv: Sequence[str]) -> list[str]:
+    """absl's flag parsing (the `flags_parser` of `app.run`); raises CommandLineError for an unknown flag, a
+    bad value or a `--config.x=y` override of a key the config does not have."""
+    with _as_command_line_errors():
+        return flags.FLAGS(list(argv))
+
+
+def check_directory_flag(name: str, value: str) -> None:
+    """CommandLineError unless flag `--name=value` can be a directory: one already, or a path whose deepest
+    existing part is a directory (it is created later)."""
+    path = pathlib.Path(value)
+    existing = next((part for part in (path, *path.parents) if part.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise CommandLineError(f"--{name}={value}: {existing} exists and is not a directory")
+
+
+def run(main: Callable[[list[str]], None]) -> None:
+    """`app.run(main)` with `parse_flags`; a CommandLineError, from parsing or raised by `main` (e.g. by
+    `check_directory_flag`), is `reported`."""
+    with reported():
+        app.run(main, flags_parser=parse_flags)
