@@ -49,18 +49,18 @@ def test_semantic_errors_name_the_key(config, mutate, message):
     broken.unlock()
     mutate(broken)
     with pytest.raises(ValueError, match=message):
-        config_io.validate_config(broken)
+        config_io.validate_config(broken, num_devices=1)  # one device, whatever XLA_FLAGS the caller set
 
 
 def test_batch_must_split_over_devices_and_micro_batches(config):
-    mesh = jax.make_mesh((1, 1), ("data", "fsdp"))
     from mmdiff_jax.training import mesh as mesh_lib
+    mesh = mesh_lib.make_mesh((1, 1), jax.devices()[:1])  # one device, whatever XLA_FLAGS the caller set
     mesh_lib.check_batch_size("config.data.batch_size", 8, mesh, 2)
     broken = copy.deepcopy(config)
     broken.optim.grad_accumulation_steps = 3
     with pytest.raises(ValueError, match=r"config.data.batch_size=8 is not divisible by the data-parallel size 1 "
                                          r".* x 3 micro-batches"):
-        config_io.validate_config(broken)
+        config_io.validate_config(broken, num_devices=1)
 
 
 def test_learning_rate_schedule_warms_up_then_decays():

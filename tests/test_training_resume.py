@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 
+import jax
 import numpy as np
 import pytest
 
@@ -95,7 +96,9 @@ def test_stop_and_resume_equals_straight_run(tmp_path, arrays, straight_run):
 
 
 def test_sigterm_saves_and_resume_equals_straight_run(tmp_path, arrays, straight_run, cache_dir):
-    env = helpers.child_env(cache_dir)
+    # The children compute on as many devices as this process, which made `straight_run` (the mesh, and so the
+    # numerics, follow the device count), whatever XLA_FLAGS the caller set.
+    env = helpers.child_env(cache_dir, devices=jax.device_count())
     command = [sys.executable, helpers.__file__, "train", str(tmp_path), str(arrays), "--pause-at", "10"]
     child = subprocess.Popen(command, env=env, cwd=helpers.REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                              text=True)
