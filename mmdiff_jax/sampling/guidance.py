@@ -40,9 +40,9 @@ def classifier_free_guidance(passes: Prediction, scales: Array) -> Prediction:
     scales = jnp.asarray(scales, jnp.float32)
 
     def combine(leaf: Array) -> Array:
-        base = leaf[0]
-        differences = leaf[1:] - base[None]
-        return base + jnp.tensordot(scales.astype(leaf.dtype), differences, axes=1)
+        # (1 - sum_k s_k) P_0 + sum_k s_k P_k: the same sum, exact at s = 0 (P_0) and at a single s = 1 (P_1).
+        weights = jnp.concatenate([1.0 - jnp.sum(scales, keepdims=True), scales]).astype(leaf.dtype)
+        return jnp.tensordot(weights, leaf, axes=1)
 
     num_passes = jax.tree.leaves(passes)[0].shape[0]
     if scales.shape != (num_passes - 1,):
