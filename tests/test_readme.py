@@ -2,6 +2,8 @@
 
 import pathlib
 import re
+import subprocess
+import sys
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -19,3 +21,12 @@ def test_readme_opens_with_the_main_job_then_the_tests():
     assert len(blocks) >= 2
     assert "python -m experiments.masked_pretrain" in blocks[0]
     assert "pytest" in blocks[1]
+
+
+def test_readme_python_examples_run():
+    """Every ```python block of the README, in order, in one fresh interpreter."""
+    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    assert len(blocks) >= 2
+    result = subprocess.run([sys.executable, "-c", "\n".join(blocks)], cwd=ROOT, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
