@@ -64,7 +64,8 @@ class Modality:
       name: the batch key it reads (a masked image also reads 'mask').
       kind: 'image' | 'masked_image' | 'label' | 'segmentation' | 'vector'.
       shape: per-example shape: (H, W, C) for images, (H, W) for segmentation, (D,) for vectors, () for labels.
-      num_classes: K for labels and segmentation.
+      num_classes: K for labels and segmentation; class ids must lie in 0..K-1 (not checked under jit:
+        an id outside gives NaN encodings).
       weight_schedule: (kind, gamma) for `schedules.make_schedule`, in lambda form.
       loss_weight: lambda_i, the weight of this head's recovery NLL (nats per example) in the loss.
       encoder: one of `encoders.ENCODER_KINDS` fitting the kind; None: the kind's default.
@@ -81,7 +82,8 @@ class Modality:
         section 3b): 'none' (the aggregation only), 'concat' (spatial kinds), 'embedding' (labels,
         vectors) or 'cross_attention' (any kind).
       p_uncond: probability that training hides this modality from the denoiser, per example (condition
-        dropout); 1 trains the joint model only. Unused with condition 'none'.
+        dropout); 1 trains the joint model only; 0 never trains the null condition nor, since a seen
+        modality's recovery loss is not counted, the head. Unused with condition 'none'.
       token_patch_size: patch size of a spatial kind's cross-attention tokens (must divide H and W).
     """
 
@@ -409,17 +411,21 @@ class MTDiffusion(nn.Module):
 
     def predict(self, z_t: Array, t: Array, observed: Batch, *, train: bool = False,
                 present: Mapping[str, Array] | None = None) -> ModelOutput:
-        """Sampling forward pass: ehat_i = E_i(x_i) for observed modalities, E_i(D_i(h)) for the rest.
+        """Sampling forward pass: z_t [B, *S], t [B] or [] in 1..T -> eps, heads and ehat.
 
-        `observed` maps modality names to data in batch form (plus 'mask' with a masked image); its keys
-        are static under jit. The denoiser sees every observed conditioned modality, unless `present`
-        (name -> [B] or [] bool) hides it (classifier-free guidance's unconditional passes); unobserved
-        ones get the null condition. Returns `encodings` None.
+        ehat_i = E_i(x_i) for observed modalities (whether or not the denoiser sees them), E_i(D_i(h)) for
+        the rest. `observed` maps modality names to data in batch form (plus 'mask' with a masked image);
+        its keys are static under jit. The denoiser sees every observed conditioned modality, unless
+        `present` (name -> [B] or [] bool; names must be observed and conditioned) hides it (classifier-
+        free guidance's unconditional passes); unobserved ones get the null condition. The heads predict
+        every modality, the observed ones included. Returns `encodings` None.
         """
         names = {m.name for m in self.modalities}
         unknown = sorted(set(observed) - names - {MASK_KEY})
         if unknown:
             raise ValueError(f"observed modalities {unknown} are not in the model (known: {sorted(names)})")
+        if MASK_KEY in observed and not any(m.kind == "masked_image" and m.name in observed for m in self.modalities):
+            raise ValueError(f"observed has {MASK_KEY!r} but no masked image it belongs to")
         unseen = sorted(set(present or {}) - set(observed))
         if unseen:
             raise ValueError(f"present names modalities {unseen} that are not observed: the denoiser can only "

@@ -114,9 +114,13 @@ def make_loss_fn(model: MTDiffusion, schedule: DiffusionSchedule,
             schedule, t, eps, output.eps, output.encodings, output.estimated_encodings, nll,
             eps_weight=config.eps_weight, aggregation_weight=config.aggregation_weight,
             recovery_weights=recovery_weights)
-        for name in categorical:
-            correct = jnp.argmax(output.heads[name], axis=-1) == batch[name]
-            metrics[f"accuracy/{name}"] = jnp.mean(correct.astype(jnp.float32))
+        for name in categorical:  # like L2, over the examples where the denoiser did not see the target
+            correct = (jnp.argmax(output.heads[name], axis=-1) == batch[name]).astype(jnp.float32)
+            if name in present:
+                hidden = jnp.broadcast_to((~present[name]).reshape((-1,) + (1,) * (correct.ndim - 1)), correct.shape)
+                metrics[f"accuracy/{name}"] = jnp.sum(jnp.where(hidden, correct, 0.0)) / jnp.maximum(jnp.sum(hidden), 1)
+            else:
+                metrics[f"accuracy/{name}"] = jnp.mean(correct)
         return loss, metrics
 
     return loss_fn

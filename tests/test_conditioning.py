@@ -216,6 +216,11 @@ def test_guidance_refuses_what_is_not_observed_and_conditioned():
         sample(variables, jax.random.key(0), {"label": batch["label"]}, cfg_scales={"label": 2.0})
     with pytest.raises(ValueError, match="needs an observed conditioned modality"):
         sample(variables, jax.random.key(0), batch_size=2, cfg_scales=2.0)
+    observed = {"masked_image": batch["masked_image"], MASK_KEY: batch[MASK_KEY]}
+    with pytest.raises(ValueError, match="must be a scalar guidance scale"):
+        sample(variables, jax.random.key(0), observed, cfg_scales=jnp.ones(2))
+    with pytest.raises(ValueError, match="no masked image it belongs to"):
+        sample(variables, jax.random.key(0), {MASK_KEY: batch[MASK_KEY]})
 
 
 @pytest.mark.parametrize("fields, message", [

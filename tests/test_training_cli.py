@@ -50,3 +50,12 @@ def test_debug_variable_shows_the_traceback(tmp_path):
     assert child.returncode != 0
     assert "Traceback (most recent call last)" in child.stderr
     assert "CommandLineError: --config.train.stepz=5: the config has no key 'stepz'" in child.stderr
+
+
+def test_a_value_the_config_refuses_is_one_line_before_compiling(tmp_path):
+    child = run_entry_point("mmdiff_jax.train", "--config=configs/masked_pretrain.py:tiny",
+                            "--config.model.modalities.masked_image.condition=concatt", f"--workdir={tmp_path / 'run'}")
+    assert child.returncode == 2
+    (line,) = error_lines(child)
+    assert line.startswith("error: config.model.modalities.masked_image: modality 'masked_image': unknown condition "
+                           "'concatt'") and line.endswith(HINT)

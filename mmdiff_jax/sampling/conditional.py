@@ -33,7 +33,7 @@ METHODS = ("ddpm", "ddim")
 class Samples(NamedTuple):
     image: Array  # [B, *S], z_0 clipped to [-1, 1] (pixel space: z_0 = x_0)
     z_0: Array  # [B, *S], the sampler's raw output
-    outputs: dict[str, dict[str, Array]]  # name -> decoded head output (`decode_heads`)
+    outputs: dict[str, dict[str, Array]]  # name -> decoded head output (`decode_heads`), observed ones too
 
 
 def model_variables(params: Any) -> dict[str, Any]:
@@ -72,10 +72,15 @@ def guidance_passes(model: MTDiffusion, observed: Observed,
     cfg_scales None: no guidance (None returned). A scalar s, the joint form: passes [nothing seen, every
     observed conditioned modality seen], eps(none) + s (eps(all) - eps(none)). A mapping name -> s_i: the
     base set is the observed conditioned modalities without a scale, and pass i adds modality i,
-    eps(base) + sum_i s_i (eps(base + i) - eps(base)).
+    eps(base) + sum_i s_i (eps(base + i) - eps(base)). Scales are scalars (traced or concrete).
+    Returns (K + 1 condition sets, the first the base; scales [K]) or None.
     """
     if cfg_scales is None:
         return None
+    for name, value in (cfg_scales.items() if isinstance(cfg_scales, Mapping) else [("", cfg_scales)]):
+        if isinstance(value, str) or jnp.ndim(value) != 0:
+            raise ValueError(f"cfg_scales{f'[{name!r}]' if name else ''} must be a scalar guidance scale, got "
+                             f"{value!r}")
     conditioned = {m.name for m in model.modalities if m.conditioned}
     visible = frozenset(name for name in observed if name in conditioned)
     if not isinstance(cfg_scales, Mapping):
@@ -187,7 +192,8 @@ def make_sample_fn(model: MTDiffusion, schedule: DiffusionSchedule, *, method: s
       sample(params, rng, observed=None, *, batch_size=None, prior_noise=None, guidance_labels=None,
              guidance_scale=1.0, cfg_scales=None) -> Samples.
       Compiled once per batch size, observed subset and form of `cfg_scales` (None, a scalar, or a
-      mapping name -> scale: classifier-free guidance, see `guidance_passes`); `batch_size` is static
+      mapping name -> scale of observed conditioned modalities: classifier-free guidance, see
+      `guidance_passes`); `batch_size` is static
       (needed only when nothing is observed); the scales' values, labels, params and observed values
       are traced.
     """

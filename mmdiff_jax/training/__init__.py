@@ -11,7 +11,7 @@ eval_step), `checkpoint` (Orbax manager), `writers` (TensorBoard, JSONL, PNG, pr
 """
 
 from mmdiff_jax.training.checkpoint import Checkpointer, CheckpointMismatchError
-from mmdiff_jax.training.config_io import base_config, build_model, validate_config
+from mmdiff_jax.training.config_io import ConfigError, base_config, build_model, validate_config
 from mmdiff_jax.training.loop import NonFiniteLossError, Objective, preemption_requested, train_and_evaluate
 from mmdiff_jax.training.mesh import initialize_distributed, make_mesh
 from mmdiff_jax.training.samples import SAMPLE_KINDS, register_sample_kind
@@ -19,7 +19,7 @@ from mmdiff_jax.training.state import TrainState, create_train_state, make_optim
 from mmdiff_jax.training.steps import eval_step, train_step
 
 __all__ = [
-    "CheckpointMismatchError", "Checkpointer", "base_config", "build_model", "validate_config",
+    "CheckpointMismatchError", "Checkpointer", "ConfigError", "base_config", "build_model", "validate_config",
     "NonFiniteLossError", "Objective", "preemption_requested", "train_and_evaluate", "initialize_distributed",
     "make_mesh",
     "SAMPLE_KINDS", "register_sample_kind", "TrainState", "create_train_state", "make_optimizer",

@@ -5,6 +5,9 @@ status 2, before anything is compiled:
 
   error: --config.train.stepz=5: the config has no key 'stepz' (did you mean "steps"?)
   error: --workdir=/tmp/run.txt: /tmp/run.txt exists and is not a directory
+  error: config.model.modalities.masked_image: modality 'masked_image': unknown condition 'concatt'; ...
+
+(the last: a value the config's validation refuses, `config_io.ConfigError`, before any compilation).
 
 With the environment variable MMDIFF_DEBUG=1 the error is raised instead, with its traceback.
 """
@@ -63,11 +66,13 @@ def _as_command_line_errors() -> Iterator[None]:
 
 @contextlib.contextmanager
 def reported() -> Iterator[None]:
-    """A CommandLineError raised inside is printed as one line on stderr, exit status 2; with MMDIFF_DEBUG=1
-    it propagates with its traceback."""
+    """A CommandLineError or ConfigError raised inside is printed as one line on stderr, exit status 2; with
+    MMDIFF_DEBUG=1 it propagates with its traceback."""
+    from mmdiff_jax.training.config_io import ConfigError  # the heavy imports only where a run needs them
+
     try:
         yield
-    except CommandLineError as error:
+    except (CommandLineError, ConfigError) as error:
         if os.environ.get(DEBUG_VARIABLE, "") not in ("", "0"):
             raise
         sys.stderr.write(f"error: {error}  ({DEBUG_VARIABLE}=1 shows the traceback)\n")

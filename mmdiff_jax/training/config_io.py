@@ -203,8 +203,24 @@ def check_data_fits_model(config: ml_collections.ConfigDict, model: MTDiffusion)
                              f"{tuple(spec.features[key][0])}, the model expects {tuple(shape)}")
 
 
+class ConfigError(ValueError):
+    """A config the trainer cannot use; the message names the key (the command line reports it in one line)."""
+
+
 def validate_config(config: ml_collections.ConfigDict, num_devices: int | None = None) -> MTDiffusion:
-    """All checks that need no compilation; returns the model. Run after `jax.distributed.initialize`."""
+    """All checks that need no compilation; returns the model. Run after `jax.distributed.initialize`.
+
+    Raises ConfigError (a ValueError) naming the key.
+    """
+    try:
+        return _validate_config(config, num_devices)
+    except ConfigError:
+        raise
+    except ValueError as error:
+        raise ConfigError(str(error)) from error
+
+
+def _validate_config(config: ml_collections.ConfigDict, num_devices: int | None) -> MTDiffusion:
     check_known_keys(config)
     model = build_model(config)
     build_loss_fn(config, model, build_schedule(config, model))
