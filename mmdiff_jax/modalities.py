@@ -187,8 +187,6 @@ class Modality:
             problem = f"the identity encoder keeps shape {self.shape}"
         elif spatial_only and self.shape[:2] != tuple(z_shape[:2]):
             problem = f"encoder {self.encoder!r} keeps the spatial size {self.shape[:2]}"
-        elif self.condition == "concat" and self.shape[:2] != tuple(z_shape[:2]):
-            problem = f"condition 'concat' needs z's spatial size, the data has {self.shape[:2]}"
         else:
             return
         raise ValueError(f"modality {self.name!r}: {problem}, which does not match z's shape {tuple(z_shape)}")
