@@ -2,21 +2,26 @@
 
 One model, trained on patch masks hiding a random 10-60% of the image, serves restoration at every mask
 ratio (the masked image observed) and unconditional joint generation (nothing observed). The masked image
-enters through the identity encoder, e = x * mask (hidden pixels 0), under a 'bump' weight schedule of
-height 0.3 (lambda_t = 0 at both ends, so the prior stays N(0, I)); a conv head recovers [x * mask, mask].
+reaches the model twice: the denoiser sees [x * mask, mask] as extra input channels (condition 'concat',
+hidden with probability p_uncond = 0.2 in training; docs/design.md section 3b), and it enters the aggregation
+through the identity encoder, e = x * mask (hidden pixels 0), under a 'bump' weight schedule of height 0.3
+(lambda_t = 0 at both ends, so the prior stays N(0, I)); a conv head recovers [x * mask, mask].
 Baselines, at the same budget (steps, batch, optimizer, EMA) and backbone: plain DDPM (N = 0), a one-pass
-reconstruction U-Net (MSE), SDEdit restoration and RePaint restoration with the plain DDPM.
+reconstruction U-Net (MSE), SDEdit restoration and RePaint restoration with the plain DDPM; with
+`--config.experiment.aggregation_only_ablation=True` also the aggregation-only MT-Diffusion (condition 'none').
 
 Encoder and height were picked by a quick ablation of the CPU default (800 steps, seed 0; restoration at mask
 ratio 0.5 on 96 test images, DDIM-25; FID-proxy of 192 joint samples): PSNR hidden without / with RePaint,
 FID-proxy: conv1x1 (RMS-normalised, the kind's default) gamma 1.0: 5.1 / 5.6, 88.0; conv1x1 0.3: 7.0 / 9.4,
 46.4; identity 1.0: 8.2 / 10.6, 66.7; identity 0.5: 7.4 / 11.1, 52.4; identity 0.3: 7.1 / 11.4, 44.7
-(plain DDPM: 45.6). Larger gamma makes conditioning through the aggregation stronger but the one-step
-estimates worse: eps_theta sees only z_t, so where it cannot yet tell lambda_t e from the image, the observed
-e subtracted in the sampler leaves an error lambda_t (E[e | z_t] - e) / sqrt(abar_t) in the z_0 estimate.
+(plain DDPM: 45.6). That ablation was of the aggregation-only model (before the denoiser saw the masked
+image); it was not repeated for the conditioned one. Larger gamma makes conditioning through the aggregation
+stronger but the one-step estimates worse: eps_theta sees only z_t, so where it cannot yet tell lambda_t e from
+the image, the observed e subtracted in the sampler leaves an error lambda_t (E[e | z_t] - e) / sqrt(abar_t) in
+the z_0 estimate.
 
-Run (the CPU default: < 15 minutes on 2 idle CPU cores, baselines and evaluation included; writes
-workdirs/masked_pretrain):
+Run (the CPU default, baselines and evaluation included: 66 min measured with other jobs sharing the 2 cores,
+mean load 3.7; about half that expected on 2 idle cores, not yet timed; writes workdirs/masked_pretrain):
   python -m experiments.masked_pretrain
 Real numbers (a 7.7M-parameter U-Net trained 100k steps; one accelerator):
   python -m experiments.masked_pretrain --config.preset=full --workdir=workdirs/masked_pretrain_full
@@ -123,7 +128,7 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
         # cached default (test accuracy 0.87).
         classifier=dict(steps=600, seed=0),
         # Also train the aggregation-only model (condition 'none', the ablation) at the same budget; off in the
-        # CPU default for time (results/masked_pretrain_aggregation_only holds that model's committed run).
+        # CPU default for time (results/masked_pretrain_ablation holds a committed run with it).
         aggregation_only_ablation=False,
         grid_images=10,  # examples per sample grid
         seed=1,  # evaluation masks' transform seed and samplers' seed
