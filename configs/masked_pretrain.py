@@ -156,7 +156,7 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
         experiment.sampler.num_steps = 2
         experiment.restoration.num_images = 4
         experiment.restoration.batch_size = 4
-        experiment.restoration.cfg_scales = (2.0,)
+        experiment.restoration.cfg_scales = ()  # guidance: tests/test_conditioning.py
         experiment.aggregation_only_ablation = True
         experiment.unconditional.num_samples = 4  # > k = 3 neighbours of precision / recall
         experiment.unconditional.batch_size = 4
