@@ -21,7 +21,8 @@ the image, the observed e subtracted in the sampler leaves an error lambda_t (E[
 the z_0 estimate.
 
 Run (the CPU default, baselines and evaluation included: 66 min measured with other jobs sharing the 2 cores,
-mean load 3.7; about half that expected on 2 idle cores, not yet timed; writes workdirs/masked_pretrain):
+mean load 3.7; on idle cores one model's 1600 steps took 11.4 min and the evaluation ~9 min, so ~40 min in all;
+writes workdirs/masked_pretrain):
   python -m experiments.masked_pretrain
 Real numbers (a 7.7M-parameter U-Net trained 100k steps; one accelerator):
   python -m experiments.masked_pretrain --config.preset=full --workdir=workdirs/masked_pretrain_full
