@@ -136,6 +136,7 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
     )
 
     if preset == "tiny":
+        config.prng_impl = "rbg"  # compiles the initialisers ~4x faster (config_io.base_config)
         config.model.unet = dataclasses.asdict(unet_preset(
             "tiny", base_channels=8, channel_multipliers=(1, 2), num_res_blocks=1, attention_resolutions=(),
             num_head_channels=8, num_groups=4, dropout=0.0, resblock_updown=False))

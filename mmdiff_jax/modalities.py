@@ -325,6 +325,11 @@ class MTDiffusion(nn.Module):
             else TokenCondition(m.kind, features, m.num_classes, m.token_patch_size)
             for m in self.modalities if m.condition in ("embedding", "cross_attention")}
 
+    @property
+    def conditioned_modalities(self) -> tuple[Modality, ...]:
+        """The modalities the denoiser can see (`Modality.conditioned`; docs/design.md section 3b)."""
+        return tuple(m for m in self.modalities if m.conditioned)
+
     def _stack(self, encodings: list[Array], batch_size: int) -> Array:
         if not encodings:
             return jnp.zeros((0, batch_size) + self.z_shape, jnp.float32)
@@ -340,7 +345,7 @@ class MTDiffusion(nn.Module):
     def _present(self, present: Mapping[str, Array] | None, batch_size: int, visible: Sequence[str]) -> dict:
         """name -> [B] bool for every conditioned modality: `present` where given, else name in `visible`."""
         present = dict(present or {})
-        conditioned = [m.name for m in self.modalities if m.conditioned]
+        conditioned = [m.name for m in self.conditioned_modalities]
         unknown = sorted(set(present) - set(conditioned))
         if unknown:
             raise ValueError(f"present names {unknown}, which are not conditioned modalities of the model "
@@ -351,9 +356,7 @@ class MTDiffusion(nn.Module):
     def _condition_inputs(self, source: Batch, present: Mapping[str, Array], batch_size: int):
         """The U-Net's condition inputs: extra input channels, time-embedding offset, context tokens."""
         channels, embedding, context = [], None, []
-        for m in self.modalities:
-            if not m.conditioned:
-                continue
+        for m in self.conditioned_modalities:
             data = condition_data(m, source, batch_size)
             if m.condition == "concat":
                 channels.append(spatial_condition(data, present[m.name]))

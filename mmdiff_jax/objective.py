@@ -88,7 +88,6 @@ def make_loss_fn(model: MTDiffusion, schedule: DiffusionSchedule,
                          f"modalities with heads: {sorted(with_heads)}")
     recovery_weights = {name: float(overrides.get(name, m.loss_weight)) for name, m in with_heads.items()}
     categorical = [name for name, m in with_heads.items() if m.loss == "categorical"]
-    conditioned = [m for m in model.modalities if m.conditioned]
     num_steps = schedule.num_steps
 
     def loss_fn(params: Any, batch: Mapping[str, Array], rng: Array,
@@ -102,7 +101,7 @@ def make_loss_fn(model: MTDiffusion, schedule: DiffusionSchedule,
         eps = jax.random.normal(noise_rng, z_0.shape, jnp.float32)
         encodings = model.apply(variables, batch, method=model.encode)
         z_t = diffusion.marginal_sample(schedule, z_0, t, encodings, eps)
-        present = condition_dropout(conditioned, jax.random.fold_in(rng, 1), batch_size)
+        present = condition_dropout(model.conditioned_modalities, jax.random.fold_in(rng, 1), batch_size)
         output = model.apply(variables, batch, z_t, t, train=train, present=present, rngs={"dropout": dropout_rng})
         nll = recovery_nll(model.modalities, output.heads, batch)
         for name, shown in present.items():

@@ -43,6 +43,7 @@ def test_default_and_tiny_configs_validate(config):
     (lambda c: c.model.modalities.masked_image.__setitem__("shape", (16, 16, 1)), "does not match z's shape"),
     (lambda c: c.optim.__setitem__("schedule", "exponential"), "optim.schedule must be one of"),
     (lambda c: c.train.__setitem__("best_mode", "best"), "best_mode must be 'min' or 'max'"),
+    (lambda c: c.__setitem__("prng_impl", "philox"), r"config.prng_impl must be one of \('threefry2x32', 'rbg'\)"),
 ])
 def test_semantic_errors_name_the_key(config, mutate, message):
     broken = copy.deepcopy(config)

@@ -156,6 +156,22 @@ class ResBlock(nn.Module):
         return x + h
 
 
+def _normalized_positions(x: Array, num_groups: int, dtype: Dtype) -> Array:
+    """GroupNorm(x) [B, H, W, C] flattened to the H * W positions [B, H * W, C] (the attention blocks' pre-norm)."""
+    batch, height, width, channels = x.shape
+    return nn.GroupNorm(num_groups, dtype=dtype)(x).reshape(batch, height * width, channels)
+
+
+def _attend_and_add(x: Array, query: Array, key: Array, value: Array, num_head_channels: int, dtype: Dtype) -> Array:
+    """x + proj_out(MultiHead(query, key, value)): query [B, H * W, C], key / value [B, L, C], C / num_head_channels
+    heads (`jax.nn.dot_product_attention`); `proj_out` is zero-initialised, so a new block starts as the identity.
+    Called inside the attention blocks' compact methods: `proj_out` is their submodule."""
+    split = lambda part: part.reshape(part.shape[:2] + (-1, num_head_channels))  # noqa: E731
+    h = jax.nn.dot_product_attention(split(query), split(key), split(value)).reshape(query.shape)
+    h = nn.Dense(x.shape[-1], dtype=dtype, kernel_init=nn.initializers.zeros, name="proj_out")(h)
+    return x + h.reshape(x.shape)
+
+
 class AttentionBlock(nn.Module):
     """Multi-head self-attention over all H * W positions, pre-norm, zero-initialised output projection."""
 
@@ -166,15 +182,9 @@ class AttentionBlock(nn.Module):
     @nn.compact
     def __call__(self, x: Array) -> Array:
         """x [B, H, W, C] -> [B, H, W, C]; C / num_head_channels heads."""
-        batch, height, width, channels = x.shape
-        num_heads = channels // self.num_head_channels
-        h = nn.GroupNorm(self.num_groups, dtype=self.dtype)(x).reshape(batch, height * width, channels)
-        qkv = nn.Dense(3 * channels, dtype=self.dtype, name="qkv")(h)
-        query, key, value = (part.reshape(batch, height * width, num_heads, self.num_head_channels)
-                             for part in jnp.split(qkv, 3, axis=-1))
-        h = jax.nn.dot_product_attention(query, key, value).reshape(batch, height * width, channels)
-        h = nn.Dense(channels, dtype=self.dtype, kernel_init=nn.initializers.zeros, name="proj_out")(h)
-        return x + h.reshape(x.shape)
+        h = _normalized_positions(x, self.num_groups, self.dtype)
+        qkv = nn.Dense(3 * x.shape[-1], dtype=self.dtype, name="qkv")(h)
+        return _attend_and_add(x, *jnp.split(qkv, 3, axis=-1), self.num_head_channels, self.dtype)
 
 
 class CrossAttentionBlock(nn.Module):
@@ -188,17 +198,11 @@ class CrossAttentionBlock(nn.Module):
     @nn.compact
     def __call__(self, x: Array, context: Array) -> Array:
         """x [B, H, W, C], context [B, L, D] -> [B, H, W, C]; C / num_head_channels heads."""
-        batch, height, width, channels = x.shape
-        num_heads = channels // self.num_head_channels
-        h = nn.GroupNorm(self.num_groups, dtype=self.dtype)(x).reshape(batch, height * width, channels)
-        query = nn.Dense(channels, dtype=self.dtype, name="query")(h)
+        channels = x.shape[-1]
+        query = nn.Dense(channels, dtype=self.dtype, name="query")(_normalized_positions(x, self.num_groups, self.dtype))
         key_value = nn.Dense(2 * channels, dtype=self.dtype, name="key_value")(
             nn.LayerNorm(dtype=self.dtype)(context.astype(self.dtype)))
-        split = lambda part: part.reshape(part.shape[0], part.shape[1], num_heads, self.num_head_channels)  # noqa: E731
-        key, value = jnp.split(key_value, 2, axis=-1)
-        h = jax.nn.dot_product_attention(split(query), split(key), split(value)).reshape(batch, height * width, channels)
-        h = nn.Dense(channels, dtype=self.dtype, kernel_init=nn.initializers.zeros, name="proj_out")(h)
-        return x + h.reshape(x.shape)
+        return _attend_and_add(x, query, *jnp.split(key_value, 2, axis=-1), self.num_head_channels, self.dtype)
 
 
 class UNetOutput(NamedTuple):

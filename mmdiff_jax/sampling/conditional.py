@@ -81,7 +81,7 @@ def guidance_passes(model: MTDiffusion, observed: Observed,
         if isinstance(value, str) or jnp.ndim(value) != 0:
             raise ValueError(f"cfg_scales{f'[{name!r}]' if name else ''} must be a scalar guidance scale, got "
                              f"{value!r}")
-    conditioned = {m.name for m in model.modalities if m.conditioned}
+    conditioned = {m.name for m in model.conditioned_modalities}
     visible = frozenset(name for name in observed if name in conditioned)
     if not isinstance(cfg_scales, Mapping):
         if not visible:

@@ -36,6 +36,11 @@ def base_config() -> ml_collections.ConfigDict:
     """Every key the trainer reads, with defaults (a 6M-parameter U-Net on 32x32 images)."""
     config = ml_collections.ConfigDict()
     config.seed = 0
+    # JAX PRNG implementation of every key the trainer draws (init, steps, evaluation, samples):
+    # 'threefry2x32' (JAX's default) or 'rbg' (other random streams; XLA:CPU compiles the initialisers ~4x
+    # faster, which the tiny test presets use; its bits may change with the sharding, so keep threefry
+    # where runs on different meshes must agree).
+    config.prng_impl = "threefry2x32"
     config.model = dict(
         unet=dataclasses.asdict(UNetConfig()),  # mmdiff_jax.models.unet.UNetConfig fields
         z_shape=(32, 32, 1),  # (H, W, C) of the primary modality x_0 = z_0
@@ -207,6 +212,9 @@ class ConfigError(ValueError):
     """A config the trainer cannot use; the message names the key (the command line reports it in one line)."""
 
 
+PRNG_IMPLS = ("threefry2x32", "rbg")
+
+
 def validate_config(config: ml_collections.ConfigDict, num_devices: int | None = None) -> MTDiffusion:
     """All checks that need no compilation; returns the model. Run after `jax.distributed.initialize`.
 
@@ -238,6 +246,8 @@ def _validate_config(config: ml_collections.ConfigDict, num_devices: int | None)
             raise ValueError(f"config.train.{key} must be positive, got {train[key]}")
     if train.best_mode not in ("min", "max"):
         raise ValueError(f"config.train.best_mode must be 'min' or 'max', got {train.best_mode!r}")
+    if config.prng_impl not in PRNG_IMPLS:
+        raise ValueError(f"config.prng_impl must be one of {PRNG_IMPLS}, got {config.prng_impl!r}")
     if train.transfer_guard not in ("allow", "log", "disallow", "log_explicit", "disallow_explicit"):
         raise ValueError(f"config.train.transfer_guard: unknown level {train.transfer_guard!r}")
     return model

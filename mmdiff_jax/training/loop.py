@@ -128,8 +128,11 @@ class _Run:
         self.writer = writers.MetricWriter(workdir, enabled=self.chief)
         self._eval_batches: list[dict[str, jax.Array]] | None = None
 
+    def key(self, seed: int) -> jax.Array:
+        return jax.random.key(seed, impl=self.config.prng_impl)
+
     def initial_state(self) -> tuple[TrainState, TrainState]:
-        rng = jax.random.key(self.config.seed)
+        rng = self.key(self.config.seed)
         init_params, fsdp_min_size = self.objective.init_params, self.config.mesh.fsdp_min_size
         abstract, shardings = state_lib.train_state_shardings(init_params, self.optimizer, self.mesh, rng,
                                                               fsdp_min_size=fsdp_min_size)
@@ -155,7 +158,7 @@ class _Run:
 
     def evaluate(self, eval_step: Callable, state: TrainState) -> dict[str, float]:
         totals = None
-        base = jax.random.key(self.config.seed + _EVAL_SEED_OFFSET)
+        base = self.key(self.config.seed + _EVAL_SEED_OFFSET)
         for index, batch in enumerate(self.eval_batches()):
             metrics = eval_step(state, batch, jax.random.fold_in(base, index))
             totals = metrics if totals is None else jax.tree.map(lambda a, b: a + b, totals, metrics)
@@ -163,7 +166,7 @@ class _Run:
         return {f"eval/{name}": float(value) / count for name, value in jax.device_get(totals).items()}
 
     def draw_samples(self, sample_fns: dict[str, Callable], state: TrainState, step: int) -> None:
-        rng = jax.random.key(self.config.seed + _SAMPLE_SEED_OFFSET)
+        rng = self.key(self.config.seed + _SAMPLE_SEED_OFFSET)
         for draw in sample_fns.values():
             for name, images in jax.device_get(draw(state.ema_params, self.eval_batches()[0], rng)).items():
                 self.writer.write_image(step, name, writers.image_grid(np.asarray(images)))
@@ -215,7 +218,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
             run.mesh, shardings, loss_fn=run.objective.loss_fn, optimizer=run.optimizer,
             learning_rate_fn=run.learning_rate_fn, ema_decay=config.optim.ema_decay,
             accumulation_steps=config.optim.grad_accumulation_steps,
-            checksum_key=config.model.primary if train.log_batch_checksum else None)
+            checksum_key=config.model.primary if train.log_batch_checksum else None, prng_impl=config.prng_impl)
         eval_step = steps_lib.jit_eval_step(run.mesh, shardings, run.objective.loss_fn)
         sample_fns = {}
         if config.sample.every > 0 and run.is_mt_diffusion:

@@ -62,11 +62,13 @@ def _gradients(loss_fn: LossFn, params: Any, batch: Batch, rng: Array, accumulat
 
 def train_step(state: TrainState, batch: Batch, *, loss_fn: LossFn, optimizer: optax.GradientTransformation,
                learning_rate_fn: optax.Schedule, ema_decay: float, accumulation_steps: int = 1,
-               batch_shards: int = 1, checksum_key: str | None = None) -> tuple[TrainState, dict[str, Array]]:
+               batch_shards: int = 1, checksum_key: str | None = None,
+               prng_impl: str = "threefry2x32") -> tuple[TrainState, dict[str, Array]]:
     """One update. Returns the new state and scalar metrics: the loss terms of `loss_fn`, 'grad_norm'
     (before clipping), 'learning_rate' (used for this update), 'finite' (1 / 0) and, with `checksum_key`,
-    'batch_checksum' (sum of batch[checksum_key]: identifies the data a step saw)."""
-    rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    'batch_checksum' (sum of batch[checksum_key]: identifies the data a step saw). `prng_impl` names the
+    implementation of the key whose data `state.rng` holds (config.prng_impl)."""
+    rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng, impl=prng_impl), state.step)
     loss, metrics, grads = _gradients(loss_fn, state.params, batch, rng, accumulation_steps, batch_shards)
     grad_norm = optax.tree.norm(grads)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
