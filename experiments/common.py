@@ -31,9 +31,11 @@ API:
   Trained    name, model, schedule (None for non-diffusion baselines), params (EMA), config, workdir,
              num_params, steps, train_seconds, resumed_from (checkpoint step found before training, or None),
              loss (its training loss in words)
-  train_model(name, config, workdir, objective=None, model=None, schedule=None) -> Trained
+  train_model(name, config, workdir, objective=None, model=None, schedule=None, hooks=()) -> Trained
                                         `train_and_evaluate` (MT-Diffusion, or a baseline's Objective)
                                         + its final EMA params
+  MetricCurve(path, steps, metric_fn)    a training hook: metric_fn(ema_params) at `steps`, kept in path
+                                        (resumable); curve_steps(total, num_points) spaces the steps
   Report     .metrics (nested dict -> metrics.json), .text(md), .table(title, columns, rows, notes),
              .image(name, grid, caption, publish)
   eval_batches(config, num_examples, batch_size, split=None, **data_options)   first examples, numpy batches
@@ -123,20 +125,45 @@ def latest_checkpoint_step(workdir: pathlib.Path) -> int | None:
 
 
 def train_model(name: str, config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
-                objective: Objective | None = None, model: Any = None, schedule: Any = None) -> Trained:
-    """`train_and_evaluate(config, workdir, objective=objective)` (resuming, or only restoring a finished run),
-    then its EMA params. Without an objective: the config's MT-Diffusion model and schedule; with one, `model`
-    is the network its params belong to (and `schedule` its diffusion schedule, if it is a diffusion model)."""
+                objective: Objective | None = None, model: Any = None, schedule: Any = None,
+                hooks: Sequence[Callable] = ()) -> Trained:
+    """`train_and_evaluate(config, workdir, objective=objective, hooks=hooks)` (resuming, or only restoring a
+    finished run), then its EMA params. Without an objective: the config's MT-Diffusion model and schedule; with
+    one, `model` is the network its params belong to (and `schedule` its diffusion schedule, if it is a diffusion
+    model)."""
     workdir = pathlib.Path(workdir)
     resumed_from = latest_checkpoint_step(workdir)
     start = time.perf_counter()
-    state = train_and_evaluate(config, workdir, objective=objective)
+    state = train_and_evaluate(config, workdir, objective=objective, hooks=hooks)
     seconds = time.perf_counter() - start
     if objective is None:
         model = config_io.build_model(config)
         schedule = config_io.build_schedule(config, model)
     return Trained(name, model, schedule, state.ema_params, config, workdir, count_params(state.params),
                    int(jax.device_get(state.step)), seconds, resumed_from)
+
+
+def curve_steps(total_steps: int, num_points: int) -> list[int]:
+    """`num_points` evenly spaced training steps of 1..total_steps, the last one total_steps."""
+    return sorted({max(1, round(total_steps * (index + 1) / num_points)) for index in range(num_points)})
+
+
+class MetricCurve:
+    """A metric of the EMA params against training steps: a `train_and_evaluate` hook that calls
+    metric_fn(ema_params) -> float at `steps` and keeps the points in `path` (JSON, step -> value), so a resumed
+    or restored run keeps those measured before it stopped. `points`: step -> value."""
+
+    def __init__(self, path: str | pathlib.Path, steps: Iterable[int], metric_fn: Callable[[Any], float]):
+        self.path, self.steps, self.metric_fn = pathlib.Path(path), set(steps), metric_fn
+        saved = json.loads(self.path.read_text()) if self.path.exists() else {}
+        self.points: dict[int, float] = {int(step): value for step, value in saved.items()}
+
+    def __call__(self, step: int, state: Any, metrics: Any) -> None:
+        del metrics
+        if step in self.steps:
+            self.points[step] = float(self.metric_fn(state.ema_params))
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.write_text(json.dumps({str(k): v for k, v in sorted(self.points.items())}, indent=1) + "\n")
 
 
 def diffusion_loss(config: ml_collections.ConfigDict) -> str:

@@ -7,20 +7,27 @@
 
 Trains, at the same budget (steps, batch, optimizer, EMA) and backbone:
   mt_diffusion            MT-Diffusion with the image x_0 and the label x_1 (learned table encoder, 'bump' weights,
-                          an MLP label head on the U-Net's bottleneck)
+                          an MLP label head on the U-Net's bottleneck); the denoiser sees the label through ADM's
+                          class path (condition 'embedding', hidden with probability p_uncond: docs/design.md 3b)
+  aggregation_only        (with experiment.aggregation_only_ablation) the same with condition 'none': the label
+                          enters through the aggregation only
   class_conditional_ddpm  the U-Net with ADM's class embedding (`UNetConfig.num_classes`), eps-MSE on (x, y)
   classifier              the same U-Net (t = 0) with the same MLP head on its bottleneck, cross-entropy on clean images
 Then measures (config section `experiment`), with the project's Fashion-MNIST CNN as the independent judge:
   joint         label agreement of joint samples (generated label vs the CNN's class of the generated image),
                 FID-proxy of the joint images
   label->image  agreement of the CNN's class of label-conditioned samples with the given label, FID-proxy,
-                for MT-Diffusion (label observed) and the class-conditional DDPM, the same labels and prior noise
+                for MT-Diffusion (label observed; classifier-free guidance scales experiment.generation.cfg_scales)
+                and the class-conditional DDPM, the same labels and prior noise
+  curve         label->image agreement against training steps (experiment.curve), measured while training
   image->label  test accuracy of MT-Diffusion's label head at noise level t (z_t from the test image) and of the
                 stand-alone classifier; the CNN judge's own accuracy as a reference
 """
 
 from __future__ import annotations
 
+import functools
+import pathlib
 from typing import Any
 
 import flax.linen as nn
@@ -30,14 +37,14 @@ import ml_collections
 import numpy as np
 import optax
 
-from experiments import common
+from experiments import baselines, common
 from mmdiff_jax import diffusion, sampling
 from mmdiff_jax.data.fashion_mnist import CLASS_NAMES
 from mmdiff_jax.metrics import agreement
 from mmdiff_jax.modalities import modality_schedule
 from mmdiff_jax.models.decoders import make_head
 from mmdiff_jax.models.unet import UNet, UNetConfig
-from mmdiff_jax.training import Objective, config_io
+from mmdiff_jax.training import Objective, config_io, writers
 
 NAME = "joint_image_label"
 FID_PROXY = "FID-proxy (Fashion-MNIST CNN features)"
@@ -158,24 +165,72 @@ def _judge(classifier, images: np.ndarray) -> np.ndarray:
     return np.concatenate([np.asarray(classifier.predict(images[i:i + 1000])) for i in range(0, len(images), 1000)])
 
 
+def cfg_name(scale: float) -> str:
+    return f"cfg{scale:g}"
+
+
+def balanced_labels(num_samples: int) -> np.ndarray:
+    return np.arange(num_samples, dtype=np.int32) % len(CLASS_NAMES)
+
+
+def make_label_to_image(config, model, schedule):
+    """fn(params, labels [B], rng, cfg_scale=None) -> images [B, H, W, C]: MT-Diffusion with the label observed;
+    `cfg_scale` (classifier-free guidance, label-conditioned models only) None or 1: the conditional sampler."""
+    sample = sampling.make_sample_fn(model, schedule, **common.sampler_options(config.experiment.sampler))
+    label = label_modality(config)
+
+    def label_to_image(params, labels, rng, cfg_scale=None):
+        options = {} if cfg_scale in (None, 1.0) else {"cfg_scales": float(cfg_scale)}
+        return sample(params, rng, {label: labels}, **options).image
+
+    return label_to_image
+
+
+def agreement_curve(config, workdir, classifier) -> common.MetricCurve:
+    """Label -> image agreement (judge CNN) of the EMA params at `curve.num_points` steps while training the
+    model whose config is `config` (classifier-free guidance `curve.cfg_scale` if its label is conditioned)."""
+    section = config.experiment.curve
+    model = config_io.build_model(config)
+    label_to_image = make_label_to_image(config, model, config_io.build_schedule(config, model))
+    labels = balanced_labels(section.num_samples)
+    scale = float(section.cfg_scale) if model.conditioned_modalities else None
+
+    def metric(params):
+        images = label_to_image(params, labels, jax.random.key(config.experiment.seed), cfg_scale=scale)
+        return agreement.accuracy(_judge(classifier, np.asarray(images)), labels)
+
+    return common.MetricCurve(pathlib.Path(workdir) / "label_to_image_curve.json",
+                              common.curve_steps(config.train.steps, section.num_points), metric)
+
+
 def evaluate(config, run: common.Run, models, classifier) -> dict:
     experiment = config.experiment
     section = experiment.generation
     label, primary = label_modality(config), config.model.primary
     mt, ccddpm, standalone = models["mt_diffusion"], models["class_conditional_ddpm"], models["classifier"]
     num_batches, batch_size = section.num_samples // section.batch_size, section.batch_size
-    given = [np.arange(i * batch_size, (i + 1) * batch_size, dtype=np.int32) % len(CLASS_NAMES)
-             for i in range(num_batches)]  # balanced labels, the same for both models
-    sample = sampling.make_sample_fn(mt.model, mt.schedule, **common.sampler_options(experiment.sampler))
+    given = [balanced_labels(section.num_samples)[i * batch_size:(i + 1) * batch_size]
+             for i in range(num_batches)]  # balanced labels, the same for every model
     cc_sample = make_class_conditional_sample_fn(ccddpm, experiment.sampler)
-    with run.phase("joint samples"):
-        joint = common.map_batches(lambda i, rng: sample(mt.params, rng, batch_size=batch_size), range(num_batches),
-                                   seed=experiment.seed, desc="joint")
-    with run.phase("label -> image samples"):
-        mt_cond = common.map_batches(lambda labels, rng: sample(mt.params, rng, {label: labels}).image, given,
-                                     seed=experiment.seed, desc="MT label->image")
-        cc_cond = common.map_batches(lambda labels, rng: cc_sample(ccddpm.params, labels, rng), given,
-                                     seed=experiment.seed, desc="cc-DDPM label->image")
+    joint, conditional = {}, {}
+    for name in [name for name in ("mt_diffusion", "aggregation_only") if name in models]:
+        trained = models[name]
+        sample = sampling.make_sample_fn(trained.model, trained.schedule, **common.sampler_options(experiment.sampler))
+        label_to_image = make_label_to_image(config, trained.model, trained.schedule)
+        with run.phase(f"joint samples: {name}"):
+            joint[name] = common.map_batches(lambda i, rng: sample(trained.params, rng, batch_size=batch_size),
+                                             range(num_batches), seed=experiment.seed, desc=f"{name} joint")
+        scales = section.cfg_scales if trained.model.conditioned_modalities else (1.0,)
+        for scale in scales:
+            key = mt_key(scale, name)
+            with run.phase(f"label -> image samples: {key}"):
+                conditional[key] = common.map_batches(
+                    lambda labels, rng, scale=scale: label_to_image(trained.params, labels, rng, scale), given,
+                    seed=experiment.seed, desc=f"{key} label->image")
+    with run.phase("label -> image samples: class_conditional_ddpm"):
+        conditional["class_conditional_ddpm"] = common.map_batches(
+            lambda labels, rng: cc_sample(ccddpm.params, labels, rng), given, seed=experiment.seed,
+            desc="cc-DDPM label->image")
     given = np.concatenate(given)
     with run.phase("reference features"):
         reference_features = common.reference_features(config, section.num_reference, classifier)
@@ -186,17 +241,16 @@ def evaluate(config, run: common.Run, models, classifier) -> dict:
         return common.evaluate_metrics(section.metrics, [{"sample": images}], classifier,
                                        reference_features=reference_features)
 
-    joint_labels = joint.outputs[label]["class_ids"]
-    results = {
-        "joint": {"label_agreement": agreement.label_agreement(joint_labels, _judge(classifier, joint.image)),
-                  "generated_label_histogram": np.bincount(joint_labels, minlength=10).tolist(), **fid(joint.image)},
-        "label_to_image": {
-            "mt_diffusion": {"agreement": agreement.accuracy(_judge(classifier, mt_cond), given), **fid(mt_cond)},
-            "class_conditional_ddpm": {"agreement": agreement.accuracy(_judge(classifier, cc_cond), given),
-                                       **fid(cc_cond)},
-        },
-        "real_train_images": fid(real),
-    }
+    results = {"joint": {}, "label_to_image": {}, "real_train_images": fid(real)}
+    for name, samples in joint.items():
+        labels = samples.outputs[label]["class_ids"]
+        results["joint"][name] = {"label_agreement": agreement.label_agreement(labels, _judge(classifier,
+                                                                                              samples.image)),
+                                  "generated_label_histogram": np.bincount(labels, minlength=10).tolist(),
+                                  **fid(samples.image)}
+    for key, images in conditional.items():
+        results["label_to_image"][key] = {"agreement": agreement.accuracy(_judge(classifier, images), given),
+                                          **fid(images)}
 
     section = experiment.classification
     test = common.eval_batches(config, section.num_images, section.batch_size)
@@ -218,15 +272,23 @@ def evaluate(config, run: common.Run, models, classifier) -> dict:
 
     count = experiment.grid_images
     names = lambda ids: [CLASS_NAMES[i].split("/")[0] for i in ids]  # noqa: E731
-    rows = [("MT joint (its label)", joint.image[:count], names(joint_labels[:count])),
-            ("MT label->image", mt_cond[:count], names(given[:count])),
-            ("cc-DDPM label->image", cc_cond[:count], names(given[:count])),
-            ("real (train)", real[:count])]
+    mt_joint = joint["mt_diffusion"]
+    rows = [("MT joint (its label)", mt_joint.image[:count], names(mt_joint.outputs[label]["class_ids"][:count]))]
+    rows += [(f"MT label->image, s = {scale:g}", conditional[mt_key(scale)][:count], names(given[:count]))
+             for scale in experiment.generation.cfg_scales if scale != 0.0]
+    rows += [("cc-DDPM label->image", conditional["class_conditional_ddpm"][:count], names(given[:count])),
+             ("real (train)", real[:count])]
     run.report.image("samples", common.labelled_grid(rows),
                      f"{common.describe_sampler(experiment.sampler)}. Row 1: MT-Diffusion's joint samples with their "
-                     "generated labels; rows 2-3: samples for the given labels written below (MT-Diffusion with the "
-                     "label observed; the class-conditional DDPM), the same prior noise per column.", publish=True)
+                     "generated labels; then samples for the given labels written below (MT-Diffusion with the label "
+                     "observed, at each classifier-free guidance scale s > 0; the class-conditional DDPM), the same "
+                     "prior noise per column.", publish=True)
     return results
+
+
+def mt_key(scale: float, name: str = "mt_diffusion") -> str:
+    """The label_to_image results key of `name` at guidance scale `scale` (1: the conditional sampler)."""
+    return name if scale == 1.0 else f"{name}_{cfg_name(scale)}"
 
 
 def write_report(config, run: common.Run, results: dict) -> None:
@@ -238,27 +300,41 @@ def write_report(config, run: common.Run, results: dict) -> None:
         "the same U-Net, steps, batch, optimizer and EMA. Judge: the project's Fashion-MNIST CNN "
         f"(test accuracy {results['image_to_label']['fmnist_cnn_judge']:.3f} on the images below). Sampler for "
         f"every diffusion model: {common.describe_sampler(experiment.sampler)}, EMA parameters.")
-    label_to_image = results["label_to_image"]
-    fid_key, rows = "fid_fmnist_cnn", []
-    rows.append(["MT-Diffusion, joint (nothing observed)", results["joint"]["label_agreement"], "—",
-                 results["joint"][fid_key]])
-    rows.append(["MT-Diffusion, label -> image", "—", label_to_image["mt_diffusion"]["agreement"],
-                 label_to_image["mt_diffusion"][fid_key]])
-    rows.append(["class-conditional DDPM, label -> image", "—", label_to_image["class_conditional_ddpm"]["agreement"],
-                 label_to_image["class_conditional_ddpm"][fid_key]])
-    rows.append(["real training images (floor)", "—", "—", results["real_train_images"][fid_key]])
+    label_to_image, joint = results["label_to_image"], results["joint"]
+    fid_key = "fid_fmnist_cnn"
+    named = {"MT-Diffusion, joint (nothing observed)": joint["mt_diffusion"]}
+    named.update({f"MT-Diffusion, label -> image, guidance s = {scale:g}" + (" (the conditional)" if scale == 1 else
+                                                                            ""): label_to_image[mt_key(scale)]
+                  for scale in section.cfg_scales})
+    if "aggregation_only" in joint:
+        named["ablation: aggregation-only, joint"] = joint["aggregation_only"]
+        named["ablation: aggregation-only, label -> image"] = label_to_image["aggregation_only"]
+    named["class-conditional DDPM, label -> image"] = label_to_image["class_conditional_ddpm"]
+    named["real training images (floor)"] = results["real_train_images"]
+    rows = [[row, metrics.get("label_agreement", "—"), metrics.get("agreement", "—"), metrics[fid_key]]
+            for row, metrics in named.items()]
     report.table(f"Generation ({section.num_samples} samples per row)",
                  ["model", "joint label agreement ↑", "label->image agreement ↑", f"{FID_PROXY} ↓"], rows, notes=[
                      "Joint label agreement: fraction of joint samples whose generated label equals the CNN judge's "
                      "class of the generated image.",
                      "Label->image agreement: fraction of samples the judge assigns to the given label (balanced "
-                     "labels, 10% per class).",
+                     "labels, 10% per class). Guidance s: classifier-free, eps(null) + s (eps(label) - eps(null)); "
+                     "s = 0 is the model with the label hidden from the denoiser (the aggregation still carries it).",
                      f"{FID_PROXY} against {section.num_reference} test images; not comparable with Inception FIDs; "
                      "biased upwards at this sample count (the real-image row is the floor)."])
-    report.feature_space_tables("Generation", {
-        "MT-Diffusion, joint": results["joint"], "MT-Diffusion, label -> image": label_to_image["mt_diffusion"],
-        "class-conditional DDPM, label -> image": label_to_image["class_conditional_ddpm"],
-        "real training images (floor)": results["real_train_images"]}, experiment.feature_spaces)
+    report.feature_space_tables("Generation", named, experiment.feature_spaces)
+    curves = results["curves"]
+    if curves:
+        curve = experiment.curve
+        steps = sorted({step for points in curves.values() for step in points})
+        report.table(f"Label -> image agreement against training steps ({curve.num_samples} samples each, measured "
+                     "on the EMA parameters while training)", ["model"] + [f"step {step}" for step in steps],
+                     [[CURVE_LABELS[name](curve.cfg_scale)] + [points.get(step, "—") for step in steps]
+                      for name, points in curves.items()])
+        run.report.image("label_to_image_curve", writers.plot_series(
+            {CURVE_LABELS[name](curve.cfg_scale): points for name, points in curves.items()},
+            ylabel="label -> image agreement", log_y=False), "Label -> image agreement (judge CNN) against training "
+            f"steps, {curve.num_samples} samples per point.", publish=True)
     accuracy = results["image_to_label"]
     rows = [[f"MT-Diffusion label head, z_t from the image at t = {t}", accuracy[f"mt_diffusion_t{t}"]]
             for t in experiment.classification.noise_levels]
@@ -267,28 +343,48 @@ def write_report(config, run: common.Run, results: dict) -> None:
     report.table(f"Image -> label ({experiment.classification.num_images} test images)", ["model", "accuracy ↑"],
                  rows)
     mt_acc = accuracy[f"mt_diffusion_t{experiment.classification.noise_levels[0]}"]
+    best = max(section.cfg_scales, key=lambda scale: label_to_image[mt_key(scale)]["agreement"])
+    histogram = joint["mt_diffusion"]["generated_label_histogram"]
+    spread = sum(count >= 0.01 * section.num_samples for count in histogram)
     lines = [
-        f"- Label->image: MT-Diffusion agreement {label_to_image['mt_diffusion']['agreement']:.3f} vs class-"
-        f"conditional DDPM {label_to_image['class_conditional_ddpm']['agreement']:.3f}; FID-proxy "
-        f"{label_to_image['mt_diffusion'][fid_key]:.2f} vs {label_to_image['class_conditional_ddpm'][fid_key]:.2f}.",
+        f"- Label->image: MT-Diffusion agreement {label_to_image['mt_diffusion']['agreement']:.3f} (the conditional, "
+        f"s = 1), {label_to_image[mt_key(best)]['agreement']:.3f} at its best guidance scale s = {best:g} (target "
+        f">= 0.6), vs the class-conditional DDPM {label_to_image['class_conditional_ddpm']['agreement']:.3f}; "
+        f"FID-proxy {label_to_image['mt_diffusion'][fid_key]:.2f} vs "
+        f"{label_to_image['class_conditional_ddpm'][fid_key]:.2f}.",
         f"- Image->label: MT-Diffusion's head {mt_acc:.3f} vs the stand-alone classifier {accuracy['classifier']:.3f} "
         f"({mt_acc - accuracy['classifier']:+.3f}).",
-        f"- Joint samples: generated label and image agree {results['joint']['label_agreement']:.1%} of the time "
-        f"(chance 10%); generated label counts per class {results['joint']['generated_label_histogram']}.",
+        f"- Joint samples: generated label and image agree {joint['mt_diffusion']['label_agreement']:.1%} of the time "
+        f"(chance 10%); generated label counts per class {histogram}: {spread} classes with >= 1% of the samples "
+        "(target >= 8).",
     ]
+    if "aggregation_only" in joint:
+        lines.append(f"- Ablation (the label through the aggregation only, same budget): label->image agreement "
+                     f"{label_to_image['aggregation_only']['agreement']:.3f}; joint label agreement "
+                     f"{joint['aggregation_only']['label_agreement']:.3f}.")
     report.text("## Findings (computed from the numbers above)\n\n" + "\n".join(lines))
 
 
+CURVE_LABELS = {"mt_diffusion": lambda scale: f"MT-Diffusion, guidance s = {scale:g}",
+                "aggregation_only": lambda scale: "ablation: aggregation-only"}
+
+
 def run(config: ml_collections.ConfigDict, run: common.Run) -> None:
-    models = {
-        "mt_diffusion": run.train("mt_diffusion", config),
-        "class_conditional_ddpm": run.train("class_conditional_ddpm", config, train_class_conditional_ddpm,
-                                            loss="eps-MSE"),
-        "classifier": run.train("classifier", config, train_classifier, loss="cross-entropy"),
-    }
     with run.phase("metrics classifier"):
-        classifier = common.metrics_classifier(config)
+        classifier = common.metrics_classifier(config)  # also the judge of the training curves
+    configs = {"mt_diffusion": config}
+    if config.experiment.aggregation_only_ablation:
+        configs["aggregation_only"] = baselines.aggregation_only_config(config)
+    models, curves = {}, {}
+    for name, model_config in configs.items():
+        curve = agreement_curve(model_config, run.workdir / name, classifier)
+        models[name] = run.train(name, model_config, functools.partial(common.train_model, hooks=[curve]))
+        curves[name] = curve.points
+    models["class_conditional_ddpm"] = run.train("class_conditional_ddpm", config, train_class_conditional_ddpm,
+                                                 loss="eps-MSE")
+    models["classifier"] = run.train("classifier", config, train_classifier, loss="cross-entropy")
     results = evaluate(config, run, models, classifier)
+    results["curves"] = curves
     run.report.metrics.update(setup={"sampler": dict(config.experiment.sampler), "fid_proxy": FID_PROXY,
                                      "judge": dict(classifier.meta)}, **results)
     write_report(config, run, results)

@@ -6,6 +6,7 @@ The run is a child process (`training_helpers.run_experiment_cli`)."""
 
 import json
 import math
+import types
 
 import numpy as np
 from absl import flags
@@ -85,3 +86,15 @@ def test_load_sentence_says_when_other_jobs_shared_the_cores():
     busy = common.load_sentence({"mean": 4.8, "max": 9.0, "start": 5.1}, cores=2)
     assert "mean 1.6, max 2.2, at start 0.9: about what this run alone puts on the cores." in quiet
     assert busy.endswith("other jobs shared the cores, so an idle machine runs faster.")
+
+
+def test_metric_curve_measures_at_its_steps_and_a_resumed_run_keeps_earlier_points(tmp_path):
+    assert common.curve_steps(1000, 4) == [250, 500, 750, 1000] and common.curve_steps(3, 4) == [1, 2, 3]
+    curve = common.MetricCurve(tmp_path / "curve.json", [2, 4], lambda params: 10 * params)
+    for step in (1, 2, 3):
+        curve(step, types.SimpleNamespace(ema_params=2.0), {})
+    assert curve.points == {2: 20.0}
+    resumed = common.MetricCurve(tmp_path / "curve.json", [2, 4], lambda params: params)
+    resumed(4, types.SimpleNamespace(ema_params=3.0), {})
+    assert resumed.points == {2: 20.0, 4: 3.0}
+    assert json.loads((tmp_path / "curve.json").read_text()) == {"2": 20.0, "4": 3.0}

@@ -52,13 +52,27 @@ def _arrays(tmp_path) -> str:
 
 def test_joint_image_label_tiny(tmp_path):
     run_experiment_cli("joint_image_label", tmp_path, _arrays(tmp_path))
+    models = {"mt_diffusion": 3, "aggregation_only": 3, "class_conditional_ddpm": 3, "classifier": 3}
     metrics = _check_outputs(tmp_path / "run", tmp_path / "results", "samples",
-                             ("label->image agreement", "FID-proxy", "same-backbone classifier"),
-                             {"mt_diffusion": 3, "class_conditional_ddpm": 3, "classifier": 3})
-    assert 0 <= metrics["joint"]["label_agreement"] <= 1 and sum(metrics["joint"]["generated_label_histogram"]) == 16
-    for name in ("mt_diffusion", "class_conditional_ddpm"):
-        assert 0 <= metrics["label_to_image"][name]["agreement"] <= 1
-        assert math.isfinite(metrics["label_to_image"][name]["fid_fmnist_cnn"])
+                             ("label->image agreement", "FID-proxy", "same-backbone classifier", "guidance s = 2",
+                              "ablation: aggregation-only", "against training steps"), models)
+    for name in ("mt_diffusion", "aggregation_only"):
+        joint = metrics["joint"][name]
+        assert 0 <= joint["label_agreement"] <= 1 and sum(joint["generated_label_histogram"]) == 16
+    # The guidance sweep for the label-conditioned model; the aggregation-only one has no guidance.
+    assert set(metrics["label_to_image"]) == {"mt_diffusion", "mt_diffusion_cfg0", "mt_diffusion_cfg2",
+                                              "aggregation_only", "class_conditional_ddpm"}
+    for scores in metrics["label_to_image"].values():
+        assert 0 <= scores["agreement"] <= 1 and math.isfinite(scores["fid_fmnist_cnn"])
+    # The curves: measured while training at the configured steps (tiny: 2 points of 3 steps), kept in the workdir.
+    assert {name: sorted(points) for name, points in metrics["curves"].items()} == {
+        "mt_diffusion": ["2", "3"], "aggregation_only": ["2", "3"]}
+    assert json.loads((tmp_path / "run" / "mt_diffusion" / "label_to_image_curve.json").read_text()) == \
+        metrics["curves"]["mt_diffusion"]
+    assert (tmp_path / "results" / "grids" / "label_to_image_curve.png").is_file()
+    configs = {name: json.loads((tmp_path / "run" / name / "config.json").read_text())["model"]["modalities"]["label"]
+               for name in ("mt_diffusion", "aggregation_only")}
+    assert configs["mt_diffusion"]["condition"] == "embedding" and configs["aggregation_only"]["condition"] == "none"
     assert set(metrics["image_to_label"]) == {"mt_diffusion_t1", "classifier", "fmnist_cnn_judge"}
     assert metrics["training"]["class_conditional_ddpm"]["loss"] == "eps-MSE"
     # The class-conditional baseline is the U-Net with ADM's class embedding: 10 x (4 x base_channels) more.

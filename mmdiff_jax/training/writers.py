@@ -48,13 +48,40 @@ def read_jsonl(path: str | pathlib.Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def plot_losses(jsonl_path: str | pathlib.Path, png_path: str | pathlib.Path,
-                keys: Sequence[str] = ("loss", "eval/loss")) -> bool:
-    """Loss curves from metrics.jsonl (later lines win for a repeated step) to a PNG; False if no data."""
+def plot_series(series: Mapping[str, Mapping[int, float]], *, xlabel: str = "step", ylabel: str = "loss",
+                log_y: bool | None = None, title: str = "") -> np.ndarray:
+    """Line plot of named series (label -> {x: y}) as an RGB image [H, W, 3] uint8; `log_y` None: a log axis
+    when every value is positive and they span more than a factor of 10."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    values = [value for points in series.values() for value in points.values()]
+    if log_y is None:
+        log_y = bool(values) and min(values) > 0 and max(values) > 10 * min(values)
+    figure, axes = plt.subplots(figsize=(6, 4))
+    for label, points in series.items():
+        if points:
+            xs = sorted(points)
+            axes.plot(xs, [points[x] for x in xs], label=label, marker="." if len(xs) < 50 else None)
+    axes.set_xlabel(xlabel)
+    axes.set_ylabel(ylabel)
+    if title:
+        axes.set_title(title)
+    if log_y:
+        axes.set_yscale("log")
+    axes.legend()
+    axes.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.canvas.draw()
+    image = np.asarray(figure.canvas.buffer_rgba())[..., :3].copy()
+    plt.close(figure)
+    return image
+
+
+def plot_losses(jsonl_path: str | pathlib.Path, png_path: str | pathlib.Path,
+                keys: Sequence[str] = ("loss", "eval/loss")) -> bool:
+    """Loss curves from metrics.jsonl (later lines win for a repeated step) to a PNG; False if no data."""
     series: dict[str, dict[int, float]] = {key: {} for key in keys}
     for record in read_jsonl(jsonl_path):
         for key in keys:
@@ -62,20 +89,8 @@ def plot_losses(jsonl_path: str | pathlib.Path, png_path: str | pathlib.Path,
                 series[key][int(record["step"])] = float(record[key])
     if not any(series.values()):
         return False
-    figure, axes = plt.subplots(figsize=(6, 4))
-    for key, points in series.items():
-        if points:
-            steps = sorted(points)
-            axes.plot(steps, [points[s] for s in steps], label=key, marker="." if len(steps) < 50 else None)
-    axes.set_xlabel("step")
-    axes.set_ylabel("loss")
-    if all(value > 0 for points in series.values() for value in points.values()):
-        axes.set_yscale("log")
-    axes.legend()
-    axes.grid(alpha=0.3)
-    figure.tight_layout()
-    figure.savefig(png_path, dpi=100)
-    plt.close(figure)
+    values = [value for points in series.values() for value in points.values()]
+    write_png(png_path, plot_series(series, log_y=all(value > 0 for value in values)))
     return True
 
 
