@@ -52,7 +52,9 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
         # Feature spaces of FID / precision / recall: 'fmnist_cnn' (offline); add 'inception_v3' for Inception
         # FIDs with the user's weights ($MMDIFF_INCEPTION_WEIGHTS; mmdiff_jax.metrics.inception).
         feature_spaces=("fmnist_cnn",),
-        sampler=dict(method="ddim", num_steps=25, eta=0.0),  # z_0 estimates clipped to [-1, 1]
+        # z_0 estimates clipped to [-1, 1]
+        # method 'ddim' | 'ddpm' | 'dpm_solver++' (variant '2M' | '3M' | '2S', spacing 'time_uniform' | 'logsnr')
+        sampler=dict(method="ddim", num_steps=25, eta=0.0, variant="2M", spacing="time_uniform"),
         generation=dict(
             num_samples=256, batch_size=128,  # embedding -> image (test embeddings) and joint samples
             num_reference=10_000,  # test images: the FID-proxy reference set

@@ -53,7 +53,9 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
     config.train.steps = 250
 
     config.experiment = dict(
-        sampler=dict(method="ddim", num_steps=20, eta=0.0),  # every sampler; z_0 estimates clipped
+        # every sampler; z_0 estimates clipped
+        # method 'ddim' | 'ddpm' | 'dpm_solver++' (variant '2M' | '3M' | '2S', spacing 'time_uniform' | 'logsnr')
+        sampler=dict(method="ddim", num_steps=20, eta=0.0, variant="2M", spacing="time_uniform"),
         segmentation=dict(num_images=256, batch_size=64, noise_levels=(1, 50)),  # image -> mask at t
         generation=dict(num_samples=128, batch_size=64),  # joint samples; mask -> image for as many test masks
         # A pixel of a generated image counts as foreground above the scenes' threshold (10 / 255 of uint8).

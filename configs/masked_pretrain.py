@@ -89,7 +89,7 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
     # prototype: PSNR hidden at r = 0.5 9.7 dB after 800 steps, 12.9 after 1600).
     config.train.steps = 1600
     config.train.log_every = 50
-    config.train.eval_every = config.train.steps  # at the end (and every 1600 steps when --config.train.steps is raised)
+    config.train.eval_every = config.train.steps  # at the end (every 1600 steps when --config.train.steps is raised)
     config.train.eval_batches = 2
     config.train.checkpoint_every = 0  # the last step only
     config.train.keep_checkpoints = 1
@@ -103,7 +103,8 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
         # FIDs with the user's weights ($MMDIFF_INCEPTION_WEIGHTS; mmdiff_jax.metrics.inception).
         feature_spaces=("fmnist_cnn",),
         # Samplers (the same for every model): DDIM, clipping the z_0 estimate to [-1, 1].
-        sampler=dict(method="ddim", num_steps=25, eta=0.0),
+        # method 'ddim' | 'ddpm' | 'dpm_solver++' (variant '2M' | '3M' | '2S', spacing 'time_uniform' | 'logsnr')
+        sampler=dict(method="ddim", num_steps=25, eta=0.0, variant="2M", spacing="time_uniform"),
         restoration=dict(
             mask_ratios=(0.1, 0.25, 0.5),  # each on the same test images, masks drawn per ratio
             num_images=192, batch_size=96,

@@ -31,7 +31,7 @@ from experiments import common
 from mmdiff_jax import diffusion
 from mmdiff_jax.modalities import MASK_KEY
 from mmdiff_jax.models.unet import UNet, UNetConfig
-from mmdiff_jax.sampling import ddim_sample, ddim_step, ddpm_sample, known_region_hook, make_denoise, respace
+from mmdiff_jax.sampling import ddim_step, known_region_hook, make_denoise, respace, sample_chain
 from mmdiff_jax.training import Objective, config_io
 
 Array = jax.Array
@@ -163,20 +163,16 @@ def make_sdedit_fn(model, schedule, *, strength: float, num_steps: int, eta: flo
     return jax.jit(sdedit)
 
 
-def make_repaint_fn(model, schedule, *, method: str = "ddim", num_steps: int = 50, eta: float = 0.0,
-                    clip_denoised: bool = True):
+def make_repaint_fn(model, schedule, *, clip_denoised: bool = True, **sampler_options):
     """repaint(params, masked_image, mask, rng) -> image: the model's sampler from the prior, nothing observed,
-    with the known pixels re-imposed after every step (`sampling.known_region_hook`)."""
+    with the known pixels re-imposed after every step (`sampling.known_region_hook`). `sampler_options`:
+    method, num_steps, ... of `sampling.sample_chain`."""
 
     def repaint(params, masked_image, mask, rng):
         masked_image = jnp.asarray(masked_image, jnp.float32)
-        denoise = make_denoise(model, params, {})
         hook = known_region_hook(schedule, masked_image, mask)
-        options = dict(clip_denoised=clip_denoised, step_hook=hook)
-        if method == "ddpm":
-            output = ddpm_sample(denoise, schedule, rng, masked_image.shape, **options)
-        else:
-            output = ddim_sample(denoise, schedule, rng, masked_image.shape, num_steps=num_steps, eta=eta, **options)
+        output = sample_chain(make_denoise(model, params, {}), schedule, rng, masked_image.shape,
+                              clip_denoised=clip_denoised, step_hook=hook, **sampler_options)
         return jnp.clip(output.z_0, -1.0, 1.0)
 
     return jax.jit(repaint)

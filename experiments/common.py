@@ -219,8 +219,9 @@ def map_batches(fn: Callable[[Any, jax.Array], Any], batches: Iterable[Any], see
 
 
 def sampler_options(section: Mapping[str, Any]) -> dict[str, Any]:
-    """A config sampler section {method, num_steps, eta, ...} -> keyword arguments of
-    `mmdiff_jax.sampling.make_sample_fn` (num_steps dropped for 'ddpm', which runs all T steps)."""
+    """A config sampler section {method ('ddpm' | 'ddim' | 'dpm_solver++'), num_steps, eta, variant, spacing}
+    -> keyword arguments of `mmdiff_jax.sampling.make_sample_fn` / `sample_chain` (num_steps dropped for
+    'ddpm', which runs all T steps)."""
     options = dict(section)
     if options.get("method") == "ddpm":
         options.pop("num_steps", None)
@@ -229,8 +230,12 @@ def sampler_options(section: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def describe_sampler(section: Mapping[str, Any]) -> str:
+    """A config sampler section in words (method, steps and the options it uses)."""
     if section["method"] == "ddpm":
         return "DDPM (all T steps)"
+    if section["method"] == "dpm_solver++":
+        return (f"DPM-Solver++ ({section.get('variant', '2M')}), {section['num_steps']} steps, "
+                f"{section.get('spacing', 'time_uniform').replace('_', '-')} spacing")
     return f"DDIM, {section['num_steps']} steps, eta = {section['eta']:g}"
 
 

@@ -145,7 +145,6 @@ def train_classifier(name, config, workdir) -> common.Trained:
 def make_class_conditional_sample_fn(trained: common.Trained, section):
     """sample(params, labels [B], rng) -> images [B, H, W, C] in [-1, 1] by the config's sampler."""
     options = common.sampler_options(section)
-    method = options.pop("method")
     model, schedule = trained.model, trained.schedule
 
     def sample(params, labels, rng):
@@ -154,8 +153,8 @@ def make_class_conditional_sample_fn(trained: common.Trained, section):
             return sampling.Prediction(eps, jnp.zeros((0,) + z_t.shape, jnp.float32))
 
         shape = labels.shape[:1] + tuple(trained.config.model.z_shape)
-        sampler = sampling.ddpm_sample if method == "ddpm" else sampling.ddim_sample
-        return jnp.clip(sampler(denoise, schedule, rng, shape, clip_denoised=True, **options).z_0, -1.0, 1.0)
+        return jnp.clip(sampling.sample_chain(denoise, schedule, rng, shape, clip_denoised=True, **options).z_0,
+                        -1.0, 1.0)
 
     return jax.jit(sample)
 

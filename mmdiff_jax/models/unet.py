@@ -199,7 +199,8 @@ class CrossAttentionBlock(nn.Module):
     def __call__(self, x: Array, context: Array) -> Array:
         """x [B, H, W, C], context [B, L, D] -> [B, H, W, C]; C / num_head_channels heads."""
         channels = x.shape[-1]
-        query = nn.Dense(channels, dtype=self.dtype, name="query")(_normalized_positions(x, self.num_groups, self.dtype))
+        h = _normalized_positions(x, self.num_groups, self.dtype)
+        query = nn.Dense(channels, dtype=self.dtype, name="query")(h)
         key_value = nn.Dense(2 * channels, dtype=self.dtype, name="key_value")(
             nn.LayerNorm(dtype=self.dtype)(context.astype(self.dtype)))
         return _attend_and_add(x, query, *jnp.split(key_value, 2, axis=-1), self.num_head_channels, self.dtype)

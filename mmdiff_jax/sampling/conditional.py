@@ -22,12 +22,12 @@ import jax.numpy as jnp
 from mmdiff_jax.modalities import MASK_KEY, Modality, MTDiffusion
 from mmdiff_jax.sampling.guidance import classifier_free_guidance, classifier_guidance
 from mmdiff_jax.sampling.restoration import known_region_hook
-from mmdiff_jax.sampling.samplers import Denoise, Prediction, ddim_sample, ddpm_sample
+from mmdiff_jax.sampling.methods import check_sampler, sample_chain
+from mmdiff_jax.sampling.samplers import Denoise, Prediction
 from mmdiff_jax.schedules import DiffusionSchedule
 
 Array = jax.Array
 Observed = Mapping[str, Array]
-METHODS = ("ddpm", "ddim")
 
 
 class Samples(NamedTuple):
@@ -176,13 +176,15 @@ def _modality(model: MTDiffusion, name: str, kinds: tuple[str, ...], role: str) 
 
 def make_sample_fn(model: MTDiffusion, schedule: DiffusionSchedule, *, method: str = "ddim",
                    num_steps: int | None = None, eta: float = 0.0, variance: str = "small",
+                   variant: str = "2M", spacing: str = "time_uniform",
                    clip_denoised: bool = True, prior_refinements: int = 1, repaint: str | None = None,
                    guidance: str | None = None, sharding: jax.sharding.Sharding | None = None):
     """A jit-compiled sampler for `model` on `schedule`.
 
     Args:
-      method: 'ddpm' (all T steps, `variance` 'small' or 'large') or 'ddim' (`num_steps` respaced steps,
-        default min(50, T), stochasticity `eta`).
+      method: 'ddpm' (all T steps, `variance` 'small' or 'large'), 'ddim' (`num_steps` respaced steps,
+        default min(50, T), stochasticity `eta`) or 'dpm_solver++' (`num_steps` steps of DPM-Solver++
+        `variant` '2M', '3M', '2S' or '1', `spacing` 'time_uniform' or 'logsnr'; `sampling.dpm_solver`).
       clip_denoised: clip the z_0 estimate to [-1, 1] at every step (pixel-space images).
       prior_refinements: fixed-point steps for m_T (see `samplers.prior_sample`).
       repaint: name of a masked-image modality: re-impose its known pixels at every step (it must be observed).
@@ -198,12 +200,7 @@ def make_sample_fn(model: MTDiffusion, schedule: DiffusionSchedule, *, method: s
       are traced.
     """
     check_schedule(model, schedule)
-    if method not in METHODS:
-        raise ValueError(f"unknown sampling method {method!r}; known: {METHODS}")
-    if method == "ddpm" and num_steps not in (None, schedule.num_steps):
-        raise ValueError(f"DDPM runs all T = {schedule.num_steps} steps; for fewer use method='ddim' (eta=1 is "
-                         f"ancestral sampling on the respaced chain)")
-    num_steps = num_steps or min(50, schedule.num_steps)
+    num_steps = check_sampler(schedule, method, num_steps, variant, spacing)
     if repaint is not None:
         _modality(model, repaint, ("masked_image",), "repaint")
     if guidance is not None:
@@ -230,12 +227,10 @@ def make_sample_fn(model: MTDiffusion, schedule: DiffusionSchedule, *, method: s
             if repaint not in observed or MASK_KEY not in observed:
                 raise ValueError(f"repaint={repaint!r} needs observed[{repaint!r}] and observed[{MASK_KEY!r}]")
             hook = known_region_hook(schedule, jnp.asarray(observed[repaint], jnp.float32), observed[MASK_KEY])
-        common = dict(clip_denoised=clip_denoised, prior_noise=prior_noise, prior_refinements=prior_refinements,
-                      step_hook=hook, sharding=sharding)
-        if method == "ddpm":
-            output = ddpm_sample(denoise, schedule, rng, shape, variance=variance, **common)
-        else:
-            output = ddim_sample(denoise, schedule, rng, shape, num_steps=num_steps, eta=eta, **common)
+        output = sample_chain(denoise, schedule, rng, shape, method=method, num_steps=num_steps, eta=eta,
+                              variance=variance, variant=variant, spacing=spacing, clip_denoised=clip_denoised,
+                              prior_noise=prior_noise, prior_refinements=prior_refinements, step_hook=hook,
+                              sharding=sharding)
         outputs = decode_heads(model.modalities, head_estimates(model.modalities, output.aux))
         return Samples(jnp.clip(output.z_0, -1.0, 1.0), output.z_0, outputs)
 

@@ -89,7 +89,7 @@ def _constrain(x: Array, sharding: jax.sharding.Sharding | None) -> Array:
     return x if sharding is None else jax.lax.with_sharding_constraint(x, sharding)
 
 
-def _clip_prediction(schedule: DiffusionSchedule, z_t: Array, t: Array, prediction: Prediction) -> Array:
+def clip_eps(schedule: DiffusionSchedule, z_t: Array, t: Array, prediction: Prediction) -> Array:
     """eps recomputed from z0hat clipped to [-1, 1], with the same ehat in m_t."""
     encodings = prediction.estimated_encodings
     # Where abar_t underflows z0hat is inf but irrelevant: eps_from_z0 weighs it by sqrt(abar_t) = 0.
@@ -113,13 +113,13 @@ def prior_sample(denoise: Denoise, schedule: DiffusionSchedule, noise: Array, *,
 def ddpm_step(schedule: DiffusionSchedule, z_t: Array, t: Array, prediction: Prediction, noise: Array, *,
               variance: str = "small", clip_denoised: bool = False) -> Array:
     """One ancestral step t -> t - 1 (t [B] or [] in 1..T): mu_theta + sigma_t noise, no noise where t = 1."""
-    eps = _clip_prediction(schedule, z_t, t, prediction) if clip_denoised else prediction.eps
+    eps = clip_eps(schedule, z_t, t, prediction) if clip_denoised else prediction.eps
     mean = diffusion.reverse_mean(schedule, z_t, t, eps, prediction.estimated_encodings)
     scale = jnp.where(t > 1, jnp.exp(0.5 * diffusion.reverse_log_variance(schedule, t, variance)), 0.0)
     return mean + diffusion.expand_to(scale, z_t) * noise
 
 
-def _log_alpha_bar(schedule: DiffusionSchedule) -> Array:
+def log_alpha_bar(schedule: DiffusionSchedule) -> Array:
     """log abar_t = sum_{r<=t} log alpha_r, [T + 1]: finite where abar_t underflows float32 (long
     `modality_normalized` chains), so ratios abar_s / abar_t stay exact."""
     return jnp.cumsum(jnp.log(schedule.alpha))
@@ -127,8 +127,8 @@ def _log_alpha_bar(schedule: DiffusionSchedule) -> Array:
 
 def ddim_sigma(schedule: DiffusionSchedule, t: Array, s: Array, eta: float | Array) -> Array:
     """sigma_ts = eta sqrt( (1 - abar_s) / (1 - abar_t) (1 - abar_t / abar_s) ), shape t.shape; 0 at s = 0."""
-    log_alpha_bar = _log_alpha_bar(schedule)
-    decay = -jnp.expm1(log_alpha_bar[t] - log_alpha_bar[s])  # 1 - abar_t / abar_s
+    log_abar = log_alpha_bar(schedule)
+    decay = -jnp.expm1(log_abar[t] - log_abar[s])  # 1 - abar_t / abar_s
     one_minus_t, one_minus_s = schedule.one_minus_alpha_bar[t], schedule.one_minus_alpha_bar[s]
     return eta * jnp.sqrt(jnp.maximum(one_minus_s / one_minus_t * decay, 0.0))
 
@@ -142,9 +142,9 @@ def ddim_step(schedule: DiffusionSchedule, z_t: Array, t: Array, s: Array, predi
     stays finite where abar_t underflows.
     """
     encodings = prediction.estimated_encodings
-    eps = _clip_prediction(schedule, z_t, t, prediction) if clip_denoised else prediction.eps
-    log_alpha_bar = _log_alpha_bar(schedule)
-    signal_ratio = jnp.exp(0.5 * (diffusion.at_step(log_alpha_bar, s, z_t) - diffusion.at_step(log_alpha_bar, t, z_t)))
+    eps = clip_eps(schedule, z_t, t, prediction) if clip_denoised else prediction.eps
+    log_abar = log_alpha_bar(schedule)
+    signal_ratio = jnp.exp(0.5 * (diffusion.at_step(log_abar, s, z_t) - diffusion.at_step(log_abar, t, z_t)))
     u_t = z_t - diffusion.encoding_mean(schedule, t, encodings, z_t)
     scaled_z_0 = signal_ratio * (u_t - jnp.sqrt(diffusion.at_step(schedule.one_minus_alpha_bar, t, z_t)) * eps)
     sigma = diffusion.expand_to(ddim_sigma(schedule, t, s, eta), z_t)
@@ -152,13 +152,24 @@ def ddim_step(schedule: DiffusionSchedule, z_t: Array, t: Array, s: Array, predi
     return scaled_z_0 + direction * eps + diffusion.encoding_mean(schedule, s, encodings, z_t) + sigma * noise
 
 
-def _run_chain(denoise: Denoise, schedule: DiffusionSchedule, step: Callable, steps: np.ndarray, rng: Array,
-               shape: tuple[int, ...], *, prior_noise: Array | None, prior_refinements: int,
-               step_hook: StepHook | None, sharding: jax.sharding.Sharding | None,
-               stochastic: bool = True) -> SamplerOutput:
-    """Prior, then a scan over (t, s) pairs of `steps` (descending, s = next step or 0); `stochastic` False
-    skips drawing the step noise (it would be multiplied by 0)."""
+# step(z_t, t, s, prediction, noise, state) -> (z_s, state): one update t -> s (scalars), `state` any pytree the
+# sampler carries from step to step (a multistep solver's earlier predictions; () for DDPM / DDIM).
+Step = Callable[[Array, Array, Array, Prediction, Array, Any], tuple[Array, Any]]
+
+
+def run_chain(denoise: Denoise, schedule: DiffusionSchedule, step: Step, timesteps: np.ndarray, rng: Array,
+              shape: tuple[int, ...], *, prior_noise: Array | None = None, prior_refinements: int = 1,
+              step_hook: StepHook | None = None, sharding: jax.sharding.Sharding | None = None,
+              stochastic: bool = True, state: Any = ()) -> SamplerOutput:
+    """The prior at T, then a `lax.scan` of `step` over the pairs (t, s) of `timesteps` (descending int, first T,
+    last the end of the chain, usually 0), one model call per pair; `stochastic` False skips drawing the step
+    noise (it would be multiplied by 0). `state`: the step's initial carry."""
     shape = tuple(shape)
+    timesteps = np.asarray(timesteps, np.int32)
+    if timesteps.ndim != 1 or len(timesteps) < 2 or np.any(np.diff(timesteps) >= 0) or timesteps[-1] < 0 \
+            or timesteps[0] != schedule.num_steps:
+        raise ValueError(f"timesteps must descend strictly from T = {schedule.num_steps} to an end >= 0, got "
+                         f"{timesteps.tolist()}")
     prior_key, chain_key = jax.random.split(rng)
     if prior_noise is None:
         prior_noise = jax.random.normal(prior_key, shape, jnp.float32)
@@ -169,24 +180,28 @@ def _run_chain(denoise: Denoise, schedule: DiffusionSchedule, step: Callable, st
     batch = shape[:1]
     aux_shape = jax.eval_shape(denoise, z_T, jnp.ones(batch, jnp.int32)).aux
     aux = jax.tree.map(lambda leaf: jnp.zeros(leaf.shape, leaf.dtype), aux_shape)
-    next_steps = np.concatenate([steps[1:], [0]]).astype(np.int32)
 
     def body(carry, inputs):
-        z_t, _ = carry
+        z_t, _, state = carry
         t_step, s_step, key = inputs
         noise_key, hook_key = jax.random.split(key)
         prediction = denoise(z_t, jnp.full(batch, t_step))
         noise = jax.random.normal(noise_key, shape, jnp.float32) if stochastic else jnp.zeros(shape, jnp.float32)
         noise = _constrain(noise, sharding)
         # The step is the same for the whole batch: scalar steps broadcast and spare per-example gathers.
-        z_s = step(z_t, t_step, s_step, prediction, noise)
+        z_s, state = step(z_t, t_step, s_step, prediction, noise, state)
         if step_hook is not None:
             z_s = step_hook(z_s, jnp.full(batch, s_step), prediction.estimated_encodings, hook_key)
-        return (_constrain(z_s.astype(jnp.float32), sharding), prediction.aux), None
+        return (_constrain(z_s.astype(jnp.float32), sharding), prediction.aux, state), None
 
-    keys = jax.random.split(chain_key, len(steps))
-    (z_0, aux), _ = jax.lax.scan(body, (z_T, aux), (jnp.asarray(steps), jnp.asarray(next_steps), keys))
+    keys = jax.random.split(chain_key, len(timesteps) - 1)
+    (z_0, aux, _), _ = jax.lax.scan(body, (z_T, aux, state),
+                                    (jnp.asarray(timesteps[:-1]), jnp.asarray(timesteps[1:]), keys))
     return SamplerOutput(z_0, aux)
+
+
+def _with_end(steps: np.ndarray) -> np.ndarray:
+    return np.concatenate([steps, [0]]).astype(np.int32)
 
 
 def ddpm_sample(denoise: Denoise, schedule: DiffusionSchedule, rng: Array, shape: tuple[int, ...], *,
@@ -201,13 +216,13 @@ def ddpm_sample(denoise: Denoise, schedule: DiffusionSchedule, rng: Array, shape
       shape: (B, *S). variance: 'small' (beta~_t) or 'large' (beta_t).
       step_hook: applied to z_{t-1} after each step. sharding: the batch sharding of z (constraint).
     """
-    def step(z_t, t, s, prediction, noise):
+    def step(z_t, t, s, prediction, noise, state):
         del s
-        return ddpm_step(schedule, z_t, t, prediction, noise, variance=variance, clip_denoised=clip_denoised)
+        return ddpm_step(schedule, z_t, t, prediction, noise, variance=variance, clip_denoised=clip_denoised), state
 
-    return _run_chain(denoise, schedule, step, respace(schedule.num_steps, schedule.num_steps), rng, shape,
-                      prior_noise=prior_noise, prior_refinements=prior_refinements, step_hook=step_hook,
-                      sharding=sharding)
+    return run_chain(denoise, schedule, step, _with_end(respace(schedule.num_steps, schedule.num_steps)), rng, shape,
+                     prior_noise=prior_noise, prior_refinements=prior_refinements, step_hook=step_hook,
+                     sharding=sharding)
 
 
 def ddim_sample(denoise: Denoise, schedule: DiffusionSchedule, rng: Array, shape: tuple[int, ...], *,
@@ -219,10 +234,10 @@ def ddim_sample(denoise: Denoise, schedule: DiffusionSchedule, rng: Array, shape
     eta = 0: deterministic given the prior noise (probability flow); eta = 1 with num_steps = T: DDPM.
     Other arguments as `ddpm_sample`.
     """
-    def step(z_t, t, s, prediction, noise):
-        return ddim_step(schedule, z_t, t, s, prediction, noise, eta=eta, clip_denoised=clip_denoised)
+    def step(z_t, t, s, prediction, noise, state):
+        return ddim_step(schedule, z_t, t, s, prediction, noise, eta=eta, clip_denoised=clip_denoised), state
 
     deterministic = isinstance(eta, (int, float)) and eta == 0
-    return _run_chain(denoise, schedule, step, respace(schedule.num_steps, num_steps), rng, shape,
-                      prior_noise=prior_noise, prior_refinements=prior_refinements, step_hook=step_hook,
-                      sharding=sharding, stochastic=not deterministic)
+    return run_chain(denoise, schedule, step, _with_end(respace(schedule.num_steps, num_steps)), rng, shape,
+                     prior_noise=prior_noise, prior_refinements=prior_refinements, step_hook=step_hook,
+                     sharding=sharding, stochastic=not deterministic)
