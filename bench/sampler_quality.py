@@ -16,7 +16,8 @@ Then the samplers' overhead: the wall time of one compiled sampler call at K = `
 (medians of `--repeats` calls after a warm-up; compilation excluded).
 Samplers: 'ddim' (eta = 0) and DPM-Solver++ variants '2M', '3M', '2S' (time-uniform steps, the same steps
 as DDIM; '2S' makes a second call on every step but the last, counted in its evaluations).
-Prints a table, writes bench/results/sampler_quality_<host>.json and .png (both panels in one picture).
+Prints a table, writes bench/results/sampler_quality_<host>.json and .png (both panels in one picture);
+`--overhead_only` measures the overhead alone (sampler_overhead_<host>.json).
 """
 
 from __future__ import annotations
@@ -79,6 +80,8 @@ def main(argv=None) -> None:
     parser.add_argument("--overhead_steps", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--overhead_only", action="store_true",
+                        help="only the overhead ratio (bench/results/sampler_overhead_<host>.json)")
     args = parser.parse_args(argv)
     if args.num_samples % args.batch_size:
         raise SystemExit(f"--num_samples {args.num_samples} must be a multiple of --batch_size {args.batch_size}")
@@ -102,7 +105,7 @@ def main(argv=None) -> None:
     num_batches = args.num_samples // args.batch_size
 
     rows = []
-    for name in args.samplers:
+    for name in [] if args.overhead_only else args.samplers:
         for steps in args.steps:
             options = sampler_options(name, steps)
             sample = sampling.make_sample_fn(model, schedule, **options)
@@ -138,9 +141,14 @@ def main(argv=None) -> None:
                              forward_seconds=forward_s, ratio=sample_s / (calls * forward_s)))
         print(overhead[-1], flush=True)
 
-    print(bench_common.table(rows, ["sampler", "steps", "evaluations", "fid_proxy", "psnr_hidden"]))
     print(bench_common.table(overhead, ["sampler", "steps", "evaluations", "sample_seconds", "forward_seconds",
                                         "ratio"]))
+    if args.overhead_only:
+        path = bench_common.write_json(bench_common.results_path("sampler_overhead"), dict(
+            environment=bench_common.environment(), args=vars(args), overhead=overhead))
+        print(f"wrote {path}")
+        return
+    print(bench_common.table(rows, ["sampler", "steps", "evaluations", "fid_proxy", "psnr_hidden"]))
     panels = [writers.plot_series({LABELS[name]: {row["evaluations"]: row[key] for row in rows
                                                   if row["sampler"] == name} for name in args.samplers},
                                   xlabel="model evaluations", ylabel=label, log_y=False, title=title)
