@@ -89,7 +89,7 @@ def _constrain(x: Array, sharding: jax.sharding.Sharding | None) -> Array:
     return x if sharding is None else jax.lax.with_sharding_constraint(x, sharding)
 
 
-def clip_eps(schedule: DiffusionSchedule, z_t: Array, t: Array, prediction: Prediction) -> Array:
+def _clip_prediction(schedule: DiffusionSchedule, z_t: Array, t: Array, prediction: Prediction) -> Array:
     """eps recomputed from z0hat clipped to [-1, 1], with the same ehat in m_t."""
     encodings = prediction.estimated_encodings
     # Where abar_t underflows z0hat is inf but irrelevant: eps_from_z0 weighs it by sqrt(abar_t) = 0.
@@ -113,13 +113,13 @@ def prior_sample(denoise: Denoise, schedule: DiffusionSchedule, noise: Array, *,
 def ddpm_step(schedule: DiffusionSchedule, z_t: Array, t: Array, prediction: Prediction, noise: Array, *,
               variance: str = "small", clip_denoised: bool = False) -> Array:
     """One ancestral step t -> t - 1 (t [B] or [] in 1..T): mu_theta + sigma_t noise, no noise where t = 1."""
-    eps = clip_eps(schedule, z_t, t, prediction) if clip_denoised else prediction.eps
+    eps = _clip_prediction(schedule, z_t, t, prediction) if clip_denoised else prediction.eps
     mean = diffusion.reverse_mean(schedule, z_t, t, eps, prediction.estimated_encodings)
     scale = jnp.where(t > 1, jnp.exp(0.5 * diffusion.reverse_log_variance(schedule, t, variance)), 0.0)
     return mean + diffusion.expand_to(scale, z_t) * noise
 
 
-def log_alpha_bar(schedule: DiffusionSchedule) -> Array:
+def _log_alpha_bar(schedule: DiffusionSchedule) -> Array:
     """log abar_t = sum_{r<=t} log alpha_r, [T + 1]: finite where abar_t underflows float32 (long
     `modality_normalized` chains), so ratios abar_s / abar_t stay exact."""
     return jnp.cumsum(jnp.log(schedule.alpha))
@@ -127,8 +127,8 @@ def log_alpha_bar(schedule: DiffusionSchedule) -> Array:
 
 def ddim_sigma(schedule: DiffusionSchedule, t: Array, s: Array, eta: float | Array) -> Array:
     """sigma_ts = eta sqrt( (1 - abar_s) / (1 - abar_t) (1 - abar_t / abar_s) ), shape t.shape; 0 at s = 0."""
-    log_abar = log_alpha_bar(schedule)
-    decay = -jnp.expm1(log_abar[t] - log_abar[s])  # 1 - abar_t / abar_s
+    log_alpha_bar = _log_alpha_bar(schedule)
+    decay = -jnp.expm1(log_alpha_bar[t] - log_alpha_bar[s])  # 1 - abar_t / abar_s
     one_minus_t, one_minus_s = schedule.one_minus_alpha_bar[t], schedule.one_minus_alpha_bar[s]
     return eta * jnp.sqrt(jnp.maximum(one_minus_s / one_minus_t * decay, 0.0))
 
@@ -142,9 +142,9 @@ def ddim_step(schedule: DiffusionSchedule, z_t: Array, t: Array, s: Array, predi
     stays finite where abar_t underflows.
     """
     encodings = prediction.estimated_encodings
-    eps = clip_eps(schedule, z_t, t, prediction) if clip_denoised else prediction.eps
-    log_abar = log_alpha_bar(schedule)
-    signal_ratio = jnp.exp(0.5 * (diffusion.at_step(log_abar, s, z_t) - diffusion.at_step(log_abar, t, z_t)))
+    eps = _clip_prediction(schedule, z_t, t, prediction) if clip_denoised else prediction.eps
+    log_alpha_bar = _log_alpha_bar(schedule)
+    signal_ratio = jnp.exp(0.5 * (diffusion.at_step(log_alpha_bar, s, z_t) - diffusion.at_step(log_alpha_bar, t, z_t)))
     u_t = z_t - diffusion.encoding_mean(schedule, t, encodings, z_t)
     scaled_z_0 = signal_ratio * (u_t - jnp.sqrt(diffusion.at_step(schedule.one_minus_alpha_bar, t, z_t)) * eps)
     sigma = diffusion.expand_to(ddim_sigma(schedule, t, s, eta), z_t)
