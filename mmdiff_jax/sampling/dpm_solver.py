@@ -125,7 +125,7 @@ def dpm_solver_sample(denoise: Denoise, schedule: DiffusionSchedule, rng: Array,
     # Each step's order: rises with the predictions available, order 1 into s = 0 (lambda_0 = inf).
     orders = np.minimum(order, np.arange(1, len(timesteps)))
     orders[timesteps[1:] == 0] = 1
-    schedule_inputs = {"order": jnp.asarray(orders), "midpoint": jnp.asarray(midpoints, jnp.int32)}
+    orders, midpoints = jnp.asarray(orders), jnp.asarray(midpoints, jnp.int32)
 
     def first_order(u_t, x_t, t, s):
         phi_1 = jnp.expm1(lam[t] - lam[s])
@@ -137,8 +137,8 @@ def dpm_solver_sample(denoise: Denoise, schedule: DiffusionSchedule, rng: Array,
         encodings = prediction.estimated_encodings
         x_t = data_prediction(schedule, z_t, t, prediction, clip_denoised)
         u_t = z_t - diffusion.encoding_mean(schedule, t, encodings, z_t)
-        u_s = first_order(u_t, x_t, t, s)
-        step_order = schedule_inputs["order"][index]
+        u_s = u_first = first_order(u_t, x_t, t, s)
+        step_order = orders[index]
         h = lam[s] - lam[t]
         alpha_s, phi_1 = jnp.exp(log_alpha[s]), jnp.expm1(-h)
         if variant in ("2M", "3M"):
@@ -151,11 +151,11 @@ def dpm_solver_sample(denoise: Denoise, schedule: DiffusionSchedule, rng: Array,
                 d_1 = (history[0] - history[1]) / r_1
                 phi_2 = phi_1 / h + 1.0
                 phi_3 = phi_2 / h - 0.5
-                third = (first_order(u_t, x_t, t, s) + alpha_s * phi_2 * (d_0 + r_0 * (d_0 - d_1) / (r_0 + r_1))
+                third = (u_first + alpha_s * phi_2 * (d_0 + r_0 * (d_0 - d_1) / (r_0 + r_1))
                          - alpha_s * phi_3 * (d_0 - d_1) / (r_0 + r_1))
                 u_s = jnp.where(step_order >= 3, third, u_s)
         elif variant == "2S":
-            m = schedule_inputs["midpoint"][index]
+            m = midpoints[index]
             m_safe = jnp.maximum(m, 1)
             u_m = first_order(u_t, x_t, t, m_safe)
             z_m = u_m + diffusion.encoding_mean(schedule, m_safe, encodings, z_t)
