@@ -27,7 +27,6 @@ Then measures (config section `experiment`), with the project's Fashion-MNIST CN
 from __future__ import annotations
 
 import functools
-import pathlib
 from typing import Any
 
 import flax.linen as nn
@@ -37,14 +36,14 @@ import ml_collections
 import numpy as np
 import optax
 
-from experiments import baselines, common
+from experiments import common, conditioning
 from mmdiff_jax import diffusion, sampling
 from mmdiff_jax.data.fashion_mnist import CLASS_NAMES
 from mmdiff_jax.metrics import agreement
 from mmdiff_jax.modalities import modality_schedule
 from mmdiff_jax.models.decoders import make_head
 from mmdiff_jax.models.unet import UNet, UNetConfig
-from mmdiff_jax.training import Objective, config_io, writers
+from mmdiff_jax.training import Objective, config_io
 
 NAME = "joint_image_label"
 FID_PROXY = "FID-proxy (Fashion-MNIST CNN features)"
@@ -164,10 +163,6 @@ def _judge(classifier, images: np.ndarray) -> np.ndarray:
     return np.concatenate([np.asarray(classifier.predict(images[i:i + 1000])) for i in range(0, len(images), 1000)])
 
 
-def cfg_name(scale: float) -> str:
-    return f"cfg{scale:g}"
-
-
 def balanced_labels(num_samples: int) -> np.ndarray:
     return np.arange(num_samples, dtype=np.int32) % len(CLASS_NAMES)
 
@@ -179,15 +174,15 @@ def make_label_to_image(config, model, schedule):
     label = label_modality(config)
 
     def label_to_image(params, labels, rng, cfg_scale=None):
-        options = {} if cfg_scale in (None, 1.0) else {"cfg_scales": float(cfg_scale)}
-        return sample(params, rng, {label: labels}, **options).image
+        return sample(params, rng, {label: labels}, **conditioning.cfg_options(cfg_scale)).image
 
     return label_to_image
 
 
-def agreement_curve(config, workdir, classifier) -> common.MetricCurve:
-    """Label -> image agreement (judge CNN) of the EMA params at `curve.num_points` steps while training the
-    model whose config is `config` (classifier-free guidance `curve.cfg_scale` if its label is conditioned)."""
+def agreement_metric(config, classifier):
+    """fn(params) -> label -> image agreement (judge CNN) of the model whose config is `config`, on
+    `experiment.curve.num_samples` balanced labels (classifier-free guidance `curve.cfg_scale` if its label is
+    conditioned): the curve's metric (`conditioning.train_with_curve`)."""
     section = config.experiment.curve
     model = config_io.build_model(config)
     label_to_image = make_label_to_image(config, model, config_io.build_schedule(config, model))
@@ -198,8 +193,7 @@ def agreement_curve(config, workdir, classifier) -> common.MetricCurve:
         images = label_to_image(params, labels, jax.random.key(config.experiment.seed), cfg_scale=scale)
         return agreement.accuracy(_judge(classifier, np.asarray(images)), labels)
 
-    return common.MetricCurve(pathlib.Path(workdir) / "label_to_image_curve.json",
-                              common.curve_steps(config.train.steps, section.num_points), metric)
+    return metric
 
 
 def evaluate(config, run: common.Run, models, classifier) -> dict:
@@ -219,9 +213,8 @@ def evaluate(config, run: common.Run, models, classifier) -> dict:
         with run.phase(f"joint samples: {name}"):
             joint[name] = common.map_batches(lambda i, rng: sample(trained.params, rng, batch_size=batch_size),
                                              range(num_batches), seed=experiment.seed, desc=f"{name} joint")
-        scales = section.cfg_scales if trained.model.conditioned_modalities else (1.0,)
-        for scale in scales:
-            key = mt_key(scale, name)
+        for scale in conditioning.guidance_scales(trained, section.cfg_scales):
+            key = conditioning.guidance_key(name, scale)
             with run.phase(f"label -> image samples: {key}"):
                 conditional[key] = common.map_batches(
                     lambda labels, rng, scale=scale: label_to_image(trained.params, labels, rng, scale), given,
@@ -273,7 +266,8 @@ def evaluate(config, run: common.Run, models, classifier) -> dict:
     names = lambda ids: [CLASS_NAMES[i].split("/")[0] for i in ids]  # noqa: E731
     mt_joint = joint["mt_diffusion"]
     rows = [("MT joint (its label)", mt_joint.image[:count], names(mt_joint.outputs[label]["class_ids"][:count]))]
-    rows += [(f"MT label->image, s = {scale:g}", conditional[mt_key(scale)][:count], names(given[:count]))
+    rows += [(f"MT label->image, s = {scale:g}", conditional[conditioning.guidance_key("mt_diffusion", scale)][:count],
+              names(given[:count]))
              for scale in experiment.generation.cfg_scales if scale != 0.0]
     rows += [("cc-DDPM label->image", conditional["class_conditional_ddpm"][:count], names(given[:count])),
              ("real (train)", real[:count])]
@@ -283,11 +277,6 @@ def evaluate(config, run: common.Run, models, classifier) -> dict:
                      "observed, at each classifier-free guidance scale s > 0; the class-conditional DDPM), the same "
                      "prior noise per column.", publish=True)
     return results
-
-
-def mt_key(scale: float, name: str = "mt_diffusion") -> str:
-    """The label_to_image results key of `name` at guidance scale `scale` (1: the conditional sampler)."""
-    return name if scale == 1.0 else f"{name}_{cfg_name(scale)}"
 
 
 def write_report(config, run: common.Run, results: dict) -> None:
@@ -302,9 +291,10 @@ def write_report(config, run: common.Run, results: dict) -> None:
     label_to_image, joint = results["label_to_image"], results["joint"]
     fid_key = "fid_fmnist_cnn"
     named = {"MT-Diffusion, joint (nothing observed)": joint["mt_diffusion"]}
-    named.update({f"MT-Diffusion, label -> image, guidance s = {scale:g}" + (" (the conditional)" if scale == 1 else
-                                                                            ""): label_to_image[mt_key(scale)]
-                  for scale in section.cfg_scales})
+    mt = {scale: label_to_image[conditioning.guidance_key("mt_diffusion", scale)] for scale in section.cfg_scales}
+    named.update({f"MT-Diffusion, label -> image, guidance s = {scale:g}" + (" (the conditional)" if scale == 1
+                                                                            else ""): metrics
+                  for scale, metrics in mt.items()})
     if "aggregation_only" in joint:
         named["ablation: aggregation-only, joint"] = joint["aggregation_only"]
         named["ablation: aggregation-only, label -> image"] = label_to_image["aggregation_only"]
@@ -322,18 +312,8 @@ def write_report(config, run: common.Run, results: dict) -> None:
                      f"{FID_PROXY} against {section.num_reference} test images; not comparable with Inception FIDs; "
                      "biased upwards at this sample count (the real-image row is the floor)."])
     report.feature_space_tables("Generation", named, experiment.feature_spaces)
-    curves = results["curves"]
-    if curves:
-        curve = experiment.curve
-        steps = sorted({step for points in curves.values() for step in points})
-        report.table(f"Label -> image agreement against training steps ({curve.num_samples} samples each, measured "
-                     "on the EMA parameters while training)", ["model"] + [f"step {step}" for step in steps],
-                     [[CURVE_LABELS[name](curve.cfg_scale)] + [points.get(step, "—") for step in steps]
-                      for name, points in curves.items()])
-        run.report.image("label_to_image_curve", writers.plot_series(
-            {CURVE_LABELS[name](curve.cfg_scale): points for name, points in curves.items()},
-            ylabel="label -> image agreement", log_y=False), "Label -> image agreement (judge CNN) against training "
-            f"steps, {curve.num_samples} samples per point.", publish=True)
+    conditioning.report_curve(run, results["curves"], "label_to_image", "label -> image agreement (judge CNN)",
+                              experiment.curve)
     accuracy = results["image_to_label"]
     rows = [[f"MT-Diffusion label head, z_t from the image at t = {t}", accuracy[f"mt_diffusion_t{t}"]]
             for t in experiment.classification.noise_levels]
@@ -342,12 +322,12 @@ def write_report(config, run: common.Run, results: dict) -> None:
     report.table(f"Image -> label ({experiment.classification.num_images} test images)", ["model", "accuracy ↑"],
                  rows)
     mt_acc = accuracy[f"mt_diffusion_t{experiment.classification.noise_levels[0]}"]
-    best = max(section.cfg_scales, key=lambda scale: label_to_image[mt_key(scale)]["agreement"])
+    best = max(mt, key=lambda scale: mt[scale]["agreement"])
     histogram = joint["mt_diffusion"]["generated_label_histogram"]
     spread = sum(count >= 0.01 * section.num_samples for count in histogram)
     lines = [
         f"- Label->image: MT-Diffusion agreement {label_to_image['mt_diffusion']['agreement']:.3f} (the conditional, "
-        f"s = 1), {label_to_image[mt_key(best)]['agreement']:.3f} at its best guidance scale s = {best:g} (target "
+        f"s = 1), {mt[best]['agreement']:.3f} at its best guidance scale s = {best:g} (target "
         f">= 0.6), vs the class-conditional DDPM {label_to_image['class_conditional_ddpm']['agreement']:.3f}; "
         f"FID-proxy {label_to_image['mt_diffusion'][fid_key]:.2f} vs "
         f"{label_to_image['class_conditional_ddpm'][fid_key]:.2f}.",
@@ -364,21 +344,11 @@ def write_report(config, run: common.Run, results: dict) -> None:
     report.text("## Findings (computed from the numbers above)\n\n" + "\n".join(lines))
 
 
-CURVE_LABELS = {"mt_diffusion": lambda scale: f"MT-Diffusion, guidance s = {scale:g}",
-                "aggregation_only": lambda scale: "ablation: aggregation-only"}
-
-
 def run(config: ml_collections.ConfigDict, run: common.Run) -> None:
     with run.phase("metrics classifier"):
         classifier = common.metrics_classifier(config)  # also the judge of the training curves
-    configs = {"mt_diffusion": config}
-    if config.experiment.aggregation_only_ablation:
-        configs["aggregation_only"] = baselines.aggregation_only_config(config)
-    models, curves = {}, {}
-    for name, model_config in configs.items():
-        curve = agreement_curve(model_config, run.workdir / name, classifier)
-        models[name] = run.train(name, model_config, functools.partial(common.train_model, hooks=[curve]))
-        curves[name] = curve.points
+    models, curves = conditioning.train_with_curve(
+        run, config, "label_to_image", functools.partial(agreement_metric, classifier=classifier))
     models["class_conditional_ddpm"] = run.train("class_conditional_ddpm", config, train_class_conditional_ddpm,
                                                  loss="eps-MSE")
     models["classifier"] = run.train("classifier", config, train_classifier, loss="cross-entropy")

@@ -28,11 +28,13 @@ metrics.json and report.md (see experiments.common).
 
 from __future__ import annotations
 
+import jax
 import ml_collections
 import numpy as np
 
-from experiments import baselines, common
+from experiments import baselines, common, conditioning
 from mmdiff_jax import sampling
+from mmdiff_jax.training import config_io
 from mmdiff_jax.modalities import MASK_KEY
 
 NAME = "masked_pretrain"
@@ -186,7 +188,7 @@ def evaluate_unconditional(config, run: common.Run, models, classifier) -> dict:
     return results
 
 
-def write_report(config, run: common.Run, restoration: dict, unconditional: dict) -> None:
+def write_report(config, run: common.Run, restoration: dict, unconditional: dict, curves: dict) -> None:
     experiment, report = config.experiment, run.report
     labels = method_labels(config)
     ratios = [str(r) for r in experiment.restoration.mask_ratios]
@@ -229,6 +231,8 @@ def write_report(config, run: common.Run, restoration: dict, unconditional: dict
                         "biased upwards, the real-image row shows the floor for the same count."])
     report.feature_space_tables("Unconditional samples", {names[n]: unconditional[n] for n in names},
                                 experiment.feature_spaces)
+    conditioning.report_curve(run, curves, "restoration",
+                              f"PSNR hidden (dB) at mask ratio {experiment.curve.mask_ratio:g}", experiment.curve)
     report.text("## Findings (computed from the numbers above)\n\n" + "\n".join(_findings(restoration, unconditional,
                                                                                          ratios, methods, labels)))
 
@@ -261,14 +265,34 @@ def _findings(restoration, unconditional, ratios, methods, labels) -> list[str]:
     return lines
 
 
+def restoration_metric(config, batch):
+    """fn(params) -> PSNR (dB) on the hidden pixels of `batch` (the masked image observed, no re-imposition;
+    guidance `experiment.curve.cfg_scale` if the masked image is conditioned): the curve's metric
+    (`conditioning.train_with_curve`)."""
+    model = config_io.build_model(config)
+    masked = baselines.masked_modality(config)
+    restore = sampling.make_restore_fn(model, config_io.build_schedule(config, model), masked,
+                                       **common.sampler_options(config.experiment.sampler))
+    options = conditioning.cfg_options(config.experiment.curve.cfg_scale if model.conditioned_modalities else None)
+    truth, mask = batch[config.model.primary], batch[MASK_KEY]
+
+    def metric(params):
+        restored = restore(params, batch[masked], mask, jax.random.key(config.experiment.seed), **options).image
+        restored = mask * truth + (1.0 - mask) * np.asarray(restored)
+        return common.evaluate_metrics((("psnr", {"region": "masked"}),),
+                                       [{"image": truth, "sample": restored, "mask": mask}], None)["psnr_masked"]
+
+    return metric
+
+
 def run(config: ml_collections.ConfigDict, run: common.Run) -> None:
-    models = {
-        "mt_diffusion": run.train("mt_diffusion", config),
-        "plain_ddpm": run.train("plain_ddpm", baselines.plain_ddpm_config(config)),
-        "reconstruction": run.train("reconstruction", config, baselines.train_reconstruction, loss="pixel MSE"),
-    }
-    if config.experiment.aggregation_only_ablation:
-        models["aggregation_only"] = run.train("aggregation_only", baselines.aggregation_only_config(config))
+    section = config.experiment.curve
+    batch = common.eval_batches(config, section.num_samples, section.num_samples, mask_ratio=float(section.mask_ratio),
+                                transform_seed=config.experiment.seed)[0]
+    models, curves = conditioning.train_with_curve(run, config, "restoration",
+                                                   lambda model_config: restoration_metric(model_config, batch))
+    models["plain_ddpm"] = run.train("plain_ddpm", baselines.plain_ddpm_config(config))
+    models["reconstruction"] = run.train("reconstruction", config, baselines.train_reconstruction, loss="pixel MSE")
     with run.phase("metrics classifier"):
         classifier = common.metrics_classifier(config)
     restoration = evaluate_restoration(config, run, models, classifier)
@@ -277,8 +301,8 @@ def run(config: ml_collections.ConfigDict, run: common.Run) -> None:
         setup={"labels": method_labels(config), "sampler": dict(config.experiment.sampler),
                "lpips_proxy": LPIPS_PROXY, "fid_proxy": FID_PROXY, "lpips_vgg": "not measured (no VGG-16 weights)",
                "classifier": dict(classifier.meta)},
-        restoration=restoration, unconditional=unconditional)
-    write_report(config, run, restoration, unconditional)
+        restoration=restoration, unconditional=unconditional, curves=curves)
+    write_report(config, run, restoration, unconditional, curves)
 
 
 def run_experiment(config: ml_collections.ConfigDict, workdir, results_dir=None, command=None) -> common.Run:

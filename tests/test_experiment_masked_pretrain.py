@@ -47,16 +47,21 @@ def test_masked_pretrain_tiny_end_to_end(tmp_path):
     for name in training:
         assert (workdir / name / "checkpoints" / "3").is_dir() and (workdir / name / "tensorboard").is_dir()
         assert (workdir / name / "metrics.jsonl").is_file()
+    # The restoration curve: measured while training at the configured steps (tiny: 2 points of 3 steps).
+    assert {name: sorted(points) for name, points in metrics["curves"].items()} == {
+        "mt_diffusion": ["2", "3"], "aggregation_only": ["2", "3"]}
+    assert all(math.isfinite(value) for points in metrics["curves"].values() for value in points.values())
     assert metrics["run"]["wall_seconds"] > 0 and metrics["run"]["preset"] == "tiny"
     assert metrics["run"]["command"].startswith("python -m experiments.masked_pretrain --config=")
 
     report = (workdir / "report.md").read_text()
     for text in ("Command: `python -m experiments.masked_pretrain --config=", "Wall time", "PSNR hidden, r=0.5",
                  "LPIPS-proxy", "FID-proxy", "LPIPS-VGG: not measured", "SDEdit", "reconstruction-only",
-                 "ablation: aggregation-only",
-                 "grids/unconditional.png"):
+                 "ablation: aggregation-only", "PSNR hidden (dB) at mask ratio 0.5 against training steps",
+                 "grids/unconditional.png", "grids/restoration_curve.png"):
         assert text in report, text
-    for name in ("report.md", "metrics.json", "grids/restoration_mask0.5.png", "grids/unconditional.png"):
+    for name in ("report.md", "metrics.json", "grids/restoration_mask0.5.png", "grids/unconditional.png",
+                 "grids/restoration_curve.png"):
         assert (results / name).is_file(), name
     assert not (results / "grids" / "restoration_mask0.1.png").exists()  # only published grids are copied
     assert not list(results.rglob("checkpoints"))

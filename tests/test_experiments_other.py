@@ -87,10 +87,18 @@ def test_joint_image_label_tiny(tmp_path):
 def test_image_segmentation_tiny(tmp_path):
     run_experiment_cli("image_segmentation", tmp_path, _arrays(tmp_path))
     metrics = _check_outputs(tmp_path / "run", tmp_path / "results", "segmentation",
-                             ("mIoU (11 classes)", "foreground IoU", "Mask -> image"), {"mt_diffusion": 3})
+                             ("mIoU (11 classes)", "foreground IoU", "Mask -> image", "guidance s = 2",
+                              "ablation: aggregation-only", "against training steps"),
+                             {"mt_diffusion": 3, "aggregation_only": 3})
     assert _finite(metrics["image_to_mask"]) and _finite(metrics["mask_to_image"])
     assert metrics["image_to_mask"]["all_background"]["miou"] < 1
-    assert 0 <= metrics["mask_to_image"]["mt_diffusion"]["foreground_iou"] <= 1
+    # The guidance sweep for the mask-conditioned model; the aggregation-only one has no guidance.
+    assert set(metrics["mask_to_image"]) == {"mt_diffusion", "mt_diffusion_cfg0", "mt_diffusion_cfg2",
+                                             "aggregation_only", "joint_samples_vs_unrelated_masks", "real_images"}
+    assert all(0 <= scores["foreground_iou"] <= 1 for scores in metrics["mask_to_image"].values())
+    assert {"mt_diffusion_t1", "aggregation_only_t1"} <= set(metrics["image_to_mask"])
+    assert {name: sorted(points) for name, points in metrics["curves"].items()} == {
+        "mt_diffusion": ["2", "3"], "aggregation_only": ["2", "3"]}
 
 
 def test_image_embedding_tiny(tmp_path):
@@ -100,7 +108,13 @@ def test_image_embedding_tiny(tmp_path):
     run_experiment_cli("image_embedding", tmp_path, _arrays(tmp_path),
                        f"--config.data.options.embedding_path={tmp_path / 'embeddings.npz'}")
     metrics = _check_outputs(tmp_path / "run", tmp_path / "results", "samples",
-                             ("RMS distance", "random pair", "FID-proxy"), {"mt_diffusion": 3})
+                             ("RMS distance", "random pair", "FID-proxy", "guidance s = 2",
+                              "ablation: aggregation-only", "against training steps"),
+                             {"mt_diffusion": 3, "aggregation_only": 3})
     scores = metrics["embedding_to_image"]
-    assert set(scores) == {"mt_diffusion", "joint_samples", "random_pair", "source_image"}
+    assert set(scores) == {"mt_diffusion", "mt_diffusion_cfg0", "mt_diffusion_cfg2", "aggregation_only",
+                           "joint_samples", "random_pair", "source_image"}
     assert _finite(scores) and _finite(metrics["fid"])
+    assert set(metrics["joint"]) == {"mt_diffusion", "aggregation_only"}
+    assert {name: sorted(points) for name, points in metrics["curves"].items()} == {
+        "mt_diffusion": ["2", "3"], "aggregation_only": ["2", "3"]}

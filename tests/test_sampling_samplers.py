@@ -14,6 +14,7 @@ from scipy.integrate import solve_ivp
 from mmdiff_jax import diffusion, schedules
 from mmdiff_jax.sampling import (Prediction, classifier_guidance, ddim_sample, ddim_step, ddpm_sample,
                                  known_region_hook, respace)
+from tests.training_helpers import FAST_COMPILE
 
 NUM_STEPS = 1000
 MU = np.array([1.0, -0.5])  # toy data z_0 ~ N(MU, S^2 I), two coordinates
@@ -311,8 +312,8 @@ SHARDED_SCRIPT = textwrap.dedent("""
 def test_batch_sharded_sampling_on_two_devices():
     """Two forced CPU devices: the batch stays split over the 'data' axis and the samples are unchanged."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu",
-               PYTHONPATH=root)
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count=2 {FAST_COMPILE}",
+               JAX_PLATFORMS="cpu", PYTHONPATH=root)
     result = subprocess.run([sys.executable, "-c", SHARDED_SCRIPT], env=env, cwd=root, capture_output=True,
                             text=True, timeout=300)
     assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]

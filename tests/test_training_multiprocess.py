@@ -14,7 +14,7 @@ from tests import training_helpers as helpers
 
 def launch_pair(workdir, arrays, cache, steps, timeout=400):
     port = helpers.free_port()
-    env = helpers.child_env(cache, devices=2, fast_compile=True)
+    env = helpers.child_env(cache, devices=2)
     flags = [f"--workdir={workdir}", "--config=configs/default.py:tiny", f"--config.data.arrays_path={arrays}",
              f"--config.train.steps={steps}", "--config.train.checkpoint_every=2", "--config.train.log_every=1",
              "--config.train.eval_every=4", "--config.sample.every=0", "--config.train.progress_bar=False",

@@ -22,6 +22,8 @@ import time
 import numpy as np
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
+# XLA's backend optimisations off: compiles ~2x faster; the whole suite runs so (tests/conftest.py), children too.
+FAST_COMPILE = "--xla_backend_optimization_level=0"
 
 
 def write_arrays(path: pathlib.Path, num_train: int = 64, num_test: int = 16) -> pathlib.Path:
@@ -59,11 +61,10 @@ def tiny_config(arrays_path: str | os.PathLike, **train_overrides):
 
 def run_experiment_cli(name: str, cwd: pathlib.Path, *overrides: str) -> subprocess.CompletedProcess:
     """`python -m experiments.<name> --config=configs/<name>.py:tiny <overrides> --workdir=run
-    --results_dir=results` in `cwd` (relative dirs, as the README's command), a child process with XLA's backend
-    optimisations off (`--xla_backend_optimization_level=0`): compiling an experiment's programs then takes a
-    fraction of the time, and a tiny run's speed does not matter. Fails the test on a non-zero exit."""
+    --results_dir=results` in `cwd` (relative dirs, as the README's command), a child process on one CPU device
+    with XLA's backend optimisations off (`FAST_COMPILE`). Fails the test on a non-zero exit."""
     env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu",
-               XLA_FLAGS="--xla_force_host_platform_device_count=1 --xla_backend_optimization_level=0")
+               XLA_FLAGS=f"--xla_force_host_platform_device_count=1 {FAST_COMPILE}")
     command = [sys.executable, "-m", f"experiments.{name}", f"--config={REPO / 'configs' / name}.py:tiny",
                *overrides, "--workdir=run", "--results_dir=results"]
     child = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
@@ -101,17 +102,13 @@ def use_compilation_cache(directory: str | os.PathLike) -> None:
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
-def child_env(cache_dir: str | os.PathLike, devices: int = 1, fast_compile: bool = False) -> dict[str, str]:
-    """Environment of a child process: `devices` fake CPU devices, the shared compilation cache and, with
-    `fast_compile`, LLVM optimisation off (compiles ~2x faster; numerics may differ from an optimised
-    build, so only for children that are not compared bitwise with this process)."""
+def child_env(cache_dir: str | os.PathLike, devices: int = 1) -> dict[str, str]:
+    """Environment of a child process: `devices` fake CPU devices, the shared compilation cache and XLA's
+    backend optimisations off as in this process (`FAST_COMPILE`), so its numerics match this process's."""
     env = dict(os.environ)
-    flags = f"--xla_force_host_platform_device_count={devices}"
-    if fast_compile:
-        flags += " --xla_backend_optimization_level=0"
     env.update(PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(cache_dir),
                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
-               XLA_FLAGS=flags)
+               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} {FAST_COMPILE}")
     return env
 
 

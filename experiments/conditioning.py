@@ -1,0 +1,85 @@
+"""The conditioned model against its aggregation-only ablation, shared by the experiments (issue 14).
+
+  train_with_curve(run, config, metric, make_metric) -> (models, curves)
+      trains 'mt_diffusion' (the config: its modalities conditioned) and, with
+      `experiment.aggregation_only_ablation`, 'aggregation_only' (every condition 'none') at the same budget,
+      each measuring a conditional metric on its EMA params while training (`experiment.curve`)
+  guidance_key(name, scale), guidance_scales(trained, scales), cfg_options(scale)
+      one classifier-free guidance sweep: result keys, the scales a model takes, the sampler's arguments
+  report_curve(run, curves, ...)
+      the curve's table and PNG in the report
+
+docs/design.md section 3b says why the aggregation alone cannot condition the denoiser.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Mapping, Sequence
+
+import ml_collections
+
+from experiments import baselines, common
+from mmdiff_jax.training import writers
+
+MODEL_LABELS = {"mt_diffusion": "MT-Diffusion", "aggregation_only": "ablation: aggregation-only"}
+
+
+def train_with_curve(run: common.Run, config: ml_collections.ConfigDict, metric: str,
+                     make_metric: Callable[[ml_collections.ConfigDict], Callable[[Any], float]]
+                     ) -> tuple[dict[str, common.Trained], dict[str, dict[int, float]]]:
+    """Trains the conditioned model and (with `experiment.aggregation_only_ablation`) its aggregation-only
+    ablation, same budget and seed. make_metric(model_config) -> fn(ema_params) -> float is measured at
+    `experiment.curve.num_points` evenly spaced steps (`common.MetricCurve`, kept in
+    workdir/<model>/<metric>_curve.json so a resumed run keeps its earlier points).
+
+    Returns (name -> Trained, name -> {step: value}) for 'mt_diffusion' and, if trained, 'aggregation_only'.
+    """
+    configs = {"mt_diffusion": config}
+    if config.experiment.aggregation_only_ablation:
+        configs["aggregation_only"] = baselines.aggregation_only_config(config)
+    models, curves = {}, {}
+    steps = common.curve_steps(config.train.steps, config.experiment.curve.num_points)
+    for name, model_config in configs.items():
+        curve = common.MetricCurve(run.workdir / name / f"{metric}_curve.json", steps, make_metric(model_config))
+        models[name] = run.train(name, model_config, functools.partial(common.train_model, hooks=[curve]))
+        curves[name] = curve.points
+    return models, curves
+
+
+def guidance_key(name: str, scale: float) -> str:
+    """The results key of model `name` sampled at classifier-free guidance scale `scale` (1: `name` itself, the
+    conditional sampler)."""
+    return name if scale == 1.0 else f"{name}_cfg{scale:g}"
+
+
+def guidance_scales(trained: common.Trained, scales: Sequence[float]) -> tuple[float, ...]:
+    """`scales` for a model whose denoiser sees a modality; (1.0,) for the aggregation-only one (no guidance)."""
+    return tuple(scales) if trained.model.conditioned_modalities else (1.0,)
+
+
+def cfg_options(scale: float | None) -> dict[str, float]:
+    """The sampler's keyword arguments for guidance scale `scale` (None or 1: the conditional sampler, one
+    pass; otherwise the joint form eps(none) + s (eps(observed) - eps(none)))."""
+    return {} if scale in (None, 1.0) else {"cfg_scales": float(scale)}
+
+
+def curve_label(name: str, cfg_scale: float) -> str:
+    """The curve's legend entry: the conditioned model at its guidance scale, or the ablation."""
+    return f"{MODEL_LABELS[name]}, guidance s = {cfg_scale:g}" if name == "mt_diffusion" else MODEL_LABELS[name]
+
+
+def report_curve(run: common.Run, curves: Mapping[str, Mapping[int, float]], metric: str, what: str,
+                 section: Mapping[str, Any]) -> None:
+    """A table (model x step) and a PNG (`<metric>_curve`) of `what` (e.g. 'label -> image agreement')
+    against training steps; `section` is `experiment.curve` (num_samples, cfg_scale)."""
+    if not curves:
+        return
+    steps = sorted({step for points in curves.values() for step in points})
+    labelled = {curve_label(name, section["cfg_scale"]): points for name, points in curves.items()}
+    run.report.table(f"{what[0].upper()}{what[1:]} against training steps ({section['num_samples']} samples each, "
+                     "measured on the EMA parameters while training)", ["model"] + [f"step {s}" for s in steps],
+                     [[label] + [points.get(step, "—") for step in steps] for label, points in labelled.items()])
+    run.report.image(f"{metric}_curve", writers.plot_series(labelled, ylabel=what, log_y=False),
+                     f"{what[0].upper()}{what[1:]} against training steps, {section['num_samples']} samples per "
+                     "point.", publish=True)
