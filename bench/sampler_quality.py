@@ -36,7 +36,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from bench import common as bench_common  # noqa: E402
 from configs.masked_pretrain import get_config  # noqa: E402
-from experiments import common  # noqa: E402
+from experiments import evaluation, trainer  # noqa: E402
 from mmdiff_jax import sampling  # noqa: E402
 from mmdiff_jax.modalities import MASK_KEY  # noqa: E402
 from mmdiff_jax.training import writers  # noqa: E402
@@ -88,17 +88,17 @@ def main(argv=None) -> None:
 
     config = get_config("")
     run_dir = pathlib.Path(args.workdir) / "mt_diffusion"
-    if common.latest_checkpoint_step(run_dir) != config.train.steps:
+    if trainer.latest_checkpoint_step(run_dir) != config.train.steps:
         raise SystemExit(f"{run_dir} holds no finished masked_pretrain model ({config.train.steps} steps); run "
                          f"python -m experiments.masked_pretrain --workdir {args.workdir} first")
-    trained = common.train_model("mt_diffusion", config, run_dir)  # restores the finished run
+    trained = trainer.train_model("mt_diffusion", config, run_dir)  # restores the finished run
     model, schedule, params = trained.model, trained.schedule, trained.params
-    classifier = common.metrics_classifier(config)
+    classifier = evaluation.metrics_classifier(config)
     section = config.experiment.unconditional
-    reference = common.reference_features(config, section.num_reference, classifier)
+    reference = evaluation.reference_features(config, section.num_reference, classifier)
     restoration = config.experiment.restoration
     masked = next(name for name, spec in config.model.modalities.items() if spec["kind"] == "masked_image")
-    restore_batches = common.eval_batches(config, args.num_restore, args.num_restore, mask_ratio=args.mask_ratio,
+    restore_batches = evaluation.eval_batches(config, args.num_restore, args.num_restore, mask_ratio=args.mask_ratio,
                                           transform_seed=args.seed)
     truth = np.concatenate([b[config.model.primary] for b in restore_batches])
     mask = np.concatenate([b[MASK_KEY] for b in restore_batches])
@@ -111,15 +111,15 @@ def main(argv=None) -> None:
             sample = sampling.make_sample_fn(model, schedule, **options)
             restore = sampling.make_restore_fn(model, schedule, masked, repaint=False, **options)
             start = time.perf_counter()
-            joint = common.map_batches(lambda index, rng: sample(params, rng, batch_size=args.batch_size).image,
+            joint = evaluation.map_batches(lambda index, rng: sample(params, rng, batch_size=args.batch_size).image,
                                        range(num_batches), seed=args.seed)
-            restored = common.map_batches(lambda b, rng: restore(params, b[masked], b[MASK_KEY], rng).image,
+            restored = evaluation.map_batches(lambda b, rng: restore(params, b[masked], b[MASK_KEY], rng).image,
                                           restore_batches, seed=args.seed)
             seconds = time.perf_counter() - start
             restored = mask * truth + (1.0 - mask) * restored
-            fid = common.evaluate_metrics(section.metrics, [{"sample": joint}], classifier,
+            fid = evaluation.evaluate_metrics(section.metrics, [{"sample": joint}], classifier,
                                           reference_features=reference)["fid_fmnist_cnn"]
-            psnr = common.evaluate_metrics(restoration.metrics, [{"image": truth, "sample": restored, "mask": mask}],
+            psnr = evaluation.evaluate_metrics(restoration.metrics, [{"image": truth, "sample": restored, "mask": mask}],
                                            classifier)["psnr_masked"]
             rows.append(dict(sampler=name, steps=steps, evaluations=evaluations(name, steps, schedule),
                              fid_proxy=fid, psnr_hidden=psnr, seconds_with_compile=seconds))

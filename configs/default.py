@@ -5,7 +5,7 @@ a 'bump' weight schedule (lambda_t zero at both ends, so the prior stays N(0, I)
 
 Run (about 6M parameters; one H100, or many CPU hours):
   python -m mmdiff_jax.train --config=configs/default.py --workdir=workdirs/default
-Tiny variant (50k parameters, T = 100, batch 8: a minute on one CPU core, mostly compilation; used by the tests):
+Tiny preset (50k parameters, T = 100, batch 8: a minute on one CPU core, mostly compilation; used by the tests):
   python -m mmdiff_jax.train --config=configs/default.py:tiny --workdir=/tmp/mmdiff_tiny
 Overrides, e.g.:
   --config.train.steps=100 --config.model.dtype=bfloat16 --config.mesh.shape="(-1, 2)"
@@ -19,12 +19,13 @@ from mmdiff_jax.models.unet import unet_preset
 from mmdiff_jax.training.config_io import base_config
 
 
-def get_config(variant: str = "") -> ml_collections.ConfigDict:
-    """variant: '' (the full run) or 'tiny'."""
-    if variant not in ("", "tiny"):
-        raise ValueError(f"configs/default.py: unknown variant {variant!r}; use '' or 'tiny'")
-    tiny = variant == "tiny"
+def get_config(preset: str = "") -> ml_collections.ConfigDict:
+    """preset: '' (the full run: this file has no CPU default) or 'tiny' (the tests)."""
+    if preset not in ("", "tiny"):
+        raise ValueError(f"configs/default.py: unknown preset {preset!r}; use '' or 'tiny'")
+    tiny = preset == "tiny"
     config = base_config()
+    config.preset = preset
     config.seed = 0
 
     config.model.unet = dataclasses.asdict(unet_preset("default"))

@@ -13,7 +13,8 @@ workdirs/image_embedding):
   python -m experiments.image_embedding --workdir=workdirs/image_embedding \
       --results_dir=results/image_embedding
 Real numbers (a 7.7M-parameter U-Net trained 100k steps; one accelerator):
-  python -m experiments.image_embedding --config.preset=full --workdir=workdirs/image_embedding_full
+  python -m experiments.image_embedding --config=configs/image_embedding.py:full \
+      --workdir=workdirs/image_embedding_full
 Tiny (seconds; tests/test_experiments_other.py, with a stand-in embedding file):
   python -m experiments.image_embedding --config=configs/image_embedding.py:tiny --workdir=/tmp/emb_tiny
 """
@@ -21,14 +22,13 @@ Tiny (seconds; tests/test_experiments_other.py, with a stand-in embedding file):
 import ml_collections
 from ml_collections import config_dict
 
-from configs.joint_image_label import PRESETS, apply_preset, small_unet
+from configs.presets import apply_preset, check_preset, small_unet
 from mmdiff_jax.training.config_io import base_config
 
 
 def get_config(preset: str = "") -> ml_collections.ConfigDict:
     """preset: '' (the CPU default), 'tiny' (the test) or 'full' (real numbers on a big machine)."""
-    if preset not in PRESETS:
-        raise ValueError(f"configs/image_embedding.py: unknown preset {preset!r}; use one of {PRESETS}")
+    check_preset("configs/image_embedding.py", preset)
     config = base_config()
     config.preset = preset
     config.seed = 0

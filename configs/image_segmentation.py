@@ -19,21 +19,21 @@ run reuses the trained model and adds ~9 minutes):
   python -m experiments.image_segmentation --workdir=workdirs/image_segmentation \
       --results_dir=results/image_segmentation_ablation --config.experiment.aggregation_only_ablation=True
 Real numbers (a 7.7M-parameter U-Net trained 100k steps on 64x64 scenes; one accelerator):
-  python -m experiments.image_segmentation --config.preset=full --workdir=workdirs/image_segmentation_full
+  python -m experiments.image_segmentation --config=configs/image_segmentation.py:full \
+      --workdir=workdirs/image_segmentation_full
 Tiny (seconds; tests/test_experiments_other.py):
   python -m experiments.image_segmentation --config=configs/image_segmentation.py:tiny --workdir=/tmp/seg_tiny
 """
 
 import ml_collections
 
-from configs.joint_image_label import PRESETS, apply_preset, small_unet
+from configs.presets import apply_preset, check_preset, small_unet
 from mmdiff_jax.training.config_io import base_config
 
 
 def get_config(preset: str = "") -> ml_collections.ConfigDict:
     """preset: '' (the CPU default), 'tiny' (the test) or 'full' (real numbers on a big machine)."""
-    if preset not in PRESETS:
-        raise ValueError(f"configs/image_segmentation.py: unknown preset {preset!r}; use one of {PRESETS}")
+    check_preset("configs/image_segmentation.py", preset)
     size = {"full": 64, "tiny": 32}.get(preset, 48)
     config = base_config()
     config.preset = preset

@@ -12,95 +12,22 @@ workdirs/joint_image_label; add --config.experiment.aggregation_only_ablation=Tr
   python -m experiments.joint_image_label --workdir=workdirs/joint_image_label \
       --results_dir=results/joint_image_label
 Real numbers (a 7.7M-parameter U-Net trained 100k steps; one accelerator):
-  python -m experiments.joint_image_label --config.preset=full --workdir=workdirs/joint_image_label_full
+  python -m experiments.joint_image_label --config=configs/joint_image_label.py:full \
+      --workdir=workdirs/joint_image_label_full
 Tiny (seconds; tests/test_experiments_other.py):
   python -m experiments.joint_image_label --config=configs/joint_image_label.py:tiny --workdir=/tmp/jil_tiny
 """
 
-import dataclasses
-
 import ml_collections
 
-from mmdiff_jax.models.unet import unet_preset
+from configs.presets import apply_preset, check_preset, small_unet
 from mmdiff_jax.training.config_io import base_config
-
-PRESETS = ("", "tiny", "full")
-
-
-def small_unet(**overrides) -> dict:
-    """The CPU default's 0.3M-parameter U-Net (levels 28, 14, 7 on Fashion-MNIST's 28x28)."""
-    return dataclasses.asdict(unet_preset(
-        "default", **{**dict(base_channels=16, channel_multipliers=(1, 2, 2), num_res_blocks=1,
-                             attention_resolutions=(7,), num_head_channels=32, dropout=0.0, num_groups=8,
-                             resblock_updown=False), **overrides}))
-
-
-def tiny_unet() -> dict:
-    return dataclasses.asdict(unet_preset(
-        "tiny", base_channels=8, channel_multipliers=(1, 2), num_res_blocks=1, attention_resolutions=(),
-        num_head_channels=8, num_groups=4, dropout=0.0, resblock_updown=False))
-
-
-def apply_preset(config: ml_collections.ConfigDict, preset: str, full_attention=(7,)) -> None:
-    """The training budget of each preset, shared by the three two-modality experiments' configs."""
-    config.optim.learning_rate = 2e-3
-    config.optim.end_learning_rate = 1e-4
-    config.optim.warmup_steps = 50
-    config.optim.ema_decay = 0.98  # averages over ~50 steps: the CPU defaults train only 200-300 steps
-    config.train.log_every = 50
-    config.train.eval_every = config.train.steps  # the last step (every that many if --config.train.steps is raised)
-    config.train.eval_batches = 2
-    config.train.checkpoint_every = 0  # the last step only
-    config.train.keep_checkpoints = 1
-    config.sample.every = config.train.steps
-    config.sample.num_images = 8
-    config.sample.noise_levels = (0.3, 0.6)
-    config.data.num_threads = 1
-    config.data.prefetch_batches = 4
-    if preset == "tiny":
-        config.prng_impl = "rbg"  # compiles the initialisers ~4x faster (config_io.base_config)
-        config.model.unet = tiny_unet()
-        config.diffusion.num_steps = 50
-        config.data.batch_size = 8
-        config.data.eval_batch_size = 8
-        config.data.prefetch_batches = 1
-        config.optim.warmup_steps = 1
-        config.optim.decay_steps = 100
-        config.optim.ema_decay = 0.5
-        config.train.steps = 3
-        config.train.log_every = 1
-        config.train.eval_batches = 1
-        config.train.async_checkpointing = False
-        config.train.progress_bar = False
-        config.sample.num_images = 2
-        config.sample.noise_levels = (0.5,)
-        config.experiment.sampler.num_steps = 2
-        config.experiment.classifier.steps = 2
-        config.experiment.grid_images = 4
-    elif preset == "full":
-        config.model.unet = dataclasses.asdict(unet_preset("default", attention_resolutions=full_attention))
-        config.data.batch_size = 128
-        config.data.num_threads = 2
-        config.optim.learning_rate = 2e-4
-        config.optim.end_learning_rate = 0.0
-        config.optim.warmup_steps = 1000
-        config.optim.ema_decay = 0.9999
-        config.train.steps = 100_000
-        config.train.log_every = 100
-        config.train.eval_every = 5000
-        config.train.eval_batches = 8
-        config.train.checkpoint_every = 5000
-        config.train.keep_checkpoints = 3
-        config.sample.every = 5000
-        config.experiment.sampler.num_steps = 25
-
 
 def get_config(preset: str = "") -> ml_collections.ConfigDict:
     """preset: '' (the CPU default), 'tiny' (the test) or 'full' (real numbers on a big machine)."""
-    if preset not in PRESETS:
-        raise ValueError(f"configs/joint_image_label.py: unknown preset {preset!r}; use one of {PRESETS}")
+    check_preset("configs/joint_image_label.py", preset)
     config = base_config()
-    config.preset = preset  # `--config.preset=full` rebuilds the config (experiments.common.resolve_preset)
+    config.preset = preset  # recorded; pick a preset with --config=configs/<file>.py:<preset>
     config.seed = 0
 
     config.model.z_shape = (28, 28, 1)

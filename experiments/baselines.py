@@ -2,7 +2,7 @@
 
   plain_ddpm_config(config)         the same config with no auxiliary modality: N = 0 is plain DDPM
                                     (same U-Net, schedule, data order, t and noise draws)
-  train_reconstruction(name, config, workdir) -> common.Trained
+  train_reconstruction(name, config, workdir) -> trainer.Trained
                                     the same U-Net trained by MSE to predict the image from the masked image
                                     [x * mask, mask] in one pass (t fixed at 0), by `train_and_evaluate`
   make_reconstruct_fn(trained)      reconstruct(params, masked_image, mask) -> image
@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from experiments import common
+from experiments import trainer
 from mmdiff_jax import diffusion
 from mmdiff_jax.modalities import MASK_KEY
 from mmdiff_jax.models.unet import UNet, UNetConfig
@@ -39,7 +39,7 @@ Array = jax.Array
 
 def plain_ddpm_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """`config` with no auxiliary modality (plain DDPM); everything else, the seed included, unchanged."""
-    plain = common.copy_config(config)
+    plain = trainer.copy_config(config)
     plain.model.modalities = {}
     return plain
 
@@ -47,18 +47,10 @@ def plain_ddpm_config(config: ml_collections.ConfigDict) -> ml_collections.Confi
 def aggregation_only_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """`config` with every modality's condition path 'none': the denoiser sees nothing observed and
     conditioning enters through the aggregation only (the ablation of docs/design.md section 3b)."""
-    ablation = common.copy_config(config)
+    ablation = trainer.copy_config(config)
     for spec in ablation.model.modalities.values():
         spec["condition"] = "none"
     return ablation
-
-
-def masked_modality(config: ml_collections.ConfigDict) -> str:
-    """The name of the config's (first) masked-image modality."""
-    for name, spec in config.model.modalities.items():
-        if spec["kind"] == "masked_image":
-            return name
-    raise ValueError(f"the config has no masked_image modality (modalities: {list(config.model.modalities)})")
 
 
 # ------------------------------------------------------------------------------------------------------ reconstruction
@@ -98,10 +90,10 @@ def make_reconstruction_loss(model: ReconstructionNet, primary: str, masked: str
 
 
 def train_reconstruction(name: str, config: ml_collections.ConfigDict,
-                         workdir: str | pathlib.Path) -> common.Trained:
+                         workdir: str | pathlib.Path) -> trainer.Trained:
     """Trains `ReconstructionNet` through the training path (`train_and_evaluate` with an `Objective`) with
     config's optim / train / data / mesh sections; resumes, or only restores a finished run."""
-    model, masked = reconstruction_model(config), masked_modality(config)
+    model, masked = reconstruction_model(config), trainer.modality_name(config, "masked_image")
     height, width, channels = config.model.z_shape
     objective = Objective(
         init_params=lambda rng: model.init(rng, jnp.zeros((1, height, width, channels)),
@@ -109,10 +101,10 @@ def train_reconstruction(name: str, config: ml_collections.ConfigDict,
         loss_fn=make_reconstruction_loss(model, config.model.primary, masked),
         signature={"reconstruction": {"unet": config_io.unet_signature(config.model.unet), "input": masked,
                                       "z_shape": list(config.model.z_shape), "dtype": config.model.dtype}})
-    return common.train_model(name, config, workdir, objective=objective, model=model)
+    return trainer.train_model(name, config, workdir, objective=objective, model=model)
 
 
-def make_reconstruct_fn(trained: common.Trained):
+def make_reconstruct_fn(trained: trainer.Trained):
     """reconstruct(params, masked_image, mask) -> image [B, H, W, C] clipped to [-1, 1] (jit-compiled)."""
     model = trained.model
 

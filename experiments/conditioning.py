@@ -4,6 +4,10 @@
       trains 'mt_diffusion' (the config: its modalities conditioned) and, with
       `experiment.aggregation_only_ablation`, 'aggregation_only' (every condition 'none') at the same budget,
       each measuring a conditional metric on its EMA params while training (`experiment.curve`)
+  curve_sampler(config, observed) -> fn(params) -> Samples
+      the samples a curve's metric reads, at the curve's guidance scale
+  sample_sweep(run, models, sampler, name, given, cfg_scales, seed=, task=) -> (conditional, joint)
+      every model's samples with modality `name` observed at each guidance scale, and its joint samples
   guidance_key(name, scale), guidance_scales(trained, scales), cfg_options(scale)
       one classifier-free guidance sweep: result keys, the scales a model takes, the sampler's arguments
   report_curve(run, curves, ...)
@@ -17,20 +21,23 @@ from __future__ import annotations
 import functools
 from typing import Any, Callable, Mapping, Sequence
 
+import jax
 import ml_collections
+import numpy as np
 
-from experiments import baselines, common
-from mmdiff_jax.training import writers
+from experiments import baselines, common, evaluation, trainer
+from mmdiff_jax import sampling
+from mmdiff_jax.training import config_io, writers
 
 MODEL_LABELS = {"mt_diffusion": "MT-Diffusion", "aggregation_only": "ablation: aggregation-only"}
 
 
 def train_with_curve(run: common.Run, config: ml_collections.ConfigDict, metric: str,
                      make_metric: Callable[[ml_collections.ConfigDict], Callable[[Any], float]]
-                     ) -> tuple[dict[str, common.Trained], dict[str, dict[int, float]]]:
+                     ) -> tuple[dict[str, trainer.Trained], dict[str, dict[int, float]]]:
     """Trains the conditioned model and (with `experiment.aggregation_only_ablation`) its aggregation-only
     ablation, same budget and seed. make_metric(model_config) -> fn(ema_params) -> float is measured at
-    `experiment.curve.num_points` evenly spaced steps (`common.MetricCurve`, kept in
+    `experiment.curve.num_points` evenly spaced steps (`trainer.MetricCurve`, kept in
     workdir/<model>/<metric>_curve.json so a resumed run keeps its earlier points).
 
     Returns (name -> Trained, name -> {step: value}) for 'mt_diffusion' and, if trained, 'aggregation_only'.
@@ -39,12 +46,51 @@ def train_with_curve(run: common.Run, config: ml_collections.ConfigDict, metric:
     if config.experiment.aggregation_only_ablation:
         configs["aggregation_only"] = baselines.aggregation_only_config(config)
     models, curves = {}, {}
-    steps = common.curve_steps(config.train.steps, config.experiment.curve.num_points)
+    steps = trainer.curve_steps(config.train.steps, config.experiment.curve.num_points)
     for name, model_config in configs.items():
-        curve = common.MetricCurve(run.workdir / name / f"{metric}_curve.json", steps, make_metric(model_config))
-        models[name] = run.train(name, model_config, functools.partial(common.train_model, hooks=[curve]))
+        curve = trainer.MetricCurve(run.workdir / name / f"{metric}_curve.json", steps, make_metric(model_config))
+        models[name] = run.train(name, model_config, functools.partial(trainer.train_model, hooks=[curve]))
         curves[name] = curve.points
     return models, curves
+
+
+def curve_sampler(config: ml_collections.ConfigDict, observed: Mapping[str, Any]) -> Callable[[Any], sampling.Samples]:
+    """fn(params) -> `sampling.Samples` of `config`'s MT-Diffusion model with `observed` (name -> values [B, ...]):
+    the experiment's sampler, prior noise from key(experiment.seed), classifier-free guidance at
+    `experiment.curve.cfg_scale` if the model's denoiser sees a modality (a curve's metric reads these)."""
+    model = config_io.build_model(config)
+    sample = sampling.make_sample_fn(model, config_io.build_schedule(config, model),
+                                     **evaluation.sampler_options(config.experiment.sampler))
+    options = cfg_options(config.experiment.curve.cfg_scale if model.conditioned_modalities else None)
+    key = jax.random.key(config.experiment.seed)
+    return lambda params: sample(params, key, dict(observed), **options)
+
+
+def sample_sweep(run: common.Run, models: Mapping[str, trainer.Trained], sampler: Mapping[str, Any], name: str,
+                 given: Sequence[Any], cfg_scales: Sequence[float], *, seed: int, task: str
+                 ) -> tuple[dict[str, np.ndarray], dict[str, sampling.Samples]]:
+    """For every model, with the sampler section `sampler`: samples with modality `name` observed, one batch per
+    entry of `given` (its values [B, ...]), at each guidance scale (`guidance_scales`), and as many joint samples
+    (nothing observed); batch i draws its prior noise from fold_in(key(seed), i) in every row. Each row is
+    timed as a phase of `run` ('<task>: <key>', 'joint samples: <model>').
+
+    Returns (guidance_key -> images [sum B, *z_shape], model name -> joint `sampling.Samples`), numpy.
+    """
+    conditional, joint = {}, {}
+    for model_name, trained in models.items():
+        sample = sampling.make_sample_fn(trained.model, trained.schedule, **evaluation.sampler_options(sampler))
+        for scale in guidance_scales(trained, cfg_scales):
+            key = guidance_key(model_name, scale)
+            with run.phase(f"{task}: {key}"):
+                conditional[key] = evaluation.map_batches(
+                    lambda values, rng, scale=scale: sample(trained.params, rng, {name: values},
+                                                            **cfg_options(scale)).image,
+                    given, seed=seed, desc=f"{key} {task}")
+        with run.phase(f"joint samples: {model_name}"):
+            joint[model_name] = evaluation.map_batches(
+                lambda values, rng: sample(trained.params, rng, batch_size=len(values)), given, seed=seed,
+                desc=f"{model_name} joint")
+    return conditional, joint
 
 
 def guidance_key(name: str, scale: float) -> str:
@@ -53,7 +99,7 @@ def guidance_key(name: str, scale: float) -> str:
     return name if scale == 1.0 else f"{name}_cfg{scale:g}"
 
 
-def guidance_scales(trained: common.Trained, scales: Sequence[float]) -> tuple[float, ...]:
+def guidance_scales(trained: trainer.Trained, scales: Sequence[float]) -> tuple[float, ...]:
     """`scales` for a model whose denoiser sees a modality; (1.0,) for the aggregation-only one (no guidance)."""
     return tuple(scales) if trained.model.conditioned_modalities else (1.0,)
 

@@ -1,7 +1,8 @@
 """Image + embedding vector (issue 7): joint generation and embedding -> image with one MT-Diffusion model.
 
   python -m experiments.image_embedding        # the CPU default
-  python -m experiments.image_embedding --config.preset=full --workdir=workdirs/image_embedding_full
+  python -m experiments.image_embedding --config=configs/image_embedding.py:full \
+      --workdir=workdirs/image_embedding_full
   python -m experiments.image_embedding --config=configs/image_embedding.py:tiny --workdir=/tmp/emb_tiny
 (configs/image_embedding.py; --workdir default workdirs/image_embedding.)
 
@@ -26,24 +27,14 @@ features' per-dimension mean / std over training images:
 
 from __future__ import annotations
 
-import jax
 import ml_collections
 import numpy as np
 
-from experiments import common, conditioning
-from mmdiff_jax import sampling
-from mmdiff_jax.training import config_io
+from experiments import common, conditioning, evaluation, reporting, trainer
 from mmdiff_jax.metrics.distribution import compute_features
 
 NAME = "image_embedding"
 FID_PROXY = "FID-proxy (Fashion-MNIST CNN features)"
-
-
-def vector_modality(config: ml_collections.ConfigDict) -> str:
-    for name, spec in config.model.modalities.items():
-        if spec["kind"] == "vector":
-            return name
-    raise ValueError(f"the config has no vector modality (modalities: {list(config.model.modalities)})")
 
 
 def make_embed_fn(classifier, train_images: np.ndarray):
@@ -66,57 +57,39 @@ def agreement_metric(config, classifier, given: np.ndarray, source_class: np.nda
     """fn(params) -> how often the CNN puts the image generated from each embedding in `given` [N, D] in the class
     `source_class` [N] of the test image it came from (guidance `experiment.curve.cfg_scale` if the embedding is
     conditioned): the curve's metric (`conditioning.train_with_curve`)."""
-    model = config_io.build_model(config)
-    sample = sampling.make_sample_fn(model, config_io.build_schedule(config, model),
-                                     **common.sampler_options(config.experiment.sampler))
-    scale = config.experiment.curve.cfg_scale if model.conditioned_modalities else None
-    observed = {vector_modality(config): given}
+    sample = conditioning.curve_sampler(config, {trainer.modality_name(config, "vector"): given})
 
     def metric(params):
-        images = sample(params, jax.random.key(config.experiment.seed), observed,
-                        **conditioning.cfg_options(scale)).image
-        return float(np.mean(np.asarray(classifier.predict(images)) == source_class))
+        return float(np.mean(np.asarray(classifier.predict(sample(params).image)) == source_class))
 
     return metric
 
 
 def run(config: ml_collections.ConfigDict, run: common.Run) -> None:
     experiment, section = config.experiment, config.experiment.generation
-    name, primary = vector_modality(config), config.model.primary
+    name, primary = trainer.modality_name(config, "vector"), config.model.primary
     with run.phase("metrics classifier"):
-        classifier = common.metrics_classifier(config)
+        classifier = evaluation.metrics_classifier(config)
 
     def predict(x):
         return np.asarray(classifier.predict(x))
 
-    curve_test = common.eval_batches(config, experiment.curve.num_samples, experiment.curve.num_samples)[0]
+    curve_test = evaluation.eval_batches(config, experiment.curve.num_samples, experiment.curve.num_samples)[0]
     models, curves = conditioning.train_with_curve(
         run, config, "embedding_to_image", lambda model_config: agreement_metric(
             model_config, classifier, curve_test[name], predict(curve_test[primary])))
     with run.phase("reference features"):
-        statistics = common.eval_batches(config, section.num_statistics, min(section.num_statistics, 1000),
+        statistics = evaluation.eval_batches(config, section.num_statistics, min(section.num_statistics, 1000),
                                          split="train")
         embed = make_embed_fn(classifier, np.concatenate([b[primary] for b in statistics]))
-        reference_features = common.reference_features(config, section.num_reference, classifier)
-        real = np.concatenate([b[primary] for b in common.eval_batches(config, section.num_samples,
+        reference_features = evaluation.reference_features(config, section.num_reference, classifier)
+        real = np.concatenate([b[primary] for b in evaluation.eval_batches(config, section.num_samples,
                                                                        section.batch_size, split="train")])
-    test = common.eval_batches(config, section.num_samples, section.batch_size)
+    test = evaluation.eval_batches(config, section.num_samples, section.batch_size)
     images = np.concatenate([b[primary] for b in test])
     given = np.concatenate([b[name] for b in test])
-    conditional, joint = {}, {}
-    for model_name, trained in models.items():
-        sample = sampling.make_sample_fn(trained.model, trained.schedule, **common.sampler_options(experiment.sampler))
-        for scale in conditioning.guidance_scales(trained, section.cfg_scales):
-            key = conditioning.guidance_key(model_name, scale)
-            with run.phase(f"embedding -> image: {key}"):
-                conditional[key] = common.map_batches(
-                    lambda b, rng, scale=scale: sample(trained.params, rng, {name: b[name]},
-                                                       **conditioning.cfg_options(scale)).image,
-                    test, seed=experiment.seed, desc=f"{key} embedding->image")
-        with run.phase(f"joint samples: {model_name}"):
-            joint[model_name] = common.map_batches(lambda i, rng: sample(trained.params, rng,
-                                                                         batch_size=section.batch_size),
-                                                   range(len(test)), seed=experiment.seed, desc=f"{model_name} joint")
+    conditional, joint = conditioning.sample_sweep(run, models, experiment.sampler, name, [b[name] for b in test],
+                                                   section.cfg_scales, seed=experiment.seed, task="embedding -> image")
 
     source_class = predict(images)
     rows = {**conditional, "joint_samples": joint["mt_diffusion"].image, "random_pair": np.roll(images, 1, axis=0),
@@ -128,13 +101,13 @@ def run(config: ml_collections.ConfigDict, run: common.Run) -> None:
         predict(samples.image))} for model_name, samples in joint.items()}
     fid_rows = {**{f"{key}_embedding_to_image": x for key, x in conditional.items()},
                 **{f"{key}_joint": samples.image for key, samples in joint.items()}, "real_train_images": real}
-    results["fid"] = {key: common.evaluate_metrics(section.metrics, [{"sample": x}], classifier,
+    results["fid"] = {key: evaluation.evaluate_metrics(section.metrics, [{"sample": x}], classifier,
                                                    reference_features=reference_features)
                       for key, x in fid_rows.items()}
     results["curves"] = curves
 
     count = experiment.grid_images
-    grid = common.labelled_grid(
+    grid = reporting.labelled_grid(
         [("source image", images[:count])]
         + [(f"embedding, s = {scale:g}", conditional[conditioning.guidance_key("mt_diffusion", scale)][:count])
            for scale in section.cfg_scales if scale != 0.0]
@@ -142,7 +115,7 @@ def run(config: ml_collections.ConfigDict, run: common.Run) -> None:
     run.report.image("samples", grid, "Row 1: test images whose embeddings are given; then MT-Diffusion's samples "
                      "from those embeddings at each classifier-free guidance scale s > 0, the same prior noise per "
                      "column; joint samples (nothing observed); real training images. "
-                     f"{common.describe_sampler(experiment.sampler)}.", publish=True)
+                     f"{evaluation.describe_sampler(experiment.sampler)}.", publish=True)
     run.report.metrics.update(setup={"sampler": dict(experiment.sampler), "fid_proxy": FID_PROXY,
                                      "embedder": dict(classifier.meta)}, **results)
     write_report(config, run, results)
@@ -154,7 +127,7 @@ def write_report(config, run: common.Run, results: dict) -> None:
         "MT-Diffusion on Fashion-MNIST (28x28) with the image and its 64-d CNN embedding (the project's default "
         "embeddings, standardised per dimension); the denoiser sees the embedding through ADM's class path. The "
         "generated images are embedded by the same CNN recipe. "
-        f"Sampler: {common.describe_sampler(experiment.sampler)}, z_0 estimates clipped to [-1, 1]; EMA parameters.")
+        f"Sampler: {evaluation.describe_sampler(experiment.sampler)}, z_0 estimates clipped to [-1, 1]; EMA parameters.")
     scores, fid = results["embedding_to_image"], results["fid"]
     labels = {conditioning.guidance_key("mt_diffusion", scale): f"MT-Diffusion, embedding observed, guidance s = "
               f"{scale:g}" + (" (the conditional)" if scale == 1 else "") for scale in section.cfg_scales}

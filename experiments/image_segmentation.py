@@ -1,7 +1,8 @@
 """Image + segmentation mask (issue 7): joint generation, image -> mask and mask -> image on multi-object scenes.
 
   python -m experiments.image_segmentation        # the CPU default
-  python -m experiments.image_segmentation --config.preset=full --workdir=workdirs/image_segmentation_full
+  python -m experiments.image_segmentation --config=configs/image_segmentation.py:full \
+      --workdir=workdirs/image_segmentation_full
   python -m experiments.image_segmentation --config=configs/image_segmentation.py:tiny --workdir=/tmp/seg_tiny
 (configs/image_segmentation.py; --workdir default workdirs/image_segmentation.)
 
@@ -27,23 +28,14 @@ The Fashion-MNIST CNN of the FID-proxy reads single centred 28x28 items, not sce
 
 from __future__ import annotations
 
-import jax
 import ml_collections
 import numpy as np
 
-from experiments import common, conditioning
+from experiments import common, conditioning, evaluation, reporting, trainer
 from mmdiff_jax import sampling
 from mmdiff_jax.metrics import agreement
-from mmdiff_jax.training import config_io
 
 NAME = "image_segmentation"
-
-
-def segmentation_modality(config: ml_collections.ConfigDict) -> str:
-    for name, spec in config.model.modalities.items():
-        if spec["kind"] == "segmentation":
-            return name
-    raise ValueError(f"the config has no segmentation modality (modalities: {list(config.model.modalities)})")
 
 
 def foreground_iou(images: np.ndarray, masks: np.ndarray, threshold: float) -> float:
@@ -70,24 +62,18 @@ def _threshold_reference(images, masks, threshold):
 def iou_metric(config, masks: np.ndarray):
     """fn(params) -> mask -> image foreground IoU for the given masks [N, H, W] (guidance
     `experiment.curve.cfg_scale` if the mask is conditioned): the curve's metric (`conditioning.train_with_curve`)."""
-    model = config_io.build_model(config)
-    sample = sampling.make_sample_fn(model, config_io.build_schedule(config, model),
-                                     **common.sampler_options(config.experiment.sampler))
-    scale = config.experiment.curve.cfg_scale if model.conditioned_modalities else None
-    observed = {segmentation_modality(config): masks}
+    sample = conditioning.curve_sampler(config, {trainer.modality_name(config, "segmentation"): masks})
 
     def metric(params):
-        images = sample(params, jax.random.key(config.experiment.seed), observed,
-                        **conditioning.cfg_options(scale)).image
-        return foreground_iou(images, masks, config.experiment.foreground_threshold)
+        return foreground_iou(sample(params).image, masks, config.experiment.foreground_threshold)
 
     return metric
 
 
 def run(config: ml_collections.ConfigDict, run: common.Run) -> None:
     experiment = config.experiment
-    name, primary = segmentation_modality(config), config.model.primary
-    curve_masks = common.eval_batches(config, experiment.curve.num_samples, experiment.curve.num_samples,
+    name, primary = trainer.modality_name(config, "segmentation"), config.model.primary
+    curve_masks = evaluation.eval_batches(config, experiment.curve.num_samples, experiment.curve.num_samples,
                                       transform_seed=experiment.seed + 2)[0][name]
     models, curves = conditioning.train_with_curve(run, config, "mask_to_image",
                                                    lambda model_config: iou_metric(model_config, curve_masks))
@@ -99,14 +85,14 @@ def run(config: ml_collections.ConfigDict, run: common.Run) -> None:
     results: dict = {"curves": curves}
 
     section = experiment.segmentation
-    test = common.eval_batches(config, section.num_images, section.batch_size, transform_seed=experiment.seed)
+    test = evaluation.eval_batches(config, section.num_images, section.batch_size, transform_seed=experiment.seed)
     images = np.concatenate([b[primary] for b in test])
     masks = np.concatenate([b[name] for b in test])
     image_to_mask, first_prediction = {}, None
     with run.phase("image -> mask"):
         for model_name, trained in models.items():
             for t in section.noise_levels:
-                predicted = common.map_batches(lambda b, rng, t=t: segment[model_name](trained.params, b[primary],
+                predicted = evaluation.map_batches(lambda b, rng, t=t: segment[model_name](trained.params, b[primary],
                                                                                         rng, t=int(t))["class_map"],
                                                test, seed=experiment.seed, desc=f"{model_name} segment t={t}")
                 image_to_mask[f"{model_name}_t{t}"] = _mask_scores(predicted, masks, num_classes)
@@ -118,27 +104,15 @@ def run(config: ml_collections.ConfigDict, run: common.Run) -> None:
     results["image_to_mask"] = image_to_mask
 
     section = experiment.generation
-    given = common.eval_batches(config, section.num_samples, section.batch_size, transform_seed=experiment.seed + 1)
+    given = evaluation.eval_batches(config, section.num_samples, section.batch_size, transform_seed=experiment.seed + 1)
     given_masks = np.concatenate([b[name] for b in given])
-    conditional, joint = {}, {}
-    for model_name, trained in models.items():
-        sample = sampling.make_sample_fn(trained.model, trained.schedule, **common.sampler_options(experiment.sampler))
-        for scale in conditioning.guidance_scales(trained, section.cfg_scales):
-            key = conditioning.guidance_key(model_name, scale)
-            with run.phase(f"mask -> image: {key}"):
-                conditional[key] = common.map_batches(
-                    lambda b, rng, scale=scale: sample(trained.params, rng, {name: b[name]},
-                                                       **conditioning.cfg_options(scale)).image,
-                    given, seed=experiment.seed, desc=f"{key} mask->image")
-        with run.phase(f"joint samples: {model_name}"):
-            joint[model_name] = common.map_batches(
-                lambda i, rng: sample(trained.params, rng, batch_size=section.batch_size), range(len(given)),
-                seed=experiment.seed + 1, desc=f"{model_name} joint")
+    conditional, joint = conditioning.sample_sweep(run, models, experiment.sampler, name, [b[name] for b in given],
+                                                   section.cfg_scales, seed=experiment.seed, task="mask -> image")
 
     def own_head(generated):
         batches = [generated[i:i + section.batch_size] for i in range(0, len(generated), section.batch_size)]
         t = int(experiment.segmentation.noise_levels[0])
-        return common.map_batches(lambda b, rng: segment["mt_diffusion"](mt.params, b, rng, t=t)["class_map"],
+        return evaluation.map_batches(lambda b, rng: segment["mt_diffusion"](mt.params, b, rng, t=t)["class_map"],
                                   batches, seed=experiment.seed)
 
     def scores(generated, masks):
@@ -158,7 +132,7 @@ def run(config: ml_collections.ConfigDict, run: common.Run) -> None:
                                         np.bincount(joint_masks.reshape(-1), minlength=num_classes).tolist()}
 
     count = experiment.grid_images
-    overlay = common.overlay_classes
+    overlay = reporting.overlay_classes
     mt_joint, mt_conditional = joint["mt_diffusion"], conditional[conditioning.guidance_key("mt_diffusion", 1.0)]
     rows = [("test scene", images[:count]), ("its mask", overlay(images[:count], masks[:count])),
             (f"predicted (t={experiment.segmentation.noise_levels[0]})", overlay(images[:count],
@@ -169,11 +143,11 @@ def run(config: ml_collections.ConfigDict, run: common.Run) -> None:
     rows += [("  + given mask", overlay(mt_conditional[:count], given_masks[:count])),
              ("joint sample", mt_joint.image[:count]),
              ("  + its mask", overlay(mt_joint.image[:count], mt_joint.outputs[name]["class_map"][:count]))]
-    run.report.image("segmentation", common.labelled_grid(rows),
+    run.report.image("segmentation", reporting.labelled_grid(rows),
                      "Rows 1-3: image -> mask (test scene, true mask, the head's mask). Then mask -> image: the given "
                      "test mask, MT-Diffusion's samples at each classifier-free guidance scale s > 0 (the same prior "
                      "noise per column), the mask drawn on the s = 1 sample. Last two rows: joint samples and their "
-                     f"generated masks. {common.describe_sampler(experiment.sampler)}.", publish=True)
+                     f"generated masks. {evaluation.describe_sampler(experiment.sampler)}.", publish=True)
     run.report.metrics.update(setup={"sampler": dict(experiment.sampler), "num_classes": num_classes,
                                      "foreground_threshold": threshold}, **results)
     write_report(config, run, results)
@@ -186,7 +160,7 @@ def write_report(config, run: common.Run, results: dict) -> None:
     report.text(
         f"MT-Diffusion on {size}x{size} Fashion-MNIST scenes ({options.min_objects}-{options.max_objects} items, "
         "11 mask classes: background + 10) with the image and its segmentation mask; one model for all three tasks. "
-        f"Sampler: {common.describe_sampler(experiment.sampler)}, z_0 estimates clipped to [-1, 1]; EMA parameters.")
+        f"Sampler: {evaluation.describe_sampler(experiment.sampler)}, z_0 estimates clipped to [-1, 1]; EMA parameters.")
     image_to_mask = results["image_to_mask"]
     rows = [[f"{conditioning.MODEL_LABELS[model_name]} segmentation head, z_t from the image at t = {t}",
              image_to_mask[f"{model_name}_t{t}"]["miou"], image_to_mask[f"{model_name}_t{t}"]["pixel_accuracy"]]

@@ -1,7 +1,8 @@
 """Image + class label (issue 7): joint generation, label -> image and image -> label with one MT-Diffusion model.
 
   python -m experiments.joint_image_label        # the CPU default
-  python -m experiments.joint_image_label --config.preset=full --workdir=workdirs/joint_image_label_full
+  python -m experiments.joint_image_label --config=configs/joint_image_label.py:full \
+      --workdir=workdirs/joint_image_label_full
   python -m experiments.joint_image_label --config=configs/joint_image_label.py:tiny --workdir=/tmp/jil_tiny
 (configs/joint_image_label.py; --workdir default workdirs/joint_image_label.)
 
@@ -36,7 +37,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from experiments import common, conditioning
+from experiments import common, conditioning, evaluation, reporting, trainer
 from mmdiff_jax import diffusion, sampling
 from mmdiff_jax.data.fashion_mnist import CLASS_NAMES
 from mmdiff_jax.metrics import agreement
@@ -85,22 +86,15 @@ def _unet(config: ml_collections.ConfigDict, num_classes: int = 0) -> UNetConfig
     return UNetConfig(**{**dict(config.model.unet), "num_classes": num_classes})
 
 
-def label_modality(config: ml_collections.ConfigDict) -> str:
-    for name, spec in config.model.modalities.items():
-        if spec["kind"] == "label":
-            return name
-    raise ValueError(f"the config has no label modality (modalities: {list(config.model.modalities)})")
-
-
 def plain_schedule(config: ml_collections.ConfigDict):
     return modality_schedule(config.diffusion.noise_schedule, config.diffusion.num_steps, ())
 
 
-def train_class_conditional_ddpm(name, config, workdir) -> common.Trained:
+def train_class_conditional_ddpm(name, config, workdir) -> trainer.Trained:
     """The class-conditional DDPM baseline: eps-MSE with t ~ U{1..T}, z_t = sqrt(abar_t) x + sqrt(1 - abar_t) eps."""
     height, width, channels = config.model.z_shape
     model = ClassConditionalDenoiser(_unet(config, len(CLASS_NAMES)), channels, config_io.DTYPES[config.model.dtype])
-    schedule, primary, label = plain_schedule(config), config.model.primary, label_modality(config)
+    schedule, primary, label = plain_schedule(config), config.model.primary, trainer.modality_name(config, "label")
 
     def loss_fn(params, batch, rng, train: bool = True):
         image = jnp.asarray(batch[primary], jnp.float32)
@@ -117,17 +111,16 @@ def train_class_conditional_ddpm(name, config, workdir) -> common.Trained:
                           signature={"class_conditional_ddpm": {"unet": config_io.unet_signature(config.model.unet),
                                                                 "diffusion": dict(config.diffusion),
                                                                 "z_shape": list(config.model.z_shape)}})
-    return common.train_model(name, config, workdir, objective=objective, model=model, schedule=schedule)
+    return trainer.train_model(name, config, workdir, objective=objective, model=model, schedule=schedule)
 
 
-def train_classifier(name, config, workdir) -> common.Trained:
+def train_classifier(name, config, workdir) -> trainer.Trained:
     """The same-backbone classifier baseline: cross-entropy on clean images."""
     height, width, channels = config.model.z_shape
-    spec = config.model.modalities[label_modality(config)]
+    primary, label = config.model.primary, trainer.modality_name(config, "label")
     model = BackboneClassifier(_unet(config), channels, len(CLASS_NAMES),
-                               spec.get("head_hidden", 0) or config.model.unet.base_channels,
+                               config.model.modalities[label].get("head_hidden", 0) or config.model.unet.base_channels,
                                config_io.DTYPES[config.model.dtype])
-    primary, label = config.model.primary, label_modality(config)
 
     def loss_fn(params, batch, rng, train: bool = True):
         logits = model.apply({"params": params}, batch[primary], train=train, rngs={"dropout": rng})
@@ -138,12 +131,12 @@ def train_classifier(name, config, workdir) -> common.Trained:
                           loss_fn=loss_fn,
                           signature={"classifier": {"unet": config_io.unet_signature(config.model.unet),
                                                     "z_shape": list(config.model.z_shape)}})
-    return common.train_model(name, config, workdir, objective=objective, model=model)
+    return trainer.train_model(name, config, workdir, objective=objective, model=model)
 
 
-def make_class_conditional_sample_fn(trained: common.Trained, section):
+def make_class_conditional_sample_fn(trained: trainer.Trained, section):
     """sample(params, labels [B], rng) -> images [B, H, W, C] in [-1, 1] by the config's sampler."""
-    options = common.sampler_options(section)
+    options = evaluation.sampler_options(section)
     model, schedule = trained.model, trained.schedule
 
     def sample(params, labels, rng):
@@ -167,31 +160,15 @@ def balanced_labels(num_samples: int) -> np.ndarray:
     return np.arange(num_samples, dtype=np.int32) % len(CLASS_NAMES)
 
 
-def make_label_to_image(config, model, schedule):
-    """fn(params, labels [B], rng, cfg_scale=None) -> images [B, H, W, C]: MT-Diffusion with the label observed;
-    `cfg_scale` (classifier-free guidance, label-conditioned models only) None or 1: the conditional sampler."""
-    sample = sampling.make_sample_fn(model, schedule, **common.sampler_options(config.experiment.sampler))
-    label = label_modality(config)
-
-    def label_to_image(params, labels, rng, cfg_scale=None):
-        return sample(params, rng, {label: labels}, **conditioning.cfg_options(cfg_scale)).image
-
-    return label_to_image
-
-
 def agreement_metric(config, classifier):
     """fn(params) -> label -> image agreement (judge CNN) of the model whose config is `config`, on
     `experiment.curve.num_samples` balanced labels (classifier-free guidance `curve.cfg_scale` if its label is
     conditioned): the curve's metric (`conditioning.train_with_curve`)."""
-    section = config.experiment.curve
-    model = config_io.build_model(config)
-    label_to_image = make_label_to_image(config, model, config_io.build_schedule(config, model))
-    labels = balanced_labels(section.num_samples)
-    scale = float(section.cfg_scale) if model.conditioned_modalities else None
+    labels = balanced_labels(config.experiment.curve.num_samples)
+    sample = conditioning.curve_sampler(config, {trainer.modality_name(config, "label"): labels})
 
     def metric(params):
-        images = label_to_image(params, labels, jax.random.key(config.experiment.seed), cfg_scale=scale)
-        return agreement.accuracy(_judge(classifier, np.asarray(images)), labels)
+        return agreement.accuracy(_judge(classifier, sample(params).image), labels)
 
     return metric
 
@@ -199,38 +176,27 @@ def agreement_metric(config, classifier):
 def evaluate(config, run: common.Run, models, classifier) -> dict:
     experiment = config.experiment
     section = experiment.generation
-    label, primary = label_modality(config), config.model.primary
+    label, primary = trainer.modality_name(config, "label"), config.model.primary
     mt, ccddpm, standalone = models["mt_diffusion"], models["class_conditional_ddpm"], models["classifier"]
     num_batches, batch_size = section.num_samples // section.batch_size, section.batch_size
     given = [balanced_labels(section.num_samples)[i * batch_size:(i + 1) * batch_size]
              for i in range(num_batches)]  # balanced labels, the same for every model
     cc_sample = make_class_conditional_sample_fn(ccddpm, experiment.sampler)
-    joint, conditional = {}, {}
-    for name in [name for name in ("mt_diffusion", "aggregation_only") if name in models]:
-        trained = models[name]
-        sample = sampling.make_sample_fn(trained.model, trained.schedule, **common.sampler_options(experiment.sampler))
-        label_to_image = make_label_to_image(config, trained.model, trained.schedule)
-        with run.phase(f"joint samples: {name}"):
-            joint[name] = common.map_batches(lambda i, rng: sample(trained.params, rng, batch_size=batch_size),
-                                             range(num_batches), seed=experiment.seed, desc=f"{name} joint")
-        for scale in conditioning.guidance_scales(trained, section.cfg_scales):
-            key = conditioning.guidance_key(name, scale)
-            with run.phase(f"label -> image samples: {key}"):
-                conditional[key] = common.map_batches(
-                    lambda labels, rng, scale=scale: label_to_image(trained.params, labels, rng, scale), given,
-                    seed=experiment.seed, desc=f"{key} label->image")
+    conditional, joint = conditioning.sample_sweep(
+        run, {name: models[name] for name in ("mt_diffusion", "aggregation_only") if name in models},
+        experiment.sampler, label, given, section.cfg_scales, seed=experiment.seed, task="label -> image samples")
     with run.phase("label -> image samples: class_conditional_ddpm"):
-        conditional["class_conditional_ddpm"] = common.map_batches(
+        conditional["class_conditional_ddpm"] = evaluation.map_batches(
             lambda labels, rng: cc_sample(ccddpm.params, labels, rng), given, seed=experiment.seed,
             desc="cc-DDPM label->image")
     given = np.concatenate(given)
     with run.phase("reference features"):
-        reference_features = common.reference_features(config, section.num_reference, classifier)
-        real = np.concatenate([b[primary] for b in common.eval_batches(config, section.num_samples, batch_size,
+        reference_features = evaluation.reference_features(config, section.num_reference, classifier)
+        real = np.concatenate([b[primary] for b in evaluation.eval_batches(config, section.num_samples, batch_size,
                                                                        split="train")])
 
     def fid(images):
-        return common.evaluate_metrics(section.metrics, [{"sample": images}], classifier,
+        return evaluation.evaluate_metrics(section.metrics, [{"sample": images}], classifier,
                                        reference_features=reference_features)
 
     results = {"joint": {}, "label_to_image": {}, "real_train_images": fid(real)}
@@ -245,7 +211,7 @@ def evaluate(config, run: common.Run, models, classifier) -> dict:
                                           **fid(images)}
 
     section = experiment.classification
-    test = common.eval_batches(config, section.num_images, section.batch_size)
+    test = evaluation.eval_batches(config, section.num_images, section.batch_size)
     truth = np.concatenate([b[label] for b in test])
     classify = sampling.make_classify_fn(mt.model, mt.schedule, label)
     classify_standalone = jax.jit(lambda params, image: jnp.argmax(standalone.model.apply({"params": params}, image),
@@ -253,10 +219,10 @@ def evaluate(config, run: common.Run, models, classifier) -> dict:
     with run.phase("image -> label"):
         accuracy = {}
         for t in section.noise_levels:
-            predicted = common.map_batches(lambda b, rng, t=t: classify(mt.params, b[primary], rng, t=int(t))[
+            predicted = evaluation.map_batches(lambda b, rng, t=t: classify(mt.params, b[primary], rng, t=int(t))[
                 "class_ids"], test, seed=experiment.seed)
             accuracy[f"mt_diffusion_t{t}"] = agreement.accuracy(predicted, truth)
-        accuracy["classifier"] = agreement.accuracy(common.map_batches(
+        accuracy["classifier"] = agreement.accuracy(evaluation.map_batches(
             lambda b, rng: classify_standalone(standalone.params, b[primary]), test, seed=0), truth)
         accuracy["fmnist_cnn_judge"] = agreement.accuracy(_judge(classifier, np.concatenate(
             [b[primary] for b in test])), truth)
@@ -271,8 +237,8 @@ def evaluate(config, run: common.Run, models, classifier) -> dict:
              for scale in experiment.generation.cfg_scales if scale != 0.0]
     rows += [("cc-DDPM label->image", conditional["class_conditional_ddpm"][:count], names(given[:count])),
              ("real (train)", real[:count])]
-    run.report.image("samples", common.labelled_grid(rows),
-                     f"{common.describe_sampler(experiment.sampler)}. Row 1: MT-Diffusion's joint samples with their "
+    run.report.image("samples", reporting.labelled_grid(rows),
+                     f"{evaluation.describe_sampler(experiment.sampler)}. Row 1: MT-Diffusion's joint samples with their "
                      "generated labels; then samples for the given labels written below (MT-Diffusion with the label "
                      "observed, at each classifier-free guidance scale s > 0; the class-conditional DDPM), the same "
                      "prior noise per column.", publish=True)
@@ -287,7 +253,7 @@ def write_report(config, run: common.Run, results: dict) -> None:
         "class label, against a class-conditional DDPM (ADM class embedding) and a stand-alone classifier, all with "
         "the same U-Net, steps, batch, optimizer and EMA. Judge: the project's Fashion-MNIST CNN "
         f"(test accuracy {results['image_to_label']['fmnist_cnn_judge']:.3f} on the images below). Sampler for "
-        f"every diffusion model: {common.describe_sampler(experiment.sampler)}, EMA parameters.")
+        f"every diffusion model: {evaluation.describe_sampler(experiment.sampler)}, EMA parameters.")
     label_to_image, joint = results["label_to_image"], results["joint"]
     fid_key = "fid_fmnist_cnn"
     named = {"MT-Diffusion, joint (nothing observed)": joint["mt_diffusion"]}
@@ -346,7 +312,7 @@ def write_report(config, run: common.Run, results: dict) -> None:
 
 def run(config: ml_collections.ConfigDict, run: common.Run) -> None:
     with run.phase("metrics classifier"):
-        classifier = common.metrics_classifier(config)  # also the judge of the training curves
+        classifier = evaluation.metrics_classifier(config)  # also the judge of the training curves
     models, curves = conditioning.train_with_curve(
         run, config, "label_to_image", functools.partial(agreement_metric, classifier=classifier))
     models["class_conditional_ddpm"] = run.train("class_conditional_ddpm", config, train_class_conditional_ddpm,

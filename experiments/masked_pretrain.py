@@ -1,7 +1,7 @@
 """Masked pretraining (issue 7): MT-Diffusion with the image and a masked image, against its baselines.
 
   python -m experiments.masked_pretrain                                # the CPU default (configs/masked_pretrain.py)
-  python -m experiments.masked_pretrain --config.preset=full           # real numbers, on a big machine
+  python -m experiments.masked_pretrain --config=configs/masked_pretrain.py:full   # real numbers, on a big machine
   python -m experiments.masked_pretrain --config=configs/masked_pretrain.py:tiny --workdir=/tmp/mp_tiny
 
 Trains, at the same budget and backbone: MT-Diffusion (image + masked image), plain DDPM (N = 0) and the
@@ -32,7 +32,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from experiments import baselines, common, conditioning
+from experiments import baselines, common, conditioning, evaluation, reporting, trainer
 from mmdiff_jax import sampling
 from mmdiff_jax.training import config_io
 from mmdiff_jax.modalities import MASK_KEY
@@ -71,11 +71,11 @@ def all_methods(config: ml_collections.ConfigDict) -> tuple[str, ...]:
     return methods
 
 
-def restoration_methods(config: ml_collections.ConfigDict, models: dict[str, common.Trained]) -> dict:
+def restoration_methods(config: ml_collections.ConfigDict, models: dict[str, trainer.Trained]) -> dict:
     """name -> fn(batch, rng) -> restored images [B, H, W, C], for the configured methods."""
-    sampler = common.sampler_options(config.experiment.sampler)
+    sampler = evaluation.sampler_options(config.experiment.sampler)
     mt, ddpm, recon = models["mt_diffusion"], models["plain_ddpm"], models["reconstruction"]
-    masked = baselines.masked_modality(config)
+    masked = trainer.modality_name(config, "masked_image")
 
     def mt_restorer(trained, repaint, **call_options):
         restore = sampling.make_restore_fn(trained.model, trained.schedule, masked, repaint=repaint, **sampler)
@@ -109,7 +109,7 @@ def _reconstructor(reconstruct, params, masked):
     return lambda batch, rng: reconstruct(params, batch[masked], batch[MASK_KEY])
 
 
-def _sdedit(config, ddpm: common.Trained, masked: str):
+def _sdedit(config, ddpm: trainer.Trained, masked: str):
     section = config.experiment.sampler
     num_steps = ddpm.schedule.num_steps if section.method == "ddpm" else section.num_steps
     sdedit = baselines.make_sdedit_fn(ddpm.model, ddpm.schedule, strength=config.experiment.restoration.sdedit_strength,
@@ -124,22 +124,22 @@ def evaluate_restoration(config, run: common.Run, models, classifier) -> dict:
     labels = method_labels(config)
     results, count = {}, experiment.grid_images
     for ratio in section.mask_ratios:
-        batches = common.eval_batches(config, section.num_images, section.batch_size, mask_ratio=float(ratio),
+        batches = evaluation.eval_batches(config, section.num_images, section.batch_size, mask_ratio=float(ratio),
                                       transform_seed=experiment.seed)
         truth = np.concatenate([b[config.model.primary] for b in batches])
         mask = np.concatenate([b[MASK_KEY] for b in batches])
         hidden = float(1.0 - mask.mean())
         results[str(ratio)] = {"hidden_fraction": hidden}
-        rows = [("truth", truth[:count]), ("masked input", common.tint_hidden(truth[:count], mask[:count]))]
+        rows = [("truth", truth[:count]), ("masked input", reporting.tint_hidden(truth[:count], mask[:count]))]
         for name, restore in methods.items():
             with run.phase(f"restoration: {name}"):
-                restored = common.map_batches(restore, batches, seed=experiment.seed, desc=f"{name} r={ratio}")
+                restored = evaluation.map_batches(restore, batches, seed=experiment.seed, desc=f"{name} r={ratio}")
             restored = mask * truth + (1.0 - mask) * np.asarray(restored)  # the known pixels are given
-            results[str(ratio)][name] = common.evaluate_metrics(
+            results[str(ratio)][name] = evaluation.evaluate_metrics(
                 section.metrics, [{"image": truth, "sample": restored, "mask": mask}], classifier)
             if name != "masked_input":
                 rows.append((labels[name], restored[:count]))
-        run.report.image(f"restoration_mask{ratio}", common.labelled_grid(rows),
+        run.report.image(f"restoration_mask{ratio}", reporting.labelled_grid(rows),
                          f"Restoration at mask ratio {ratio} ({hidden:.0%} of the pixels hidden, blue): the truth, "
                          f"the masked input, then each method (known pixels pasted back).",
                          publish=ratio == max(section.mask_ratios))
@@ -151,38 +151,38 @@ def evaluate_restoration(config, run: common.Run, models, classifier) -> dict:
 def evaluate_unconditional(config, run: common.Run, models, classifier) -> dict:
     """FID-proxy / precision / recall of MT-Diffusion's joint samples and plain DDPM's, and the real floor."""
     section, experiment = config.experiment.unconditional, config.experiment
-    sampler = common.sampler_options(experiment.sampler)
+    sampler = evaluation.sampler_options(experiment.sampler)
     num_batches = section.num_samples // section.batch_size
     if section.num_samples % section.batch_size:
         raise ValueError(f"unconditional.num_samples {section.num_samples} is not a multiple of the batch size "
                          f"{section.batch_size}")
     with run.phase("unconditional: reference features"):
-        reference_features = common.reference_features(config, section.num_reference, classifier)
-        real = common.eval_batches(config, section.num_samples, section.batch_size, split="train")
+        reference_features = evaluation.reference_features(config, section.num_reference, classifier)
+        real = evaluation.eval_batches(config, section.num_samples, section.batch_size, split="train")
         real_images = np.concatenate([b[config.model.primary] for b in real])
     samples = {}
     for name in [name for name in ("mt_diffusion", "aggregation_only", "plain_ddpm") if name in models]:
         trained = models[name]
         sample = sampling.make_sample_fn(trained.model, trained.schedule, **sampler)
         with run.phase(f"unconditional: {name}"):
-            samples[name] = common.map_batches(
+            samples[name] = evaluation.map_batches(
                 lambda index, rng, sample=sample, params=trained.params: sample(params, rng,
                                                                                 batch_size=section.batch_size),
                 range(num_batches), seed=experiment.seed, desc=f"{name} samples")
     results = {}
     for name, images in [(name, s.image) for name, s in samples.items()] + [("real_train_images", real_images)]:
-        results[name] = common.evaluate_metrics(section.metrics, [{"sample": images}], classifier,
+        results[name] = evaluation.evaluate_metrics(section.metrics, [{"sample": images}], classifier,
                                                 reference_features=reference_features)
     count = experiment.grid_images
     rows = [("MT-Diffusion (joint)", samples["mt_diffusion"].image[:count])]
-    masked = baselines.masked_modality(config)
+    masked = trainer.modality_name(config, "masked_image")
     head = samples["mt_diffusion"].outputs.get(masked)
     if head is not None:  # the jointly generated masked image, the predicted mask drawn as hidden = blue
-        rows.append(("its masked image", common.tint_hidden(head["image"][:count], head["mask"][:count] > 0.5)))
+        rows.append(("its masked image", reporting.tint_hidden(head["image"][:count], head["mask"][:count] > 0.5)))
     rows.append(("plain DDPM", samples["plain_ddpm"].image[:count]))
     rows.append(("real (train)", real_images[:count]))
-    run.report.image("unconditional", common.labelled_grid(rows),
-                     f"Unconditional samples, {common.describe_sampler(experiment.sampler)}, the same prior noise "
+    run.report.image("unconditional", reporting.labelled_grid(rows),
+                     f"Unconditional samples, {evaluation.describe_sampler(experiment.sampler)}, the same prior noise "
                      f"per column: MT-Diffusion's joint samples (image and its generated masked image, predicted "
                      f"hidden pixels blue), plain DDPM, real training images.", publish=True)
     return results
@@ -193,7 +193,7 @@ def write_report(config, run: common.Run, restoration: dict, unconditional: dict
     labels = method_labels(config)
     ratios = [str(r) for r in experiment.restoration.mask_ratios]
     methods = list(all_methods(config))
-    modality = config.model.modalities[baselines.masked_modality(config)]
+    modality = config.model.modalities[trainer.modality_name(config, "masked_image")]
     low, high = config.data.options.mask_ratio
     report.text(
         f"MT-Diffusion trained on Fashion-MNIST ({config.model.z_shape[0]}x{config.model.z_shape[1]}) with the image "
@@ -202,7 +202,7 @@ def write_report(config, run: common.Run, restoration: dict, unconditional: dict
         f"{modality.weight_schedule[0]} of height {modality.weight_schedule[1]:g}), against "
         "plain DDPM (no auxiliary modality) and a reconstruction-only U-Net, all with the same U-Net, steps, batch, "
         "optimizer and EMA. One MT-Diffusion model serves every mask ratio and unconditional generation. "
-        f"Sampler for every diffusion model: {common.describe_sampler(experiment.sampler)}, z_0 estimates "
+        f"Sampler for every diffusion model: {evaluation.describe_sampler(experiment.sampler)}, z_0 estimates "
         f"clipped to [-1, 1]; EMA parameters.")
     columns = ["method"] + [f"PSNR hidden, r={r} ↑" for r in ratios] + [f"LPIPS-proxy, r={r} ↓" for r in ratios]
     rows = [[labels[m]] + [restoration[r][m]["psnr_masked"] for r in ratios]
@@ -270,16 +270,16 @@ def restoration_metric(config, batch):
     guidance `experiment.curve.cfg_scale` if the masked image is conditioned): the curve's metric
     (`conditioning.train_with_curve`)."""
     model = config_io.build_model(config)
-    masked = baselines.masked_modality(config)
+    masked = trainer.modality_name(config, "masked_image")
     restore = sampling.make_restore_fn(model, config_io.build_schedule(config, model), masked,
-                                       **common.sampler_options(config.experiment.sampler))
+                                       **evaluation.sampler_options(config.experiment.sampler))
     options = conditioning.cfg_options(config.experiment.curve.cfg_scale if model.conditioned_modalities else None)
     truth, mask = batch[config.model.primary], batch[MASK_KEY]
 
     def metric(params):
         restored = restore(params, batch[masked], mask, jax.random.key(config.experiment.seed), **options).image
         restored = mask * truth + (1.0 - mask) * np.asarray(restored)
-        return common.evaluate_metrics((("psnr", {"region": "masked"}),),
+        return evaluation.evaluate_metrics((("psnr", {"region": "masked"}),),
                                        [{"image": truth, "sample": restored, "mask": mask}], None)["psnr_masked"]
 
     return metric
@@ -287,14 +287,14 @@ def restoration_metric(config, batch):
 
 def run(config: ml_collections.ConfigDict, run: common.Run) -> None:
     section = config.experiment.curve
-    batch = common.eval_batches(config, section.num_samples, section.num_samples, mask_ratio=float(section.mask_ratio),
+    batch = evaluation.eval_batches(config, section.num_samples, section.num_samples, mask_ratio=float(section.mask_ratio),
                                 transform_seed=config.experiment.seed)[0]
     models, curves = conditioning.train_with_curve(run, config, "restoration",
                                                    lambda model_config: restoration_metric(model_config, batch))
     models["plain_ddpm"] = run.train("plain_ddpm", baselines.plain_ddpm_config(config))
     models["reconstruction"] = run.train("reconstruction", config, baselines.train_reconstruction, loss="pixel MSE")
     with run.phase("metrics classifier"):
-        classifier = common.metrics_classifier(config)
+        classifier = evaluation.metrics_classifier(config)
     restoration = evaluate_restoration(config, run, models, classifier)
     unconditional = evaluate_unconditional(config, run, models, classifier)
     run.report.metrics.update(

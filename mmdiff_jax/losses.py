@@ -144,7 +144,6 @@ def data_nll(
     schedule: DiffusionSchedule,
     z_0: Array,
     z_1: Array,
-    encodings: Array,
     eps_prediction: Array,
     estimated_encodings: Array,
     *,
@@ -153,10 +152,9 @@ def data_nll(
 ) -> Array:
     """L3 = -log p_theta(z_0 | z_1), [B]: mean mu_theta(z_1, 1), variance sigma_1^2.
 
+    z_0, z_1, eps_prediction: [B, *S]; estimated_encodings: [N, B, *S] (the reverse mean's ehat_i).
     `discretized` treats z_0 as an 8-bit image in [-1, 1] (pixel space); otherwise a Gaussian density.
-    `encodings` is unused by the reverse mean and kept for a signature parallel to `posterior_kl`.
     """
-    del encodings
     t = jnp.ones(z_0.shape[:1], jnp.int32)
     mean = diffusion.reverse_mean(schedule, z_1, t, eps_prediction, estimated_encodings)
     log_scale = 0.5 * diffusion.expand_to(diffusion.reverse_log_variance(schedule, t, variance_kind), z_0)
@@ -226,7 +224,7 @@ def variational_bound(
     one = jnp.ones((batch,), jnp.int32)
     z_1 = diffusion.marginal_sample(schedule, z_0, one, encodings, jax.random.normal(data_noise_rng, z_0.shape))
     data_output = denoise(z_1, one)
-    data = data_nll(schedule, z_0, z_1, encodings, data_output.eps_prediction, data_output.estimated_encodings,
+    data = data_nll(schedule, z_0, z_1, data_output.eps_prediction, data_output.estimated_encodings,
                     variance_kind=variance_kind, discretized=discretized)
 
     total = prior + diffusion_term + output.recovery_nll + data
@@ -248,6 +246,7 @@ def training_loss(
     eps_weight: float = 1.0,
     aggregation_weight: float = 1.0,
     recovery_weights: Mapping[str, float] | None = None,
+    reduction: str = "mean",
 ) -> tuple[Array, dict[str, Array]]:
     """eps-MSE + weighted aggregation-matching MSE + sum_i lambda_i L2_i, and per-term metrics.
 
@@ -260,9 +259,14 @@ def training_loss(
     Args:
       t: [B] steps in 1..T; eps, eps_prediction: [B, *S]; encodings, estimated_encodings: [N, B, *S].
       recovery_nll: name -> [B] NLL of each modality head (L2); every name needs a `recovery_weights` entry.
+      reduction: 'mean' (the batch mean) or 'none' (the loss per example, [B], for callers that weight
+        examples themselves; its batch mean is the 'mean' loss up to float rounding).
     Returns:
-      (scalar loss, metrics) with metrics 'loss', 'eps_mse', 'aggregation_mse' and 'recovery/<name>'.
+      (loss: scalar or [B], metrics) with metrics 'loss', 'eps_mse', 'aggregation_mse' and 'recovery/<name>',
+      batch means whatever the reduction.
     """
+    if reduction not in ("mean", "none"):
+        raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
     recovery_nll = dict(recovery_nll or {})
     recovery_weights = dict(recovery_weights or {})
     missing = sorted(set(recovery_nll) - set(recovery_weights))
@@ -274,16 +278,19 @@ def training_loss(
         raise ValueError(f"estimated_encodings shape {estimated_encodings.shape} != encodings shape {encodings.shape}")
 
     t = diffusion.check_steps(t, schedule.num_steps, first=1)
-    eps_mse = jnp.mean(_mean_per_example(jnp.square(eps_prediction.astype(float) - eps)))
     beta, alpha = diffusion.at_step(schedule.beta, t, eps), diffusion.at_step(schedule.alpha, t, eps)
     eps_coefficient = beta / (jnp.sqrt(alpha) * jnp.sqrt(diffusion.at_step(schedule.one_minus_alpha_bar, t, eps)))
     aggregation_error = diffusion.aggregation(schedule, t, estimated_encodings.astype(float) - encodings, eps)
-    aggregation_mse = jnp.mean(_mean_per_example(jnp.square(aggregation_error / eps_coefficient)))
+    per_example = {"eps_mse": _mean_per_example(jnp.square(eps_prediction.astype(float) - eps)),
+                   "aggregation_mse": _mean_per_example(jnp.square(aggregation_error / eps_coefficient)),
+                   **{f"recovery/{name}": nll for name, nll in recovery_nll.items()}}
 
-    metrics = {"eps_mse": eps_mse, "aggregation_mse": aggregation_mse}
-    loss = eps_weight * eps_mse + aggregation_weight * aggregation_mse
-    for name, nll in sorted(recovery_nll.items()):
-        metrics[f"recovery/{name}"] = jnp.mean(nll)
-        loss = loss + recovery_weights[name] * metrics[f"recovery/{name}"]
-    metrics["loss"] = loss
-    return loss, metrics
+    def weighted_sum(terms):
+        total = eps_weight * terms["eps_mse"] + aggregation_weight * terms["aggregation_mse"]
+        for name in sorted(recovery_nll):
+            total = total + recovery_weights[name] * terms[f"recovery/{name}"]
+        return total
+
+    metrics = {key: jnp.mean(value) for key, value in per_example.items()}
+    metrics["loss"] = weighted_sum(metrics)
+    return (metrics["loss"] if reduction == "mean" else weighted_sum(per_example)), metrics

@@ -38,11 +38,11 @@ LossFn = Callable[..., tuple[Array, dict[str, Array]]]
 
 @dataclasses.dataclass(frozen=True)
 class LossConfig:
-    """Weights of the simplified bound. `recovery_weights` overrides `Modality.loss_weight` by name."""
+    """Weights of the simplified bound's eps and aggregation terms (`config.loss`); each head's recovery
+    weight lambda_i is its `Modality.loss_weight` (config.model.modalities.<name>.loss_weight)."""
 
     eps_weight: float = 1.0
     aggregation_weight: float = 1.0
-    recovery_weights: Mapping[str, float] | None = None
 
     @classmethod
     def from_any(cls, config: LossConfig | Mapping[str, Any] | None) -> LossConfig:
@@ -54,8 +54,6 @@ class LossConfig:
         unknown = sorted(set(values) - fields)
         if unknown:
             raise ValueError(f"unknown loss config keys {unknown}; known: {sorted(fields)}")
-        if values.get("recovery_weights") is not None:
-            values["recovery_weights"] = dict(values["recovery_weights"].items())
         return cls(**values)
 
 
@@ -70,8 +68,8 @@ def make_loss_fn(model: MTDiffusion, schedule: DiffusionSchedule,
                  loss_config: LossConfig | Mapping[str, Any] | None = None) -> LossFn:
     """Returns loss_fn(params, batch, rng, train=True) -> (loss, metrics) for this model and schedule.
 
-    Checked here (before any tracing): the schedule has one weight row per modality, and every name in
-    `recovery_weights` is a modality with a head. Checked on each call, from static shapes: the batch.
+    Checked here (before any tracing): the schedule has one weight row per modality. Checked on each call,
+    from static shapes: the batch. Each head's recovery NLL is weighted by its `Modality.loss_weight`.
     Metrics: 'loss', 'eps_mse', 'aggregation_mse', 'recovery/<name>' (mean NLL, nats per example) and
     'accuracy/<name>' for categorical heads.
     """
@@ -81,12 +79,7 @@ def make_loss_fn(model: MTDiffusion, schedule: DiffusionSchedule,
                          f"{len(model.modalities)} ({[m.name for m in model.modalities]}): build it with "
                          f"`modalities.modality_schedule`")
     with_heads = {m.name: m for m in model.modalities if m.loss != "none"}
-    overrides = dict(config.recovery_weights or {})
-    unknown = sorted(set(overrides) - set(with_heads))
-    if unknown:
-        raise ValueError(f"recovery_weights name unknown modalities (or ones without a head) {unknown}; "
-                         f"modalities with heads: {sorted(with_heads)}")
-    recovery_weights = {name: float(overrides.get(name, m.loss_weight)) for name, m in with_heads.items()}
+    recovery_weights = {name: float(m.loss_weight) for name, m in with_heads.items()}
     categorical = [name for name, m in with_heads.items() if m.loss == "categorical"]
     num_steps = schedule.num_steps
 

@@ -41,7 +41,7 @@ def main(argv):
     if absl_logging.get_verbosity() < 1:
         absl_logging.get_absl_handler().addFilter(_QuietOrbax())
     try:
-        train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+        train_and_evaluate(cli.config_value(flags.FLAGS[_CONFIG.name]), _WORKDIR.value)
     except (NonFiniteLossError, CheckpointMismatchError) as error:
         raise SystemExit(f"{type(error).__name__}: {error}") from error
 

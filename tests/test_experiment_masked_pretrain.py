@@ -9,11 +9,13 @@ import math
 import types
 
 import numpy as np
+import pytest
 from absl import flags
 from ml_collections import config_flags
 
 from configs.masked_pretrain import get_config
-from experiments import common
+from experiments import common, masked_pretrain, reporting, trainer
+from mmdiff_jax.training import cli
 from tests.training_helpers import REPO, run_experiment_cli, write_arrays
 
 
@@ -67,20 +69,26 @@ def test_masked_pretrain_tiny_end_to_end(tmp_path):
     assert not list(results.rglob("checkpoints"))
 
 
-def test_preset_override_rebuilds_the_config():
-    argv = ["prog", f"--config={REPO / 'configs/masked_pretrain.py'}", "--config.preset=tiny",
-            "--config.train.steps=5"]
-    flag_values = flags.FlagValues()
-    config_flags.DEFINE_config_file("config", flag_values=flag_values, sys_argv=argv)
-    flag_values(argv)
-    config = common.resolve_preset(flag_values["config"])
+def test_a_preset_is_picked_one_way():
+    def parsed(*args):
+        argv = ["prog", *args, "--config.train.steps=5"]
+        flag_values = flags.FlagValues()
+        config_flags.DEFINE_config_file("config", flag_values=flag_values, sys_argv=argv)
+        flag_values(argv)
+        return cli.config_value(flag_values["config"])
+
+    config = parsed(f"--config={REPO / 'configs/masked_pretrain.py'}:tiny")
     assert config.preset == "tiny" and config.diffusion.num_steps == get_config("tiny").diffusion.num_steps
-    assert config.train.steps == 5  # the other overrides are applied again
+    assert config.train.steps == 5
+    # An override of the key alone would leave the rest at the file's preset: refused, saying how.
+    with pytest.raises(cli.CommandLineError, match=r"--config.preset=tiny: a preset is picked with "
+                                                   r"--config=.*configs/masked_pretrain.py:tiny"):
+        parsed(f"--config={REPO / 'configs/masked_pretrain.py'}", "--config.preset=tiny")
 
 
 def test_labelled_grid_shapes():
     images = np.zeros((3, 28, 28, 1), np.float32)
-    grid = common.labelled_grid([("a", images), ("longer label", common.tint_hidden(images, np.ones_like(images)),
+    grid = reporting.labelled_grid([("a", images), ("longer label", reporting.tint_hidden(images, np.ones_like(images)),
                                                   ["x", "y", "z"])])
     assert grid.dtype == np.uint8 and grid.ndim == 3 and grid.shape[2] == 3
     assert grid.shape[1] > 3 * 56 and grid.shape[0] > 2 * 56
@@ -94,12 +102,26 @@ def test_load_sentence_says_when_other_jobs_shared_the_cores():
 
 
 def test_metric_curve_measures_at_its_steps_and_a_resumed_run_keeps_earlier_points(tmp_path):
-    assert common.curve_steps(1000, 4) == [250, 500, 750, 1000] and common.curve_steps(3, 4) == [1, 2, 3]
-    curve = common.MetricCurve(tmp_path / "curve.json", [2, 4], lambda params: 10 * params)
+    assert trainer.curve_steps(1000, 4) == [250, 500, 750, 1000] and trainer.curve_steps(3, 4) == [1, 2, 3]
+    curve = trainer.MetricCurve(tmp_path / "curve.json", [2, 4], lambda params: 10 * params)
     for step in (1, 2, 3):
         curve(step, types.SimpleNamespace(ema_params=2.0), {})
     assert curve.points == {2: 20.0}
-    resumed = common.MetricCurve(tmp_path / "curve.json", [2, 4], lambda params: params)
+    resumed = trainer.MetricCurve(tmp_path / "curve.json", [2, 4], lambda params: params)
     resumed(4, types.SimpleNamespace(ema_params=3.0), {})
     assert resumed.points == {2: 20.0, 4: 3.0}
     assert json.loads((tmp_path / "curve.json").read_text()) == {"2": 20.0, "4": 3.0}
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("method", "dpm", "unknown sampling method 'dpm'"),
+    ("spacing", "uniform", "spacing"),
+    ("num_stepz", 3, r"unknown keys \['num_stepz'\]"),
+])
+def test_a_bad_sampler_is_refused_before_anything_trains(tmp_path, key, value, message):
+    config = get_config("tiny")
+    config.experiment.sampler.method = "dpm_solver++"
+    config.experiment.sampler[key] = value
+    with pytest.raises(ValueError, match=rf"config.experiment.sampler: .*{message}"):
+        masked_pretrain.run_experiment(config, tmp_path / "run")
+    assert not (tmp_path / "run").exists()

@@ -5,7 +5,7 @@ A stand-in feature network is registered under a new name (the Inception network
 import numpy as np
 
 from configs.masked_pretrain import get_config
-from experiments import common
+from experiments import evaluation, reporting
 from mmdiff_jax.metrics import distribution
 from mmdiff_jax.metrics import features as features_lib
 from tests.training_helpers import write_arrays
@@ -30,14 +30,14 @@ def test_feature_evaluators_run_in_every_configured_space(tmp_path, monkeypatch)
     config.experiment.feature_spaces = ("fmnist_cnn", "pixels")
     classifier = _StandInClassifier()
 
-    reference = common.reference_features(config, 16, classifier)
-    images = np.concatenate([b["image"] for b in common.eval_batches(config, 16, 16)])
+    reference = evaluation.reference_features(config, 16, classifier)
+    images = np.concatenate([b["image"] for b in evaluation.eval_batches(config, 16, 16)])
     assert set(reference) == {"fmnist_cnn", "pixels"}
     np.testing.assert_allclose(reference["pixels"], _pixels(images))
     np.testing.assert_allclose(reference["fmnist_cnn"], classifier.features(images), rtol=1e-6)
 
     samples = np.clip(images[::-1] + 0.3, -1, 1)
-    results = common.evaluate_metrics(config.experiment.unconditional.metrics, [{"sample": samples}], classifier,
+    results = evaluation.evaluate_metrics(config.experiment.unconditional.metrics, [{"sample": samples}], classifier,
                                       reference_features=reference)
     assert set(results) == {f"{m}_{space}" for m in ("fid", "precision", "recall") for space in reference}
     for space, features in (("pixels", _pixels), ("fmnist_cnn", classifier.features)):
@@ -45,12 +45,12 @@ def test_feature_evaluators_run_in_every_configured_space(tmp_path, monkeypatch)
         np.testing.assert_allclose(results[f"fid_{space}"], expected, rtol=1e-4)
 
     # A spec naming its space runs there alone (no reference features given: the batch's images are the set).
-    named = common.evaluate_metrics([("fid", {"features": "pixels"})], [{"image": images, "sample": samples}],
+    named = evaluation.evaluate_metrics([("fid", {"features": "pixels"})], [{"image": images, "sample": samples}],
                                     classifier)
     assert named.keys() == {"fid_pixels"}
     np.testing.assert_allclose(named["fid_pixels"], distribution.fid(_pixels(images), _pixels(samples)), rtol=1e-4)
 
-    report = common.Report("test", tmp_path)
+    report = reporting.Report("test", tmp_path)
     report.feature_space_tables("Unconditional samples", {"model": results}, config.experiment.feature_spaces)
     assert len(report.sections) == 1 and "Unconditional samples, pixels features" in report.sections[0]
     assert f"{results['fid_pixels']:.3f}" in report.sections[0]

@@ -169,7 +169,7 @@ def test_bound_with_no_auxiliary_modality_is_the_ddpm_bound():
         expected += float(jnp.mean(losses.posterior_kl(schedule, z_0_many, z_t, steps, no_many, 0.1 * z_t, no_many)))
     ones = jnp.ones((20000,), jnp.int32)
     z_1 = diffusion.marginal_sample(schedule, z_0_many, ones, no_many, eps)
-    expected += float(jnp.mean(losses.data_nll(schedule, z_0_many, z_1, no_many, 0.1 * z_1, no_many)))
+    expected += float(jnp.mean(losses.data_nll(schedule, z_0_many, z_1, 0.1 * z_1, no_many)))
     assert float(jnp.mean(estimates)) == pytest.approx(expected, rel=0.03)
 
 
@@ -194,6 +194,16 @@ def test_training_loss_terms_and_weights(schedule):
     np.testing.assert_allclose(metrics["recovery/label"], 2.5)
     np.testing.assert_allclose(loss, 2 * 0.25 + 0.5 * expected_aggregation + 0.1 * 2.5, rtol=1e-4)
     np.testing.assert_allclose(metrics["loss"], loss)
+    # Per example (reduction 'none'): each example's own terms, the same weights; the batch mean is the loss.
+    per_example, same_metrics = losses.training_loss(
+        schedule, t, eps, eps_theta, encodings, encodings_hat, {"label": jnp.array([1.0, 2, 3, 4])},
+        eps_weight=2.0, aggregation_weight=0.5, recovery_weights={"label": 0.1}, reduction="none")
+    expected = 2 * 0.25 + 0.5 * (np.asarray(schedule.w, np.float64)[0, np.asarray(t)] / c) ** 2 + 0.1 * np.arange(1, 5)
+    np.testing.assert_allclose(per_example, expected, rtol=1e-4)
+    np.testing.assert_allclose(np.mean(per_example), loss, rtol=1e-6)
+    assert same_metrics.keys() == metrics.keys()
+    with pytest.raises(ValueError, match="reduction"):
+        losses.training_loss(schedule, t, eps, eps, encodings, encodings, reduction="sum")
 
 
 def test_training_loss_reduces_to_ddpm_simple_loss_with_no_modality():
@@ -285,7 +295,7 @@ def test_data_term_under_adm_large_variance_uses_the_clipped_posterior_variance(
     z_0, eps, encodings = random_inputs(4)
     t = jnp.ones(4, jnp.int32)
     z_1 = diffusion.marginal_sample(schedule, z_0, t, encodings, eps)
-    nll = {kind: losses.data_nll(schedule, z_0, z_1, encodings, eps, encodings, variance_kind=kind)
+    nll = {kind: losses.data_nll(schedule, z_0, z_1, eps, encodings, variance_kind=kind)
            for kind in ("small", "large", "large_adm")}
     np.testing.assert_allclose(nll["large_adm"], nll["small"], rtol=1e-6)
     assert np.all(np.abs(np.asarray(nll["large"]) - np.asarray(nll["small"])) > 1.0)

@@ -1,5 +1,7 @@
 """The training loss function: jit/grad, weights wiring, plain-DDPM reduction, bf16, clear errors."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -25,7 +27,12 @@ def setup():
 def test_loss_and_gradients_under_jit(setup):
     model, schedule, params, batch = setup
     recovery_weights = {"label": 2.0, "masked_image": 0.01}
-    loss_fns = {weight: make_loss_fn(model, schedule, {"recovery_weights": {"label": weight}}) for weight in (0.5, 2.0)}
+
+    def with_label_weight(weight):  # lambda_i is the modality's loss_weight
+        label = dataclasses.replace(MODALITIES[0], loss_weight=weight)
+        return make_loss_fn(model.clone(modalities=(label, MODALITIES[1])), schedule)
+
+    loss_fns = {weight: with_label_weight(weight) for weight in (0.5, 2.0)}
 
     @jax.jit
     def run(params, batch, rng):
@@ -73,8 +80,8 @@ def test_bf16_compute_gives_float32_loss_close_to_float32(setup):
 
 def test_configuration_errors_are_clear(setup):
     model, schedule, params, batch = setup
-    with pytest.raises(ValueError, match=r"recovery_weights name unknown modalities .*\['lable'\]"):
-        make_loss_fn(model, schedule, {"recovery_weights": {"lable": 1.0}})
+    with pytest.raises(ValueError, match=r"unknown loss config keys \['recovery_weights'\]"):
+        make_loss_fn(model, schedule, {"recovery_weights": {"label": 1.0}})  # loss_weight of the modality
     with pytest.raises(ValueError, match=r"unknown loss config keys \['eps_weigth'\]"):
         make_loss_fn(model, schedule, {"eps_weigth": 1.0})
     with pytest.raises(ValueError, match="the schedule has weights for 1 modalities but the model has 2"):

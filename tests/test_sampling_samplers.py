@@ -317,3 +317,20 @@ def test_batch_sharded_sampling_on_two_devices():
     result = subprocess.run([sys.executable, "-c", SHARDED_SCRIPT], env=env, cwd=root, capture_output=True,
                             text=True, timeout=300)
     assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]
+
+
+def test_pure_layers_import_without_flax():
+    """The math and the pure samplers are importable into a user's JAX code without Flax or the models
+    (`mmdiff_jax.sampling` loads its Flax-backed wiring only when one of its names is used)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    script = ("import sys\n"
+              "import mmdiff_jax.schedules, mmdiff_jax.diffusion, mmdiff_jax.losses\n"
+              "from mmdiff_jax.sampling import samplers, dpm_solver, guidance, restoration, methods\n"
+              "assert 'flax' not in sys.modules, sorted(m for m in sys.modules if m.startswith(('flax', 'mmdiff')))\n"
+              "from mmdiff_jax.sampling import make_sample_fn\n"
+              "assert 'flax' in sys.modules\n"
+              "print('ok')\n")
+    result = subprocess.run([sys.executable, "-c", script], env=dict(os.environ, JAX_PLATFORMS="cpu",
+                                                                       PYTHONPATH=root),
+                            cwd=root, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]

@@ -25,7 +25,7 @@ def test_default_and_tiny_configs_validate(config):
     full = get_config()
     config_io.check_known_keys(full)
     assert config_io.build_model(full).unet.base_channels == 64
-    with pytest.raises(ValueError, match="unknown variant"):
+    with pytest.raises(ValueError, match="unknown preset"):
         get_config("huge")
 
 

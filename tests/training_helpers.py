@@ -62,9 +62,13 @@ def tiny_config(arrays_path: str | os.PathLike, **train_overrides):
 def run_experiment_cli(name: str, cwd: pathlib.Path, *overrides: str) -> subprocess.CompletedProcess:
     """`python -m experiments.<name> --config=configs/<name>.py:tiny <overrides> --workdir=run
     --results_dir=results` in `cwd` (relative dirs, as the README's command), a child process on one CPU device
-    with XLA's backend optimisations off (`FAST_COMPILE`). Fails the test on a non-zero exit."""
+    with XLA's backend optimisations off (`FAST_COMPILE`) and a persistent compilation cache beside `cwd` (shared
+    by the tests of this worker: a program compiled twice, as the curve's and the evaluation's sampler of one
+    model, compiles once). Fails the test on a non-zero exit."""
     env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu",
-               XLA_FLAGS=f"--xla_force_host_platform_device_count=1 {FAST_COMPILE}")
+               XLA_FLAGS=f"--xla_force_host_platform_device_count=1 {FAST_COMPILE}",
+               JAX_COMPILATION_CACHE_DIR=str(pathlib.Path(cwd).resolve().parent / "experiments_jax_cache"),
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
     command = [sys.executable, "-m", f"experiments.{name}", f"--config={REPO / 'configs' / name}.py:tiny",
                *overrides, "--workdir=run", "--results_dir=results"]
     child = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)

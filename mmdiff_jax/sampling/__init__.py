@@ -9,20 +9,32 @@
   prediction   classification and segmentation by the model's own heads
 """
 
-from mmdiff_jax.sampling.conditional import (Samples, decode_heads, head_estimates, make_denoise,
-                                             make_restore_fn, make_sample_fn, make_transition_fn)
-from mmdiff_jax.sampling.dpm_solver import dpm_solver_sample, solver_timesteps
-from mmdiff_jax.sampling.guidance import classifier_guidance
-from mmdiff_jax.sampling.methods import METHODS, check_sampler, sample_chain
-from mmdiff_jax.sampling.prediction import make_classify_fn, make_predict_fn, make_segment_fn
-from mmdiff_jax.sampling.restoration import known_region_hook
-from mmdiff_jax.sampling.samplers import (Prediction, SamplerOutput, ddim_sample, ddim_sigma, ddim_step,
-                                          ddpm_sample, ddpm_step, prior_sample, respace)
+import importlib
 
-__all__ = [
-    "Samples", "decode_heads", "head_estimates", "make_denoise", "make_restore_fn", "make_sample_fn",
-    "make_transition_fn", "classifier_guidance", "make_classify_fn", "make_predict_fn", "make_segment_fn",
-    "known_region_hook", "dpm_solver_sample", "solver_timesteps", "METHODS", "check_sampler", "sample_chain",
-    "Prediction", "SamplerOutput", "ddim_sample", "ddim_sigma", "ddim_step", "ddpm_sample", "ddpm_step",
-    "prior_sample", "respace",
-]
+# Public name -> its module. Loaded on first use (PEP 562), so that `import mmdiff_jax.sampling.samplers` (or
+# dpm_solver, guidance, restoration, methods) stays free of Flax and the models; `from mmdiff_jax.sampling
+# import make_sample_fn` loads `conditional` and with it the models.
+_EXPORTS = {
+    **dict.fromkeys(("Samples", "decode_heads", "head_estimates", "make_denoise", "make_restore_fn",
+                     "make_sample_fn", "make_transition_fn"), "conditional"),
+    **dict.fromkeys(("dpm_solver_sample", "solver_timesteps"), "dpm_solver"),
+    "classifier_guidance": "guidance",
+    **dict.fromkeys(("METHODS", "check_sampler", "sample_chain"), "methods"),
+    **dict.fromkeys(("make_classify_fn", "make_predict_fn", "make_segment_fn"), "prediction"),
+    "known_region_hook": "restoration",
+    **dict.fromkeys(("Prediction", "SamplerOutput", "ddim_sample", "ddim_sigma", "ddim_step", "ddpm_sample",
+                     "ddpm_step", "prior_sample", "respace"), "samplers"),
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -20,6 +20,7 @@ import pathlib
 import re
 import sys
 from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 from absl import app, flags
 
@@ -101,6 +102,20 @@ def check_directory_flag(name: str, value: str) -> None:
     existing = next((part for part in (path, *path.parents) if part.exists()), None)
     if existing is not None and not existing.is_dir():
         raise CommandLineError(f"--{name}={value}: {existing} exists and is not a directory")
+
+
+def config_value(config_flag) -> Any:
+    """The parsed `--config` of a config-file flag. A preset is picked one way, `--config=FILE:preset`
+    (`get_config(preset)`): an override `--config.preset=X` would change that key alone and leave the config
+    at the file's preset, so it is a CommandLineError that says how to pick X."""
+    from ml_collections import config_flags
+
+    config = config_flag.value
+    path, _, built_with = config_flags.get_config_filename(config_flag).partition(":")
+    if "preset" in config and config.preset != built_with:
+        raise CommandLineError(f"--config.preset={config.preset}: a preset is picked with "
+                               f"--config={path}:{config.preset} (the override changes that key alone)")
+    return config
 
 
 def run(main: Callable[[list[str]], None]) -> None:

@@ -1,0 +1,187 @@
+"""Evaluation for the experiments: data batches, batched sampling, the sampler section, metrics.
+
+  eval_batches(config, num_examples, batch_size, split=None, **data_options)   first examples, numpy batches
+  map_batches(fn, batches, seed, desc)   fn(batch, rng) -> arrays, over batches, concatenated (numpy)
+  sampler_options(section), describe_sampler(section), check_sampler_section(config)
+                                         a config sampler section -> `sampling.make_sample_fn` kwargs / words;
+                                         checked before anything trains
+  metrics_classifier(config)             the Fashion-MNIST CNN of the feature metrics (cached)
+  reference_features(config, num_reference, classifier)   space -> features of the reference images, for
+                                         each of config.experiment.feature_spaces ('fmnist_cnn', 'inception_v3')
+  evaluate_metrics(specs, batches, classifier, reference_features=None)   config evaluator specs -> dict
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+from experiments.trainer import copy_config
+from mmdiff_jax import metrics as metrics_lib
+from mmdiff_jax import sampling
+from mmdiff_jax.data import embeddings
+from mmdiff_jax.metrics import features as features_lib
+from mmdiff_jax.metrics.distribution import compute_features
+from mmdiff_jax.training import config_io
+
+
+FEATURE_EVALUATORS = ("fid", "precision_recall", "feature_distribution")
+
+
+def eval_batches(config: ml_collections.ConfigDict, num_examples: int, batch_size: int, split: str | None = None,
+                 **data_options) -> list[dict[str, np.ndarray]]:
+    """The first `num_examples` examples of `split` (default `config.data.eval_split`), unshuffled, as numpy
+    batches of `batch_size` (a divisor of num_examples); `data_options` override `config.data.options`
+    (e.g. a fixed `mask_ratio`, a `transform_seed`)."""
+    if num_examples % batch_size:
+        raise ValueError(f"num_examples {num_examples} is not a multiple of the batch size {batch_size}")
+    config = copy_config(config)
+    config.data.eval_split = split or config.data.eval_split
+    config.data.options = {**config.data.options.to_dict(), **data_options}
+    config.data.eval_batch_size = batch_size
+    iterator = config_io.make_eval_iterator(config)
+    batches = [next(iterator, None) for _ in range(num_examples // batch_size)]
+    if batches[-1] is None:
+        raise ValueError(f"split {config.data.eval_split!r} has fewer than {num_examples} examples")
+    return batches
+
+
+def map_batches(fn: Callable[[Any, jax.Array], Any], batches: Iterable[Any], seed: int,
+                desc: str | None = None) -> Any:
+    """fn(batch, rng_i) for each batch (rng_i = fold_in(key(seed), i)), outputs concatenated along axis 0
+    as numpy (any pytree of arrays). `desc` shows a progress bar."""
+    batches = list(batches)
+    key = jax.random.key(seed)
+    progress = None
+    if desc:
+        from tqdm import tqdm
+        progress = tqdm(total=len(batches), desc=desc, unit="batch", dynamic_ncols=True)
+    outputs = []
+    for index, batch in enumerate(batches):
+        outputs.append(jax.device_get(fn(batch, jax.random.fold_in(key, index))))
+        if progress is not None:
+            progress.update()
+    if progress is not None:
+        progress.close()
+    return jax.tree.map(lambda *parts: np.concatenate([np.asarray(p) for p in parts]), *outputs)
+
+
+def sampler_options(section: Mapping[str, Any]) -> dict[str, Any]:
+    """A config sampler section {method ('ddpm' | 'ddim' | 'dpm_solver++'), num_steps, eta, variant, spacing}
+    -> keyword arguments of `mmdiff_jax.sampling.make_sample_fn` / `sample_chain` (num_steps dropped for
+    'ddpm', which runs all T steps)."""
+    options = dict(section)
+    if options.get("method") == "ddpm":
+        options.pop("num_steps", None)
+        options.pop("eta", None)
+    return options
+
+
+SAMPLER_KEYS = ("method", "num_steps", "eta", "variant", "spacing", "variance")
+
+
+def check_sampler_section(config: ml_collections.ConfigDict) -> None:
+    """`config.experiment.sampler` checked against the config's schedule before anything trains (an experiment
+    would otherwise fail after its training, at its first sample): ValueError naming the key."""
+    section = config.experiment.get("sampler")
+    if section is None:
+        return
+    unknown = sorted(set(section) - set(SAMPLER_KEYS))
+    if unknown:
+        raise ValueError(f"config.experiment.sampler: unknown keys {unknown}; known: {list(SAMPLER_KEYS)}")
+    options = sampler_options(section)
+    schedule = config_io.build_schedule(config, config_io.build_model(config))
+    try:
+        sampling.check_sampler(schedule, options.get("method", "ddim"), options.get("num_steps"),
+                               options.get("variant", "2M"), options.get("spacing", "time_uniform"))
+    except ValueError as error:
+        raise ValueError(f"config.experiment.sampler: {error}") from error
+
+
+def describe_sampler(section: Mapping[str, Any]) -> str:
+    """A config sampler section in words (method, steps and the options it uses)."""
+    if section["method"] == "ddpm":
+        return "DDPM (all T steps)"
+    if section["method"] == "dpm_solver++":
+        return (f"DPM-Solver++ ({section.get('variant', '2M')}), {section['num_steps']} steps, "
+                f"{section.get('spacing', 'time_uniform').replace('_', '-')} spacing")
+    return f"DDIM, {section['num_steps']} steps, eta = {section['eta']:g}"
+
+
+def metrics_classifier(config: ml_collections.ConfigDict) -> features_lib.Classifier:
+    """The Fashion-MNIST CNN of the feature metrics (`config.experiment.classifier`: steps, seed).
+
+    On the real data it is `features.train_classifier` (trained once, cached beside the prepared data; the
+    default 600 steps / seed 0 are the shared default classifier); with `config.data.arrays_path` (tests,
+    stand-in data) it is trained on those arrays, uncached.
+    """
+    spec = config.experiment.classifier
+    if config.data.arrays_path:
+        with np.load(config.data.arrays_path) as arrays:
+            images, labels = arrays["train_image"], arrays["train_label"]
+        model, params = embeddings.train_embedding_encoder(images, labels, steps=spec.steps, seed=spec.seed)
+        return features_lib.Classifier(model, params, {"steps": spec.steps, "seed": spec.seed,
+                                                       "data": config.data.arrays_path})
+    return features_lib.train_classifier(config.data.data_dir or None, config.data.options.get("idx_dir"),
+                                         steps=spec.steps, seed=spec.seed)
+
+
+def _evaluator_spec(spec: Any) -> tuple[str, dict[str, Any]]:
+    if isinstance(spec, str):
+        return spec, {}
+    if isinstance(spec, Mapping):
+        spec = dict(spec)
+        return spec.pop("name"), spec
+    name, kwargs = spec
+    return name, dict(kwargs)
+
+
+def feature_fn(space: str, classifier: features_lib.Classifier) -> features_lib.FeatureFn:
+    """The feature network of a feature space: 'fmnist_cnn' (`classifier`), or a registered one such as
+    'inception_v3' (its weights from $MMDIFF_INCEPTION_WEIGHTS or the default path; loaded once)."""
+    return classifier.features if space == "fmnist_cnn" else _feature_network(space)
+
+
+@functools.lru_cache(maxsize=None)
+def _feature_network(space: str) -> features_lib.FeatureFn:
+    return features_lib.get_feature_fn(space)
+
+
+def reference_features(config: ml_collections.ConfigDict, num_reference: int,
+                       classifier: features_lib.Classifier) -> dict[str, np.ndarray]:
+    """space -> features [num_reference, D] of the first eval images, for each of
+    `config.experiment.feature_spaces` (the FID / precision / recall reference set)."""
+    batches = eval_batches(config, num_reference, min(num_reference, 1000))
+    images = np.concatenate([b[config.model.primary] for b in batches])
+    return {space: compute_features(feature_fn(space, classifier), images)
+            for space in config.experiment.feature_spaces}
+
+
+def evaluate_metrics(specs: Sequence[Any], batches: Iterable[Mapping[str, Any]],
+                     classifier: features_lib.Classifier,
+                     reference_features: Mapping[str, np.ndarray] | None = None) -> dict[str, float]:
+    """`mmdiff_jax.metrics` evaluators from config specs ("name", (name, kwargs) or {"name": ...}) over
+    `batches`. perceptual_fmnist_cnn gets `classifier`; a feature evaluator (fid / precision_recall /
+    feature_distribution) runs in the feature space its spec names (`features`), or else once per feature
+    space of `reference_features` (from `reference_features()`; default: 'fmnist_cnn' alone), against the
+    reference features of that space when there are some ('fmnist_cnn' is `classifier`'s features)."""
+    references = dict(reference_features or {"fmnist_cnn": None})
+    evaluators = []
+    for spec in specs:
+        name, kwargs = _evaluator_spec(spec)
+        if name == "perceptual_fmnist_cnn":
+            kwargs.setdefault("classifier", classifier)
+        if name in FEATURE_EVALUATORS and not callable(kwargs.get("features")):
+            named = kwargs.pop("features", None)
+            spaces = references if named is None else {named: references.get(named)}
+            evaluators += [metrics_lib.make_evaluator(name, **kwargs, features=feature_fn(space, classifier),
+                                                      feature_name=space, reference_features=reference)
+                           for space, reference in spaces.items()]
+        else:
+            evaluators.append(metrics_lib.make_evaluator(name, **kwargs))
+    return metrics_lib.evaluate(evaluators, batches)
