@@ -32,7 +32,8 @@ setuptools.setup(
         "dm-pix>=0.4.4",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-xdist>=3.5", "scipy>=1.11"],
+        # ruff: the formatter (tests/test_format.py), pinned so that its output does not change under us.
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "scipy>=1.11", "ruff==0.17.6"],
         # Benchmarks only (bench/vs_torch.py): the CPU wheel on the project machines. Never unpinned torch.
         "bench": ["torch==2.13.0"],
     },

@@ -59,8 +59,12 @@ def build_model(name: str, dtype: str = "float32", **unet_overrides):
     """(MTDiffusion, DiffusionSchedule) of a benchmarked config: image + label."""
     spec = BENCH_CONFIGS[name]
     label = Modality(name="label", kind="label", num_classes=spec["num_classes"], weight_schedule=("bump", 1.0))
-    model = MTDiffusion(unet=unet_preset(spec["preset"], **unet_overrides), modalities=(label,),
-                        z_shape=spec["z_shape"], dtype=DTYPES[dtype])
+    model = MTDiffusion(
+        unet=unet_preset(spec["preset"], **unet_overrides),
+        modalities=(label,),
+        z_shape=spec["z_shape"],
+        dtype=DTYPES[dtype],
+    )
     return model, modality_schedule("linear", NUM_STEPS, model.modalities)
 
 
@@ -68,8 +72,10 @@ def make_batch(name: str, batch_size: int, seed: int = 0) -> dict[str, np.ndarra
     """Random images in [-1, 1] [B, H, W, C] float32 and labels [B] int32 (host arrays)."""
     spec = BENCH_CONFIGS[name]
     rng = np.random.default_rng(seed)
-    return {"image": rng.uniform(-1, 1, (batch_size,) + spec["z_shape"]).astype(np.float32),
-            "label": rng.integers(0, spec["num_classes"], batch_size).astype(np.int32)}
+    return {
+        "image": rng.uniform(-1, 1, (batch_size,) + spec["z_shape"]).astype(np.float32),
+        "label": rng.integers(0, spec["num_classes"], batch_size).astype(np.int32),
+    }
 
 
 def count_params(tree: Any) -> int:
@@ -77,6 +83,7 @@ def count_params(tree: Any) -> int:
 
 
 # Statistics and timing.
+
 
 def summarize(values: Sequence[float]) -> dict[str, float]:
     values = [float(v) for v in values]
@@ -111,9 +118,15 @@ def matmul_peak(size: int = 2048, dtype: str = "float32", repeats: int = 5, inne
 
     seconds = time_blocks(block, inner, repeats)
     flops = 2.0 * size**3
-    return {"size": size, "dtype": dtype, "flops": flops, "seconds": summarize(seconds),
-            "flops_per_s": flops / min(seconds), "flops_per_s_median": flops / statistics.median(seconds),
-            "flops_per_s_min": flops / max(seconds)}
+    return {
+        "size": size,
+        "dtype": dtype,
+        "flops": flops,
+        "seconds": summarize(seconds),
+        "flops_per_s": flops / min(seconds),
+        "flops_per_s_median": flops / statistics.median(seconds),
+        "flops_per_s_min": flops / max(seconds),
+    }
 
 
 def cost_flops(compiled: Any) -> float | None:
@@ -131,6 +144,7 @@ def cost_flops(compiled: Any) -> float | None:
 
 # Memory.
 
+
 def peak_host_memory_mb() -> float:
     """The process's peak resident set size so far (ru_maxrss; kB on Linux), in MiB."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -146,6 +160,7 @@ def device_memory_mb() -> dict[str, float] | None:
 
 
 # Environment, tables, JSON.
+
 
 def cpu_model() -> str:
     try:
@@ -182,10 +197,18 @@ def environment() -> dict[str, Any]:
         "backend": backend(),
         "device": getattr(device, "device_kind", str(device)),
         "device_count": jax.device_count(),
-        "versions": {"jax": jax.__version__, "jaxlib": jaxlib.__version__, "flax": flax.__version__,
-                     "optax": optax.__version__, "numpy": np.__version__},
-        "env": {key: os.environ.get(key) for key in ("XLA_FLAGS", "OMP_NUM_THREADS", "MKL_NUM_THREADS",
-                                                     "JAX_PLATFORMS") if os.environ.get(key)},
+        "versions": {
+            "jax": jax.__version__,
+            "jaxlib": jaxlib.__version__,
+            "flax": flax.__version__,
+            "optax": optax.__version__,
+            "numpy": np.__version__,
+        },
+        "env": {
+            key: os.environ.get(key)
+            for key in ("XLA_FLAGS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "JAX_PLATFORMS")
+            if os.environ.get(key)
+        },
     }
 
 
@@ -207,8 +230,9 @@ def table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
     cells = [[format_number(row.get(column)) for column in columns] for row in rows]
     widths = [max([len(column)] + [len(line[i]) for line in cells]) for i, column in enumerate(columns)]
     render = lambda values: "| " + " | ".join(v.rjust(w) for v, w in zip(values, widths)) + " |"  # noqa: E731
-    return "\n".join([render(columns), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
-                     + [render(line) for line in cells])
+    return "\n".join(
+        [render(columns), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [render(line) for line in cells]
+    )
 
 
 def write_json(path: str | os.PathLike, payload: dict[str, Any]) -> pathlib.Path:
@@ -233,10 +257,14 @@ def results_path(stem: str) -> pathlib.Path:
 
 # The JAX training steps that are timed.
 
-PROJECT_STEP = ("mmdiff_jax.training.steps.jit_train_step: grad clip 1.0 -> AdamW -> EMA, non-finite guard; "
-                "state donated, jit, fixed device-resident batch")
-MINIMAL_STEP = ("jax.jit(value_and_grad(objective.make_loss_fn)) + optax.adamw (constant lr, weight decay on "
-                "rank >= 2), params and optimizer state donated, fixed device-resident batch")
+PROJECT_STEP = (
+    "mmdiff_jax.training.steps.jit_train_step: grad clip 1.0 -> AdamW -> EMA, non-finite guard; "
+    "state donated, jit, fixed device-resident batch"
+)
+MINIMAL_STEP = (
+    "jax.jit(value_and_grad(objective.make_loss_fn)) + optax.adamw (constant lr, weight decay on "
+    "rank >= 2), params and optimizer state donated, fixed device-resident batch"
+)
 
 
 class JaxTrainer:
@@ -283,8 +311,14 @@ def project_trainer(model: MTDiffusion, schedule: Any, batch: dict[str, np.ndarr
     optimizer, learning_rate = make_optimizer(optim, total_steps=100_000)
     mesh = make_mesh((-1, 1))
     state, shardings = create_train_state(params_init_fn(model), optimizer, mesh, jax.random.key(seed))
-    step = jit_train_step(mesh, shardings, loss_fn=make_loss_fn(model, schedule), optimizer=optimizer,
-                          learning_rate_fn=learning_rate, ema_decay=optim.ema_decay)
+    step = jit_train_step(
+        mesh,
+        shardings,
+        loss_fn=make_loss_fn(model, schedule),
+        optimizer=optimizer,
+        learning_rate_fn=learning_rate,
+        ema_decay=optim.ema_decay,
+    )
     batch = jax.device_put(batch, mesh_lib.batch_sharding(mesh))
     return JaxTrainer(step, state, batch, PROJECT_STEP, count_params(state.params))
 
@@ -293,12 +327,25 @@ def adamw(learning_rate: float = 2e-4, weight_decay: float = 0.0):
     """optax AdamW with base_config()'s betas / eps, decaying weights of rank >= 2 only (as the project)."""
     import optax
 
-    return optax.adamw(learning_rate, b1=0.9, b2=0.999, eps=1e-8, weight_decay=weight_decay,
-                       mask=lambda params: jax.tree.map(lambda leaf: leaf.ndim >= 2, params))
+    return optax.adamw(
+        learning_rate,
+        b1=0.9,
+        b2=0.999,
+        eps=1e-8,
+        weight_decay=weight_decay,
+        mask=lambda params: jax.tree.map(lambda leaf: leaf.ndim >= 2, params),
+    )
 
 
-def minimal_trainer(model: MTDiffusion, schedule: Any, batch: dict[str, np.ndarray], params: Any = None,
-                    seed: int = 0, learning_rate: float = 2e-4, weight_decay: float = 0.0) -> JaxTrainer:
+def minimal_trainer(
+    model: MTDiffusion,
+    schedule: Any,
+    batch: dict[str, np.ndarray],
+    params: Any = None,
+    seed: int = 0,
+    learning_rate: float = 2e-4,
+    weight_decay: float = 0.0,
+) -> JaxTrainer:
     """value_and_grad of the MT-Diffusion loss + AdamW, nothing else: the step the PyTorch port mirrors."""
     import optax
 
@@ -319,5 +366,4 @@ def minimal_trainer(model: MTDiffusion, schedule: Any, batch: dict[str, np.ndarr
         updates, opt_state = optimizer.update(grads, opt_state, params)
         return (optax.apply_updates(params, updates), opt_state, step_index + 1, rng), metrics
 
-    return JaxTrainer(jax.jit(step, donate_argnums=0), state, jax.device_put(batch), MINIMAL_STEP,
-                      count_params(params))
+    return JaxTrainer(jax.jit(step, donate_argnums=0), state, jax.device_put(batch), MINIMAL_STEP, count_params(params))

@@ -130,9 +130,7 @@ def main(argv=None):
     )
     print(f"{'dataset':<52} {'pipeline ex/s':>14} {'stand-in step ex/s':>19}")
     for row in rows:
-        print(
-            f"{row['dataset']:<52} {row['examples_per_s']:>14.0f} {stand_in[str(row['image_size'])]:>19.0f}"
-        )
+        print(f"{row['dataset']:<52} {row['examples_per_s']:>14.0f} {stand_in[str(row['image_size'])]:>19.0f}")
     print("stand-in step: jitted fwd+bwd+SGD of a 3-layer conv net, NOT the MT-Diffusion step")
 
     result = {

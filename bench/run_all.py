@@ -34,8 +34,11 @@ RESULTS = BENCH / "results"
 BENCHMARKS = {
     "train_step": ("train_step.py", [], ["--quick"]),
     "vs_torch": ("vs_torch.py", [], ["--quick"]),
-    "sampling": ("sampling.py", [], ["--configs", "tiny", "default", "--batch_size", "16", "--repeats", "1",
-                                     "--max_seconds", "60"]),
+    "sampling": (
+        "sampling.py",
+        [],
+        ["--configs", "tiny", "default", "--batch_size", "16", "--repeats", "1", "--max_seconds", "60"],
+    ),
     "input_pipeline": ("input_pipeline.py", [], ["--num_batches", "10"]),
 }
 
@@ -79,8 +82,9 @@ def run(name: str, extra: list[str], quick: bool, timeout: float) -> dict:
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="each benchmark's short setting")
-    parser.add_argument("--only", default="train_step,vs_torch,sampling",
-                        help=f"comma-separated subset of {list(BENCHMARKS)}")
+    parser.add_argument(
+        "--only", default="train_step,vs_torch,sampling", help=f"comma-separated subset of {list(BENCHMARKS)}"
+    )
     parser.add_argument("--timeout", type=float, default=3600, help="seconds per benchmark")
     for name in BENCHMARKS:
         parser.add_argument(f"--{name}_args", default="", help=f"extra flags for {BENCHMARKS[name][0]}")
@@ -93,13 +97,19 @@ def main(argv=None) -> dict:
 
     started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     load_before = list(os.getloadavg())
-    benchmarks = {name: run(name, shlex.split(getattr(args, f"{name}_args")), args.quick, args.timeout)
-                  for name in names}
+    benchmarks = {
+        name: run(name, shlex.split(getattr(args, f"{name}_args")), args.quick, args.timeout) for name in names
+    }
     payload = {
-        "machine": socket.gethostname(), "started_utc": started, "python": platform.python_version(),
-        "platform": platform.platform(), "cpu_count": os.cpu_count(),
-        "load_average_before": load_before, "load_average_after": list(os.getloadavg()),
-        "quick": args.quick, "benchmarks": benchmarks,
+        "machine": socket.gethostname(),
+        "started_utc": started,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "load_average_before": load_before,
+        "load_average_after": list(os.getloadavg()),
+        "quick": args.quick,
+        "benchmarks": benchmarks,
     }
     path = pathlib.Path(args.out) if args.out else RESULTS / f"{socket.gethostname()}.json"
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -80,8 +80,11 @@ def main(argv=None) -> None:
     parser.add_argument("--overhead_steps", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--overhead_only", action="store_true",
-                        help="only the overhead ratio (bench/results/sampler_overhead_<host>.json)")
+    parser.add_argument(
+        "--overhead_only",
+        action="store_true",
+        help="only the overhead ratio (bench/results/sampler_overhead_<host>.json)",
+    )
     args = parser.parse_args(argv)
     if args.num_samples % args.batch_size:
         raise SystemExit(f"--num_samples {args.num_samples} must be a multiple of --batch_size {args.batch_size}")
@@ -89,8 +92,10 @@ def main(argv=None) -> None:
     config = get_config("")
     run_dir = pathlib.Path(args.workdir) / "mt_diffusion"
     if trainer.latest_checkpoint_step(run_dir) != config.train.steps:
-        raise SystemExit(f"{run_dir} holds no finished masked_pretrain model ({config.train.steps} steps); run "
-                         f"python -m experiments.masked_pretrain --workdir {args.workdir} first")
+        raise SystemExit(
+            f"{run_dir} holds no finished masked_pretrain model ({config.train.steps} steps); run "
+            f"python -m experiments.masked_pretrain --workdir {args.workdir} first"
+        )
     trained = trainer.train_model("mt_diffusion", config, run_dir)  # restores the finished run
     model, schedule, params = trained.model, trained.schedule, trained.params
     classifier = evaluation.metrics_classifier(config)
@@ -98,8 +103,9 @@ def main(argv=None) -> None:
     reference = evaluation.reference_features(config, section.num_reference, classifier)
     restoration = config.experiment.restoration
     masked = next(name for name, spec in config.model.modalities.items() if spec["kind"] == "masked_image")
-    restore_batches = evaluation.eval_batches(config, args.num_restore, args.num_restore, mask_ratio=args.mask_ratio,
-                                          transform_seed=args.seed)
+    restore_batches = evaluation.eval_batches(
+        config, args.num_restore, args.num_restore, mask_ratio=args.mask_ratio, transform_seed=args.seed
+    )
     truth = np.concatenate([b[config.model.primary] for b in restore_batches])
     mask = np.concatenate([b[MASK_KEY] for b in restore_batches])
     num_batches = args.num_samples // args.batch_size
@@ -111,18 +117,32 @@ def main(argv=None) -> None:
             sample = sampling.make_sample_fn(model, schedule, **options)
             restore = sampling.make_restore_fn(model, schedule, masked, repaint=False, **options)
             start = time.perf_counter()
-            joint = evaluation.map_batches(lambda index, rng: sample(params, rng, batch_size=args.batch_size).image,
-                                       range(num_batches), seed=args.seed)
-            restored = evaluation.map_batches(lambda b, rng: restore(params, b[masked], b[MASK_KEY], rng).image,
-                                          restore_batches, seed=args.seed)
+            joint = evaluation.map_batches(
+                lambda index, rng: sample(params, rng, batch_size=args.batch_size).image,
+                range(num_batches),
+                seed=args.seed,
+            )
+            restored = evaluation.map_batches(
+                lambda b, rng: restore(params, b[masked], b[MASK_KEY], rng).image, restore_batches, seed=args.seed
+            )
             seconds = time.perf_counter() - start
             restored = mask * truth + (1.0 - mask) * restored
-            fid = evaluation.evaluate_metrics(section.metrics, [{"sample": joint}], classifier,
-                                          reference_features=reference)["fid_fmnist_cnn"]
-            psnr = evaluation.evaluate_metrics(restoration.metrics, [{"image": truth, "sample": restored, "mask": mask}],
-                                           classifier)["psnr_masked"]
-            rows.append(dict(sampler=name, steps=steps, evaluations=evaluations(name, steps, schedule),
-                             fid_proxy=fid, psnr_hidden=psnr, seconds_with_compile=seconds))
+            fid = evaluation.evaluate_metrics(
+                section.metrics, [{"sample": joint}], classifier, reference_features=reference
+            )["fid_fmnist_cnn"]
+            psnr = evaluation.evaluate_metrics(
+                restoration.metrics, [{"image": truth, "sample": restored, "mask": mask}], classifier
+            )["psnr_masked"]
+            rows.append(
+                dict(
+                    sampler=name,
+                    steps=steps,
+                    evaluations=evaluations(name, steps, schedule),
+                    fid_proxy=fid,
+                    psnr_hidden=psnr,
+                    seconds_with_compile=seconds,
+                )
+            )
             print(rows[-1], flush=True)
 
     # Overhead: a compiled sampler call over (evaluations x one compiled forward pass), same batch.
@@ -135,31 +155,61 @@ def main(argv=None) -> None:
     for name in args.samplers:
         sample = sampling.make_sample_fn(model, schedule, **sampler_options(name, args.overhead_steps))
         calls = evaluations(name, args.overhead_steps, schedule)
-        sample_s = median_seconds(lambda sample=sample: sample(params, rng, batch_size=args.batch_size).z_0,
-                                  args.repeats)
-        overhead.append(dict(sampler=name, steps=args.overhead_steps, evaluations=calls, sample_seconds=sample_s,
-                             forward_seconds=forward_s, ratio=sample_s / (calls * forward_s)))
+        sample_s = median_seconds(
+            lambda sample=sample: sample(params, rng, batch_size=args.batch_size).z_0, args.repeats
+        )
+        overhead.append(
+            dict(
+                sampler=name,
+                steps=args.overhead_steps,
+                evaluations=calls,
+                sample_seconds=sample_s,
+                forward_seconds=forward_s,
+                ratio=sample_s / (calls * forward_s),
+            )
+        )
         print(overhead[-1], flush=True)
 
-    print(bench_common.table(overhead, ["sampler", "steps", "evaluations", "sample_seconds", "forward_seconds",
-                                        "ratio"]))
+    print(
+        bench_common.table(overhead, ["sampler", "steps", "evaluations", "sample_seconds", "forward_seconds", "ratio"])
+    )
     if args.overhead_only:
-        path = bench_common.write_json(bench_common.results_path("sampler_overhead"), dict(
-            environment=bench_common.environment(), args=vars(args), overhead=overhead))
+        path = bench_common.write_json(
+            bench_common.results_path("sampler_overhead"),
+            dict(environment=bench_common.environment(), args=vars(args), overhead=overhead),
+        )
         print(f"wrote {path}")
         return
     print(bench_common.table(rows, ["sampler", "steps", "evaluations", "fid_proxy", "psnr_hidden"]))
-    panels = [writers.plot_series({LABELS[name]: {row["evaluations"]: row[key] for row in rows
-                                                  if row["sampler"] == name} for name in args.samplers},
-                                  xlabel="model evaluations", ylabel=label, log_y=False, title=title)
-              for key, label, title in (("fid_proxy", "FID-proxy", f"joint samples ({args.num_samples})"),
-                                        ("psnr_hidden", "PSNR hidden (dB)",
-                                         f"restoration, mask ratio {args.mask_ratio:g} ({args.num_restore})"))]
+    panels = [
+        writers.plot_series(
+            {
+                LABELS[name]: {row["evaluations"]: row[key] for row in rows if row["sampler"] == name}
+                for name in args.samplers
+            },
+            xlabel="model evaluations",
+            ylabel=label,
+            log_y=False,
+            title=title,
+        )
+        for key, label, title in (
+            ("fid_proxy", "FID-proxy", f"joint samples ({args.num_samples})"),
+            ("psnr_hidden", "PSNR hidden (dB)", f"restoration, mask ratio {args.mask_ratio:g} ({args.num_restore})"),
+        )
+    ]
     path = bench_common.results_path("sampler_quality")
     writers.write_png(path.with_suffix(".png"), np.concatenate(panels, axis=1))
-    bench_common.write_json(path, dict(environment=bench_common.environment(), workdir=str(args.workdir),
-                                       model_steps=trained.steps, args=vars(args), results=rows,
-                                       overhead=overhead))
+    bench_common.write_json(
+        path,
+        dict(
+            environment=bench_common.environment(),
+            workdir=str(args.workdir),
+            model_steps=trained.steps,
+            args=vars(args),
+            results=rows,
+            overhead=overhead,
+        ),
+    )
     print(f"wrote {path} and {path.with_suffix('.png')}")
 
 

@@ -93,10 +93,15 @@ def main(argv=None):
     parser.add_argument("--configs", nargs="+", default=["tiny", "default"])
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--max_seconds", type=float, default=900.0,
-                        help="longest single timed DDPM-1000 call before falling back to extrapolation")
-    parser.add_argument("--short_steps", type=int, default=25,
-                        help="T' of the shorter DDPM chain (linear betas need T' > 20)")
+    parser.add_argument(
+        "--max_seconds",
+        type=float,
+        default=900.0,
+        help="longest single timed DDPM-1000 call before falling back to extrapolation",
+    )
+    parser.add_argument(
+        "--short_steps", type=int, default=25, help="T' of the shorter DDPM chain (linear betas need T' > 20)"
+    )
     args = parser.parse_args(argv)
 
     rows = []
@@ -107,9 +112,21 @@ def main(argv=None):
         # DDIM-50 (+ 1 prior refinement call: 51 network evaluations).
         compile_s, times = measure(model, schedule, params, "ddim", 50, args.batch_size, args.repeats)
         seconds = statistics.median(times)
-        rows.append(dict(config=preset, params=num_params, sampler="DDIM-50", steps=50, measured_steps=50,
-                         compile_s=compile_s, seconds=seconds, times=times,
-                         samples_per_s=args.batch_size / seconds, steps_per_s=50 / seconds, extrapolated=False))
+        rows.append(
+            dict(
+                config=preset,
+                params=num_params,
+                sampler="DDIM-50",
+                steps=50,
+                measured_steps=50,
+                compile_s=compile_s,
+                seconds=seconds,
+                times=times,
+                samples_per_s=args.batch_size / seconds,
+                steps_per_s=50 / seconds,
+                extrapolated=False,
+            )
+        )
         projected = seconds / 51 * (NUM_DIFFUSION_STEPS + 1)
         if projected <= args.max_seconds:
             compile_s, times = measure(model, schedule, params, "ddpm", None, args.batch_size, args.repeats)
@@ -124,31 +141,57 @@ def main(argv=None):
             seconds = statistics.median(times) / (args.short_steps + 1) * (NUM_DIFFUSION_STEPS + 1)
             steps_per_s = args.short_steps / statistics.median(times)
             extrapolated = True
-        rows.append(dict(config=preset, params=num_params, sampler="DDPM-1000", steps=NUM_DIFFUSION_STEPS,
-                         measured_steps=measured_steps, compile_s=compile_s, seconds=seconds, times=times,
-                         samples_per_s=args.batch_size / seconds, steps_per_s=steps_per_s,
-                         extrapolated=extrapolated))
+        rows.append(
+            dict(
+                config=preset,
+                params=num_params,
+                sampler="DDPM-1000",
+                steps=NUM_DIFFUSION_STEPS,
+                measured_steps=measured_steps,
+                compile_s=compile_s,
+                seconds=seconds,
+                times=times,
+                samples_per_s=args.batch_size / seconds,
+                steps_per_s=steps_per_s,
+                extrapolated=extrapolated,
+            )
+        )
         print(json.dumps(rows[-2:], default=float), flush=True)
 
-    header = f"{'config':8} {'params':>9} {'sampler':10} {'batch':>5} {'compile s':>9} {'s/batch':>9} " \
-             f"{'samples/s':>9} {'steps/s':>8}  note"
+    header = (
+        f"{'config':8} {'params':>9} {'sampler':10} {'batch':>5} {'compile s':>9} {'s/batch':>9} "
+        f"{'samples/s':>9} {'steps/s':>8}  note"
+    )
     print(header)
     for row in rows:
-        note = (f"EXTRAPOLATED to 1000 steps from a measured DDPM-{row['measured_steps']} run"
-                if row["extrapolated"] else "measured")
-        print(f"{row['config']:8} {row['params']:>9} {row['sampler']:10} {args.batch_size:>5} "
-              f"{row['compile_s']:>9.1f} {row['seconds']:>9.2f} {row['samples_per_s']:>9.3f} "
-              f"{row['steps_per_s']:>8.2f}  {note}")
+        note = (
+            f"EXTRAPOLATED to 1000 steps from a measured DDPM-{row['measured_steps']} run"
+            if row["extrapolated"]
+            else "measured"
+        )
+        print(
+            f"{row['config']:8} {row['params']:>9} {row['sampler']:10} {args.batch_size:>5} "
+            f"{row['compile_s']:>9.1f} {row['seconds']:>9.2f} {row['samples_per_s']:>9.3f} "
+            f"{row['steps_per_s']:>8.2f}  {note}"
+        )
 
     host = socket.gethostname()
     payload = dict(
-        host=host, date=datetime.datetime.now(datetime.timezone.utc).isoformat(), python=platform.python_version(),
-        jax=jax.__version__, backend=jax.default_backend(), devices=[str(d) for d in jax.devices()],
-        cpu_count=os.cpu_count(), load_average=list(os.getloadavg()), batch_size=args.batch_size,
-        z_shape=Z_SHAPE, modalities="image 32x32x1 (primary) + label (10 classes, bump), joint generation",
+        host=host,
+        date=datetime.datetime.now(datetime.timezone.utc).isoformat(),
+        python=platform.python_version(),
+        jax=jax.__version__,
+        backend=jax.default_backend(),
+        devices=[str(d) for d in jax.devices()],
+        cpu_count=os.cpu_count(),
+        load_average=list(os.getloadavg()),
+        batch_size=args.batch_size,
+        z_shape=Z_SHAPE,
+        modalities="image 32x32x1 (primary) + label (10 classes, bump), joint generation",
         timing="compile excluded (AOT); median of timed calls after a warm-up call (calls under 60 s), "
-               "else the single first call; block_until_ready",
-        results=rows)
+        "else the single first call; block_until_ready",
+        results=rows,
+    )
     path = REPO / "bench" / "results" / f"sampling_{host}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=2, default=float) + "\n")

@@ -52,8 +52,15 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10_000.0) 
 class ResBlock(nn.Module):
     """x + Conv(Drop(SiLU(GN(h)(1 + s) + b))), h = Conv(SiLU(GN(x))); resample 'down' / 'up' / None."""
 
-    def __init__(self, in_channels: int, out_channels: int, embedding_dim: int, dropout: float,
-                 resample: str | None, num_groups: int):
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        embedding_dim: int,
+        dropout: float,
+        resample: str | None,
+        num_groups: int,
+    ):
         super().__init__()
         self.resample = resample
         self.GroupNorm_0 = group_norm(num_groups, in_channels)
@@ -95,8 +102,10 @@ class AttentionBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, channels, height, width = x.shape
         h = self.GroupNorm_0(x).reshape(batch, channels, height * width).transpose(1, 2)  # [B, L, C]
-        query, key, value = (part.reshape(batch, height * width, self.num_heads, self.head_channels).transpose(1, 2)
-                             for part in self.qkv(h).chunk(3, dim=-1))
+        query, key, value = (
+            part.reshape(batch, height * width, self.num_heads, self.head_channels).transpose(1, 2)
+            for part in self.qkv(h).chunk(3, dim=-1)
+        )
         h = F.scaled_dot_product_attention(query, key, value)  # [B, heads, L, head_channels]
         h = self.proj_out(h.transpose(1, 2).reshape(batch, height * width, channels))
         return x + h.transpose(1, 2).reshape(x.shape)
@@ -124,11 +133,16 @@ class UNet(nn.Module):
         levels = [base * multiplier for multiplier in config.channel_multipliers]
         embedding_dim = 4 * base
         block = lambda cin, cout, resample=None: add(  # noqa: E731
-            "ResBlock", ResBlock(cin, cout, embedding_dim, config.dropout, resample, groups))
+            "ResBlock", ResBlock(cin, cout, embedding_dim, config.dropout, resample, groups)
+        )
         attention = lambda channels: add(  # noqa: E731
-            "AttentionBlock", AttentionBlock(channels, config.num_head_channels, groups))
+            "AttentionBlock", AttentionBlock(channels, config.num_head_channels, groups)
+        )
 
-        self.time = [add("Dense", nn.Linear(base, embedding_dim)), add("Dense", nn.Linear(embedding_dim, embedding_dim))]
+        self.time = [
+            add("Dense", nn.Linear(base, embedding_dim)),
+            add("Dense", nn.Linear(embedding_dim, embedding_dim)),
+        ]
         if config.num_classes:
             self.class_embedding = add("Embed", nn.Embedding(config.num_classes, embedding_dim))
         self.input_conv = add("Conv", nn.Conv2d(in_channels, levels[0], 3, padding=1))
@@ -273,18 +287,27 @@ class ScheduleTensors:
         self.w, self.lambda_ = tensor(schedule.w)[0], tensor(schedule.lambda_)[0]
 
 
-def loss_terms(model: LabelMTDiffusion, schedule: ScheduleTensors, images: torch.Tensor, labels: torch.Tensor,
-               t: torch.Tensor, eps: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def loss_terms(
+    model: LabelMTDiffusion,
+    schedule: ScheduleTensors,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    t: torch.Tensor,
+    eps: torch.Tensor,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The simplified bound of `objective.make_loss_fn` for given t [B] and eps [B, C, H, W] (NCHW images).
 
-      z_t = sqrt(abar_t) z_0 + lambda_t e + sqrt(1 - abar_t) eps
-      loss = mean (eps_theta - eps)^2 + mean (w_t (ehat - e) / c_t)^2 + mean CE(logits, y),
-      c_t = beta_t / (sqrt(alpha_t) sqrt(1 - abar_t)).
+    z_t = sqrt(abar_t) z_0 + lambda_t e + sqrt(1 - abar_t) eps
+    loss = mean (eps_theta - eps)^2 + mean (w_t (ehat - e) / c_t)^2 + mean CE(logits, y),
+    c_t = beta_t / (sqrt(alpha_t) sqrt(1 - abar_t)).
     """
     at = lambda values: values[t][:, None, None, None]  # noqa: E731
     encoding = model.encoders_label(labels)
-    z_t = at(schedule.alpha_bar).sqrt() * images + at(schedule.lambda_) * encoding + \
-        at(schedule.one_minus_alpha_bar).sqrt() * eps
+    z_t = (
+        at(schedule.alpha_bar).sqrt() * images
+        + at(schedule.lambda_) * encoding
+        + at(schedule.one_minus_alpha_bar).sqrt() * eps
+    )
     eps_prediction, logits, encoding, estimated = model(labels, z_t, t)
     eps_mse = (eps_prediction.float() - eps).square().mean()
     eps_coefficient = at(schedule.beta) / (at(schedule.alpha).sqrt() * at(schedule.one_minus_alpha_bar).sqrt())
@@ -292,12 +315,22 @@ def loss_terms(model: LabelMTDiffusion, schedule: ScheduleTensors, images: torch
     recovery = F.cross_entropy(logits.float(), labels.long())
     loss = eps_mse + aggregation_mse + recovery
     accuracy = (logits.argmax(dim=-1) == labels).float().mean()
-    return loss, {"loss": loss, "eps_mse": eps_mse, "aggregation_mse": aggregation_mse,
-                  "recovery/label": recovery, "accuracy/label": accuracy}
+    return loss, {
+        "loss": loss,
+        "eps_mse": eps_mse,
+        "aggregation_mse": aggregation_mse,
+        "recovery/label": recovery,
+        "accuracy/label": accuracy,
+    }
 
 
-def training_loss(model: LabelMTDiffusion, schedule: ScheduleTensors, images: torch.Tensor, labels: torch.Tensor,
-                  generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def training_loss(
+    model: LabelMTDiffusion,
+    schedule: ScheduleTensors,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """One Monte-Carlo estimate: t ~ U{1..T}, eps ~ N(0, I), then `loss_terms`."""
     t = torch.randint(1, schedule.num_steps + 1, (images.shape[0],), device=images.device, generator=generator)
     eps = torch.randn(images.shape, device=images.device, generator=generator, dtype=images.dtype)

@@ -38,9 +38,23 @@ from mmdiff_jax.models.unet import REMAT_POLICIES  # noqa: E402
 # a GPU must not preallocate the memory its children need.
 CHILD_ENVIRONMENT = dict(os.environ)
 
-COLUMNS = ("config", "params", "batch", "dtype", "compile_s", "step_s_min", "step_s_median", "step_s_max",
-           "images_per_s", "gflops_per_step", "achieved_gflops_per_s", "matmul_peak_gflops_per_s",
-           "fraction_of_peak", "host_peak_mib", "device_peak_mib")
+COLUMNS = (
+    "config",
+    "params",
+    "batch",
+    "dtype",
+    "compile_s",
+    "step_s_min",
+    "step_s_median",
+    "step_s_max",
+    "images_per_s",
+    "gflops_per_step",
+    "achieved_gflops_per_s",
+    "matmul_peak_gflops_per_s",
+    "fraction_of_peak",
+    "host_peak_mib",
+    "device_peak_mib",
+)
 
 
 def bench_one(name: str, args: argparse.Namespace) -> dict:
@@ -64,15 +78,27 @@ def bench_one(name: str, args: argparse.Namespace) -> dict:
     achieved = flops / stats["median"] if flops else None
     device_memory = common.device_memory_mb()
     return {
-        "config": name, "params": trainer.num_params, "batch": batch_size, "dtype": args.dtype,
-        "remat": args.remat, "image_shape": list(common.BENCH_CONFIGS[name]["z_shape"]), "step": trainer.description,
-        "compile_s": compile_s, "first_step_s": first_step_s, "steps_per_block": steps,
-        "step_s": stats, "step_s_min": stats["min"], "step_s_median": stats["median"], "step_s_max": stats["max"],
+        "config": name,
+        "params": trainer.num_params,
+        "batch": batch_size,
+        "dtype": args.dtype,
+        "remat": args.remat,
+        "image_shape": list(common.BENCH_CONFIGS[name]["z_shape"]),
+        "step": trainer.description,
+        "compile_s": compile_s,
+        "first_step_s": first_step_s,
+        "steps_per_block": steps,
+        "step_s": stats,
+        "step_s_min": stats["min"],
+        "step_s_median": stats["median"],
+        "step_s_max": stats["max"],
         "images_per_s": batch_size / stats["median"],
         "images_per_s_range": [batch_size / stats["max"], batch_size / stats["min"]],
-        "flops_per_step": flops, "gflops_per_step": flops / 1e9 if flops else None,
+        "flops_per_step": flops,
+        "gflops_per_step": flops / 1e9 if flops else None,
         "achieved_gflops_per_s": achieved / 1e9 if achieved else None,
-        "matmul_peak": peak, "matmul_peak_gflops_per_s": peak["flops_per_s"] / 1e9,
+        "matmul_peak": peak,
+        "matmul_peak_gflops_per_s": peak["flops_per_s"] / 1e9,
         "fraction_of_peak": achieved / peak["flops_per_s"] if achieved else None,
         "host_peak_mib": common.peak_host_memory_mb(),
         "device_memory_mib": device_memory,
@@ -86,10 +112,29 @@ def run_child(name: str, args: argparse.Namespace) -> dict:
     """bench_one in a fresh interpreter (its own memory peak and XLA caches)."""
     with tempfile.TemporaryDirectory() as directory:
         out = pathlib.Path(directory) / "row.json"
-        command = [sys.executable, __file__, "--_child", name, "--_child_out", str(out), "--dtype", args.dtype,
-                   "--step", args.step, "--steps", str(args.steps), "--repeats", str(args.repeats),
-                   "--warmup_steps", str(args.warmup_steps), "--matmul_size", str(args.matmul_size),
-                   "--batch_size", str(args.batch_size), f"--remat={args.remat}"]
+        command = [
+            sys.executable,
+            __file__,
+            "--_child",
+            name,
+            "--_child_out",
+            str(out),
+            "--dtype",
+            args.dtype,
+            "--step",
+            args.step,
+            "--steps",
+            str(args.steps),
+            "--repeats",
+            str(args.repeats),
+            "--warmup_steps",
+            str(args.warmup_steps),
+            "--matmul_size",
+            str(args.matmul_size),
+            "--batch_size",
+            str(args.batch_size),
+            f"--remat={args.remat}",
+        ]
         completed = subprocess.run(command, timeout=args.timeout, env=CHILD_ENVIRONMENT)
         if completed.returncode or not out.exists():
             return {"config": name, "error": f"child exited with status {completed.returncode}"}
@@ -98,14 +143,22 @@ def run_child(name: str, args: argparse.Namespace) -> dict:
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--configs", default="", help="comma-separated of tiny,default,adm64; default: tiny,default "
-                        "on CPU (adm64 compiles for minutes there), all three elsewhere")
+    parser.add_argument(
+        "--configs",
+        default="",
+        help="comma-separated of tiny,default,adm64; default: tiny,default "
+        "on CPU (adm64 compiles for minutes there), all three elsewhere",
+    )
     parser.add_argument("--quick", action="store_true", help="tiny and default, 3 repeats of 2 steps")
     parser.add_argument("--batch_size", type=int, default=0, help="0: per config and backend (see common.py)")
     parser.add_argument("--dtype", default="float32", choices=sorted(common.DTYPES))
     parser.add_argument("--step", default="project", choices=("project", "minimal"))
-    parser.add_argument("--remat", default="", choices=sorted(REMAT_POLICIES),
-                        help="UNetConfig.remat: '' (off) or a jax.checkpoint policy around every block")
+    parser.add_argument(
+        "--remat",
+        default="",
+        choices=sorted(REMAT_POLICIES),
+        help="UNetConfig.remat: '' (off) or a jax.checkpoint policy around every block",
+    )
     parser.add_argument("--steps", type=int, default=3, help="steps per timed block")
     parser.add_argument("--repeats", type=int, default=5, help="timed blocks")
     parser.add_argument("--warmup_steps", type=int, default=1, help="after the first execution")
@@ -135,14 +188,17 @@ def main(argv=None) -> dict:
         rows.append(run_child(name, args))
         print(common.table(rows[-1:], COLUMNS) if "error" not in rows[-1] else rows[-1], flush=True)
     payload = {
-        "benchmark": "train_step", "environment": environment,
+        "benchmark": "train_step",
+        "environment": environment,
         "load_average_after": common.load_average(),
         "settings": {key: value for key, value in vars(args).items() if not key.startswith("_")},
-        "notes": ["step_s: seconds per step, min/median/max over repeats of blocks of steps_per_block steps, "
-                  "dispatched without host sync, one block_until_ready per block; compile excluded",
-                  "flops_per_step: XLA cost analysis of the compiled step (forward, backward, optimizer)",
-                  "fraction_of_peak: achieved FLOP/s (median step) / best matmul FLOP/s in the same process",
-                  "host_peak_mib: ru_maxrss of the config's own process (includes compilation)"],
+        "notes": [
+            "step_s: seconds per step, min/median/max over repeats of blocks of steps_per_block steps, "
+            "dispatched without host sync, one block_until_ready per block; compile excluded",
+            "flops_per_step: XLA cost analysis of the compiled step (forward, backward, optimizer)",
+            "fraction_of_peak: achieved FLOP/s (median step) / best matmul FLOP/s in the same process",
+            "host_peak_mib: ru_maxrss of the config's own process (includes compilation)",
+        ],
         "rows": rows,
     }
     print("\n" + common.table([row for row in rows if "error" not in row], COLUMNS))

@@ -58,9 +58,21 @@ import torch_unet  # noqa: E402
 class TorchTrainer:
     """The port's training step with AdamW (and, for the 'project' pair, clip + EMA)."""
 
-    def __init__(self, model: torch_unet.LabelMTDiffusion, schedule, batch, *, project: bool, device: str,
-                 channels_last: bool, learning_rate: float = 2e-4, weight_decay: float = 0.0,
-                 clip_norm: float = 1.0, ema_decay: float = 0.9999, seed: int = 0):
+    def __init__(
+        self,
+        model: torch_unet.LabelMTDiffusion,
+        schedule,
+        batch,
+        *,
+        project: bool,
+        device: str,
+        channels_last: bool,
+        learning_rate: float = 2e-4,
+        weight_decay: float = 0.0,
+        clip_norm: float = 1.0,
+        ema_decay: float = 0.9999,
+        seed: int = 0,
+    ):
         self.model, self.device, self.project = model.to(device), device, project
         memory_format = torch.channels_last if channels_last else torch.contiguous_format
         if channels_last:
@@ -70,8 +82,10 @@ class TorchTrainer:
         self.images = images.contiguous(memory_format=memory_format)
         self.labels = torch.from_numpy(batch["label"]).long().to(device)
         parameters = list(self.model.parameters())
-        groups = [{"params": [p for p in parameters if p.ndim >= 2], "weight_decay": weight_decay},
-                  {"params": [p for p in parameters if p.ndim < 2], "weight_decay": 0.0}]
+        groups = [
+            {"params": [p for p in parameters if p.ndim >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in parameters if p.ndim < 2], "weight_decay": 0.0},
+        ]
         self.optimizer = torch.optim.AdamW(groups, lr=learning_rate, betas=(0.9, 0.999), eps=1e-8, foreach=True)
         self.clip_norm, self.ema_decay = clip_norm, ema_decay
         self.ema = [p.detach().clone() for p in parameters] if project else None
@@ -122,8 +136,13 @@ def torch_matmul_peak(device: str, size: int = 2048, repeats: int = 5, inner: in
 
     seconds = common.time_blocks(block, inner, repeats)
     flops = 2.0 * size**3
-    return {"size": size, "dtype": "float32", "seconds": common.summarize(seconds),
-            "flops_per_s": flops / min(seconds), "flops_per_s_median": flops / float(np.median(seconds))}
+    return {
+        "size": size,
+        "dtype": "float32",
+        "seconds": common.summarize(seconds),
+        "flops_per_s": flops / min(seconds),
+        "flops_per_s_median": flops / float(np.median(seconds)),
+    }
 
 
 def compare_pair(pair: str, name: str, batch_size: int, args: argparse.Namespace) -> dict:
@@ -138,15 +157,23 @@ def compare_pair(pair: str, name: str, batch_size: int, args: argparse.Namespace
     spec = common.BENCH_CONFIGS[name]
     port = torch_unet.LabelMTDiffusion(model.unet, spec["z_shape"], spec["num_classes"])
     torch_unet.load_flax_params(port, jax.device_get(params))  # before the first (donating) JAX step
-    torch_trainer = TorchTrainer(port, schedule, batch, project=pair == "project", device=args.device,
-                                 channels_last=args.torch_layout == "channels_last")
+    torch_trainer = TorchTrainer(
+        port,
+        schedule,
+        batch,
+        project=pair == "project",
+        device=args.device,
+        channels_last=args.torch_layout == "channels_last",
+    )
     flax_params, torch_params = jax_trainer.num_params, torch_unet.count_params(port)
 
     print(f"[vs_torch] {pair}: compiling the JAX step ...", flush=True)
     compile_s = jax_trainer.compile()
     jax_flops, torch_flops = jax_trainer.flops(), torch_trainer.flops()
-    first = {"jax_s": common.time_call(lambda: jax_trainer.run(1))[0],
-             "torch_s": common.time_call(lambda: torch_trainer.run(1))[0]}
+    first = {
+        "jax_s": common.time_call(lambda: jax_trainer.run(1))[0],
+        "torch_s": common.time_call(lambda: torch_trainer.run(1))[0],
+    }
     for _ in range(args.warmup_steps):
         jax_trainer.run(1)
         torch_trainer.run(1)
@@ -154,31 +181,58 @@ def compare_pair(pair: str, name: str, batch_size: int, args: argparse.Namespace
     jax_seconds, torch_seconds = [], []
     for repeat in range(args.repeats):
         order = [("jax", jax_trainer, jax_seconds), ("torch", torch_trainer, torch_seconds)]
-        for _, trainer, seconds in (order if repeat % 2 == 0 else order[::-1]):
+        for _, trainer, seconds in order if repeat % 2 == 0 else order[::-1]:
             time.sleep(args.pause)
             seconds.append(common.time_call(lambda: trainer.run(args.steps))[0] / args.steps)
-        print(f"[vs_torch] {pair} repeat {repeat}: jax {jax_seconds[-1]:.3f} s, torch {torch_seconds[-1]:.3f} s, "
-              f"ratio {jax_seconds[-1] / torch_seconds[-1]:.3f}", flush=True)
+        print(
+            f"[vs_torch] {pair} repeat {repeat}: jax {jax_seconds[-1]:.3f} s, torch {torch_seconds[-1]:.3f} s, "
+            f"ratio {jax_seconds[-1] / torch_seconds[-1]:.3f}",
+            flush=True,
+        )
     ratios = [j / t for j, t in zip(jax_seconds, torch_seconds)]
     return {
-        "pair": pair, "config": name, "batch": batch_size, "dtype": "float32",
-        "image_shape": list(spec["z_shape"]), "jax_step": jax_trainer.description,
+        "pair": pair,
+        "config": name,
+        "batch": batch_size,
+        "dtype": "float32",
+        "image_shape": list(spec["z_shape"]),
+        "jax_step": jax_trainer.description,
         "torch_step": "loss.backward() + AdamW(foreach)" + (" + clip_grad_norm_ + EMA" if pair == "project" else ""),
         "torch_layout": args.torch_layout,
-        "params": {"flax": flax_params, "torch": torch_params,
-                   "relative_difference": abs(torch_params - flax_params) / flax_params},
-        "jax_compile_s": compile_s, "first_step": first, "steps_per_block": args.steps,
-        "jax_step_s": common.summarize(jax_seconds), "torch_step_s": common.summarize(torch_seconds),
-        "ratio_jax_over_torch": common.summarize(ratios), "ratios": ratios,
+        "params": {
+            "flax": flax_params,
+            "torch": torch_params,
+            "relative_difference": abs(torch_params - flax_params) / flax_params,
+        },
+        "jax_compile_s": compile_s,
+        "first_step": first,
+        "steps_per_block": args.steps,
+        "jax_step_s": common.summarize(jax_seconds),
+        "torch_step_s": common.summarize(torch_seconds),
+        "ratio_jax_over_torch": common.summarize(ratios),
+        "ratios": ratios,
         "jax_images_per_s": batch_size / float(np.median(jax_seconds)),
         "torch_images_per_s": batch_size / float(np.median(torch_seconds)),
-        "jax_flops_per_step_xla": jax_flops, "torch_flops_per_step_counter": torch_flops,
+        "jax_flops_per_step_xla": jax_flops,
+        "torch_flops_per_step_counter": torch_flops,
         "final_loss": {"jax": jax_trainer.loss(), "torch": float(torch_trainer.loss)},
     }
 
 
-COLUMNS = ("pair", "config", "batch", "flax_params", "torch_params", "jax_s_median", "torch_s_median",
-           "ratio_min", "ratio_median", "ratio_max", "jax_img_s", "torch_img_s")
+COLUMNS = (
+    "pair",
+    "config",
+    "batch",
+    "flax_params",
+    "torch_params",
+    "jax_s_median",
+    "torch_s_median",
+    "ratio_min",
+    "ratio_median",
+    "ratio_max",
+    "jax_img_s",
+    "torch_img_s",
+)
 
 
 def main(argv=None) -> dict:
@@ -210,21 +264,43 @@ def main(argv=None) -> dict:
     peaks = {"jax": common.matmul_peak(2048, "float32"), "torch": torch_matmul_peak(args.device)}
     rows = [compare_pair(pair.strip(), args.config, batch_size, args) for pair in args.pairs.split(",") if pair.strip()]
 
-    flat = [{"pair": r["pair"], "config": r["config"], "batch": r["batch"], "flax_params": r["params"]["flax"],
-             "torch_params": r["params"]["torch"], "jax_s_median": r["jax_step_s"]["median"],
-             "torch_s_median": r["torch_step_s"]["median"], "ratio_min": r["ratio_jax_over_torch"]["min"],
-             "ratio_median": r["ratio_jax_over_torch"]["median"], "ratio_max": r["ratio_jax_over_torch"]["max"],
-             "jax_img_s": r["jax_images_per_s"], "torch_img_s": r["torch_images_per_s"]} for r in rows]
+    flat = [
+        {
+            "pair": r["pair"],
+            "config": r["config"],
+            "batch": r["batch"],
+            "flax_params": r["params"]["flax"],
+            "torch_params": r["params"]["torch"],
+            "jax_s_median": r["jax_step_s"]["median"],
+            "torch_s_median": r["torch_step_s"]["median"],
+            "ratio_min": r["ratio_jax_over_torch"]["min"],
+            "ratio_median": r["ratio_jax_over_torch"]["median"],
+            "ratio_max": r["ratio_jax_over_torch"]["max"],
+            "jax_img_s": r["jax_images_per_s"],
+            "torch_img_s": r["torch_images_per_s"],
+        }
+        for r in rows
+    ]
     print("\n" + common.table(flat, COLUMNS))
     for row in rows:
         ratio = row["ratio_jax_over_torch"]
-        print(f"JAX/PyTorch step-time ratio ({row['pair']}, {row['config']}, batch {row['batch']}): "
-              f"median {ratio['median']:.3f} (min {ratio['min']:.3f}, max {ratio['max']:.3f}) over {ratio['n']} "
-              f"repeats; < 1 means JAX is faster")
-    print(f"matmul 2048^2 float32 GFLOP/s (best): jax {peaks['jax']['flops_per_s'] / 1e9:.1f}, "
-          f"torch {peaks['torch']['flops_per_s'] / 1e9:.1f}")
-    payload = {"benchmark": "vs_torch", "environment": environment, "load_average_after": common.load_average(),
-               "settings": vars(args), "matmul_peak": peaks, "rows": rows}
+        print(
+            f"JAX/PyTorch step-time ratio ({row['pair']}, {row['config']}, batch {row['batch']}): "
+            f"median {ratio['median']:.3f} (min {ratio['min']:.3f}, max {ratio['max']:.3f}) over {ratio['n']} "
+            f"repeats; < 1 means JAX is faster"
+        )
+    print(
+        f"matmul 2048^2 float32 GFLOP/s (best): jax {peaks['jax']['flops_per_s'] / 1e9:.1f}, "
+        f"torch {peaks['torch']['flops_per_s'] / 1e9:.1f}"
+    )
+    payload = {
+        "benchmark": "vs_torch",
+        "environment": environment,
+        "load_average_after": common.load_average(),
+        "settings": vars(args),
+        "matmul_peak": peaks,
+        "rows": rows,
+    }
     path = common.write_json(args.out or common.results_path("vs_torch"), payload)
     print(f"wrote {path}")
     return payload

@@ -35,8 +35,9 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
     # L2 of the masked image is a Gaussian NLL summed over its 32 * 32 * 2 values (nats per example);
     # weighting it by 1 / 2048 puts it on the per-value scale of the eps-MSE term.
     config.model.modalities = {
-        "masked_image": dict(kind="masked_image", shape=(32, 32, 1), weight_schedule=("bump", 1.0),
-                             loss_weight=1.0 / (32 * 32 * 2)),
+        "masked_image": dict(
+            kind="masked_image", shape=(32, 32, 1), weight_schedule=("bump", 1.0), loss_weight=1.0 / (32 * 32 * 2)
+        ),
     }
     config.diffusion.noise_schedule = "linear"
     config.diffusion.num_steps = 1000
@@ -55,9 +56,18 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
 
     if tiny:
         config.prng_impl = "rbg"  # compiles the initialisers ~4x faster (config_io.base_config)
-        config.model.unet = dataclasses.asdict(unet_preset(
-            "tiny", base_channels=8, channel_multipliers=(1, 2), num_res_blocks=1, attention_resolutions=(),
-            num_head_channels=8, num_groups=4, dropout=0.0))
+        config.model.unet = dataclasses.asdict(
+            unet_preset(
+                "tiny",
+                base_channels=8,
+                channel_multipliers=(1, 2),
+                num_res_blocks=1,
+                attention_resolutions=(),
+                num_head_channels=8,
+                num_groups=4,
+                dropout=0.0,
+            )
+        )
         config.diffusion.num_steps = 100
         config.data.batch_size = 8
         config.data.eval_batch_size = 8

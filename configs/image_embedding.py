@@ -41,8 +41,14 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
     # The denoiser sees the embedding (condition 'embedding'), hidden from it with probability 0.2 per example
     # (a learned null embedding): docs/design.md section 3b.
     config.model.modalities = {
-        "embedding": dict(kind="vector", shape=(64,), weight_schedule=("bump", 1.0), loss_weight=1.0 / 64,
-                          condition="embedding", p_uncond=0.2),
+        "embedding": dict(
+            kind="vector",
+            shape=(64,),
+            weight_schedule=("bump", 1.0),
+            loss_weight=1.0 / 64,
+            condition="embedding",
+            p_uncond=0.2,
+        ),
     }
     config.diffusion.noise_schedule = "linear"
     config.diffusion.num_steps = 1000
@@ -67,7 +73,8 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
         # 'time_uniform' | 'logsnr')
         sampler=dict(method="dpm_solver++", num_steps=15, eta=0.0, variant="2M", spacing="time_uniform"),
         generation=dict(
-            num_samples=256, batch_size=128,  # embedding -> image (test embeddings) and joint samples
+            num_samples=256,
+            batch_size=128,  # embedding -> image (test embeddings) and joint samples
             num_reference=10_000,  # test images: the FID-proxy reference set
             num_statistics=10_000,  # train images: the per-dimension mean / std that standardise the CNN features
             metrics=(("feature_distribution", {"metrics": ("fid", "precision", "recall")}),),
@@ -84,8 +91,9 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
     )
     if preset == "tiny":
         config.data.eval_batch_size = 8
-        config.experiment.generation.update(num_samples=8, batch_size=8, num_reference=16, num_statistics=16,
-                                            cfg_scales=(0.0, 1.0, 2.0))
+        config.experiment.generation.update(
+            num_samples=8, batch_size=8, num_reference=16, num_statistics=16, cfg_scales=(0.0, 1.0, 2.0)
+        )
         config.experiment.curve.update(num_points=2, num_samples=8)
     elif preset == "full":
         config.data.eval_batch_size = 500

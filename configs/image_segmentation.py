@@ -49,9 +49,15 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
     # only where the mask is hidden (its recovery loss counts there), so the two directions get equal shares, not
     # the 0.2 of the other experiments (picked by that reasoning, not on results). docs/design.md section 3b.
     config.model.modalities = {
-        "segmentation": dict(kind="segmentation", shape=(size, size), num_classes=11,
-                             weight_schedule=("bump", 1.0), loss_weight=1.0 / size**2,
-                             condition="concat", p_uncond=0.5),
+        "segmentation": dict(
+            kind="segmentation",
+            shape=(size, size),
+            num_classes=11,
+            weight_schedule=("bump", 1.0),
+            loss_weight=1.0 / size**2,
+            condition="concat",
+            p_uncond=0.5,
+        ),
     }
     config.diffusion.noise_schedule = "linear"
     config.diffusion.num_steps = 1000
@@ -71,8 +77,11 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
         # 'time_uniform' | 'logsnr')
         sampler=dict(method="dpm_solver++", num_steps=15, eta=0.0, variant="2M", spacing="time_uniform"),
         segmentation=dict(num_images=256, batch_size=64, noise_levels=(1, 50)),  # image -> mask at t
-        generation=dict(num_samples=128, batch_size=64,  # joint samples; mask -> image for as many test masks
-                        cfg_scales=(0.0, 1.0, 2.0, 4.0)),  # mask -> image: classifier-free guidance (1: conditional)
+        generation=dict(
+            num_samples=128,
+            batch_size=64,  # joint samples; mask -> image for as many test masks
+            cfg_scales=(0.0, 1.0, 2.0, 4.0),
+        ),  # mask -> image: classifier-free guidance (1: conditional)
         # Mask -> image foreground IoU against training steps, measured on the EMA params while training
         # (guidance scale fixed beforehand, not picked on the results).
         curve=dict(num_points=4, num_samples=64, cfg_scale=2.0),

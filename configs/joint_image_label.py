@@ -23,6 +23,7 @@ import ml_collections
 from configs.presets import apply_preset, check_preset, small_unet
 from mmdiff_jax.training.config_io import base_config
 
+
 def get_config(preset: str = "") -> ml_collections.ConfigDict:
     """preset: '' (the CPU default), 'tiny' (the test) or 'full' (real numbers on a big machine)."""
     check_preset("configs/joint_image_label.py", preset)
@@ -38,8 +39,15 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
     # probability 0.2 per example (a learned null class): one model for joint generation and label -> image,
     # with classifier-free guidance. docs/design.md section 3b.
     config.model.modalities = {
-        "label": dict(kind="label", shape=(), num_classes=10, weight_schedule=("bump", 1.0), loss_weight=0.1,
-                      condition="embedding", p_uncond=0.2),
+        "label": dict(
+            kind="label",
+            shape=(),
+            num_classes=10,
+            weight_schedule=("bump", 1.0),
+            loss_weight=0.1,
+            condition="embedding",
+            p_uncond=0.2,
+        ),
     }
     config.diffusion.noise_schedule = "linear"
     config.diffusion.num_steps = 1000
@@ -64,7 +72,8 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
         # 'time_uniform' | 'logsnr')
         sampler=dict(method="dpm_solver++", num_steps=15, eta=0.0, variant="2M", spacing="time_uniform"),
         generation=dict(
-            num_samples=256, batch_size=128,  # joint samples, and label -> image with balanced labels, per model
+            num_samples=256,
+            batch_size=128,  # joint samples, and label -> image with balanced labels, per model
             num_reference=10_000,  # test images: the FID-proxy reference set
             metrics=(("feature_distribution", {"metrics": ("fid", "precision", "recall")}),),
             cfg_scales=(0.0, 1.0, 2.0, 4.0),  # label -> image: classifier-free guidance sweep (1: the conditional)

@@ -57,12 +57,18 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
     # per-value mean: weight 1 / 1568 puts the recovery term on eps-MSE's per-value scale (weight 1 would
     # outweigh it a thousandfold and, with gradient clipping, starve the denoiser).
     config.model.modalities = {
-        "masked_image": dict(kind="masked_image", shape=(28, 28, 1), encoder="identity",
-                             weight_schedule=("bump", 0.3), loss_weight=1.0 / (28 * 28 * 2),
-                             # The denoiser sees [x * mask, mask] as extra input channels (with a presence
-                             # channel), hidden from it with probability 0.2 per example: one model for
-                             # restoration (seen) and joint generation (hidden). docs/design.md section 3b.
-                             condition="concat", p_uncond=0.2),
+        "masked_image": dict(
+            kind="masked_image",
+            shape=(28, 28, 1),
+            encoder="identity",
+            weight_schedule=("bump", 0.3),
+            loss_weight=1.0 / (28 * 28 * 2),
+            # The denoiser sees [x * mask, mask] as extra input channels (with a presence
+            # channel), hidden from it with probability 0.2 per example: one model for
+            # restoration (seen) and joint generation (hidden). docs/design.md section 3b.
+            condition="concat",
+            p_uncond=0.2,
+        ),
     }
     config.diffusion.noise_schedule = "linear"
     config.diffusion.num_steps = 1000
@@ -88,12 +94,19 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
         sampler=dict(method="dpm_solver++", num_steps=15, eta=0.0, variant="2M", spacing="time_uniform"),
         restoration=dict(
             mask_ratios=(0.1, 0.25, 0.5),  # each on the same test images, masks drawn per ratio
-            num_images=192, batch_size=96,
+            num_images=192,
+            batch_size=96,
             # mt_diffusion: the masked image observed (conditional path); *_repaint: known pixels re-imposed
             # at every step; sdedit: plain DDPM from the masked image noised to t0 = strength * T;
             # reconstruction: the one-pass U-Net; masked_input: the hidden pixels left grey (a floor).
-            methods=("mt_diffusion", "mt_diffusion_repaint", "sdedit", "ddpm_repaint", "reconstruction",
-                     "masked_input"),
+            methods=(
+                "mt_diffusion",
+                "mt_diffusion_repaint",
+                "sdedit",
+                "ddpm_repaint",
+                "reconstruction",
+                "masked_input",
+            ),
             sdedit_strength=0.5,
             # Classifier-free guidance on the masked image (MT-Diffusion without RePaint), one extra row per
             # scale: eps(hidden) + s (eps(seen) - eps(hidden)); s = 1 is the 'mt_diffusion' row.
@@ -103,7 +116,8 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
             metrics=(("psnr", {"region": "masked"}), ("ssim", {"region": "masked"}), "perceptual_fmnist_cnn"),
         ),
         unconditional=dict(
-            num_samples=384, batch_size=128,  # per model (MT-Diffusion joint samples, plain DDPM)
+            num_samples=384,
+            batch_size=128,  # per model (MT-Diffusion joint samples, plain DDPM)
             num_reference=10_000,  # test images: the FID-proxy reference set
             metrics=(("feature_distribution", {"metrics": ("fid", "precision", "recall")}),),
         ),

@@ -71,8 +71,11 @@ class ReconstructionNet(nn.Module):
 
 
 def reconstruction_model(config: ml_collections.ConfigDict) -> ReconstructionNet:
-    return ReconstructionNet(UNetConfig(**dict(config.model.unet)), channels=config.model.z_shape[-1],
-                             dtype=config_io.DTYPES[config.model.dtype])
+    return ReconstructionNet(
+        UNetConfig(**dict(config.model.unet)),
+        channels=config.model.z_shape[-1],
+        dtype=config_io.DTYPES[config.model.dtype],
+    )
 
 
 def make_reconstruction_loss(model: ReconstructionNet, primary: str, masked: str):
@@ -89,18 +92,25 @@ def make_reconstruction_loss(model: ReconstructionNet, primary: str, masked: str
     return loss_fn
 
 
-def train_reconstruction(name: str, config: ml_collections.ConfigDict,
-                         workdir: str | pathlib.Path) -> trainer.Trained:
+def train_reconstruction(name: str, config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> trainer.Trained:
     """Trains `ReconstructionNet` through the training path (`train_and_evaluate` with an `Objective`) with
     config's optim / train / data / mesh sections; resumes, or only restores a finished run."""
     model, masked = reconstruction_model(config), trainer.modality_name(config, "masked_image")
     height, width, channels = config.model.z_shape
     objective = Objective(
-        init_params=lambda rng: model.init(rng, jnp.zeros((1, height, width, channels)),
-                                           jnp.ones((1, height, width, 1)))["params"],
+        init_params=lambda rng: model.init(
+            rng, jnp.zeros((1, height, width, channels)), jnp.ones((1, height, width, 1))
+        )["params"],
         loss_fn=make_reconstruction_loss(model, config.model.primary, masked),
-        signature={"reconstruction": {"unet": config_io.unet_signature(config.model.unet), "input": masked,
-                                      "z_shape": list(config.model.z_shape), "dtype": config.model.dtype}})
+        signature={
+            "reconstruction": {
+                "unet": config_io.unet_signature(config.model.unet),
+                "input": masked,
+                "z_shape": list(config.model.z_shape),
+                "dtype": config.model.dtype,
+            }
+        },
+    )
     return trainer.train_model(name, config, workdir, objective=objective, model=model)
 
 
@@ -115,8 +125,7 @@ def make_reconstruct_fn(trained: trainer.Trained):
 
 
 # --------------------------------------------------------------------------------------------- restoration by sampling
-def make_sdedit_fn(model, schedule, *, strength: float, num_steps: int, eta: float = 0.0,
-                   clip_denoised: bool = True):
+def make_sdedit_fn(model, schedule, *, strength: float, num_steps: int, eta: float = 0.0, clip_denoised: bool = True):
     """SDEdit restoration with a plain diffusion model (N = 0): sdedit(params, guide, rng) -> image.
 
     The guide (the masked image, hidden pixels mid-grey) is noised to t0 = round(strength T),
@@ -125,8 +134,10 @@ def make_sdedit_fn(model, schedule, *, strength: float, num_steps: int, eta: flo
     num_steps-step chain from T, so SDEdit costs `strength` of a full sample.
     """
     if schedule.num_modalities:
-        raise ValueError(f"SDEdit here is for plain diffusion models (N = 0); the schedule has "
-                         f"{schedule.num_modalities} auxiliary modalities")
+        raise ValueError(
+            f"SDEdit here is for plain diffusion models (N = 0); the schedule has "
+            f"{schedule.num_modalities} auxiliary modalities"
+        )
     if not 0.0 < strength <= 1.0:
         raise ValueError(f"SDEdit strength must lie in (0, 1], got {strength}")
     t0 = max(1, round(strength * schedule.num_steps))
@@ -139,8 +150,9 @@ def make_sdedit_fn(model, schedule, *, strength: float, num_steps: int, eta: flo
         denoise = make_denoise(model, params, {})
         noise_key, chain_key = jax.random.split(rng)
         no_encodings = jnp.zeros((0,) + guide.shape, jnp.float32)
-        z = diffusion.marginal_sample(schedule, guide, jnp.full(batch, t0, jnp.int32), no_encodings,
-                                      jax.random.normal(noise_key, guide.shape))
+        z = diffusion.marginal_sample(
+            schedule, guide, jnp.full(batch, t0, jnp.int32), no_encodings, jax.random.normal(noise_key, guide.shape)
+        )
 
         def body(z_t, inputs):
             t, s, key = inputs
@@ -163,8 +175,15 @@ def make_repaint_fn(model, schedule, *, clip_denoised: bool = True, **sampler_op
     def repaint(params, masked_image, mask, rng):
         masked_image = jnp.asarray(masked_image, jnp.float32)
         hook = known_region_hook(schedule, masked_image, mask)
-        output = sample_chain(make_denoise(model, params, {}), schedule, rng, masked_image.shape,
-                              clip_denoised=clip_denoised, step_hook=hook, **sampler_options)
+        output = sample_chain(
+            make_denoise(model, params, {}),
+            schedule,
+            rng,
+            masked_image.shape,
+            clip_denoised=clip_denoised,
+            step_hook=hook,
+            **sampler_options,
+        )
         return jnp.clip(output.z_0, -1.0, 1.0)
 
     return jax.jit(repaint)

@@ -70,9 +70,13 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 
 def hardware() -> dict[str, Any]:
     """CPU model, cores, memory, JAX backend and devices of this process."""
-    info: dict[str, Any] = {"cpu_count": os.cpu_count(), "python": platform.python_version(),
-                            "jax": jax.__version__, "backend": jax.default_backend(),
-                            "devices": [str(d.device_kind) for d in jax.devices()]}
+    info: dict[str, Any] = {
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+        "jax": jax.__version__,
+        "backend": jax.default_backend(),
+        "devices": [str(d.device_kind) for d in jax.devices()],
+    }
     with contextlib.suppress(OSError):
         info["usable_cores"] = len(os.sched_getaffinity(0))
     with contextlib.suppress(OSError, StopIteration):
@@ -87,8 +91,9 @@ def hardware() -> dict[str, Any]:
 
 def _git_commit() -> str:
     with contextlib.suppress(OSError, subprocess.SubprocessError):
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                              timeout=10).stdout.strip()
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10
+        ).stdout.strip()
     return ""
 
 
@@ -108,18 +113,27 @@ class _LoadMonitor:
     def stop(self) -> dict[str, float]:
         self._stop.set()
         self.samples.append(os.getloadavg()[0])
-        return {"start": self.samples[0], "end": self.samples[-1], "mean": float(np.mean(self.samples)),
-                "max": float(np.max(self.samples))}
+        return {
+            "start": self.samples[0],
+            "end": self.samples[-1],
+            "mean": float(np.mean(self.samples)),
+            "max": float(np.max(self.samples)),
+        }
 
 
 def load_sentence(load: Mapping[str, float], cores: int) -> str:
     """The report's line on machine load: whether other jobs shared the cores (the run alone loads about
     `cores`: XLA runs one thread per core; the 1-minute average lags, so the mean decides)."""
     shared = load["mean"] > cores + 0.5
-    verdict = ("other jobs shared the cores, so an idle machine runs faster" if shared
-               else "about what this run alone puts on the cores")
-    return (f"Machine load (1-min load average, sampled every 10 s, this run included): mean {load['mean']:.1f}, "
-            f"max {load['max']:.1f}, at start {load['start']:.1f}: {verdict}.")
+    verdict = (
+        "other jobs shared the cores, so an idle machine runs faster"
+        if shared
+        else "about what this run alone puts on the cores"
+    )
+    return (
+        f"Machine load (1-min load average, sampled every 10 s, this run included): mean {load['mean']:.1f}, "
+        f"max {load['max']:.1f}, at start {load['start']:.1f}: {verdict}."
+    )
 
 
 class Run:
@@ -144,9 +158,13 @@ class Run:
         self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - start
         print(f"[{self.name}] {name}: {self.timings[name]:.0f} s", file=sys.stderr, flush=True)
 
-    def train(self, name: str, config: ml_collections.ConfigDict,
-              train_fn: Callable[[str, ml_collections.ConfigDict, pathlib.Path], Trained] = train_model,
-              loss: str | None = None) -> Trained:
+    def train(
+        self,
+        name: str,
+        config: ml_collections.ConfigDict,
+        train_fn: Callable[[str, ml_collections.ConfigDict, pathlib.Path], Trained] = train_model,
+        loss: str | None = None,
+    ) -> Trained:
         """train_fn(name, config, workdir / name) (default: `train_model`), timed and recorded; `loss` names
         its training loss in the report (default: `diffusion_loss(config)`, for MT-Diffusion / plain DDPM)."""
         with self.phase(f"train {name}"):
@@ -159,20 +177,38 @@ class Run:
         rows, records = [], {}
         for name, trained in self.trained.items():
             final = trained.final_metrics()
-            records[name] = {"loss": trained.loss, "num_params": trained.num_params, "steps": trained.steps,
-                             "batch_size": trained.config.data.batch_size, "train_seconds": trained.train_seconds,
-                             "resumed_from": trained.resumed_from, "final": final}
+            records[name] = {
+                "loss": trained.loss,
+                "num_params": trained.num_params,
+                "steps": trained.steps,
+                "batch_size": trained.config.data.batch_size,
+                "train_seconds": trained.train_seconds,
+                "resumed_from": trained.resumed_from,
+                "final": final,
+            }
             note = "" if trained.resumed_from is None else f" (resumed at {trained.resumed_from})"
-            rows.append([name, f"{trained.num_params:,}", trained.steps, trained.config.data.batch_size,
-                         trained.loss, final.get("loss", float("nan")),
-                         f"{trained.train_seconds / 60:.1f}{note}"])
+            rows.append(
+                [
+                    name,
+                    f"{trained.num_params:,}",
+                    trained.steps,
+                    trained.config.data.batch_size,
+                    trained.loss,
+                    final.get("loss", float("nan")),
+                    f"{trained.train_seconds / 60:.1f}{note}",
+                ]
+            )
         self.report.metrics["training"] = records
         if not rows:
             return []
-        return [markdown_table("Training (same backbone, steps, batch, optimizer and EMA for every model)",
-                             ["model", "parameters", "steps", "batch", "training loss", "final train loss",
-                              "wall time (min)"], rows,
-                             notes=["Final losses differ in kind from row to row: compare them within a row only."])]
+        return [
+            markdown_table(
+                "Training (same backbone, steps, batch, optimizer and EMA for every model)",
+                ["model", "parameters", "steps", "batch", "training loss", "final train loss", "wall time (min)"],
+                rows,
+                notes=["Final losses differ in kind from row to row: compare them within a row only."],
+            )
+        ]
 
     def finish(self, results_dir: str | pathlib.Path | None = None) -> None:
         """Writes report.md and metrics.json (with timings, load, hardware, command); copies them and the
@@ -182,10 +218,17 @@ class Run:
         cpu = sum(u.ru_utime + u.ru_stime for u in usage)
         load = self._monitor.stop()
         info = hardware()
-        run_info = {"command": self.command, "preset": self.config.get("preset", ""), "wall_seconds": wall,
-                    "cpu_seconds": cpu, "phases_seconds": self.timings, "load_average_1min": load,
-                    "hardware": info, "git_commit": _git_commit(),
-                    "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+        run_info = {
+            "command": self.command,
+            "preset": self.config.get("preset", ""),
+            "wall_seconds": wall,
+            "cpu_seconds": cpu,
+            "phases_seconds": self.timings,
+            "load_average_1min": load,
+            "hardware": info,
+            "git_commit": _git_commit(),
+            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        }
         training = self._training_table()
         self.report.metrics = {"run": run_info, **self.report.metrics}
         phases = ", ".join(f"{name} {seconds / 60:.1f}" for name, seconds in self.timings.items())
@@ -197,12 +240,17 @@ class Run:
             f"{cpu / 60:.1f} min. Phases (min): {phases}.",
             load_sentence(load, cores),
         ]
-        footer = training + [f"Config preset `{run_info['preset'] or 'default'}`; full config in the workdir's "
-                             f"`config.json`. git {run_info['git_commit']}, JAX {info['jax']}, Python "
-                             f"{info['python']}, {run_info['date']}."]
+        footer = training + [
+            f"Config preset `{run_info['preset'] or 'default'}`; full config in the workdir's "
+            f"`config.json`. git {run_info['git_commit']}, JAX {info['jax']}, Python "
+            f"{info['python']}, {run_info['date']}."
+        ]
         self.report.write(header, footer)
-        print(f"[{self.name}] wrote {self.workdir / 'report.md'} and metrics.json ({wall / 60:.1f} min)",
-              file=sys.stderr, flush=True)
+        print(
+            f"[{self.name}] wrote {self.workdir / 'report.md'} and metrics.json ({wall / 60:.1f} min)",
+            file=sys.stderr,
+            flush=True,
+        )
         if results_dir:
             results = pathlib.Path(results_dir)
             (results / "grids").mkdir(parents=True, exist_ok=True)
@@ -213,9 +261,14 @@ class Run:
                     shutil.copyfile(self.workdir / image["path"], results / image["path"])
 
 
-def run_experiment(name: str, run_fn: Callable[[ml_collections.ConfigDict, Run], None],
-                   config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
-                   results_dir: str | pathlib.Path | None = None, command: str | None = None) -> Run:
+def run_experiment(
+    name: str,
+    run_fn: Callable[[ml_collections.ConfigDict, Run], None],
+    config: ml_collections.ConfigDict,
+    workdir: str | pathlib.Path,
+    results_dir: str | pathlib.Path | None = None,
+    command: str | None = None,
+) -> Run:
     """Runs `run_fn(config, run)` in `workdir` and writes its report (the CLI without flags)."""
     check_sampler_section(config)
     run = Run(name, config, workdir, command or f"run_experiment({name!r}, preset={config.get('preset', '')!r})")
@@ -224,8 +277,9 @@ def run_experiment(name: str, run_fn: Callable[[ml_collections.ConfigDict, Run],
     return run
 
 
-def main(name: str, run_fn: Callable[[ml_collections.ConfigDict, Run], None],
-         default_config: str | None = None) -> None:
+def main(
+    name: str, run_fn: Callable[[ml_collections.ConfigDict, Run], None], default_config: str | None = None
+) -> None:
     """`python -m experiments.<name> [--config=...[:preset]] [--config.x=y] [--workdir=...] [--results_dir=...]`."""
     from absl import app, flags
     from ml_collections import config_flags
@@ -234,12 +288,15 @@ def main(name: str, run_fn: Callable[[ml_collections.ConfigDict, Run], None],
 
     with cli.defining_flags():  # a default config file is parsed, with the --config.x=y overrides, right here
         config_flag = config_flags.DEFINE_config_file(
-            "config", str(default_config or REPO / "configs" / f"{name}.py"),
+            "config",
+            str(default_config or REPO / "configs" / f"{name}.py"),
             "Experiment config (a get_config(preset) module; FILE:tiny / FILE:full pick a preset).",
-            lock_config=True)
+            lock_config=True,
+        )
     workdir = flags.DEFINE_string("workdir", f"workdirs/{name}", "Run directory: models, logs, grids, report.")
-    results_dir = flags.DEFINE_string("results_dir", "", "Also copy report.md, metrics.json and the published "
-                                      "grids here (e.g. results/<name>).")
+    results_dir = flags.DEFINE_string(
+        "results_dir", "", "Also copy report.md, metrics.json and the published grids here (e.g. results/<name>)."
+    )
 
     def run_main(argv):
         if len(argv) > 1:

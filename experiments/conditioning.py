@@ -32,9 +32,12 @@ from mmdiff_jax.training import config_io, writers
 MODEL_LABELS = {"mt_diffusion": "MT-Diffusion", "aggregation_only": "ablation: aggregation-only"}
 
 
-def train_with_curve(run: common.Run, config: ml_collections.ConfigDict, metric: str,
-                     make_metric: Callable[[ml_collections.ConfigDict], Callable[[Any], float]]
-                     ) -> tuple[dict[str, trainer.Trained], dict[str, dict[int, float]]]:
+def train_with_curve(
+    run: common.Run,
+    config: ml_collections.ConfigDict,
+    metric: str,
+    make_metric: Callable[[ml_collections.ConfigDict], Callable[[Any], float]],
+) -> tuple[dict[str, trainer.Trained], dict[str, dict[int, float]]]:
     """Trains the conditioned model and (with `experiment.aggregation_only_ablation`) its aggregation-only
     ablation, same budget and seed. make_metric(model_config) -> fn(ema_params) -> float is measured at
     `experiment.curve.num_points` evenly spaced steps (`trainer.MetricCurve`, kept in
@@ -59,16 +62,25 @@ def curve_sampler(config: ml_collections.ConfigDict, observed: Mapping[str, Any]
     the experiment's sampler, prior noise from key(experiment.seed), classifier-free guidance at
     `experiment.curve.cfg_scale` if the model's denoiser sees a modality (a curve's metric reads these)."""
     model = config_io.build_model(config)
-    sample = sampling.make_sample_fn(model, config_io.build_schedule(config, model),
-                                     **evaluation.sampler_options(config.experiment.sampler))
+    sample = sampling.make_sample_fn(
+        model, config_io.build_schedule(config, model), **evaluation.sampler_options(config.experiment.sampler)
+    )
     options = cfg_options(config.experiment.curve.cfg_scale if model.conditioned_modalities else None)
     key = jax.random.key(config.experiment.seed)
     return lambda params: sample(params, key, dict(observed), **options)
 
 
-def sample_sweep(run: common.Run, models: Mapping[str, trainer.Trained], sampler: Mapping[str, Any], name: str,
-                 given: Sequence[Any], cfg_scales: Sequence[float], *, seed: int, task: str
-                 ) -> tuple[dict[str, np.ndarray], dict[str, sampling.Samples]]:
+def sample_sweep(
+    run: common.Run,
+    models: Mapping[str, trainer.Trained],
+    sampler: Mapping[str, Any],
+    name: str,
+    given: Sequence[Any],
+    cfg_scales: Sequence[float],
+    *,
+    seed: int,
+    task: str,
+) -> tuple[dict[str, np.ndarray], dict[str, sampling.Samples]]:
     """For every model, with the sampler section `sampler`: samples with modality `name` observed, one batch per
     entry of `given` (its values [B, ...]), at each guidance scale (`guidance_scales`), and as many joint samples
     (nothing observed); batch i draws its prior noise from fold_in(key(seed), i) in every row. Each row is
@@ -83,13 +95,20 @@ def sample_sweep(run: common.Run, models: Mapping[str, trainer.Trained], sampler
             key = guidance_key(model_name, scale)
             with run.phase(f"{task}: {key}"):
                 conditional[key] = evaluation.map_batches(
-                    lambda values, rng, scale=scale: sample(trained.params, rng, {name: values},
-                                                            **cfg_options(scale)).image,
-                    given, seed=seed, desc=f"{key} {task}")
+                    lambda values, rng, scale=scale: (
+                        sample(trained.params, rng, {name: values}, **cfg_options(scale)).image
+                    ),
+                    given,
+                    seed=seed,
+                    desc=f"{key} {task}",
+                )
         with run.phase(f"joint samples: {model_name}"):
             joint[model_name] = evaluation.map_batches(
-                lambda values, rng: sample(trained.params, rng, batch_size=len(values)), given, seed=seed,
-                desc=f"{model_name} joint")
+                lambda values, rng: sample(trained.params, rng, batch_size=len(values)),
+                given,
+                seed=seed,
+                desc=f"{model_name} joint",
+            )
     return conditional, joint
 
 
@@ -115,17 +134,24 @@ def curve_label(name: str, cfg_scale: float) -> str:
     return f"{MODEL_LABELS[name]}, guidance s = {cfg_scale:g}" if name == "mt_diffusion" else MODEL_LABELS[name]
 
 
-def report_curve(run: common.Run, curves: Mapping[str, Mapping[int, float]], metric: str, what: str,
-                 section: Mapping[str, Any]) -> None:
+def report_curve(
+    run: common.Run, curves: Mapping[str, Mapping[int, float]], metric: str, what: str, section: Mapping[str, Any]
+) -> None:
     """A table (model x step) and a PNG (`<metric>_curve`) of `what` (e.g. 'label -> image agreement')
     against training steps; `section` is `experiment.curve` (num_samples, cfg_scale)."""
     if not curves:
         return
     steps = sorted({step for points in curves.values() for step in points})
     labelled = {curve_label(name, section["cfg_scale"]): points for name, points in curves.items()}
-    run.report.table(f"{what[0].upper()}{what[1:]} against training steps ({section['num_samples']} samples each, "
-                     "measured on the EMA parameters while training)", ["model"] + [f"step {s}" for s in steps],
-                     [[label] + [points.get(step, "—") for step in steps] for label, points in labelled.items()])
-    run.report.image(f"{metric}_curve", writers.plot_series(labelled, ylabel=what, log_y=False),
-                     f"{what[0].upper()}{what[1:]} against training steps, {section['num_samples']} samples per "
-                     "point.", publish=True)
+    run.report.table(
+        f"{what[0].upper()}{what[1:]} against training steps ({section['num_samples']} samples each, "
+        "measured on the EMA parameters while training)",
+        ["model"] + [f"step {s}" for s in steps],
+        [[label] + [points.get(step, "—") for step in steps] for label, points in labelled.items()],
+    )
+    run.report.image(
+        f"{metric}_curve",
+        writers.plot_series(labelled, ylabel=what, log_y=False),
+        f"{what[0].upper()}{what[1:]} against training steps, {section['num_samples']} samples per point.",
+        publish=True,
+    )

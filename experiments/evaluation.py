@@ -1,14 +1,14 @@
 """Evaluation for the experiments: data batches, batched sampling, the sampler section, metrics.
 
-  eval_batches(config, num_examples, batch_size, split=None, **data_options)   first examples, numpy batches
-  map_batches(fn, batches, seed, desc)   fn(batch, rng) -> arrays, over batches, concatenated (numpy)
-  sampler_options(section), describe_sampler(section), check_sampler_section(config)
-                                         a config sampler section -> `sampling.make_sample_fn` kwargs / words;
-                                         checked before anything trains
-  metrics_classifier(config)             the Fashion-MNIST CNN of the feature metrics (cached)
-  reference_features(config, num_reference, classifier)   space -> features of the reference images, for
-                                         each of config.experiment.feature_spaces ('fmnist_cnn', 'inception_v3')
-  evaluate_metrics(specs, batches, classifier, reference_features=None)   config evaluator specs -> dict
+eval_batches(config, num_examples, batch_size, split=None, **data_options)   first examples, numpy batches
+map_batches(fn, batches, seed, desc)   fn(batch, rng) -> arrays, over batches, concatenated (numpy)
+sampler_options(section), describe_sampler(section), check_sampler_section(config)
+                                       a config sampler section -> `sampling.make_sample_fn` kwargs / words;
+                                       checked before anything trains
+metrics_classifier(config)             the Fashion-MNIST CNN of the feature metrics (cached)
+reference_features(config, num_reference, classifier)   space -> features of the reference images, for
+                                       each of config.experiment.feature_spaces ('fmnist_cnn', 'inception_v3')
+evaluate_metrics(specs, batches, classifier, reference_features=None)   config evaluator specs -> dict
 """
 
 from __future__ import annotations
@@ -33,8 +33,9 @@ from mmdiff_jax.training import config_io
 FEATURE_EVALUATORS = ("fid", "precision_recall", "feature_distribution")
 
 
-def eval_batches(config: ml_collections.ConfigDict, num_examples: int, batch_size: int, split: str | None = None,
-                 **data_options) -> list[dict[str, np.ndarray]]:
+def eval_batches(
+    config: ml_collections.ConfigDict, num_examples: int, batch_size: int, split: str | None = None, **data_options
+) -> list[dict[str, np.ndarray]]:
     """The first `num_examples` examples of `split` (default `config.data.eval_split`), unshuffled, as numpy
     batches of `batch_size` (a divisor of num_examples); `data_options` override `config.data.options`
     (e.g. a fixed `mask_ratio`, a `transform_seed`)."""
@@ -51,8 +52,7 @@ def eval_batches(config: ml_collections.ConfigDict, num_examples: int, batch_siz
     return batches
 
 
-def map_batches(fn: Callable[[Any, jax.Array], Any], batches: Iterable[Any], seed: int,
-                desc: str | None = None) -> Any:
+def map_batches(fn: Callable[[Any, jax.Array], Any], batches: Iterable[Any], seed: int, desc: str | None = None) -> Any:
     """fn(batch, rng_i) for each batch (rng_i = fold_in(key(seed), i)), outputs concatenated along axis 0
     as numpy (any pytree of arrays). `desc` shows a progress bar."""
     batches = list(batches)
@@ -60,6 +60,7 @@ def map_batches(fn: Callable[[Any, jax.Array], Any], batches: Iterable[Any], see
     progress = None
     if desc:
         from tqdm import tqdm
+
         progress = tqdm(total=len(batches), desc=desc, unit="batch", dynamic_ncols=True)
     outputs = []
     for index, batch in enumerate(batches):
@@ -97,8 +98,13 @@ def check_sampler_section(config: ml_collections.ConfigDict) -> None:
     options = sampler_options(section)
     schedule = config_io.build_schedule(config, config_io.build_model(config))
     try:
-        sampling.check_sampler(schedule, options.get("method", "ddim"), options.get("num_steps"),
-                               options.get("variant", "2M"), options.get("spacing", "time_uniform"))
+        sampling.check_sampler(
+            schedule,
+            options.get("method", "ddim"),
+            options.get("num_steps"),
+            options.get("variant", "2M"),
+            options.get("spacing", "time_uniform"),
+        )
     except ValueError as error:
         raise ValueError(f"config.experiment.sampler: {error}") from error
 
@@ -108,8 +114,10 @@ def describe_sampler(section: Mapping[str, Any]) -> str:
     if section["method"] == "ddpm":
         return "DDPM (all T steps)"
     if section["method"] == "dpm_solver++":
-        return (f"DPM-Solver++ ({section.get('variant', '2M')}), {section['num_steps']} steps, "
-                f"{section.get('spacing', 'time_uniform').replace('_', '-')} spacing")
+        return (
+            f"DPM-Solver++ ({section.get('variant', '2M')}), {section['num_steps']} steps, "
+            f"{section.get('spacing', 'time_uniform').replace('_', '-')} spacing"
+        )
     return f"DDIM, {section['num_steps']} steps, eta = {section['eta']:g}"
 
 
@@ -125,10 +133,12 @@ def metrics_classifier(config: ml_collections.ConfigDict) -> features_lib.Classi
         with np.load(config.data.arrays_path) as arrays:
             images, labels = arrays["train_image"], arrays["train_label"]
         model, params = embeddings.train_embedding_encoder(images, labels, steps=spec.steps, seed=spec.seed)
-        return features_lib.Classifier(model, params, {"steps": spec.steps, "seed": spec.seed,
-                                                       "data": config.data.arrays_path})
-    return features_lib.train_classifier(config.data.data_dir or None, config.data.options.get("idx_dir"),
-                                         steps=spec.steps, seed=spec.seed)
+        return features_lib.Classifier(
+            model, params, {"steps": spec.steps, "seed": spec.seed, "data": config.data.arrays_path}
+        )
+    return features_lib.train_classifier(
+        config.data.data_dir or None, config.data.options.get("idx_dir"), steps=spec.steps, seed=spec.seed
+    )
 
 
 def _evaluator_spec(spec: Any) -> tuple[str, dict[str, Any]]:
@@ -152,19 +162,24 @@ def _feature_network(space: str) -> features_lib.FeatureFn:
     return features_lib.get_feature_fn(space)
 
 
-def reference_features(config: ml_collections.ConfigDict, num_reference: int,
-                       classifier: features_lib.Classifier) -> dict[str, np.ndarray]:
+def reference_features(
+    config: ml_collections.ConfigDict, num_reference: int, classifier: features_lib.Classifier
+) -> dict[str, np.ndarray]:
     """space -> features [num_reference, D] of the first eval images, for each of
     `config.experiment.feature_spaces` (the FID / precision / recall reference set)."""
     batches = eval_batches(config, num_reference, min(num_reference, 1000))
     images = np.concatenate([b[config.model.primary] for b in batches])
-    return {space: compute_features(feature_fn(space, classifier), images)
-            for space in config.experiment.feature_spaces}
+    return {
+        space: compute_features(feature_fn(space, classifier), images) for space in config.experiment.feature_spaces
+    }
 
 
-def evaluate_metrics(specs: Sequence[Any], batches: Iterable[Mapping[str, Any]],
-                     classifier: features_lib.Classifier,
-                     reference_features: Mapping[str, np.ndarray] | None = None) -> dict[str, float]:
+def evaluate_metrics(
+    specs: Sequence[Any],
+    batches: Iterable[Mapping[str, Any]],
+    classifier: features_lib.Classifier,
+    reference_features: Mapping[str, np.ndarray] | None = None,
+) -> dict[str, float]:
     """`mmdiff_jax.metrics` evaluators from config specs ("name", (name, kwargs) or {"name": ...}) over
     `batches`. perceptual_fmnist_cnn gets `classifier`; a feature evaluator (fid / precision_recall /
     feature_distribution) runs in the feature space its spec names (`features`), or else once per feature
@@ -179,9 +194,16 @@ def evaluate_metrics(specs: Sequence[Any], batches: Iterable[Mapping[str, Any]],
         if name in FEATURE_EVALUATORS and not callable(kwargs.get("features")):
             named = kwargs.pop("features", None)
             spaces = references if named is None else {named: references.get(named)}
-            evaluators += [metrics_lib.make_evaluator(name, **kwargs, features=feature_fn(space, classifier),
-                                                      feature_name=space, reference_features=reference)
-                           for space, reference in spaces.items()]
+            evaluators += [
+                metrics_lib.make_evaluator(
+                    name,
+                    **kwargs,
+                    features=feature_fn(space, classifier),
+                    feature_name=space,
+                    reference_features=reference,
+                )
+                for space, reference in spaces.items()
+            ]
         else:
             evaluators.append(metrics_lib.make_evaluator(name, **kwargs))
     return metrics_lib.evaluate(evaluators, batches)

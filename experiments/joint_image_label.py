@@ -107,10 +107,17 @@ def train_class_conditional_ddpm(name, config, workdir) -> trainer.Trained:
         return mse, {"eps_mse": mse}
 
     example = (jnp.zeros((1, height, width, channels)), jnp.ones((1,), jnp.int32), jnp.zeros((1,), jnp.int32))
-    objective = Objective(init_params=lambda rng: model.init(rng, *example)["params"], loss_fn=loss_fn,
-                          signature={"class_conditional_ddpm": {"unet": config_io.unet_signature(config.model.unet),
-                                                                "diffusion": dict(config.diffusion),
-                                                                "z_shape": list(config.model.z_shape)}})
+    objective = Objective(
+        init_params=lambda rng: model.init(rng, *example)["params"],
+        loss_fn=loss_fn,
+        signature={
+            "class_conditional_ddpm": {
+                "unet": config_io.unet_signature(config.model.unet),
+                "diffusion": dict(config.diffusion),
+                "z_shape": list(config.model.z_shape),
+            }
+        },
+    )
     return trainer.train_model(name, config, workdir, objective=objective, model=model, schedule=schedule)
 
 
@@ -118,19 +125,26 @@ def train_classifier(name, config, workdir) -> trainer.Trained:
     """The same-backbone classifier baseline: cross-entropy on clean images."""
     height, width, channels = config.model.z_shape
     primary, label = config.model.primary, trainer.modality_name(config, "label")
-    model = BackboneClassifier(_unet(config), channels, len(CLASS_NAMES),
-                               config.model.modalities[label].get("head_hidden", 0) or config.model.unet.base_channels,
-                               config_io.DTYPES[config.model.dtype])
+    model = BackboneClassifier(
+        _unet(config),
+        channels,
+        len(CLASS_NAMES),
+        config.model.modalities[label].get("head_hidden", 0) or config.model.unet.base_channels,
+        config_io.DTYPES[config.model.dtype],
+    )
 
     def loss_fn(params, batch, rng, train: bool = True):
         logits = model.apply({"params": params}, batch[primary], train=train, rngs={"dropout": rng})
         loss = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, batch[label]))
         return loss, {"cross_entropy": loss, "accuracy": jnp.mean(jnp.argmax(logits, -1) == batch[label])}
 
-    objective = Objective(init_params=lambda rng: model.init(rng, jnp.zeros((1, height, width, channels)))["params"],
-                          loss_fn=loss_fn,
-                          signature={"classifier": {"unet": config_io.unet_signature(config.model.unet),
-                                                    "z_shape": list(config.model.z_shape)}})
+    objective = Objective(
+        init_params=lambda rng: model.init(rng, jnp.zeros((1, height, width, channels)))["params"],
+        loss_fn=loss_fn,
+        signature={
+            "classifier": {"unet": config_io.unet_signature(config.model.unet), "z_shape": list(config.model.z_shape)}
+        },
+    )
     return trainer.train_model(name, config, workdir, objective=objective, model=model)
 
 
@@ -145,15 +159,16 @@ def make_class_conditional_sample_fn(trained: trainer.Trained, section):
             return sampling.Prediction(eps, jnp.zeros((0,) + z_t.shape, jnp.float32))
 
         shape = labels.shape[:1] + tuple(trained.config.model.z_shape)
-        return jnp.clip(sampling.sample_chain(denoise, schedule, rng, shape, clip_denoised=True, **options).z_0,
-                        -1.0, 1.0)
+        return jnp.clip(
+            sampling.sample_chain(denoise, schedule, rng, shape, clip_denoised=True, **options).z_0, -1.0, 1.0
+        )
 
     return jax.jit(sample)
 
 
 # ----------------------------------------------------------------------------------------------- evaluation
 def _judge(classifier, images: np.ndarray) -> np.ndarray:
-    return np.concatenate([np.asarray(classifier.predict(images[i:i + 1000])) for i in range(0, len(images), 1000)])
+    return np.concatenate([np.asarray(classifier.predict(images[i : i + 1000])) for i in range(0, len(images), 1000)])
 
 
 def balanced_labels(num_samples: int) -> np.ndarray:
@@ -179,69 +194,104 @@ def evaluate(config, run: common.Run, models, classifier) -> dict:
     label, primary = trainer.modality_name(config, "label"), config.model.primary
     mt, ccddpm, standalone = models["mt_diffusion"], models["class_conditional_ddpm"], models["classifier"]
     num_batches, batch_size = section.num_samples // section.batch_size, section.batch_size
-    given = [balanced_labels(section.num_samples)[i * batch_size:(i + 1) * batch_size]
-             for i in range(num_batches)]  # balanced labels, the same for every model
+    given = [
+        balanced_labels(section.num_samples)[i * batch_size : (i + 1) * batch_size] for i in range(num_batches)
+    ]  # balanced labels, the same for every model
     cc_sample = make_class_conditional_sample_fn(ccddpm, experiment.sampler)
     conditional, joint = conditioning.sample_sweep(
-        run, {name: models[name] for name in ("mt_diffusion", "aggregation_only") if name in models},
-        experiment.sampler, label, given, section.cfg_scales, seed=experiment.seed, task="label -> image samples")
+        run,
+        {name: models[name] for name in ("mt_diffusion", "aggregation_only") if name in models},
+        experiment.sampler,
+        label,
+        given,
+        section.cfg_scales,
+        seed=experiment.seed,
+        task="label -> image samples",
+    )
     with run.phase("label -> image samples: class_conditional_ddpm"):
         conditional["class_conditional_ddpm"] = evaluation.map_batches(
-            lambda labels, rng: cc_sample(ccddpm.params, labels, rng), given, seed=experiment.seed,
-            desc="cc-DDPM label->image")
+            lambda labels, rng: cc_sample(ccddpm.params, labels, rng),
+            given,
+            seed=experiment.seed,
+            desc="cc-DDPM label->image",
+        )
     given = np.concatenate(given)
     with run.phase("reference features"):
         reference_features = evaluation.reference_features(config, section.num_reference, classifier)
-        real = np.concatenate([b[primary] for b in evaluation.eval_batches(config, section.num_samples, batch_size,
-                                                                       split="train")])
+        real = np.concatenate(
+            [b[primary] for b in evaluation.eval_batches(config, section.num_samples, batch_size, split="train")]
+        )
 
     def fid(images):
-        return evaluation.evaluate_metrics(section.metrics, [{"sample": images}], classifier,
-                                       reference_features=reference_features)
+        return evaluation.evaluate_metrics(
+            section.metrics, [{"sample": images}], classifier, reference_features=reference_features
+        )
 
     results = {"joint": {}, "label_to_image": {}, "real_train_images": fid(real)}
     for name, samples in joint.items():
         labels = samples.outputs[label]["class_ids"]
-        results["joint"][name] = {"label_agreement": agreement.label_agreement(labels, _judge(classifier,
-                                                                                              samples.image)),
-                                  "generated_label_histogram": np.bincount(labels, minlength=10).tolist(),
-                                  **fid(samples.image)}
+        results["joint"][name] = {
+            "label_agreement": agreement.label_agreement(labels, _judge(classifier, samples.image)),
+            "generated_label_histogram": np.bincount(labels, minlength=10).tolist(),
+            **fid(samples.image),
+        }
     for key, images in conditional.items():
-        results["label_to_image"][key] = {"agreement": agreement.accuracy(_judge(classifier, images), given),
-                                          **fid(images)}
+        results["label_to_image"][key] = {
+            "agreement": agreement.accuracy(_judge(classifier, images), given),
+            **fid(images),
+        }
 
     section = experiment.classification
     test = evaluation.eval_batches(config, section.num_images, section.batch_size)
     truth = np.concatenate([b[label] for b in test])
     classify = sampling.make_classify_fn(mt.model, mt.schedule, label)
-    classify_standalone = jax.jit(lambda params, image: jnp.argmax(standalone.model.apply({"params": params}, image),
-                                                                   -1))
+    classify_standalone = jax.jit(
+        lambda params, image: jnp.argmax(standalone.model.apply({"params": params}, image), -1)
+    )
     with run.phase("image -> label"):
         accuracy = {}
         for t in section.noise_levels:
-            predicted = evaluation.map_batches(lambda b, rng, t=t: classify(mt.params, b[primary], rng, t=int(t))[
-                "class_ids"], test, seed=experiment.seed)
+            predicted = evaluation.map_batches(
+                lambda b, rng, t=t: classify(mt.params, b[primary], rng, t=int(t))["class_ids"],
+                test,
+                seed=experiment.seed,
+            )
             accuracy[f"mt_diffusion_t{t}"] = agreement.accuracy(predicted, truth)
-        accuracy["classifier"] = agreement.accuracy(evaluation.map_batches(
-            lambda b, rng: classify_standalone(standalone.params, b[primary]), test, seed=0), truth)
-        accuracy["fmnist_cnn_judge"] = agreement.accuracy(_judge(classifier, np.concatenate(
-            [b[primary] for b in test])), truth)
+        accuracy["classifier"] = agreement.accuracy(
+            evaluation.map_batches(lambda b, rng: classify_standalone(standalone.params, b[primary]), test, seed=0),
+            truth,
+        )
+        accuracy["fmnist_cnn_judge"] = agreement.accuracy(
+            _judge(classifier, np.concatenate([b[primary] for b in test])), truth
+        )
     results["image_to_label"] = accuracy
 
     count = experiment.grid_images
     names = lambda ids: [CLASS_NAMES[i].split("/")[0] for i in ids]  # noqa: E731
     mt_joint = joint["mt_diffusion"]
     rows = [("MT joint (its label)", mt_joint.image[:count], names(mt_joint.outputs[label]["class_ids"][:count]))]
-    rows += [(f"MT label->image, s = {scale:g}", conditional[conditioning.guidance_key("mt_diffusion", scale)][:count],
-              names(given[:count]))
-             for scale in experiment.generation.cfg_scales if scale != 0.0]
-    rows += [("cc-DDPM label->image", conditional["class_conditional_ddpm"][:count], names(given[:count])),
-             ("real (train)", real[:count])]
-    run.report.image("samples", reporting.labelled_grid(rows),
-                     f"{evaluation.describe_sampler(experiment.sampler)}. Row 1: MT-Diffusion's joint samples with their "
-                     "generated labels; then samples for the given labels written below (MT-Diffusion with the label "
-                     "observed, at each classifier-free guidance scale s > 0; the class-conditional DDPM), the same "
-                     "prior noise per column.", publish=True)
+    rows += [
+        (
+            f"MT label->image, s = {scale:g}",
+            conditional[conditioning.guidance_key("mt_diffusion", scale)][:count],
+            names(given[:count]),
+        )
+        for scale in experiment.generation.cfg_scales
+        if scale != 0.0
+    ]
+    rows += [
+        ("cc-DDPM label->image", conditional["class_conditional_ddpm"][:count], names(given[:count])),
+        ("real (train)", real[:count]),
+    ]
+    run.report.image(
+        "samples",
+        reporting.labelled_grid(rows),
+        f"{evaluation.describe_sampler(experiment.sampler)}. Row 1: MT-Diffusion's joint samples with their "
+        "generated labels; then samples for the given labels written below (MT-Diffusion with the label "
+        "observed, at each classifier-free guidance scale s > 0; the class-conditional DDPM), the same "
+        "prior noise per column.",
+        publish=True,
+    )
     return results
 
 
@@ -253,40 +303,56 @@ def write_report(config, run: common.Run, results: dict) -> None:
         "class label, against a class-conditional DDPM (ADM class embedding) and a stand-alone classifier, all with "
         "the same U-Net, steps, batch, optimizer and EMA. Judge: the project's Fashion-MNIST CNN "
         f"(test accuracy {results['image_to_label']['fmnist_cnn_judge']:.3f} on the images below). Sampler for "
-        f"every diffusion model: {evaluation.describe_sampler(experiment.sampler)}, EMA parameters.")
+        f"every diffusion model: {evaluation.describe_sampler(experiment.sampler)}, EMA parameters."
+    )
     label_to_image, joint = results["label_to_image"], results["joint"]
     fid_key = "fid_fmnist_cnn"
     named = {"MT-Diffusion, joint (nothing observed)": joint["mt_diffusion"]}
     mt = {scale: label_to_image[conditioning.guidance_key("mt_diffusion", scale)] for scale in section.cfg_scales}
-    named.update({f"MT-Diffusion, label -> image, guidance s = {scale:g}" + (" (the conditional)" if scale == 1
-                                                                            else ""): metrics
-                  for scale, metrics in mt.items()})
+    named.update(
+        {
+            f"MT-Diffusion, label -> image, guidance s = {scale:g}"
+            + (" (the conditional)" if scale == 1 else ""): metrics
+            for scale, metrics in mt.items()
+        }
+    )
     if "aggregation_only" in joint:
         named["ablation: aggregation-only, joint"] = joint["aggregation_only"]
         named["ablation: aggregation-only, label -> image"] = label_to_image["aggregation_only"]
     named["class-conditional DDPM, label -> image"] = label_to_image["class_conditional_ddpm"]
     named["real training images (floor)"] = results["real_train_images"]
-    rows = [[row, metrics.get("label_agreement", "—"), metrics.get("agreement", "—"), metrics[fid_key]]
-            for row, metrics in named.items()]
-    report.table(f"Generation ({section.num_samples} samples per row)",
-                 ["model", "joint label agreement ↑", "label->image agreement ↑", f"{FID_PROXY} ↓"], rows, notes=[
-                     "Joint label agreement: fraction of joint samples whose generated label equals the CNN judge's "
-                     "class of the generated image.",
-                     "Label->image agreement: fraction of samples the judge assigns to the given label (balanced "
-                     "labels, 10% per class). Guidance s: classifier-free, eps(null) + s (eps(label) - eps(null)); "
-                     "s = 0 is the model with the label hidden from the denoiser (the aggregation still carries it).",
-                     f"{FID_PROXY} against {section.num_reference} test images; not comparable with Inception FIDs; "
-                     "biased upwards at this sample count (the real-image row is the floor)."])
+    rows = [
+        [row, metrics.get("label_agreement", "—"), metrics.get("agreement", "—"), metrics[fid_key]]
+        for row, metrics in named.items()
+    ]
+    report.table(
+        f"Generation ({section.num_samples} samples per row)",
+        ["model", "joint label agreement ↑", "label->image agreement ↑", f"{FID_PROXY} ↓"],
+        rows,
+        notes=[
+            "Joint label agreement: fraction of joint samples whose generated label equals the CNN judge's "
+            "class of the generated image.",
+            "Label->image agreement: fraction of samples the judge assigns to the given label (balanced "
+            "labels, 10% per class). Guidance s: classifier-free, eps(null) + s (eps(label) - eps(null)); "
+            "s = 0 is the model with the label hidden from the denoiser (the aggregation still carries it).",
+            f"{FID_PROXY} against {section.num_reference} test images; not comparable with Inception FIDs; "
+            "biased upwards at this sample count (the real-image row is the floor).",
+        ],
+    )
     report.feature_space_tables("Generation", named, experiment.feature_spaces)
-    conditioning.report_curve(run, results["curves"], "label_to_image", "label -> image agreement (judge CNN)",
-                              experiment.curve)
+    conditioning.report_curve(
+        run, results["curves"], "label_to_image", "label -> image agreement (judge CNN)", experiment.curve
+    )
     accuracy = results["image_to_label"]
-    rows = [[f"MT-Diffusion label head, z_t from the image at t = {t}", accuracy[f"mt_diffusion_t{t}"]]
-            for t in experiment.classification.noise_levels]
-    rows += [["same-backbone classifier, trained alone (clean images)", accuracy["classifier"]],
-             ["Fashion-MNIST CNN judge (reference)", accuracy["fmnist_cnn_judge"]]]
-    report.table(f"Image -> label ({experiment.classification.num_images} test images)", ["model", "accuracy ↑"],
-                 rows)
+    rows = [
+        [f"MT-Diffusion label head, z_t from the image at t = {t}", accuracy[f"mt_diffusion_t{t}"]]
+        for t in experiment.classification.noise_levels
+    ]
+    rows += [
+        ["same-backbone classifier, trained alone (clean images)", accuracy["classifier"]],
+        ["Fashion-MNIST CNN judge (reference)", accuracy["fmnist_cnn_judge"]],
+    ]
+    report.table(f"Image -> label ({experiment.classification.num_images} test images)", ["model", "accuracy ↑"], rows)
     mt_acc = accuracy[f"mt_diffusion_t{experiment.classification.noise_levels[0]}"]
     best = max(mt, key=lambda scale: mt[scale]["agreement"])
     histogram = joint["mt_diffusion"]["generated_label_histogram"]
@@ -304,9 +370,11 @@ def write_report(config, run: common.Run, results: dict) -> None:
         "(target >= 8).",
     ]
     if "aggregation_only" in joint:
-        lines.append(f"- Ablation (the label through the aggregation only, same budget): label->image agreement "
-                     f"{label_to_image['aggregation_only']['agreement']:.3f}; joint label agreement "
-                     f"{joint['aggregation_only']['label_agreement']:.3f}.")
+        lines.append(
+            f"- Ablation (the label through the aggregation only, same budget): label->image agreement "
+            f"{label_to_image['aggregation_only']['agreement']:.3f}; joint label agreement "
+            f"{joint['aggregation_only']['label_agreement']:.3f}."
+        )
     report.text("## Findings (computed from the numbers above)\n\n" + "\n".join(lines))
 
 
@@ -314,14 +382,18 @@ def run(config: ml_collections.ConfigDict, run: common.Run) -> None:
     with run.phase("metrics classifier"):
         classifier = evaluation.metrics_classifier(config)  # also the judge of the training curves
     models, curves = conditioning.train_with_curve(
-        run, config, "label_to_image", functools.partial(agreement_metric, classifier=classifier))
-    models["class_conditional_ddpm"] = run.train("class_conditional_ddpm", config, train_class_conditional_ddpm,
-                                                 loss="eps-MSE")
+        run, config, "label_to_image", functools.partial(agreement_metric, classifier=classifier)
+    )
+    models["class_conditional_ddpm"] = run.train(
+        "class_conditional_ddpm", config, train_class_conditional_ddpm, loss="eps-MSE"
+    )
     models["classifier"] = run.train("classifier", config, train_classifier, loss="cross-entropy")
     results = evaluate(config, run, models, classifier)
     results["curves"] = curves
-    run.report.metrics.update(setup={"sampler": dict(config.experiment.sampler), "fid_proxy": FID_PROXY,
-                                     "judge": dict(classifier.meta)}, **results)
+    run.report.metrics.update(
+        setup={"sampler": dict(config.experiment.sampler), "fid_proxy": FID_PROXY, "judge": dict(classifier.meta)},
+        **results,
+    )
     write_report(config, run, results)
 
 

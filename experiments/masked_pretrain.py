@@ -84,15 +84,18 @@ def restoration_methods(config: ml_collections.ConfigDict, models: dict[str, tra
     makers = {
         "mt_diffusion": lambda: mt_restorer(mt, False),
         "mt_diffusion_repaint": lambda: mt_restorer(mt, True),
-        **{cfg_method(s): (lambda s=s: mt_restorer(mt, False, cfg_scales=s))
-           for s in config.experiment.restoration.cfg_scales},
+        **{
+            cfg_method(s): (lambda s=s: mt_restorer(mt, False, cfg_scales=s))
+            for s in config.experiment.restoration.cfg_scales
+        },
         "aggregation_only": lambda: mt_restorer(models["aggregation_only"], False),
         "aggregation_only_repaint": lambda: mt_restorer(models["aggregation_only"], True),
         "sdedit": lambda: _sdedit(config, ddpm, masked),
-        "ddpm_repaint": lambda: _repaint_restorer(baselines.make_repaint_fn(ddpm.model, ddpm.schedule, **sampler),
-                                                  ddpm.params, masked),
+        "ddpm_repaint": lambda: _repaint_restorer(
+            baselines.make_repaint_fn(ddpm.model, ddpm.schedule, **sampler), ddpm.params, masked
+        ),
         "reconstruction": lambda: _reconstructor(baselines.make_reconstruct_fn(recon), recon.params, masked),
-        "masked_input": lambda: (lambda batch, rng: batch[masked]),
+        "masked_input": lambda: lambda batch, rng: batch[masked],
     }
     methods = all_methods(config)
     unknown = sorted(set(methods) - set(makers))
@@ -112,8 +115,13 @@ def _reconstructor(reconstruct, params, masked):
 def _sdedit(config, ddpm: trainer.Trained, masked: str):
     section = config.experiment.sampler
     num_steps = ddpm.schedule.num_steps if section.method == "ddpm" else section.num_steps
-    sdedit = baselines.make_sdedit_fn(ddpm.model, ddpm.schedule, strength=config.experiment.restoration.sdedit_strength,
-                                      num_steps=num_steps, eta=section.get("eta", 1.0))
+    sdedit = baselines.make_sdedit_fn(
+        ddpm.model,
+        ddpm.schedule,
+        strength=config.experiment.restoration.sdedit_strength,
+        num_steps=num_steps,
+        eta=section.get("eta", 1.0),
+    )
     return lambda batch, rng: sdedit(ddpm.params, batch[masked], rng)
 
 
@@ -124,8 +132,9 @@ def evaluate_restoration(config, run: common.Run, models, classifier) -> dict:
     labels = method_labels(config)
     results, count = {}, experiment.grid_images
     for ratio in section.mask_ratios:
-        batches = evaluation.eval_batches(config, section.num_images, section.batch_size, mask_ratio=float(ratio),
-                                      transform_seed=experiment.seed)
+        batches = evaluation.eval_batches(
+            config, section.num_images, section.batch_size, mask_ratio=float(ratio), transform_seed=experiment.seed
+        )
         truth = np.concatenate([b[config.model.primary] for b in batches])
         mask = np.concatenate([b[MASK_KEY] for b in batches])
         hidden = float(1.0 - mask.mean())
@@ -136,15 +145,22 @@ def evaluate_restoration(config, run: common.Run, models, classifier) -> dict:
                 restored = evaluation.map_batches(restore, batches, seed=experiment.seed, desc=f"{name} r={ratio}")
             restored = mask * truth + (1.0 - mask) * np.asarray(restored)  # the known pixels are given
             results[str(ratio)][name] = evaluation.evaluate_metrics(
-                section.metrics, [{"image": truth, "sample": restored, "mask": mask}], classifier)
+                section.metrics, [{"image": truth, "sample": restored, "mask": mask}], classifier
+            )
             if name != "masked_input":
                 rows.append((labels[name], restored[:count]))
-        run.report.image(f"restoration_mask{ratio}", reporting.labelled_grid(rows),
-                         f"Restoration at mask ratio {ratio} ({hidden:.0%} of the pixels hidden, blue): the truth, "
-                         f"the masked input, then each method (known pixels pasted back).",
-                         publish=ratio == max(section.mask_ratios))
-        print(f"[{NAME}] mask ratio {ratio}: " + ", ".join(
-            f"{n} PSNR {results[str(ratio)][n].get('psnr_masked', float('nan')):.2f}" for n in methods), flush=True)
+        run.report.image(
+            f"restoration_mask{ratio}",
+            reporting.labelled_grid(rows),
+            f"Restoration at mask ratio {ratio} ({hidden:.0%} of the pixels hidden, blue): the truth, "
+            f"the masked input, then each method (known pixels pasted back).",
+            publish=ratio == max(section.mask_ratios),
+        )
+        print(
+            f"[{NAME}] mask ratio {ratio}: "
+            + ", ".join(f"{n} PSNR {results[str(ratio)][n].get('psnr_masked', float('nan')):.2f}" for n in methods),
+            flush=True,
+        )
     return results
 
 
@@ -154,8 +170,9 @@ def evaluate_unconditional(config, run: common.Run, models, classifier) -> dict:
     sampler = evaluation.sampler_options(experiment.sampler)
     num_batches = section.num_samples // section.batch_size
     if section.num_samples % section.batch_size:
-        raise ValueError(f"unconditional.num_samples {section.num_samples} is not a multiple of the batch size "
-                         f"{section.batch_size}")
+        raise ValueError(
+            f"unconditional.num_samples {section.num_samples} is not a multiple of the batch size {section.batch_size}"
+        )
     with run.phase("unconditional: reference features"):
         reference_features = evaluation.reference_features(config, section.num_reference, classifier)
         real = evaluation.eval_batches(config, section.num_samples, section.batch_size, split="train")
@@ -166,13 +183,18 @@ def evaluate_unconditional(config, run: common.Run, models, classifier) -> dict:
         sample = sampling.make_sample_fn(trained.model, trained.schedule, **sampler)
         with run.phase(f"unconditional: {name}"):
             samples[name] = evaluation.map_batches(
-                lambda index, rng, sample=sample, params=trained.params: sample(params, rng,
-                                                                                batch_size=section.batch_size),
-                range(num_batches), seed=experiment.seed, desc=f"{name} samples")
+                lambda index, rng, sample=sample, params=trained.params: sample(
+                    params, rng, batch_size=section.batch_size
+                ),
+                range(num_batches),
+                seed=experiment.seed,
+                desc=f"{name} samples",
+            )
     results = {}
     for name, images in [(name, s.image) for name, s in samples.items()] + [("real_train_images", real_images)]:
-        results[name] = evaluation.evaluate_metrics(section.metrics, [{"sample": images}], classifier,
-                                                reference_features=reference_features)
+        results[name] = evaluation.evaluate_metrics(
+            section.metrics, [{"sample": images}], classifier, reference_features=reference_features
+        )
     count = experiment.grid_images
     rows = [("MT-Diffusion (joint)", samples["mt_diffusion"].image[:count])]
     masked = trainer.modality_name(config, "masked_image")
@@ -181,10 +203,14 @@ def evaluate_unconditional(config, run: common.Run, models, classifier) -> dict:
         rows.append(("its masked image", reporting.tint_hidden(head["image"][:count], head["mask"][:count] > 0.5)))
     rows.append(("plain DDPM", samples["plain_ddpm"].image[:count]))
     rows.append(("real (train)", real_images[:count]))
-    run.report.image("unconditional", reporting.labelled_grid(rows),
-                     f"Unconditional samples, {evaluation.describe_sampler(experiment.sampler)}, the same prior noise "
-                     f"per column: MT-Diffusion's joint samples (image and its generated masked image, predicted "
-                     f"hidden pixels blue), plain DDPM, real training images.", publish=True)
+    run.report.image(
+        "unconditional",
+        reporting.labelled_grid(rows),
+        f"Unconditional samples, {evaluation.describe_sampler(experiment.sampler)}, the same prior noise "
+        f"per column: MT-Diffusion's joint samples (image and its generated masked image, predicted "
+        f"hidden pixels blue), plain DDPM, real training images.",
+        publish=True,
+    )
     return results
 
 
@@ -203,52 +229,91 @@ def write_report(config, run: common.Run, restoration: dict, unconditional: dict
         "plain DDPM (no auxiliary modality) and a reconstruction-only U-Net, all with the same U-Net, steps, batch, "
         "optimizer and EMA. One MT-Diffusion model serves every mask ratio and unconditional generation. "
         f"Sampler for every diffusion model: {evaluation.describe_sampler(experiment.sampler)}, z_0 estimates "
-        f"clipped to [-1, 1]; EMA parameters.")
+        f"clipped to [-1, 1]; EMA parameters."
+    )
     columns = ["method"] + [f"PSNR hidden, r={r} ↑" for r in ratios] + [f"LPIPS-proxy, r={r} ↓" for r in ratios]
-    rows = [[labels[m]] + [restoration[r][m]["psnr_masked"] for r in ratios]
-            + [restoration[r][m]["perceptual_fmnist_cnn"] for r in ratios] for m in methods]
+    rows = [
+        [labels[m]]
+        + [restoration[r][m]["psnr_masked"] for r in ratios]
+        + [restoration[r][m]["perceptual_fmnist_cnn"] for r in ratios]
+        for m in methods
+    ]
     hidden = ", ".join(f"r={r}: {restoration[r]['hidden_fraction']:.1%}" for r in ratios)
-    report.table("Restoration (mask ratio r = fraction of 4x4 patches hidden)", columns, rows, notes=[
-        f"{experiment.restoration.num_images} test images per ratio (the same images, masks drawn per ratio; "
-        f"hidden pixels {hidden}); known pixels pasted back into every output.",
-        "PSNR hidden: PSNR (dB) over the hidden pixels only, images scaled to [0, 1]; higher is better.",
-        f"{LPIPS_PROXY}, whole image; lower is better. LPIPS-VGG: not measured (needs the user's VGG-16 weights).",
-    ], digits=3)
+    report.table(
+        "Restoration (mask ratio r = fraction of 4x4 patches hidden)",
+        columns,
+        rows,
+        notes=[
+            f"{experiment.restoration.num_images} test images per ratio (the same images, masks drawn per ratio; "
+            f"hidden pixels {hidden}); known pixels pasted back into every output.",
+            "PSNR hidden: PSNR (dB) over the hidden pixels only, images scaled to [0, 1]; higher is better.",
+            f"{LPIPS_PROXY}, whole image; lower is better. LPIPS-VGG: not measured (needs the user's VGG-16 weights).",
+        ],
+        digits=3,
+    )
     if all("ssim_masked" in restoration[r][m] for r in ratios for m in methods):
-        report.table("SSIM on the hidden region (↑)", ["method"] + [f"r={r}" for r in ratios],
-                     [[labels[m]] + [restoration[r][m]["ssim_masked"] for r in ratios] for m in methods])
+        report.table(
+            "SSIM on the hidden region (↑)",
+            ["method"] + [f"r={r}" for r in ratios],
+            [[labels[m]] + [restoration[r][m]["ssim_masked"] for r in ratios] for m in methods],
+        )
     section = experiment.unconditional
-    names = {"mt_diffusion": "MT-Diffusion, joint samples (nothing observed)",
-             "aggregation_only": "ablation: aggregation-only MT-Diffusion, joint samples", "plain_ddpm": "plain DDPM",
-             "real_train_images": "real training images (floor)"}
+    names = {
+        "mt_diffusion": "MT-Diffusion, joint samples (nothing observed)",
+        "aggregation_only": "ablation: aggregation-only MT-Diffusion, joint samples",
+        "plain_ddpm": "plain DDPM",
+        "real_train_images": "real training images (floor)",
+    }
     names = {name: label for name, label in names.items() if name in unconditional}
-    report.table(f"Unconditional samples ({section.num_samples} per model, equal training budget)",
-                 ["model", f"{FID_PROXY} ↓", "precision ↑", "recall ↑"],
-                 [[names[n], unconditional[n]["fid_fmnist_cnn"], unconditional[n].get("precision_fmnist_cnn"),
-                   unconditional[n].get("recall_fmnist_cnn")] for n in names],
-                 notes=[f"Against the features of {section.num_reference} test images; improved precision / recall "
-                        "(k = 3) in the same space. Not comparable with Inception FIDs; with this few samples FID is "
-                        "biased upwards, the real-image row shows the floor for the same count."])
-    report.feature_space_tables("Unconditional samples", {names[n]: unconditional[n] for n in names},
-                                experiment.feature_spaces)
-    conditioning.report_curve(run, curves, "restoration",
-                              f"PSNR hidden (dB) at mask ratio {experiment.curve.mask_ratio:g}", experiment.curve)
-    report.text("## Findings (computed from the numbers above)\n\n" + "\n".join(_findings(restoration, unconditional,
-                                                                                         ratios, methods, labels)))
+    report.table(
+        f"Unconditional samples ({section.num_samples} per model, equal training budget)",
+        ["model", f"{FID_PROXY} ↓", "precision ↑", "recall ↑"],
+        [
+            [
+                names[n],
+                unconditional[n]["fid_fmnist_cnn"],
+                unconditional[n].get("precision_fmnist_cnn"),
+                unconditional[n].get("recall_fmnist_cnn"),
+            ]
+            for n in names
+        ],
+        notes=[
+            f"Against the features of {section.num_reference} test images; improved precision / recall "
+            "(k = 3) in the same space. Not comparable with Inception FIDs; with this few samples FID is "
+            "biased upwards, the real-image row shows the floor for the same count."
+        ],
+    )
+    report.feature_space_tables(
+        "Unconditional samples", {names[n]: unconditional[n] for n in names}, experiment.feature_spaces
+    )
+    conditioning.report_curve(
+        run, curves, "restoration", f"PSNR hidden (dB) at mask ratio {experiment.curve.mask_ratio:g}", experiment.curve
+    )
+    report.text(
+        "## Findings (computed from the numbers above)\n\n"
+        + "\n".join(_findings(restoration, unconditional, ratios, methods, labels))
+    )
 
 
 def _findings(restoration, unconditional, ratios, methods, labels) -> list[str]:
     lines = []
     compared = [m for m in methods if m != "masked_input"]
-    pairs = [("mt_diffusion_repaint", "ddpm_repaint"), ("mt_diffusion_repaint", "sdedit"),
-             ("mt_diffusion", "sdedit"), ("mt_diffusion", "ddpm_repaint"), ("mt_diffusion", "masked_input"),
-             ("mt_diffusion", "aggregation_only")]
+    pairs = [
+        ("mt_diffusion_repaint", "ddpm_repaint"),
+        ("mt_diffusion_repaint", "sdedit"),
+        ("mt_diffusion", "sdedit"),
+        ("mt_diffusion", "ddpm_repaint"),
+        ("mt_diffusion", "masked_input"),
+        ("mt_diffusion", "aggregation_only"),
+    ]
     for r in ratios:
         measured = restoration[r]
         best_psnr = max(compared, key=lambda m: measured[m]["psnr_masked"])
         best_lpips = min(compared, key=lambda m: measured[m]["perceptual_fmnist_cnn"])
-        line = (f"- r={r}: best PSNR hidden: {labels[best_psnr]} ({measured[best_psnr]['psnr_masked']:.2f} dB); "
-                f"best LPIPS-proxy: {labels[best_lpips]} ({measured[best_lpips]['perceptual_fmnist_cnn']:.3f}).")
+        line = (
+            f"- r={r}: best PSNR hidden: {labels[best_psnr]} ({measured[best_psnr]['psnr_masked']:.2f} dB); "
+            f"best LPIPS-proxy: {labels[best_lpips]} ({measured[best_lpips]['perceptual_fmnist_cnn']:.3f})."
+        )
         for a, b in pairs:
             if a in methods and b in methods:
                 psnr = measured[a]["psnr_masked"] - measured[b]["psnr_masked"]
@@ -258,10 +323,12 @@ def _findings(restoration, unconditional, ratios, methods, labels) -> list[str]:
     mt, ddpm = unconditional["mt_diffusion"], unconditional["plain_ddpm"]
     fid_mt, fid_ddpm = mt["fid_fmnist_cnn"], ddpm["fid_fmnist_cnn"]
     verdict = "lower, better" if fid_mt < fid_ddpm else "higher, worse"
-    lines.append(f"- Unconditional FID-proxy: MT-Diffusion {fid_mt:.2f} vs plain DDPM {fid_ddpm:.2f} ({verdict} for "
-                 f"MT-Diffusion by {abs(fid_mt - fid_ddpm):.2f}); precision {mt['precision_fmnist_cnn']:.2f} vs "
-                 f"{ddpm['precision_fmnist_cnn']:.2f}, recall {mt['recall_fmnist_cnn']:.2f} vs "
-                 f"{ddpm['recall_fmnist_cnn']:.2f}.")
+    lines.append(
+        f"- Unconditional FID-proxy: MT-Diffusion {fid_mt:.2f} vs plain DDPM {fid_ddpm:.2f} ({verdict} for "
+        f"MT-Diffusion by {abs(fid_mt - fid_ddpm):.2f}); precision {mt['precision_fmnist_cnn']:.2f} vs "
+        f"{ddpm['precision_fmnist_cnn']:.2f}, recall {mt['recall_fmnist_cnn']:.2f} vs "
+        f"{ddpm['recall_fmnist_cnn']:.2f}."
+    )
     return lines
 
 
@@ -271,26 +338,34 @@ def restoration_metric(config, batch):
     (`conditioning.train_with_curve`)."""
     model = config_io.build_model(config)
     masked = trainer.modality_name(config, "masked_image")
-    restore = sampling.make_restore_fn(model, config_io.build_schedule(config, model), masked,
-                                       **evaluation.sampler_options(config.experiment.sampler))
+    restore = sampling.make_restore_fn(
+        model, config_io.build_schedule(config, model), masked, **evaluation.sampler_options(config.experiment.sampler)
+    )
     options = conditioning.cfg_options(config.experiment.curve.cfg_scale if model.conditioned_modalities else None)
     truth, mask = batch[config.model.primary], batch[MASK_KEY]
 
     def metric(params):
         restored = restore(params, batch[masked], mask, jax.random.key(config.experiment.seed), **options).image
         restored = mask * truth + (1.0 - mask) * np.asarray(restored)
-        return evaluation.evaluate_metrics((("psnr", {"region": "masked"}),),
-                                       [{"image": truth, "sample": restored, "mask": mask}], None)["psnr_masked"]
+        return evaluation.evaluate_metrics(
+            (("psnr", {"region": "masked"}),), [{"image": truth, "sample": restored, "mask": mask}], None
+        )["psnr_masked"]
 
     return metric
 
 
 def run(config: ml_collections.ConfigDict, run: common.Run) -> None:
     section = config.experiment.curve
-    batch = evaluation.eval_batches(config, section.num_samples, section.num_samples, mask_ratio=float(section.mask_ratio),
-                                transform_seed=config.experiment.seed)[0]
-    models, curves = conditioning.train_with_curve(run, config, "restoration",
-                                                   lambda model_config: restoration_metric(model_config, batch))
+    batch = evaluation.eval_batches(
+        config,
+        section.num_samples,
+        section.num_samples,
+        mask_ratio=float(section.mask_ratio),
+        transform_seed=config.experiment.seed,
+    )[0]
+    models, curves = conditioning.train_with_curve(
+        run, config, "restoration", lambda model_config: restoration_metric(model_config, batch)
+    )
     models["plain_ddpm"] = run.train("plain_ddpm", baselines.plain_ddpm_config(config))
     models["reconstruction"] = run.train("reconstruction", config, baselines.train_reconstruction, loss="pixel MSE")
     with run.phase("metrics classifier"):
@@ -298,10 +373,18 @@ def run(config: ml_collections.ConfigDict, run: common.Run) -> None:
     restoration = evaluate_restoration(config, run, models, classifier)
     unconditional = evaluate_unconditional(config, run, models, classifier)
     run.report.metrics.update(
-        setup={"labels": method_labels(config), "sampler": dict(config.experiment.sampler),
-               "lpips_proxy": LPIPS_PROXY, "fid_proxy": FID_PROXY, "lpips_vgg": "not measured (no VGG-16 weights)",
-               "classifier": dict(classifier.meta)},
-        restoration=restoration, unconditional=unconditional, curves=curves)
+        setup={
+            "labels": method_labels(config),
+            "sampler": dict(config.experiment.sampler),
+            "lpips_proxy": LPIPS_PROXY,
+            "fid_proxy": FID_PROXY,
+            "lpips_vgg": "not measured (no VGG-16 weights)",
+            "classifier": dict(classifier.meta),
+        },
+        restoration=restoration,
+        unconditional=unconditional,
+        curves=curves,
+    )
     write_report(config, run, restoration, unconditional, curves)
 
 

@@ -1,9 +1,9 @@
 """What a report holds: markdown tables, PNG grids of images, report.md and metrics.json.
 
-  Report     .metrics (nested dict -> metrics.json), .text(md), .table(title, columns, rows, notes),
-             .image(name, grid, caption, publish), .write(header, footer)
-  markdown_table(title, columns, rows, notes, digits)
-  labelled_grid(rows), tint_hidden(images, mask), overlay_classes(images, class_map), to_rgb(images)
+Report     .metrics (nested dict -> metrics.json), .text(md), .table(title, columns, rows, notes),
+           .image(name, grid, caption, publish), .write(header, footer)
+markdown_table(title, columns, rows, notes, digits)
+labelled_grid(rows), tint_hidden(images, mask), overlay_classes(images, class_map), to_rgb(images)
 """
 
 from __future__ import annotations
@@ -18,9 +18,25 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 
-_PALETTE = np.array([(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
-                     (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)],
-                    np.float32) / 127.5 - 1.0
+_PALETTE = (
+    np.array(
+        [
+            (31, 119, 180),
+            (255, 127, 14),
+            (44, 160, 44),
+            (214, 39, 40),
+            (148, 103, 189),
+            (140, 86, 75),
+            (227, 119, 194),
+            (127, 127, 127),
+            (188, 189, 34),
+            (23, 190, 207),
+        ],
+        np.float32,
+    )
+    / 127.5
+    - 1.0
+)
 
 
 def to_rgb(images: np.ndarray) -> np.ndarray:
@@ -58,8 +74,7 @@ def labelled_grid(rows: Sequence[tuple], scale: int = 2, padding: int = 2) -> np
     label_w = 8 + max(int(font.getlength(str(row[0]))) for row in rows)
     columns = max(len(row[1]) for row in rows)
     row_h = cell_h + caption_h + padding
-    canvas = Image.new("RGB", (label_w + columns * (cell_w + padding) + padding, len(rows) * row_h + padding),
-                       "white")
+    canvas = Image.new("RGB", (label_w + columns * (cell_w + padding) + padding, len(rows) * row_h + padding), "white")
     draw = ImageDraw.Draw(canvas)
     for r, (label, images, captions) in enumerate(rows):
         top = padding + r * row_h
@@ -81,8 +96,9 @@ def _format(value: Any, digits: int = 3) -> str:
     return str(value)
 
 
-def markdown_table(title: str | None, columns: Sequence[str], rows: Sequence[Sequence[Any]],
-                   notes: Sequence[str] = (), digits: int = 3) -> str:
+def markdown_table(
+    title: str | None, columns: Sequence[str], rows: Sequence[Sequence[Any]], notes: Sequence[str] = (), digits: int = 3
+) -> str:
     """A markdown table (floats with `digits` decimals) under an optional '## title', notes as a list below."""
     lines = [f"## {title}", ""] if title else []
     lines.append("| " + " | ".join(columns) + " |")
@@ -105,22 +121,34 @@ class Report:
     def text(self, markdown: str) -> None:
         self.sections.append(markdown.strip())
 
-    def table(self, title: str | None, columns: Sequence[str], rows: Sequence[Sequence[Any]],
-              notes: Sequence[str] = (), digits: int = 3) -> str:
+    def table(
+        self,
+        title: str | None,
+        columns: Sequence[str],
+        rows: Sequence[Sequence[Any]],
+        notes: Sequence[str] = (),
+        digits: int = 3,
+    ) -> str:
         """Adds `markdown_table(...)` to the report and returns it."""
         markdown = markdown_table(title, columns, rows, notes, digits)
         self.sections.append(markdown)
         return markdown
 
-    def feature_space_tables(self, title: str, results: Mapping[str, Mapping[str, float]],
-                             spaces: Sequence[str]) -> None:
+    def feature_space_tables(
+        self, title: str, results: Mapping[str, Mapping[str, float]], spaces: Sequence[str]
+    ) -> None:
         """One FID / precision / recall table per feature space other than 'fmnist_cnn' (e.g. 'inception_v3',
         asked for in config.experiment.feature_spaces); rows: row label -> that row's metrics."""
         for space in spaces:
             if space != "fmnist_cnn":
-                self.table(f"{title}, {space} features", ["samples", "FID ↓", "precision ↑", "recall ↑"],
-                           [[label] + [metrics.get(f"{m}_{space}") for m in ("fid", "precision", "recall")]
-                            for label, metrics in results.items()])
+                self.table(
+                    f"{title}, {space} features",
+                    ["samples", "FID ↓", "precision ↑", "recall ↑"],
+                    [
+                        [label] + [metrics.get(f"{m}_{space}") for m in ("fid", "precision", "recall")]
+                        for label, metrics in results.items()
+                    ],
+                )
 
     def image(self, name: str, grid: np.ndarray, caption: str = "", publish: bool = False) -> pathlib.Path:
         """Writes grids/<name>.png; published ones are shown in report.md ('## Sample grids', after the sections)
@@ -134,18 +162,23 @@ class Report:
     def write(self, header: Sequence[str], footer: Sequence[str]) -> None:
         """report.md: title, header, the sections in order, '## Sample grids' (published images shown, the
         others listed by path), footer; and metrics.json."""
-        grids = [f"![{name}]({image['path']})\n\n{image['caption']}".strip()
-                 for name, image in self.images.items() if image["publish"]]
-        unpublished = [f"- `{image['path']}`: {image['caption']}" for image in self.images.values()
-                       if not image["publish"]]
+        grids = [
+            f"![{name}]({image['path']})\n\n{image['caption']}".strip()
+            for name, image in self.images.items()
+            if image["publish"]
+        ]
+        unpublished = [
+            f"- `{image['path']}`: {image['caption']}" for image in self.images.values() if not image["publish"]
+        ]
         if unpublished:
             grids.append("Further grids in the workdir:\n\n" + "\n".join(unpublished))
         if grids:
             grids.insert(0, "## Sample grids")
         markdown = "\n\n".join([f"# {self.title}", *header, *self.sections, *grids, *footer]) + "\n"
         (self.workdir / "report.md").write_text(markdown)
-        (self.workdir / "metrics.json").write_text(json.dumps(self.metrics, indent=1, sort_keys=False,
-                                                              default=_json_default) + "\n")
+        (self.workdir / "metrics.json").write_text(
+            json.dumps(self.metrics, indent=1, sort_keys=False, default=_json_default) + "\n"
+        )
 
 
 def _json_default(value):

@@ -57,9 +57,16 @@ def latest_checkpoint_step(workdir: pathlib.Path) -> int | None:
     return max(steps, default=None)
 
 
-def train_model(name: str, config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
-                objective: Objective | None = None, model: Any = None, schedule: Any = None,
-                hooks: Sequence[Callable] = ()) -> Trained:
+def train_model(
+    name: str,
+    config: ml_collections.ConfigDict,
+    workdir: str | pathlib.Path,
+    *,
+    objective: Objective | None = None,
+    model: Any = None,
+    schedule: Any = None,
+    hooks: Sequence[Callable] = (),
+) -> Trained:
     """`train_and_evaluate(config, workdir, objective=objective, hooks=hooks)` (resuming, or only restoring a
     finished run), then its EMA params. Without an objective: the config's MT-Diffusion model and schedule; with
     one, `model` is the network its params belong to (and `schedule` its diffusion schedule, if it is a diffusion
@@ -72,8 +79,18 @@ def train_model(name: str, config: ml_collections.ConfigDict, workdir: str | pat
     if objective is None:
         model = config_io.build_model(config)
         schedule = config_io.build_schedule(config, model)
-    return Trained(name, model, schedule, state.ema_params, config, workdir, count_params(state.params),
-                   int(jax.device_get(state.step)), seconds, resumed_from)
+    return Trained(
+        name,
+        model,
+        schedule,
+        state.ema_params,
+        config,
+        workdir,
+        count_params(state.params),
+        int(jax.device_get(state.step)),
+        seconds,
+        resumed_from,
+    )
 
 
 def curve_steps(total_steps: int, num_points: int) -> list[int]:

@@ -41,7 +41,8 @@ def _check_encodings(schedule: DiffusionSchedule, encodings: Array, z: Array) ->
     if encodings.shape != expected:
         raise ValueError(
             f"encodings must have shape [N, *z.shape] = {expected} (the schedule has weights for "
-            f"N = {schedule.num_modalities} modalities), got {encodings.shape}")
+            f"N = {schedule.num_modalities} modalities), got {encodings.shape}"
+        )
 
 
 def check_steps(t: Array, num_steps: int, first: int = 0) -> Array:
@@ -54,8 +55,10 @@ def check_steps(t: Array, num_steps: int, first: int = 0) -> Array:
         steps = np.asarray(t)
         if np.issubdtype(steps.dtype, np.integer) and steps.size and (steps.min() < first or steps.max() > num_steps):
             bad = np.unique(steps[(steps < first) | (steps > num_steps)])
-            raise ValueError(f"steps t must lie in {first}..T = {first}..{num_steps} here, got t = "
-                             f"{', '.join(str(step) for step in bad[:5])}{' ...' if bad.size > 5 else ''}")
+            raise ValueError(
+                f"steps t must lie in {first}..T = {first}..{num_steps} here, got t = "
+                f"{', '.join(str(step) for step in bad[:5])}{' ...' if bad.size > 5 else ''}"
+            )
     t = jnp.asarray(t)
     if not jnp.issubdtype(t.dtype, jnp.integer):
         raise ValueError(f"t must hold integer steps, got dtype {t.dtype}")
@@ -106,6 +109,7 @@ def encoding_mean(schedule: DiffusionSchedule, t: Array, encodings: Array, z: Ar
 
 # Forward transition q(z_t | z_{t-1}, X).
 
+
 def transition_mean(schedule: DiffusionSchedule, z_previous: Array, t: Array, encodings: Array) -> Array:
     """sqrt(alpha_t) (z_{t-1} + a_t), shape z.shape; t in 1..T."""
     t = check_steps(t, schedule.num_steps, first=1)
@@ -128,6 +132,7 @@ def transition_sample(
 
 # Marginal q(z_t | z_0, X).
 
+
 def marginal_mean(schedule: DiffusionSchedule, z_0: Array, t: Array, encodings: Array) -> Array:
     """sqrt(abar_t) z_0 + m_t, shape z.shape; t in 0..T."""
     return jnp.sqrt(at_step(schedule.alpha_bar, t, z_0)) * z_0 + encoding_mean(schedule, t, encodings, z_0)
@@ -145,6 +150,7 @@ def marginal_sample(schedule: DiffusionSchedule, z_0: Array, t: Array, encodings
 
 
 # Conversions between z_0 and eps given z_t (the marginal solved for one or the other).
+
 
 def z0_from_eps(schedule: DiffusionSchedule, z_t: Array, t: Array, eps: Array, encodings: Array) -> Array:
     """z_0 = (z_t - m_t - sqrt(1 - abar_t) eps) / sqrt(abar_t); t in 1..T."""
@@ -164,6 +170,7 @@ def eps_from_z0(schedule: DiffusionSchedule, z_t: Array, t: Array, z_0: Array, e
 
 # Posterior q(z_{t-1} | z_t, z_0, X).
 
+
 def posterior_mean(schedule: DiffusionSchedule, z_0: Array, z_t: Array, t: Array, encodings: Array) -> Array:
     """mu~_t in z0-form; t in 1..T.
 
@@ -175,15 +182,15 @@ def posterior_mean(schedule: DiffusionSchedule, z_0: Array, z_t: Array, t: Array
     beta, alpha = at_step(schedule.beta, t, z_t), at_step(schedule.alpha, t, z_t)
     alpha_bar_previous = at_step(schedule.alpha_bar, t - 1, z_t)
     one_minus, one_minus_previous = (at_step(schedule.one_minus_alpha_bar, step, z_t) for step in (t, t - 1))
-    return (jnp.sqrt(alpha_bar_previous) * beta / one_minus * z_0
-            + jnp.sqrt(alpha) * one_minus_previous / one_minus * z_t
-            + beta / one_minus * encoding_mean(schedule, t - 1, encodings, z_t)
-            - alpha * one_minus_previous / one_minus * aggregation(schedule, t, encodings, z_t))
+    return (
+        jnp.sqrt(alpha_bar_previous) * beta / one_minus * z_0
+        + jnp.sqrt(alpha) * one_minus_previous / one_minus * z_t
+        + beta / one_minus * encoding_mean(schedule, t - 1, encodings, z_t)
+        - alpha * one_minus_previous / one_minus * aggregation(schedule, t, encodings, z_t)
+    )
 
 
-def posterior_mean_from_eps(
-    schedule: DiffusionSchedule, z_t: Array, t: Array, eps: Array, encodings: Array
-) -> Array:
+def posterior_mean_from_eps(schedule: DiffusionSchedule, z_t: Array, t: Array, eps: Array, encodings: Array) -> Array:
     """mu~_t in eps-form: ( z_t - beta_t / sqrt(1 - abar_t) eps ) / sqrt(alpha_t) - a_t; t in 1..T.
 
     The DDPM posterior mean minus this step's aggregation. Equals `posterior_mean` when
@@ -198,11 +205,13 @@ def posterior_mean_from_eps(
 def posterior_variance(schedule: DiffusionSchedule, t: Array) -> Array:
     """beta~_t = beta_t (1 - abar_{t-1}) / (1 - abar_t), shape t.shape; 0 at t = 1; t in 1..T."""
     t = check_steps(t, schedule.num_steps, first=1)
-    return (lookup(schedule.beta, t) * lookup(schedule.one_minus_alpha_bar, t - 1)
-            / lookup(schedule.one_minus_alpha_bar, t))
+    return (
+        lookup(schedule.beta, t) * lookup(schedule.one_minus_alpha_bar, t - 1) / lookup(schedule.one_minus_alpha_bar, t)
+    )
 
 
 # Reverse process p(z_{t-1} | z_t).
+
 
 def reverse_mean(
     schedule: DiffusionSchedule, z_t: Array, t: Array, eps_prediction: Array, estimated_encodings: Array

@@ -41,15 +41,19 @@ def _mean_per_example(x: Array) -> Array:
 
 def normal_kl(mean_1: Array, log_variance_1: Array, mean_2: Array, log_variance_2: Array) -> Array:
     """Elementwise KL( N(mean_1, exp(log_variance_1)) || N(mean_2, exp(log_variance_2)) ), broadcasting."""
-    return 0.5 * (log_variance_2 - log_variance_1 - 1.0 + jnp.exp(log_variance_1 - log_variance_2)
-                  + jnp.square(mean_1 - mean_2) * jnp.exp(-log_variance_2))
+    return 0.5 * (
+        log_variance_2
+        - log_variance_1
+        - 1.0
+        + jnp.exp(log_variance_1 - log_variance_2)
+        + jnp.square(mean_1 - mean_2) * jnp.exp(-log_variance_2)
+    )
 
 
 # L0: prior.
 
-def prior_kl(
-    schedule: DiffusionSchedule, z_0: Array, encodings: Array, prior_mean: Array | None = None
-) -> Array:
+
+def prior_kl(schedule: DiffusionSchedule, z_0: Array, encodings: Array, prior_mean: Array | None = None) -> Array:
     """L0 = KL( N(sqrt(abar_T) z_0 + m_T, (1 - abar_T) I) || N(prior_mean, I) ), [B].
 
     `prior_mean` [B, *S] defaults to 0 (joint generation; `bump` weights keep m_T ~ 0). For a `bridge`
@@ -63,6 +67,7 @@ def prior_kl(
 
 
 # L1: one posterior term.
+
 
 def posterior_kl(
     schedule: DiffusionSchedule,
@@ -91,12 +96,17 @@ def posterior_kl(
     target_log_variance = jnp.log(diffusion.posterior_variance(schedule, t))
     model_mean = diffusion.reverse_mean(schedule, z_t, t, eps_prediction, estimated_encodings)
     model_log_variance = diffusion.reverse_log_variance(schedule, t, variance_kind, variance_interpolation)
-    kl = normal_kl(target_mean, diffusion.expand_to(target_log_variance, z_t),
-                   model_mean, diffusion.expand_to(model_log_variance, z_t))
+    kl = normal_kl(
+        target_mean,
+        diffusion.expand_to(target_log_variance, z_t),
+        model_mean,
+        diffusion.expand_to(model_log_variance, z_t),
+    )
     return jnp.where(t >= 2, _sum_per_example(kl), jnp.nan)
 
 
 # L2: modality recovery through the heads.
+
 
 def categorical_nll(logits: Array, labels: Array) -> Array:
     """-log softmax(logits)[label], summed per example: logits [B, ..., K], int labels [B, ...] -> [B].
@@ -121,6 +131,7 @@ def gaussian_nll(mean: Array, target: Array, log_scale: Array | float = 0.0) -> 
 
 # L3: data term.
 
+
 def discretized_gaussian_nll(x: Array, mean: Array, log_scale: Array, num_bins: int = 256) -> Array:
     """-log P(x) for x on the grid of `num_bins` values in [-1, 1] under N(mean, exp(log_scale)^2), [B].
 
@@ -135,8 +146,10 @@ def discretized_gaussian_nll(x: Array, mean: Array, log_scale: Array, num_bins: 
     flip = lower > 0
     mass = jnp.where(flip, ndtr(-lower) - ndtr(-upper), ndtr(upper) - ndtr(lower))
     log_probability = jnp.where(
-        x < -1.0 + half_bin, log_ndtr(upper),
-        jnp.where(x > 1.0 - half_bin, log_ndtr(-lower), jnp.log(jnp.maximum(mass, 1e-30))))
+        x < -1.0 + half_bin,
+        log_ndtr(upper),
+        jnp.where(x > 1.0 - half_bin, log_ndtr(-lower), jnp.log(jnp.maximum(mass, 1e-30))),
+    )
     return -_sum_per_example(log_probability)
 
 
@@ -164,6 +177,7 @@ def data_nll(
 
 
 # The bound, Monte-Carlo over t.
+
 
 class DenoiserOutput(NamedTuple):
     """What the bound needs from a model at (z_t, t)."""
@@ -215,8 +229,16 @@ def variational_bound(
     z_t = diffusion.marginal_sample(schedule, z_0, t, encodings, jax.random.normal(noise_rng, z_0.shape))
     output = denoise(z_t, t)
     if num_steps >= 2:
-        kl = posterior_kl(schedule, z_0, z_t, t, encodings, output.eps_prediction, output.estimated_encodings,
-                          variance_kind=variance_kind)
+        kl = posterior_kl(
+            schedule,
+            z_0,
+            z_t,
+            t,
+            encodings,
+            output.eps_prediction,
+            output.estimated_encodings,
+            variance_kind=variance_kind,
+        )
         diffusion_term = (num_steps - 1) * kl
     else:
         diffusion_term = jnp.zeros((batch,))
@@ -224,8 +246,15 @@ def variational_bound(
     one = jnp.ones((batch,), jnp.int32)
     z_1 = diffusion.marginal_sample(schedule, z_0, one, encodings, jax.random.normal(data_noise_rng, z_0.shape))
     data_output = denoise(z_1, one)
-    data = data_nll(schedule, z_0, z_1, data_output.eps_prediction, data_output.estimated_encodings,
-                    variance_kind=variance_kind, discretized=discretized)
+    data = data_nll(
+        schedule,
+        z_0,
+        z_1,
+        data_output.eps_prediction,
+        data_output.estimated_encodings,
+        variance_kind=variance_kind,
+        discretized=discretized,
+    )
 
     total = prior + diffusion_term + output.recovery_nll + data
     dimensions = math.prod(z_0.shape[1:])
@@ -233,6 +262,7 @@ def variational_bound(
 
 
 # The simplified training loss.
+
 
 def training_loss(
     schedule: DiffusionSchedule,
@@ -281,9 +311,11 @@ def training_loss(
     beta, alpha = diffusion.at_step(schedule.beta, t, eps), diffusion.at_step(schedule.alpha, t, eps)
     eps_coefficient = beta / (jnp.sqrt(alpha) * jnp.sqrt(diffusion.at_step(schedule.one_minus_alpha_bar, t, eps)))
     aggregation_error = diffusion.aggregation(schedule, t, estimated_encodings.astype(float) - encodings, eps)
-    per_example = {"eps_mse": _mean_per_example(jnp.square(eps_prediction.astype(float) - eps)),
-                   "aggregation_mse": _mean_per_example(jnp.square(aggregation_error / eps_coefficient)),
-                   **{f"recovery/{name}": nll for name, nll in recovery_nll.items()}}
+    per_example = {
+        "eps_mse": _mean_per_example(jnp.square(eps_prediction.astype(float) - eps)),
+        "aggregation_mse": _mean_per_example(jnp.square(aggregation_error / eps_coefficient)),
+        **{f"recovery/{name}": nll for name, nll in recovery_nll.items()},
+    }
 
     def weighted_sum(terms):
         total = eps_weight * terms["eps_mse"] + aggregation_weight * terms["aggregation_mse"]

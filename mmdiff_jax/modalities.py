@@ -24,8 +24,13 @@ import jax
 import jax.numpy as jnp
 
 from mmdiff_jax import losses
-from mmdiff_jax.models.conditioning import (CONDITION_KINDS, SPATIAL_KINDS, EmbeddingCondition, TokenCondition,
-                                            spatial_condition)
+from mmdiff_jax.models.conditioning import (
+    CONDITION_KINDS,
+    SPATIAL_KINDS,
+    EmbeddingCondition,
+    TokenCondition,
+    spatial_condition,
+)
 from mmdiff_jax.models.decoders import HEAD_KINDS, make_head
 from mmdiff_jax.models.encoders import ENCODER_KINDS, make_encoder
 from mmdiff_jax.models.unet import UNet, UNetConfig
@@ -123,43 +128,59 @@ class Modality:
         resolve("p_uncond", float(self.p_uncond))
 
         if len(self.shape) != rule.shape_rank or any(size < 1 for size in self.shape):
-            raise ValueError(f"{where}: kind {self.kind!r} needs a shape of {rule.shape_rank} positive sizes, "
-                             f"got {self.shape}")
+            raise ValueError(
+                f"{where}: kind {self.kind!r} needs a shape of {rule.shape_rank} positive sizes, got {self.shape}"
+            )
         if self.kind in ("label", "segmentation") and self.num_classes < 2:
             raise ValueError(f"{where}: kind {self.kind!r} needs num_classes >= 2, got {self.num_classes}")
         if self.encoder not in rule.encoders:
-            raise ValueError(f"{where}: encoder {self.encoder!r} does not fit kind {self.kind!r}; "
-                             f"use one of {rule.encoders} (all encoders: {ENCODER_KINDS})")
+            raise ValueError(
+                f"{where}: encoder {self.encoder!r} does not fit kind {self.kind!r}; "
+                f"use one of {rule.encoders} (all encoders: {ENCODER_KINDS})"
+            )
         if self.head not in (rule.head, "none"):
-            raise ValueError(f"{where}: head {self.head!r} does not fit kind {self.kind!r}; use {rule.head!r} "
-                             f"or 'none' (all heads: {HEAD_KINDS})")
+            raise ValueError(
+                f"{where}: head {self.head!r} does not fit kind {self.kind!r}; use {rule.head!r} "
+                f"or 'none' (all heads: {HEAD_KINDS})"
+            )
         if self.loss not in LOSS_KINDS:
             raise ValueError(f"{where}: unknown loss {self.loss!r}; known: {LOSS_KINDS}")
         if (self.head == "none") != (self.loss == "none"):
-            raise ValueError(f"{where}: head {self.head!r} with loss {self.loss!r}: a head needs a loss and "
-                             f"loss 'none' needs head 'none'")
+            raise ValueError(
+                f"{where}: head {self.head!r} with loss {self.loss!r}: a head needs a loss and "
+                f"loss 'none' needs head 'none'"
+            )
         if self.head != "none" and self.loss != rule.loss:
             output = "class logits" if rule.loss == "categorical" else "a Gaussian mean"
-            raise ValueError(f"{where}: loss {self.loss!r} does not match its {self.head!r} head, which predicts "
-                             f"{output} for kind {self.kind!r}; use loss {rule.loss!r}")
+            raise ValueError(
+                f"{where}: loss {self.loss!r} does not match its {self.head!r} head, which predicts "
+                f"{output} for kind {self.kind!r}; use loss {rule.loss!r}"
+            )
         if self.head_features not in HEAD_FEATURES or (self.head == "conv" and self.head_features != "features"):
-            raise ValueError(f"{where}: head_features {self.head_features!r} is not valid for head {self.head!r} "
-                             f"(conv heads read 'features'; MLP heads 'features' or 'bottleneck')")
+            raise ValueError(
+                f"{where}: head_features {self.head_features!r} is not valid for head {self.head!r} "
+                f"(conv heads read 'features'; MLP heads 'features' or 'bottleneck')"
+            )
         if self.condition not in CONDITION_KINDS:
             raise ValueError(f"{where}: unknown condition {self.condition!r}; known: {CONDITION_KINDS}")
         fitting = {"concat": SPATIAL_KINDS, "embedding": ("label", "vector")}.get(self.condition, MODALITY_KINDS)
         if self.kind not in fitting:
-            raise ValueError(f"{where}: condition {self.condition!r} does not fit kind {self.kind!r} (it takes "
-                             f"{fitting}); 'cross_attention' takes any kind")
+            raise ValueError(
+                f"{where}: condition {self.condition!r} does not fit kind {self.kind!r} (it takes "
+                f"{fitting}); 'cross_attention' takes any kind"
+            )
         if not 0.0 <= self.p_uncond <= 1.0:
             raise ValueError(f"{where}: p_uncond must lie in [0, 1], got {self.p_uncond}")
-        if self.condition == "cross_attention" and self.kind in SPATIAL_KINDS and (
-                self.token_patch_size < 1 or any(size % self.token_patch_size for size in self.shape[:2])):
-            raise ValueError(f"{where}: token_patch_size {self.token_patch_size} must divide the spatial size "
-                             f"{self.shape[:2]}")
+        if (
+            self.condition == "cross_attention"
+            and self.kind in SPATIAL_KINDS
+            and (self.token_patch_size < 1 or any(size % self.token_patch_size for size in self.shape[:2]))
+        ):
+            raise ValueError(
+                f"{where}: token_patch_size {self.token_patch_size} must divide the spatial size {self.shape[:2]}"
+            )
         if self.weight_schedule[0] not in WEIGHT_SCHEDULES:
-            raise ValueError(f"{where}: unknown weight schedule {self.weight_schedule[0]!r}; "
-                             f"known: {WEIGHT_SCHEDULES}")
+            raise ValueError(f"{where}: unknown weight schedule {self.weight_schedule[0]!r}; known: {WEIGHT_SCHEDULES}")
 
     @property
     def data_shape(self) -> tuple[int, ...]:
@@ -203,17 +224,21 @@ def check_modalities(modalities: Sequence[Modality], z_shape: tuple[int, int, in
         if modality.name in seen:
             raise ValueError(f"modality {modality.name!r} is listed twice")
         if modality.name in (primary, MASK_KEY):
-            raise ValueError(f"modality {modality.name!r}: the name is reserved (primary modality "
-                             f"{primary!r}, or {MASK_KEY!r} for masked images)")
+            raise ValueError(
+                f"modality {modality.name!r}: the name is reserved (primary modality "
+                f"{primary!r}, or {MASK_KEY!r} for masked images)"
+            )
         seen.add(modality.name)
         modality.check_fits(z_shape)
 
 
-def modality_schedule(noise_kind: str, num_steps: int, modalities: Sequence[Modality], *,
-                      modality_normalized: bool = False) -> DiffusionSchedule:
+def modality_schedule(
+    noise_kind: str, num_steps: int, modalities: Sequence[Modality], *, modality_normalized: bool = False
+) -> DiffusionSchedule:
     """The `DiffusionSchedule` whose weight row i belongs to modalities[i]."""
-    return make_schedule(noise_kind, num_steps, [m.weight_schedule for m in modalities],
-                         modality_normalized=modality_normalized)
+    return make_schedule(
+        noise_kind, num_steps, [m.weight_schedule for m in modalities], modality_normalized=modality_normalized
+    )
 
 
 def modality_data(modality: Modality, batch: Batch) -> Array:
@@ -238,8 +263,13 @@ def condition_data(modality: Modality, batch: Batch, batch_size: int) -> Array:
     return data
 
 
-def validate_batch(modalities: Sequence[Modality], z_shape: tuple[int, ...], batch: Batch,
-                   primary: str | None = "image", names: Sequence[str] | None = None) -> int:
+def validate_batch(
+    modalities: Sequence[Modality],
+    z_shape: tuple[int, ...],
+    batch: Batch,
+    primary: str | None = "image",
+    names: Sequence[str] | None = None,
+) -> int:
     """Checks keys, shapes and dtypes of a batch (works on tracers: shapes are static); returns B.
 
     `primary` None skips x_0; `names` restricts the check to those modalities (e.g. the observed ones).
@@ -262,8 +292,9 @@ def validate_batch(modalities: Sequence[Modality], z_shape: tuple[int, ...], bat
         if tuple(value.shape[1:]) != shape or value.ndim != len(shape) + 1:
             raise ValueError(f"batch[{key!r}] must have shape [B, *{shape}], got {tuple(value.shape)}")
         if integer is not None and integer != bool(jnp.issubdtype(value.dtype, jnp.integer)):
-            raise ValueError(f"batch[{key!r}] must be {'integer class ids' if integer else 'floating'}, "
-                             f"got dtype {value.dtype}")
+            raise ValueError(
+                f"batch[{key!r}] must be {'integer class ids' if integer else 'floating'}, got dtype {value.dtype}"
+            )
         batch_sizes[key] = value.shape[0]
     if len(set(batch_sizes.values())) > 1:
         raise ValueError(f"batch entries disagree on the batch size: {batch_sizes}")
@@ -312,18 +343,35 @@ class MTDiffusion(nn.Module):
 
     def setup(self):
         self.backbone = UNet(self.unet, out_channels=self.z_shape[-1], dtype=self.dtype)
-        self.encoders = {m.name: make_encoder(m.encoder, self.z_shape, normalize=m.normalize,
-                                              num_classes=m.num_classes, kernel_size=m.encoder_kernel_size)
-                         for m in self.modalities}
-        self.decoders = {m.name: make_head(m.head, m.head_shape[-1] if m.head == "conv" else math.prod(m.head_shape),
-                                           m.head_hidden or self.unet.base_channels,
-                                           num_groups=self.unet.num_groups, dtype=self.dtype)
-                         for m in self.modalities if m.head != "none"}
+        self.encoders = {
+            m.name: make_encoder(
+                m.encoder,
+                self.z_shape,
+                normalize=m.normalize,
+                num_classes=m.num_classes,
+                kernel_size=m.encoder_kernel_size,
+            )
+            for m in self.modalities
+        }
+        self.decoders = {
+            m.name: make_head(
+                m.head,
+                m.head_shape[-1] if m.head == "conv" else math.prod(m.head_shape),
+                m.head_hidden or self.unet.base_channels,
+                num_groups=self.unet.num_groups,
+                dtype=self.dtype,
+            )
+            for m in self.modalities
+            if m.head != "none"
+        }
         features = 4 * self.unet.base_channels  # the U-Net's time-embedding width
         self.conditioners = {
-            m.name: EmbeddingCondition(m.kind, features, m.num_classes) if m.condition == "embedding"
+            m.name: EmbeddingCondition(m.kind, features, m.num_classes)
+            if m.condition == "embedding"
             else TokenCondition(m.kind, features, m.num_classes, m.token_patch_size)
-            for m in self.modalities if m.condition in ("embedding", "cross_attention")}
+            for m in self.modalities
+            if m.condition in ("embedding", "cross_attention")
+        }
 
     @property
     def conditioned_modalities(self) -> tuple[Modality, ...]:
@@ -348,10 +396,14 @@ class MTDiffusion(nn.Module):
         conditioned = [m.name for m in self.conditioned_modalities]
         unknown = sorted(set(present) - set(conditioned))
         if unknown:
-            raise ValueError(f"present names {unknown}, which are not conditioned modalities of the model "
-                             f"(conditioned: {conditioned})")
-        return {name: jnp.broadcast_to(jnp.asarray(present.get(name, name in visible), bool), (batch_size,))
-                for name in conditioned}
+            raise ValueError(
+                f"present names {unknown}, which are not conditioned modalities of the model "
+                f"(conditioned: {conditioned})"
+            )
+        return {
+            name: jnp.broadcast_to(jnp.asarray(present.get(name, name in visible), bool), (batch_size,))
+            for name in conditioned
+        }
 
     def _condition_inputs(self, source: Batch, present: Mapping[str, Array], batch_size: int):
         """The U-Net's condition inputs: extra input channels, time-embedding offset, context tokens."""
@@ -367,8 +419,16 @@ class MTDiffusion(nn.Module):
                 context.append(self.conditioners[m.name](data, present[m.name]))
         return channels, embedding, (jnp.concatenate(context, axis=1) if context else None)
 
-    def _denoise(self, z_t: Array, t: Array, known: Mapping[str, Array], present: Mapping[str, Array],
-                 source: Batch, *, train: bool):
+    def _denoise(
+        self,
+        z_t: Array,
+        t: Array,
+        known: Mapping[str, Array],
+        present: Mapping[str, Array],
+        source: Batch,
+        *,
+        train: bool,
+    ):
         """eps, heads and ehat (ehat_i = known[name] where given, else E_i(D_i(h))); the denoiser sees the
         conditioned modalities of `source` where `present` (docs/design.md section 3b)."""
         if tuple(z_t.shape[1:]) != self.z_shape:
@@ -391,8 +451,9 @@ class MTDiffusion(nn.Module):
                 estimated.append(self.encoders[m.name].from_prediction(heads[m.name]))
         return output.output.astype(jnp.float32), heads, self._stack(estimated, z_t.shape[0])
 
-    def __call__(self, batch: Batch, z_t: Array, t: Array, *, train: bool,
-                 present: Mapping[str, Array] | None = None) -> ModelOutput:
+    def __call__(
+        self, batch: Batch, z_t: Array, t: Array, *, train: bool, present: Mapping[str, Array] | None = None
+    ) -> ModelOutput:
         """Training forward pass: z_t [B, *S], t [B] (or []) in 1..T, batch holding every modality.
 
         present: name -> [B] bool, which conditioned modalities the denoiser sees (default: none, the
@@ -405,13 +466,19 @@ class MTDiffusion(nn.Module):
         known = {m.name: encodings[i] for i, m in enumerate(self.modalities) if m.head == "none"}
         eps, heads, estimated = self._denoise(z_t, t, known, present, batch, train=train)
         if present:
-            estimated = jnp.stack([
-                jnp.where(present[m.name].reshape((-1,) + (1,) * len(self.z_shape)), encodings[i], estimated[i])
-                if m.conditioned else estimated[i] for i, m in enumerate(self.modalities)])
+            estimated = jnp.stack(
+                [
+                    jnp.where(present[m.name].reshape((-1,) + (1,) * len(self.z_shape)), encodings[i], estimated[i])
+                    if m.conditioned
+                    else estimated[i]
+                    for i, m in enumerate(self.modalities)
+                ]
+            )
         return ModelOutput(eps, heads, encodings, estimated)
 
-    def predict(self, z_t: Array, t: Array, observed: Batch, *, train: bool = False,
-                present: Mapping[str, Array] | None = None) -> ModelOutput:
+    def predict(
+        self, z_t: Array, t: Array, observed: Batch, *, train: bool = False, present: Mapping[str, Array] | None = None
+    ) -> ModelOutput:
         """Sampling forward pass: z_t [B, *S], t [B] or [] in 1..T -> eps, heads and ehat.
 
         ehat_i = E_i(x_i) for observed modalities (whether or not the denoiser sees them), E_i(D_i(h)) for
@@ -429,14 +496,16 @@ class MTDiffusion(nn.Module):
             raise ValueError(f"observed has {MASK_KEY!r} but no masked image it belongs to")
         unseen = sorted(set(present or {}) - set(observed))
         if unseen:
-            raise ValueError(f"present names modalities {unseen} that are not observed: the denoiser can only "
-                             f"see observed data")
+            raise ValueError(
+                f"present names modalities {unseen} that are not observed: the denoiser can only see observed data"
+            )
         batch_size = validate_batch(self.modalities, self.z_shape, observed, primary=None, names=tuple(observed))
         if observed and batch_size != z_t.shape[0]:
             raise ValueError(f"observed modalities have batch size {batch_size}, z_t has {z_t.shape[0]}")
         present = self._present(present, z_t.shape[0], visible=tuple(observed))
-        known = {m.name: self.encoders[m.name](modality_data(m, observed)) for m in self.modalities
-                 if m.name in observed}
+        known = {
+            m.name: self.encoders[m.name](modality_data(m, observed)) for m in self.modalities if m.name in observed
+        }
         eps, heads, estimated = self._denoise(z_t, t, known, present, observed, train=train)
         return ModelOutput(eps, heads, None, estimated)
 

@@ -64,8 +64,9 @@ def _variables(params: Any) -> dict[str, Any]:
     return {"params": params}
 
 
-def make_loss_fn(model: MTDiffusion, schedule: DiffusionSchedule,
-                 loss_config: LossConfig | Mapping[str, Any] | None = None) -> LossFn:
+def make_loss_fn(
+    model: MTDiffusion, schedule: DiffusionSchedule, loss_config: LossConfig | Mapping[str, Any] | None = None
+) -> LossFn:
     """Returns loss_fn(params, batch, rng, train=True) -> (loss, metrics) for this model and schedule.
 
     Checked here (before any tracing): the schedule has one weight row per modality. Checked on each call,
@@ -75,16 +76,19 @@ def make_loss_fn(model: MTDiffusion, schedule: DiffusionSchedule,
     """
     config = LossConfig.from_any(loss_config)
     if schedule.num_modalities != len(model.modalities):
-        raise ValueError(f"the schedule has weights for {schedule.num_modalities} modalities but the model has "
-                         f"{len(model.modalities)} ({[m.name for m in model.modalities]}): build it with "
-                         f"`modalities.modality_schedule`")
+        raise ValueError(
+            f"the schedule has weights for {schedule.num_modalities} modalities but the model has "
+            f"{len(model.modalities)} ({[m.name for m in model.modalities]}): build it with "
+            f"`modalities.modality_schedule`"
+        )
     with_heads = {m.name: m for m in model.modalities if m.loss != "none"}
     recovery_weights = {name: float(m.loss_weight) for name, m in with_heads.items()}
     categorical = [name for name, m in with_heads.items() if m.loss == "categorical"]
     num_steps = schedule.num_steps
 
-    def loss_fn(params: Any, batch: Mapping[str, Array], rng: Array,
-                train: bool = True) -> tuple[Array, dict[str, Array]]:
+    def loss_fn(
+        params: Any, batch: Mapping[str, Array], rng: Array, train: bool = True
+    ) -> tuple[Array, dict[str, Array]]:
         """One Monte-Carlo estimate of the simplified bound on `batch`; rng drives t, eps and dropout."""
         batch_size = validate_batch(model.modalities, model.z_shape, batch, primary=model.primary)
         variables = _variables(params)
@@ -103,9 +107,17 @@ def make_loss_fn(model: MTDiffusion, schedule: DiffusionSchedule,
                 fraction = jnp.mean(hidden)
                 nll[name] = jnp.where(fraction > 0, nll[name] * hidden / jnp.maximum(fraction, 1e-12), 0.0)
         loss, metrics = losses.training_loss(
-            schedule, t, eps, output.eps, output.encodings, output.estimated_encodings, nll,
-            eps_weight=config.eps_weight, aggregation_weight=config.aggregation_weight,
-            recovery_weights=recovery_weights)
+            schedule,
+            t,
+            eps,
+            output.eps,
+            output.encodings,
+            output.estimated_encodings,
+            nll,
+            eps_weight=config.eps_weight,
+            aggregation_weight=config.aggregation_weight,
+            recovery_weights=recovery_weights,
+        )
         for name in categorical:  # like L2, over the examples where the denoiser did not see the target
             correct = (jnp.argmax(output.heads[name], axis=-1) == batch[name]).astype(jnp.float32)
             if name in present:
@@ -121,5 +133,7 @@ def make_loss_fn(model: MTDiffusion, schedule: DiffusionSchedule,
 def condition_dropout(modalities: Sequence[Modality], rng: Array, batch_size: int) -> dict[str, Array]:
     """name -> [B] bool, True where the denoiser sees modality `name`: Bernoulli(1 - p_uncond) per example,
     independently per modality (one key per modality, folded in by position)."""
-    return {m.name: jax.random.bernoulli(jax.random.fold_in(rng, index), 1.0 - m.p_uncond, (batch_size,))
-            for index, m in enumerate(modalities)}
+    return {
+        m.name: jax.random.bernoulli(jax.random.fold_in(rng, index), 1.0 - m.p_uncond, (batch_size,))
+        for index, m in enumerate(modalities)
+    }

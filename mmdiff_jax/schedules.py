@@ -95,9 +95,13 @@ def schedule_from_beta(beta: np.ndarray | Sequence[float]) -> NoiseSchedule:
     outside = np.flatnonzero(~((beta > 0) & (beta < 1)))
     if outside.size:
         t = int(outside[0]) + 1
-        reason = (" (alpha_bar_T = 0, a zero-terminal-SNR schedule: the eps-prediction models and samplers of this "
-                  "library cannot recover z_0 where no signal is left; clip the betas below 1, e.g. the cosine "
-                  "schedule's default max_beta=0.999)" if beta[t - 1] == 1 else "")
+        reason = (
+            " (alpha_bar_T = 0, a zero-terminal-SNR schedule: the eps-prediction models and samplers of this "
+            "library cannot recover z_0 where no signal is left; clip the betas below 1, e.g. the cosine "
+            "schedule's default max_beta=0.999)"
+            if beta[t - 1] == 1
+            else ""
+        )
         raise ValueError(f"every beta_t must lie in (0, 1), got beta_{t} = {beta[t - 1]:g}{reason}")
     beta = np.concatenate([[0.0], beta])
     alpha = 1.0 - beta
@@ -110,8 +114,10 @@ def linear_beta(num_steps: int, beta_start: float = 1e-4, beta_end: float = 0.02
     """DDPM's linear betas [T], rescaled by 1000 / T so that any T spans the same noise range (as ADM)."""
     scale = 1000.0 / num_steps
     if scale * beta_end >= 1.0:
-        raise ValueError(f"a linear schedule with T = {num_steps} would need beta_T = {scale * beta_end:g} >= 1; "
-                         f"use T > {int(1000 * beta_end)} or the cosine schedule")
+        raise ValueError(
+            f"a linear schedule with T = {num_steps} would need beta_T = {scale * beta_end:g} >= 1; "
+            f"use T > {int(1000 * beta_end)} or the cosine schedule"
+        )
     return np.linspace(scale * beta_start, scale * beta_end, num_steps, dtype=np.float64)
 
 

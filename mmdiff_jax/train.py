@@ -20,8 +20,9 @@ from ml_collections import config_flags
 
 from mmdiff_jax.training import CheckpointMismatchError, NonFiniteLossError, cli, train_and_evaluate
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file (a get_config() module).",
-                                          lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Training config file (a get_config() module).", lock_config=True
+)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, logs, samples, config.json.")
 flags.mark_flags_as_required(["config", "workdir"])
 

@@ -35,11 +35,7 @@ def main(out, pth_dir=None):
         arrays.update({f"{case}/{k}": v.numpy() for k, v in model.state_dict().items()})
         if pth_dir and calibrated:  # the trunk alone, in torchvision's layout
             torch.save(
-                {
-                    f"features.{k.split('.', 2)[2]}": v
-                    for k, v in model.state_dict().items()
-                    if k.startswith("net.")
-                },
+                {f"features.{k.split('.', 2)[2]}": v for k, v in model.state_dict().items() if k.startswith("net.")},
                 f"{pth_dir}/vgg16_random_features.pth",
             )
         for size in (64, 32):
@@ -50,9 +46,7 @@ def main(out, pth_dir=None):
                 d = model(torch.from_numpy(x0), torch.from_numpy(x1)).reshape(-1)
             arrays[f"{name}/x0"], arrays[f"{name}/x1"] = x0, x1
             arrays[f"{name}/d"] = d.numpy()
-    versions = ", ".join(
-        f"{package} {metadata.version(package)}" for package in ("lpips", "torch", "torchvision")
-    )
+    versions = ", ".join(f"{package} {metadata.version(package)}" for package in ("lpips", "torch", "torchvision"))
     np.savez(out, versions=np.array(versions), **arrays)
 
 

@@ -63,10 +63,16 @@ def test_same_outputs_and_loss_given_the_same_weights(resblock_updown):
         encodings = model.apply(variables, batch, method=model.encode)
         z_t = diffusion.marginal_sample(schedule, batch["image"], t, encodings, eps)
         output = model.apply(variables, batch, z_t, t, train=False)
-        loss, metrics = losses.training_loss(schedule, t, eps, output.eps, output.encodings,
-                                             output.estimated_encodings,
-                                             recovery_nll(model.modalities, output.heads, batch),
-                                             recovery_weights={"label": 1.0})
+        loss, metrics = losses.training_loss(
+            schedule,
+            t,
+            eps,
+            output.eps,
+            output.encodings,
+            output.estimated_encodings,
+            recovery_nll(model.modalities, output.heads, batch),
+            recovery_weights={"label": 1.0},
+        )
         return z_t, output, loss, metrics
 
     z_t, output, loss, metrics = reference(params, batch, t, eps)
@@ -75,8 +81,14 @@ def test_same_outputs_and_loss_given_the_same_weights(resblock_updown):
     labels = torch.from_numpy(batch["label"]).long()
     with torch.no_grad():
         eps_t, logits_t, encoding_t, estimated_t = port(labels, nchw(z_t), torch.from_numpy(t).long())
-        loss_t, metrics_t = torch_unet.loss_terms(port, torch_unet.ScheduleTensors(schedule), nchw(batch["image"]),
-                                                  labels, torch.from_numpy(t).long(), nchw(eps))
+        loss_t, metrics_t = torch_unet.loss_terms(
+            port,
+            torch_unet.ScheduleTensors(schedule),
+            nchw(batch["image"]),
+            labels,
+            torch.from_numpy(t).long(),
+            nchw(eps),
+        )
 
     close = lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=2e-4)  # noqa: E731
     close(eps_t.numpy().transpose(0, 2, 3, 1), output.eps)

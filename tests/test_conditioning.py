@@ -18,8 +18,9 @@ from mmdiff_jax.sampling.guidance import classifier_free_guidance
 from mmdiff_jax.schedules import make_schedule
 
 SHAPE = (8, 8, 1)
-UNET = unet_preset("tiny", base_channels=8, channel_multipliers=(1, 2), attention_resolutions=(),
-                   num_head_channels=8, num_groups=4)
+UNET = unet_preset(
+    "tiny", base_channels=8, channel_multipliers=(1, 2), attention_resolutions=(), num_head_channels=8, num_groups=4
+)
 
 
 def _model(*specs):
@@ -55,6 +56,7 @@ def _batch(model, batch_size=4, seed=0):
 
 def _backbone_inputs(fn):
     """Runs fn() (jit-compiled) and returns every (x, condition_embedding, context) the U-Net was called with."""
+
     def collect():
         calls = []
 
@@ -80,13 +82,15 @@ def test_denoiser_sees_exactly_the_observed_data_and_the_null_otherwise():
 
     # Sampling: observed -> the data and presence 1; unobserved -> zeros, presence 0 and the null class.
     observed = {name: batch[name] for name in ("masked_image", MASK_KEY, "label")}
-    (x, embedding, context), = _backbone_inputs(lambda: model.apply(variables, z_t, t, observed, method=model.predict))
+    ((x, embedding, context),) = _backbone_inputs(
+        lambda: model.apply(variables, z_t, t, observed, method=model.predict)
+    )
     np.testing.assert_array_equal(x[..., :1], z_t)
     np.testing.assert_array_equal(x[..., 1:3], data)
     np.testing.assert_array_equal(x[..., 3], 1.0)
     np.testing.assert_array_equal(embedding, table[batch["label"]])
     assert context is None
-    (x, embedding, _), = _backbone_inputs(lambda: model.apply(variables, z_t, t, {}, method=model.predict))
+    ((x, embedding, _),) = _backbone_inputs(lambda: model.apply(variables, z_t, t, {}, method=model.predict))
     np.testing.assert_array_equal(x[..., 1:], 0.0)
     np.testing.assert_array_equal(embedding, jnp.broadcast_to(table[3], embedding.shape))
 
@@ -116,9 +120,10 @@ def test_cross_attention_tokens_reach_the_unet_and_the_null_tokens_otherwise():
     variables = _perturbed(init_variables(model, jax.random.key(0)))
     batch = _batch(model)
     observed = {name: batch[name] for name in ("masked_image", MASK_KEY, "label")}
-    (x, _, seen), = _backbone_inputs(
-        lambda: model.apply(variables, batch["image"], 3, observed, method=model.predict))
-    (_, _, hidden), = _backbone_inputs(lambda: model.apply(variables, batch["image"], 3, {}, method=model.predict))
+    ((x, _, seen),) = _backbone_inputs(
+        lambda: model.apply(variables, batch["image"], 3, observed, method=model.predict)
+    )
+    ((_, _, hidden),) = _backbone_inputs(lambda: model.apply(variables, batch["image"], 3, {}, method=model.predict))
     assert x.shape[-1] == 1 and seen.shape == hidden.shape == (4, 4 + 1, 32)  # 2 x 2 patches + one label token
     params = variables["params"]
     nulls = jnp.concatenate([params["conditioners_masked_image"]["null"], params["conditioners_label"]["null"]])
@@ -145,11 +150,13 @@ def test_p_uncond_one_gives_the_aggregation_only_loss(condition):
     backbone = jax.tree.map(lambda x: x, plain_params["backbone"])
     if condition == "concat":  # the first convolution reads two condition channels, zero when hidden
         kernel = backbone["Conv_0"]["kernel"]
-        backbone["Conv_0"]["kernel"] = jnp.concatenate([kernel, jnp.ones(kernel.shape[:2] + (3,) + kernel.shape[3:])],
-                                                       axis=2)
+        backbone["Conv_0"]["kernel"] = jnp.concatenate(
+            [kernel, jnp.ones(kernel.shape[:2] + (3,) + kernel.shape[3:])], axis=2
+        )
     else:
-        params["conditioners_label"]["table"]["embedding"] = params["conditioners_label"]["table"]["embedding"].at[
-            -1].set(0.0)
+        params["conditioners_label"]["table"]["embedding"] = (
+            params["conditioners_label"]["table"]["embedding"].at[-1].set(0.0)
+        )
     params["backbone"] = backbone
     schedule = modality_schedule("linear", 50, plain.modalities)
     batch = _batch(plain)
@@ -187,8 +194,9 @@ def test_guidance_end_points_equal_the_unguided_samplers():
     # The guidance weights are exact at these end points (0 * P_0 + 1 * P_1); what differs is the program: the
     # passes run as one batch of 6 instead of 3, which rounds apart by ~2e-6 over the 6 steps.
     np.testing.assert_allclose(sample(variables, rng, observed, cfg_scales=1.0).z_0, conditional, atol=1e-5)
-    np.testing.assert_allclose(sample(variables, rng, observed, cfg_scales={"masked_image": 1.0}).z_0, conditional,
-                               atol=1e-5)
+    np.testing.assert_allclose(
+        sample(variables, rng, observed, cfg_scales={"masked_image": 1.0}).z_0, conditional, atol=1e-5
+    )
 
     # Scale 0: the denoiser sees nothing (the observed data still enter the aggregation).
     hidden = {"masked_image": jnp.zeros(3, bool), "label": jnp.zeros(3, bool)}
@@ -197,11 +205,13 @@ def test_guidance_end_points_equal_the_unguided_samplers():
         output = model.apply(variables, z_t, t, observed, present=hidden, method=model.predict)
         return Prediction(output.eps, output.estimated_encodings, output.heads)
 
-    expected = jax.jit(lambda: ddim_sample(unconditioned, schedule, rng, (3,) + SHAPE, num_steps=6, eta=1.0,
-                                           clip_denoised=True).z_0)()
+    expected = jax.jit(
+        lambda: ddim_sample(unconditioned, schedule, rng, (3,) + SHAPE, num_steps=6, eta=1.0, clip_denoised=True).z_0
+    )()
     np.testing.assert_allclose(sample(variables, rng, observed, cfg_scales=0.0).z_0, expected, atol=1e-5)
-    np.testing.assert_allclose(sample(variables, rng, observed, cfg_scales={"masked_image": 0.0, "label": 0.0}).z_0,
-                               expected, atol=1e-5)
+    np.testing.assert_allclose(
+        sample(variables, rng, observed, cfg_scales={"masked_image": 0.0, "label": 0.0}).z_0, expected, atol=1e-5
+    )
     guided = sample(variables, rng, observed, cfg_scales={"label": 3.0}).z_0
     assert float(jnp.max(jnp.abs(guided - conditional))) > 1e-3
 
@@ -223,13 +233,16 @@ def test_guidance_refuses_what_is_not_observed_and_conditioned():
         sample(variables, jax.random.key(0), {MASK_KEY: batch[MASK_KEY]})
 
 
-@pytest.mark.parametrize("fields, message", [
-    (dict(kind="label", shape=(), num_classes=3, condition="concat"), "does not fit kind"),
-    (dict(kind="masked_image", shape=SHAPE, condition="embedding"), "does not fit kind"),
-    (dict(kind="masked_image", shape=SHAPE, condition="attention"), "unknown condition"),
-    (dict(kind="masked_image", shape=SHAPE, condition="concat", p_uncond=1.5), "p_uncond"),
-    (dict(kind="masked_image", shape=SHAPE, condition="cross_attention", token_patch_size=3), "token_patch_size"),
-])
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        (dict(kind="label", shape=(), num_classes=3, condition="concat"), "does not fit kind"),
+        (dict(kind="masked_image", shape=SHAPE, condition="embedding"), "does not fit kind"),
+        (dict(kind="masked_image", shape=SHAPE, condition="attention"), "unknown condition"),
+        (dict(kind="masked_image", shape=SHAPE, condition="concat", p_uncond=1.5), "p_uncond"),
+        (dict(kind="masked_image", shape=SHAPE, condition="cross_attention", token_patch_size=3), "token_patch_size"),
+    ],
+)
 def test_condition_fields_are_checked(fields, message):
     with pytest.raises(ValueError, match=message):
         Modality("x", **fields)
@@ -244,13 +257,14 @@ def test_guided_gaussian_toy_reproduces_the_conditional_distribution():
 
     def exact_eps(z_t, t, mean, std):
         alpha_bar = diffusion.at_step(schedule.alpha_bar, t, z_t)
-        return jnp.sqrt(1 - alpha_bar) * (z_t - jnp.sqrt(alpha_bar) * mean) / (alpha_bar * std ** 2 + 1 - alpha_bar)
+        return jnp.sqrt(1 - alpha_bar) * (z_t - jnp.sqrt(alpha_bar) * mean) / (alpha_bar * std**2 + 1 - alpha_bar)
 
     def guided(scale):
         def denoise(z_t, t):
             passes = jnp.stack([exact_eps(z_t, t, *unconditional), exact_eps(z_t, t, *conditional)])
             empty = jnp.zeros((2, 0) + z_t.shape)
             return classifier_free_guidance(Prediction(passes, empty), jnp.array([scale]))
+
         return denoise
 
     shape = (20_000, 1, 1, 1)

@@ -51,9 +51,7 @@ def test_image_is_padded_with_black_and_scaled(synthetic_arrays):  # noqa: F811
 @pytest.mark.parametrize("mask_kind", ["patch", "pixel"])
 @pytest.mark.parametrize("ratio", [0.1, 0.3, 0.5, 0.75])
 def test_masks_cover_requested_ratio(mask_kind, ratio, synthetic_arrays):  # noqa: F811
-    batch = first_batch(
-        "fashion_mnist_masked", synthetic_arrays, batch_size=64, mask_kind=mask_kind, mask_ratio=ratio
-    )
+    batch = first_batch("fashion_mnist_masked", synthetic_arrays, batch_size=64, mask_kind=mask_kind, mask_ratio=ratio)
     mask = batch["mask"]
     assert set(np.unique(mask)) == {0.0, 1.0}
     hidden = 1 - mask.mean(axis=(1, 2, 3))  # per example

@@ -79,7 +79,5 @@ def test_real_fashion_mnist(real_data_dir):  # noqa: F811
         assert labels.min() == 0 and labels.max() == 9
         # Fashion-MNIST is balanced: 6000 / 1000 examples per class.
         np.testing.assert_array_equal(np.bincount(labels), [count // 10] * 10)
-        np.testing.assert_array_equal(
-            labels, fashion_mnist.read_idx(REAL_IDX_DIR / f"{prefix}-labels-idx1-ubyte.gz")
-        )
+        np.testing.assert_array_equal(labels, fashion_mnist.read_idx(REAL_IDX_DIR / f"{prefix}-labels-idx1-ubyte.gz"))
     assert "tensorflow" not in sys.modules

@@ -23,8 +23,7 @@ HAVE_REAL_FILES = all(
 )
 requires_real_files = pytest.mark.skipif(
     not HAVE_REAL_FILES,
-    reason=f"Debian's Fashion-MNIST IDX files are not in {REAL_IDX_DIR} "
-    f"(install: {fashion_mnist.INSTALL_COMMAND})",
+    reason=f"Debian's Fashion-MNIST IDX files are not in {REAL_IDX_DIR} (install: {fashion_mnist.INSTALL_COMMAND})",
 )
 
 

@@ -124,9 +124,7 @@ def test_default_shard_is_this_process():
     iterator = data.make_dataset("fashion_mnist", "train", batch_size=96, seed=0, arrays=ARRAYS, num_epochs=1)
     assert len(next(iterator)["label"]) == 96  # one process: the whole split
     with pytest.raises(ValueError, match="shard_index 2"):
-        data.make_dataset(
-            "fashion_mnist", "train", batch_size=4, seed=0, arrays=ARRAYS, shard_index=2, shard_count=2
-        )
+        data.make_dataset("fashion_mnist", "train", batch_size=4, seed=0, arrays=ARRAYS, shard_index=2, shard_count=2)
 
 
 def test_last_partial_batch_is_kept_on_request():
@@ -223,9 +221,7 @@ def test_unknown_names_and_options():
     ):
         assert known in str(error.value)
     with pytest.raises(ValueError, match="Unknown options \\['mask_ratoi'\\]"):
-        data.make_dataset(
-            "fashion_mnist_masked", "train", batch_size=4, seed=0, arrays=ARRAYS, mask_ratoi=0.3
-        )
+        data.make_dataset("fashion_mnist_masked", "train", batch_size=4, seed=0, arrays=ARRAYS, mask_ratoi=0.3)
 
 
 EXIT_SCRIPT = """
@@ -256,9 +252,14 @@ def test_open_iterators_exit_quietly(tmp_path):
     "'NoneType' object has no attribute 'Empty'", leaked shared memory)."""
     script = tmp_path / "script.py"
     script.write_text(EXIT_SCRIPT)
-    child = subprocess.run([sys.executable, str(script)], cwd=REPO,
-                           env=dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu"),
-                           capture_output=True, text=True, timeout=300)
+    child = subprocess.run(
+        [sys.executable, str(script)],
+        cwd=REPO,
+        env=dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert child.returncode == 0, child.stderr[-3000:]
     assert child.stdout.splitlines() == ["this data iterator is closed", "exiting with 4 open iterators"]
     assert child.stderr == ""

@@ -10,9 +10,7 @@ pytestmark = requires_real_files
 
 
 def test_test_split_one_epoch(real_data_dir):  # noqa: F811
-    iterator = data.make_dataset(
-        "fashion_mnist", "test", batch_size=500, seed=0, data_dir=real_data_dir, num_epochs=1
-    )
+    iterator = data.make_dataset("fashion_mnist", "test", batch_size=500, seed=0, data_dir=real_data_dir, num_epochs=1)
     labels, count = np.zeros(10, int), 0
     for batch in iterator:
         assert batch["image"].shape == (500, 32, 32, 1)
@@ -43,9 +41,7 @@ def test_masked_real(real_data_dir, mask_kind):  # noqa: F811
 
 
 def test_scenes_real(real_data_dir):  # noqa: F811
-    batch = next(
-        data.make_dataset("fashion_mnist_scenes", "train", batch_size=128, seed=0, data_dir=real_data_dir)
-    )
+    batch = next(data.make_dataset("fashion_mnist_scenes", "train", batch_size=128, seed=0, data_dir=real_data_dir))
     image, segmentation = batch["image"][..., 0], batch["segmentation"]
     assert image.shape == segmentation.shape == (128, 64, 64)
     assert segmentation.dtype == np.int32

@@ -61,8 +61,9 @@ def test_closed_form_marginal_matches_monte_carlo_forward_chain(normalized):
         variance_tolerance = 5 * variance * np.sqrt(2 / (num_samples - 1))
         np.testing.assert_allclose(samples.mean(0), mean, atol=mean_tolerance, err_msg=f"mean at t={t}")
         np.testing.assert_allclose(samples.var(0), variance, atol=variance_tolerance, err_msg=f"variance at t={t}")
-        encoding_effect.append(np.max(np.abs(mean - np.sqrt(float(schedule.alpha_bar[t])) * np.asarray(z_0)))
-                               / mean_tolerance)
+        encoding_effect.append(
+            np.max(np.abs(mean - np.sqrt(float(schedule.alpha_bar[t])) * np.asarray(z_0))) / mean_tolerance
+        )
     # The encodings really are in the mean: without m_t the chain would be far off the closed form.
     assert max(encoding_effect) > 10
 
@@ -74,10 +75,12 @@ def test_transition_sample_is_the_transition_formula():
     encodings = jax.random.normal(keys[2], (2, 4, 3))
     t = jnp.array([1, 7, 30, 50])
     beta, alpha, _, w, _ = float64(schedule)
-    expected = (np.sqrt(alpha[t])[:, None] * (np.asarray(z) + np.einsum("nb,nbd->bd", w[:, t], encodings))
-                + np.sqrt(beta[t])[:, None] * np.asarray(noise))
-    np.testing.assert_allclose(diffusion.transition_sample(schedule, z, t, encodings, noise), expected, rtol=1e-5,
-                               atol=1e-6)
+    expected = np.sqrt(alpha[t])[:, None] * (np.asarray(z) + np.einsum("nb,nbd->bd", w[:, t], encodings)) + np.sqrt(
+        beta[t]
+    )[:, None] * np.asarray(noise)
+    np.testing.assert_allclose(
+        diffusion.transition_sample(schedule, z, t, encodings, noise), expected, rtol=1e-5, atol=1e-6
+    )
     np.testing.assert_allclose(diffusion.transition_variance(schedule, t), beta[t], rtol=1e-6)
 
 
@@ -93,15 +96,16 @@ def test_posterior_matches_exact_gaussian_conditioning(normalized):
     encodings = np.asarray(jax.random.normal(keys[2], (2, batch, 5)), np.float64)
     t = np.array([2, 3, 10, 25, 49, 50])
 
-    mean_previous = (np.sqrt(alpha_bar[t - 1])[:, None] * z_0
-                     + np.einsum("nb,nbd->bd", lambda_[:, t - 1], encodings))  # E[z_{t-1} | z_0, X]
+    mean_previous = np.sqrt(alpha_bar[t - 1])[:, None] * z_0 + np.einsum(
+        "nb,nbd->bd", lambda_[:, t - 1], encodings
+    )  # E[z_{t-1} | z_0, X]
     variance_previous = 1 - alpha_bar[t - 1]
     a_t = np.einsum("nb,nbd->bd", w[:, t], encodings)
     mean_current = np.sqrt(alpha[t])[:, None] * (mean_previous + a_t)  # E[z_t | z_0, X]
     variance_current = alpha[t] * variance_previous + beta[t]
     covariance = np.sqrt(alpha[t]) * variance_previous  # Cov(z_{t-1}, z_t)
     expected_mean = mean_previous + (covariance / variance_current)[:, None] * (z_t - mean_current)
-    expected_variance = variance_previous - covariance ** 2 / variance_current
+    expected_variance = variance_previous - covariance**2 / variance_current
 
     as32 = lambda x: jnp.asarray(x, jnp.float32)
     mean = diffusion.posterior_mean(schedule, as32(z_0), as32(z_t), jnp.asarray(t), as32(encodings))
@@ -115,7 +119,9 @@ def test_posterior_matches_exact_gaussian_conditioning(normalized):
     np.testing.assert_allclose(
         diffusion.posterior_mean_from_eps(schedule, z_t_marginal, jnp.asarray(t), eps, as32(encodings)),
         diffusion.posterior_mean(schedule, as32(z_0), z_t_marginal, jnp.asarray(t), as32(encodings)),
-        rtol=1e-4, atol=2e-4)
+        rtol=1e-4,
+        atol=2e-4,
+    )
 
 
 def test_posterior_at_t1_is_the_data():
@@ -153,27 +159,36 @@ def test_with_no_auxiliary_modality_everything_is_textbook_ddpm():
     x_0_, x_t_, eps_, eps_model_ = (np.asarray(a, np.float64) for a in (x_0, x_t, eps, eps_model))
 
     q_sample = np.sqrt(col(alpha_bar)) * x_0_ + np.sqrt(1 - col(alpha_bar)) * eps_
-    np.testing.assert_allclose(diffusion.marginal_sample(schedule, x_0, t, no_encodings, eps), q_sample, rtol=1e-5,
-                               atol=1e-5)
-    np.testing.assert_allclose(diffusion.marginal_variance(schedule, t), 1 - np.asarray(alpha_bar[np.asarray(t)]),
-                               rtol=1e-5)
+    np.testing.assert_allclose(
+        diffusion.marginal_sample(schedule, x_0, t, no_encodings, eps), q_sample, rtol=1e-5, atol=1e-5
+    )
+    np.testing.assert_allclose(
+        diffusion.marginal_variance(schedule, t), 1 - np.asarray(alpha_bar[np.asarray(t)]), rtol=1e-5
+    )
     previous = np.asarray(alpha_bar[np.asarray(t) - 1])[:, None, None, None]
-    posterior_mean = (beta[np.asarray(t)][:, None, None, None] * np.sqrt(previous) / (1 - col(alpha_bar)) * x_0_
-                      + (1 - previous) * np.sqrt(col(alpha)) / (1 - col(alpha_bar)) * x_t_)
-    np.testing.assert_allclose(diffusion.posterior_mean(schedule, x_0, x_t, t, no_encodings), posterior_mean,
-                               rtol=1e-4, atol=1e-5)
+    posterior_mean = (
+        beta[np.asarray(t)][:, None, None, None] * np.sqrt(previous) / (1 - col(alpha_bar)) * x_0_
+        + (1 - previous) * np.sqrt(col(alpha)) / (1 - col(alpha_bar)) * x_t_
+    )
+    np.testing.assert_allclose(
+        diffusion.posterior_mean(schedule, x_0, x_t, t, no_encodings), posterior_mean, rtol=1e-4, atol=1e-5
+    )
     posterior_variance = beta[np.asarray(t)] * (1 - previous[:, 0, 0, 0]) / (1 - alpha_bar[np.asarray(t)])
     np.testing.assert_allclose(diffusion.posterior_variance(schedule, t), posterior_variance, rtol=1e-4, atol=1e-12)
     reverse = (x_t_ - col(beta) / np.sqrt(1 - col(alpha_bar)) * eps_model_) / np.sqrt(col(alpha))
-    np.testing.assert_allclose(diffusion.reverse_mean(schedule, x_t, t, eps_model, no_encodings), reverse,
-                               rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(
+        diffusion.reverse_mean(schedule, x_t, t, eps_model, no_encodings), reverse, rtol=1e-4, atol=1e-5
+    )
     x_0_from_eps = np.sqrt(1 / col(alpha_bar)) * x_t_ - np.sqrt(1 / col(alpha_bar) - 1) * eps_model_
-    np.testing.assert_allclose(diffusion.z0_from_eps(schedule, x_t, t, eps_model, no_encodings), x_0_from_eps,
-                               rtol=1e-4, atol=1e-3)
-    np.testing.assert_allclose(diffusion.transition_mean(schedule, x_0, t, no_encodings),
-                               np.sqrt(col(alpha)) * x_0_, rtol=1e-6)
-    np.testing.assert_allclose(diffusion.reverse_log_variance(schedule, t, "large"), np.log(beta[np.asarray(t)]),
-                               rtol=1e-5)
+    np.testing.assert_allclose(
+        diffusion.z0_from_eps(schedule, x_t, t, eps_model, no_encodings), x_0_from_eps, rtol=1e-4, atol=1e-3
+    )
+    np.testing.assert_allclose(
+        diffusion.transition_mean(schedule, x_0, t, no_encodings), np.sqrt(col(alpha)) * x_0_, rtol=1e-6
+    )
+    np.testing.assert_allclose(
+        diffusion.reverse_log_variance(schedule, t, "large"), np.log(beta[np.asarray(t)]), rtol=1e-5
+    )
 
 
 def test_reverse_log_variance_kinds():

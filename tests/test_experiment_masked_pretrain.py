@@ -39,31 +39,60 @@ def test_masked_pretrain_tiny_end_to_end(tmp_path):
     # Equal budgets; every model ran its steps and kept its final checkpoint and logs.
     training = metrics["training"]
     assert {name: record["steps"] for name, record in training.items()} == {
-        "mt_diffusion": 3, "plain_ddpm": 3, "reconstruction": 3, "aggregation_only": 3}
+        "mt_diffusion": 3,
+        "plain_ddpm": 3,
+        "reconstruction": 3,
+        "aggregation_only": 3,
+    }
     # The conditioned model concatenates the masked image to the U-Net input; the ablation does not.
-    assert json.loads((workdir / "mt_diffusion" / "config.json").read_text())["model"]["modalities"][
-        "masked_image"]["condition"] == "concat"
-    assert json.loads((workdir / "aggregation_only" / "config.json").read_text())["model"]["modalities"][
-        "masked_image"]["condition"] == "none"
+    assert (
+        json.loads((workdir / "mt_diffusion" / "config.json").read_text())["model"]["modalities"]["masked_image"][
+            "condition"
+        ]
+        == "concat"
+    )
+    assert (
+        json.loads((workdir / "aggregation_only" / "config.json").read_text())["model"]["modalities"]["masked_image"][
+            "condition"
+        ]
+        == "none"
+    )
     assert json.loads((workdir / "plain_ddpm" / "config.json").read_text())["model"]["modalities"] == {}
     for name in training:
         assert (workdir / name / "checkpoints" / "3").is_dir() and (workdir / name / "tensorboard").is_dir()
         assert (workdir / name / "metrics.jsonl").is_file()
     # The restoration curve: measured while training at the configured steps (tiny: 2 points of 3 steps).
     assert {name: sorted(points) for name, points in metrics["curves"].items()} == {
-        "mt_diffusion": ["2", "3"], "aggregation_only": ["2", "3"]}
+        "mt_diffusion": ["2", "3"],
+        "aggregation_only": ["2", "3"],
+    }
     assert all(math.isfinite(value) for points in metrics["curves"].values() for value in points.values())
     assert metrics["run"]["wall_seconds"] > 0 and metrics["run"]["preset"] == "tiny"
     assert metrics["run"]["command"].startswith("python -m experiments.masked_pretrain --config=")
 
     report = (workdir / "report.md").read_text()
-    for text in ("Command: `python -m experiments.masked_pretrain --config=", "Wall time", "PSNR hidden, r=0.5",
-                 "LPIPS-proxy", "FID-proxy", "LPIPS-VGG: not measured", "SDEdit", "reconstruction-only",
-                 "ablation: aggregation-only", "PSNR hidden (dB) at mask ratio 0.5 against training steps",
-                 "grids/unconditional.png", "grids/restoration_curve.png"):
+    for text in (
+        "Command: `python -m experiments.masked_pretrain --config=",
+        "Wall time",
+        "PSNR hidden, r=0.5",
+        "LPIPS-proxy",
+        "FID-proxy",
+        "LPIPS-VGG: not measured",
+        "SDEdit",
+        "reconstruction-only",
+        "ablation: aggregation-only",
+        "PSNR hidden (dB) at mask ratio 0.5 against training steps",
+        "grids/unconditional.png",
+        "grids/restoration_curve.png",
+    ):
         assert text in report, text
-    for name in ("report.md", "metrics.json", "grids/restoration_mask0.5.png", "grids/unconditional.png",
-                 "grids/restoration_curve.png"):
+    for name in (
+        "report.md",
+        "metrics.json",
+        "grids/restoration_mask0.5.png",
+        "grids/unconditional.png",
+        "grids/restoration_curve.png",
+    ):
         assert (results / name).is_file(), name
     assert not (results / "grids" / "restoration_mask0.1.png").exists()  # only published grids are copied
     assert not list(results.rglob("checkpoints"))
@@ -81,15 +110,19 @@ def test_a_preset_is_picked_one_way():
     assert config.preset == "tiny" and config.diffusion.num_steps == get_config("tiny").diffusion.num_steps
     assert config.train.steps == 5
     # An override of the key alone would leave the rest at the file's preset: refused, saying how.
-    with pytest.raises(cli.CommandLineError, match=r"--config.preset=tiny: a preset is picked with "
-                                                   r"--config=.*configs/masked_pretrain.py:tiny"):
+    with pytest.raises(
+        cli.CommandLineError,
+        match=r"--config.preset=tiny: a preset is picked with "
+        r"--config=.*configs/masked_pretrain.py:tiny",
+    ):
         parsed(f"--config={REPO / 'configs/masked_pretrain.py'}", "--config.preset=tiny")
 
 
 def test_labelled_grid_shapes():
     images = np.zeros((3, 28, 28, 1), np.float32)
-    grid = reporting.labelled_grid([("a", images), ("longer label", reporting.tint_hidden(images, np.ones_like(images)),
-                                                  ["x", "y", "z"])])
+    grid = reporting.labelled_grid(
+        [("a", images), ("longer label", reporting.tint_hidden(images, np.ones_like(images)), ["x", "y", "z"])]
+    )
     assert grid.dtype == np.uint8 and grid.ndim == 3 and grid.shape[2] == 3
     assert grid.shape[1] > 3 * 56 and grid.shape[0] > 2 * 56
 
@@ -113,11 +146,14 @@ def test_metric_curve_measures_at_its_steps_and_a_resumed_run_keeps_earlier_poin
     assert json.loads((tmp_path / "curve.json").read_text()) == {"2": 20.0, "4": 3.0}
 
 
-@pytest.mark.parametrize("key, value, message", [
-    ("method", "dpm", "unknown sampling method 'dpm'"),
-    ("spacing", "uniform", "spacing"),
-    ("num_stepz", 3, r"unknown keys \['num_stepz'\]"),
-])
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("method", "dpm", "unknown sampling method 'dpm'"),
+        ("spacing", "uniform", "spacing"),
+        ("num_stepz", 3, r"unknown keys \['num_stepz'\]"),
+    ],
+)
 def test_a_bad_sampler_is_refused_before_anything_trains(tmp_path, key, value, message):
     config = get_config("tiny")
     config.experiment.sampler.method = "dpm_solver++"

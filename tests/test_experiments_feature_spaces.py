@@ -37,16 +37,18 @@ def test_feature_evaluators_run_in_every_configured_space(tmp_path, monkeypatch)
     np.testing.assert_allclose(reference["fmnist_cnn"], classifier.features(images), rtol=1e-6)
 
     samples = np.clip(images[::-1] + 0.3, -1, 1)
-    results = evaluation.evaluate_metrics(config.experiment.unconditional.metrics, [{"sample": samples}], classifier,
-                                      reference_features=reference)
+    results = evaluation.evaluate_metrics(
+        config.experiment.unconditional.metrics, [{"sample": samples}], classifier, reference_features=reference
+    )
     assert set(results) == {f"{m}_{space}" for m in ("fid", "precision", "recall") for space in reference}
     for space, features in (("pixels", _pixels), ("fmnist_cnn", classifier.features)):
         expected = distribution.fid(reference[space], np.asarray(features(samples), np.float32))
         np.testing.assert_allclose(results[f"fid_{space}"], expected, rtol=1e-4)
 
     # A spec naming its space runs there alone (no reference features given: the batch's images are the set).
-    named = evaluation.evaluate_metrics([("fid", {"features": "pixels"})], [{"image": images, "sample": samples}],
-                                    classifier)
+    named = evaluation.evaluate_metrics(
+        [("fid", {"features": "pixels"})], [{"image": images, "sample": samples}], classifier
+    )
     assert named.keys() == {"fid_pixels"}
     np.testing.assert_allclose(named["fid_pixels"], distribution.fid(_pixels(images), _pixels(samples)), rtol=1e-4)
 

@@ -41,8 +41,11 @@ def _check_outputs(workdir, results, grid, texts, steps):
 
 def _unet_params(config: UNetConfig) -> int:
     labels = jnp.zeros((1,), jnp.int32) if config.num_classes else None
-    shapes = jax.eval_shape(lambda: UNet(config, out_channels=1).init(
-        jax.random.key(0), jnp.zeros((1, 28, 28, 1)), jnp.zeros((1,), jnp.int32), labels, train=False))
+    shapes = jax.eval_shape(
+        lambda: UNet(config, out_channels=1).init(
+            jax.random.key(0), jnp.zeros((1, 28, 28, 1)), jnp.zeros((1,), jnp.int32), labels, train=False
+        )
+    )
     return count_params(shapes)
 
 
@@ -53,25 +56,47 @@ def _arrays(tmp_path) -> str:
 def test_joint_image_label_tiny(tmp_path):
     run_experiment_cli("joint_image_label", tmp_path, _arrays(tmp_path))
     models = {"mt_diffusion": 3, "aggregation_only": 3, "class_conditional_ddpm": 3, "classifier": 3}
-    metrics = _check_outputs(tmp_path / "run", tmp_path / "results", "samples",
-                             ("label->image agreement", "FID-proxy", "same-backbone classifier", "guidance s = 2",
-                              "ablation: aggregation-only", "against training steps"), models)
+    metrics = _check_outputs(
+        tmp_path / "run",
+        tmp_path / "results",
+        "samples",
+        (
+            "label->image agreement",
+            "FID-proxy",
+            "same-backbone classifier",
+            "guidance s = 2",
+            "ablation: aggregation-only",
+            "against training steps",
+        ),
+        models,
+    )
     for name in ("mt_diffusion", "aggregation_only"):
         joint = metrics["joint"][name]
         assert 0 <= joint["label_agreement"] <= 1 and sum(joint["generated_label_histogram"]) == 16
     # The guidance sweep for the label-conditioned model; the aggregation-only one has no guidance.
-    assert set(metrics["label_to_image"]) == {"mt_diffusion", "mt_diffusion_cfg0", "mt_diffusion_cfg2",
-                                              "aggregation_only", "class_conditional_ddpm"}
+    assert set(metrics["label_to_image"]) == {
+        "mt_diffusion",
+        "mt_diffusion_cfg0",
+        "mt_diffusion_cfg2",
+        "aggregation_only",
+        "class_conditional_ddpm",
+    }
     for scores in metrics["label_to_image"].values():
         assert 0 <= scores["agreement"] <= 1 and math.isfinite(scores["fid_fmnist_cnn"])
     # The curves: measured while training at the configured steps (tiny: 2 points of 3 steps), kept in the workdir.
     assert {name: sorted(points) for name, points in metrics["curves"].items()} == {
-        "mt_diffusion": ["2", "3"], "aggregation_only": ["2", "3"]}
-    assert json.loads((tmp_path / "run" / "mt_diffusion" / "label_to_image_curve.json").read_text()) == \
-        metrics["curves"]["mt_diffusion"]
+        "mt_diffusion": ["2", "3"],
+        "aggregation_only": ["2", "3"],
+    }
+    assert (
+        json.loads((tmp_path / "run" / "mt_diffusion" / "label_to_image_curve.json").read_text())
+        == metrics["curves"]["mt_diffusion"]
+    )
     assert (tmp_path / "results" / "grids" / "label_to_image_curve.png").is_file()
-    configs = {name: json.loads((tmp_path / "run" / name / "config.json").read_text())["model"]["modalities"]["label"]
-               for name in ("mt_diffusion", "aggregation_only")}
+    configs = {
+        name: json.loads((tmp_path / "run" / name / "config.json").read_text())["model"]["modalities"]["label"]
+        for name in ("mt_diffusion", "aggregation_only")
+    }
     assert configs["mt_diffusion"]["condition"] == "embedding" and configs["aggregation_only"]["condition"] == "none"
     assert set(metrics["image_to_label"]) == {"mt_diffusion_t1", "classifier", "fmnist_cnn_judge"}
     assert metrics["training"]["class_conditional_ddpm"]["loss"] == "eps-MSE"
@@ -86,35 +111,79 @@ def test_joint_image_label_tiny(tmp_path):
 
 def test_image_segmentation_tiny(tmp_path):
     run_experiment_cli("image_segmentation", tmp_path, _arrays(tmp_path))
-    metrics = _check_outputs(tmp_path / "run", tmp_path / "results", "segmentation",
-                             ("mIoU (11 classes)", "foreground IoU", "Mask -> image", "guidance s = 2",
-                              "ablation: aggregation-only", "against training steps"),
-                             {"mt_diffusion": 3, "aggregation_only": 3})
+    metrics = _check_outputs(
+        tmp_path / "run",
+        tmp_path / "results",
+        "segmentation",
+        (
+            "mIoU (11 classes)",
+            "foreground IoU",
+            "Mask -> image",
+            "guidance s = 2",
+            "ablation: aggregation-only",
+            "against training steps",
+        ),
+        {"mt_diffusion": 3, "aggregation_only": 3},
+    )
     assert _finite(metrics["image_to_mask"]) and _finite(metrics["mask_to_image"])
     assert metrics["image_to_mask"]["all_background"]["miou"] < 1
     # The guidance sweep for the mask-conditioned model; the aggregation-only one has no guidance.
-    assert set(metrics["mask_to_image"]) == {"mt_diffusion", "mt_diffusion_cfg0", "mt_diffusion_cfg2",
-                                             "aggregation_only", "joint_samples_vs_unrelated_masks", "real_images"}
+    assert set(metrics["mask_to_image"]) == {
+        "mt_diffusion",
+        "mt_diffusion_cfg0",
+        "mt_diffusion_cfg2",
+        "aggregation_only",
+        "joint_samples_vs_unrelated_masks",
+        "real_images",
+    }
     assert all(0 <= scores["foreground_iou"] <= 1 for scores in metrics["mask_to_image"].values())
     assert {"mt_diffusion_t1", "aggregation_only_t1"} <= set(metrics["image_to_mask"])
     assert {name: sorted(points) for name, points in metrics["curves"].items()} == {
-        "mt_diffusion": ["2", "3"], "aggregation_only": ["2", "3"]}
+        "mt_diffusion": ["2", "3"],
+        "aggregation_only": ["2", "3"],
+    }
 
 
 def test_image_embedding_tiny(tmp_path):
     rng = np.random.default_rng(0)
-    np.savez(tmp_path / "embeddings.npz", train=rng.standard_normal((64, 64)).astype(np.float32),
-             test=rng.standard_normal((16, 64)).astype(np.float32))
-    run_experiment_cli("image_embedding", tmp_path, _arrays(tmp_path),
-                       f"--config.data.options.embedding_path={tmp_path / 'embeddings.npz'}")
-    metrics = _check_outputs(tmp_path / "run", tmp_path / "results", "samples",
-                             ("RMS distance", "random pair", "FID-proxy", "guidance s = 2",
-                              "ablation: aggregation-only", "against training steps"),
-                             {"mt_diffusion": 3, "aggregation_only": 3})
+    np.savez(
+        tmp_path / "embeddings.npz",
+        train=rng.standard_normal((64, 64)).astype(np.float32),
+        test=rng.standard_normal((16, 64)).astype(np.float32),
+    )
+    run_experiment_cli(
+        "image_embedding",
+        tmp_path,
+        _arrays(tmp_path),
+        f"--config.data.options.embedding_path={tmp_path / 'embeddings.npz'}",
+    )
+    metrics = _check_outputs(
+        tmp_path / "run",
+        tmp_path / "results",
+        "samples",
+        (
+            "RMS distance",
+            "random pair",
+            "FID-proxy",
+            "guidance s = 2",
+            "ablation: aggregation-only",
+            "against training steps",
+        ),
+        {"mt_diffusion": 3, "aggregation_only": 3},
+    )
     scores = metrics["embedding_to_image"]
-    assert set(scores) == {"mt_diffusion", "mt_diffusion_cfg0", "mt_diffusion_cfg2", "aggregation_only",
-                           "joint_samples", "random_pair", "source_image"}
+    assert set(scores) == {
+        "mt_diffusion",
+        "mt_diffusion_cfg0",
+        "mt_diffusion_cfg2",
+        "aggregation_only",
+        "joint_samples",
+        "random_pair",
+        "source_image",
+    }
     assert _finite(scores) and _finite(metrics["fid"])
     assert set(metrics["joint"]) == {"mt_diffusion", "aggregation_only"}
     assert {name: sorted(points) for name, points in metrics["curves"].items()} == {
-        "mt_diffusion": ["2", "3"], "aggregation_only": ["2", "3"]}
+        "mt_diffusion": ["2", "3"],
+        "aggregation_only": ["2", "3"],
+    }

@@ -57,12 +57,14 @@ def test_posterior_kl_equals_its_closed_form(schedule):
     eps_coefficient = beta / (np.sqrt(alpha) * np.sqrt(current))
     w = np.asarray(schedule.w, np.float64)[:, np.asarray(t)]
     for kind, model_variance in (("small", posterior_variance), ("large", beta)):
-        difference = (eps_coefficient[:, None, None, None] * (np.asarray(eps_theta) - np.asarray(eps))
-                      + np.einsum("nb,nbhwc->bhwc", w, np.asarray(encodings_hat) - np.asarray(encodings)))
+        difference = eps_coefficient[:, None, None, None] * (np.asarray(eps_theta) - np.asarray(eps)) + np.einsum(
+            "nb,nbhwc->bhwc", w, np.asarray(encodings_hat) - np.asarray(encodings)
+        )
         ratio = posterior_variance / model_variance
         dimensions = 16
-        expected = (np.sum(difference ** 2, axis=(1, 2, 3)) / (2 * model_variance)
-                    + dimensions * 0.5 * (ratio - 1 - np.log(ratio)))
+        expected = np.sum(difference**2, axis=(1, 2, 3)) / (2 * model_variance) + dimensions * 0.5 * (
+            ratio - 1 - np.log(ratio)
+        )
         kl = losses.posterior_kl(schedule, z_0, z_t, t, encodings, eps_theta, encodings_hat, variance_kind=kind)
         np.testing.assert_allclose(kl, expected, rtol=2e-3)
 
@@ -72,9 +74,8 @@ def test_prior_kl_matches_textbook_ddpm_and_depends_on_encodings():
     z_0, _, _ = random_inputs(4, num_modalities=0)
     alpha_bar = float(np.cumprod(1 - np.asarray(plain.beta, np.float64))[-1])
     z = np.asarray(z_0, np.float64)
-    expected = 0.5 * np.sum(alpha_bar * z ** 2 + (1 - alpha_bar) - 1 - np.log(1 - alpha_bar), axis=(1, 2, 3))
-    np.testing.assert_allclose(losses.prior_kl(plain, z_0, jnp.zeros((0, *z_0.shape))), expected, rtol=1e-3,
-                               atol=1e-6)
+    expected = 0.5 * np.sum(alpha_bar * z**2 + (1 - alpha_bar) - 1 - np.log(1 - alpha_bar), axis=(1, 2, 3))
+    np.testing.assert_allclose(losses.prior_kl(plain, z_0, jnp.zeros((0, *z_0.shape))), expected, rtol=1e-3, atol=1e-6)
     assert np.all(np.asarray(losses.prior_kl(plain, z_0, jnp.zeros((0, *z_0.shape)))) >= 0)
     # bump keeps m_T ~ 0; bridge moves the prior: with p(z_T) = N(0, I) its KL grows, with N(m_T, I) it does not.
     encodings = jnp.ones((1, *z_0.shape))
@@ -105,8 +106,9 @@ def test_recovery_likelihoods_match_scipy():
     keys = jax.random.split(jax.random.key(5), 3)
     logits = jax.random.normal(keys[0], (3, 2, 7))
     labels = jax.random.randint(keys[1], (3, 2), 0, 7)
-    expected = -np.sum(np.take_along_axis(np.asarray(jax.nn.log_softmax(logits)), np.asarray(labels)[..., None], -1),
-                       axis=(1, 2))
+    expected = -np.sum(
+        np.take_along_axis(np.asarray(jax.nn.log_softmax(logits)), np.asarray(labels)[..., None], -1), axis=(1, 2)
+    )
     np.testing.assert_allclose(losses.categorical_nll(logits, labels), expected, rtol=1e-5)
     mean, target = jax.random.normal(keys[2], (2, 2, 5)), jnp.zeros((2, 2, 5))
     expected = -stats.norm.logpdf(np.asarray(target), np.asarray(mean), 0.3).sum(axis=(1, 2))
@@ -131,8 +133,9 @@ def test_bound_decreases_as_eps_theta_approaches_eps(schedule):
 
     @jax.jit
     def bound(error_scale, rng):
-        return losses.variational_bound(schedule, oracle(schedule, z_0, encodings, error_scale, recovery), z_0,
-                                        encodings, rng)
+        return losses.variational_bound(
+            schedule, oracle(schedule, z_0, encodings, error_scale, recovery), z_0, encodings, rng
+        )
 
     totals = []
     for error_scale in (1.0, 0.3, 0.1, 0.0):
@@ -156,8 +159,9 @@ def test_bound_with_no_auxiliary_modality_is_the_ddpm_bound():
     def denoise(z_t, t):
         return losses.DenoiserOutput(0.1 * z_t, no_encodings, jnp.zeros(z_t.shape[:1]))
 
-    estimates = jax.jit(jax.vmap(lambda rng: losses.variational_bound(schedule, denoise, z_0, no_encodings, rng).total))(
-        jax.random.split(jax.random.key(7), 20000))
+    estimates = jax.jit(
+        jax.vmap(lambda rng: losses.variational_bound(schedule, denoise, z_0, no_encodings, rng).total)
+    )(jax.random.split(jax.random.key(7), 20000))
     # Independent evaluation: E over t of (T - 1) KL_t is the sum over t = 2..T of KL_t, each averaged over noise.
     eps = jax.random.normal(jax.random.key(8), (20000, 2, 1, 1))
     z_0_many = jnp.broadcast_to(z_0[0], (20000, 2, 1, 1))
@@ -183,8 +187,17 @@ def test_training_loss_terms_and_weights(schedule):
     np.testing.assert_allclose(metrics["eps_mse"], 0.25, rtol=1e-5)
     encodings_hat = encodings.at[0].add(1.0)
     loss, metrics = losses.training_loss(
-        schedule, t, eps, eps_theta, encodings, encodings_hat, {"label": jnp.array([1.0, 2, 3, 4])},
-        eps_weight=2.0, aggregation_weight=0.5, recovery_weights={"label": 0.1})
+        schedule,
+        t,
+        eps,
+        eps_theta,
+        encodings,
+        encodings_hat,
+        {"label": jnp.array([1.0, 2, 3, 4])},
+        eps_weight=2.0,
+        aggregation_weight=0.5,
+        recovery_weights={"label": 0.1},
+    )
     # aggregation error in eps units: (w_t / c_t)^2 for a unit error in modality 0.
     beta, alpha = (np.asarray(a, np.float64)[np.asarray(t)] for a in (schedule.beta, schedule.alpha))
     c = beta / (np.sqrt(alpha) * np.sqrt(np.asarray(schedule.one_minus_alpha_bar, np.float64)[np.asarray(t)]))
@@ -196,8 +209,18 @@ def test_training_loss_terms_and_weights(schedule):
     np.testing.assert_allclose(metrics["loss"], loss)
     # Per example (reduction 'none'): each example's own terms, the same weights; the batch mean is the loss.
     per_example, same_metrics = losses.training_loss(
-        schedule, t, eps, eps_theta, encodings, encodings_hat, {"label": jnp.array([1.0, 2, 3, 4])},
-        eps_weight=2.0, aggregation_weight=0.5, recovery_weights={"label": 0.1}, reduction="none")
+        schedule,
+        t,
+        eps,
+        eps_theta,
+        encodings,
+        encodings_hat,
+        {"label": jnp.array([1.0, 2, 3, 4])},
+        eps_weight=2.0,
+        aggregation_weight=0.5,
+        recovery_weights={"label": 0.1},
+        reduction="none",
+    )
     expected = 2 * 0.25 + 0.5 * (np.asarray(schedule.w, np.float64)[0, np.asarray(t)] / c) ** 2 + 0.1 * np.arange(1, 5)
     np.testing.assert_allclose(per_example, expected, rtol=1e-4)
     np.testing.assert_allclose(np.mean(per_example), loss, rtol=1e-6)
@@ -210,8 +233,9 @@ def test_training_loss_reduces_to_ddpm_simple_loss_with_no_modality():
     plain = schedules.make_schedule("linear", 100)
     _, eps, _ = random_inputs(10, num_modalities=0)
     eps_theta = 0.8 * eps
-    loss, _ = losses.training_loss(plain, jnp.array([1, 2, 3, 4]), eps, eps_theta, jnp.zeros((0, *eps.shape)),
-                                   jnp.zeros((0, *eps.shape)))
+    loss, _ = losses.training_loss(
+        plain, jnp.array([1, 2, 3, 4]), eps, eps_theta, jnp.zeros((0, *eps.shape)), jnp.zeros((0, *eps.shape))
+    )
     np.testing.assert_allclose(loss, np.mean((0.2 * np.asarray(eps)) ** 2), rtol=1e-5)
 
 
@@ -229,7 +253,8 @@ def test_losses_work_under_jit_vmap_and_grad(schedule):
     # vmap over independent draws of the bound: one row per key.
     denoise = oracle(schedule, z_0, encodings, 0.1, jnp.zeros(4))
     rows = jax.jit(jax.vmap(lambda key: losses.variational_bound(schedule, denoise, z_0, encodings, key).total))(
-        jax.random.split(jax.random.key(0), 3))
+        jax.random.split(jax.random.key(0), 3)
+    )
     assert rows.shape == (3, 4)
     first = losses.variational_bound(schedule, denoise, z_0, encodings, jax.random.split(jax.random.key(0), 3)[0])
     np.testing.assert_allclose(rows[0], first.total, rtol=1e-5)
@@ -259,9 +284,11 @@ def numpy_posterior_kl(num_steps, t, z_0, eps, encoding, eps_theta, encoding_hat
     col_previous = lambda values: values[t - 1].reshape(-1, 1, 1, 1)  # noqa: E731
     u_t = np.sqrt(col(alpha_bar)) * z_0 + np.sqrt(col(one_minus)) * eps
     z_t = u_t + col(lambda_) * encoding
-    posterior_mean = (np.sqrt(col_previous(alpha_bar)) * col(beta) / col(one_minus) * z_0
-                      + np.sqrt(col(alpha)) * col_previous(one_minus) / col(one_minus) * u_t
-                      + col_previous(lambda_) * encoding)
+    posterior_mean = (
+        np.sqrt(col_previous(alpha_bar)) * col(beta) / col(one_minus) * z_0
+        + np.sqrt(col(alpha)) * col_previous(one_minus) / col(one_minus) * u_t
+        + col_previous(lambda_) * encoding
+    )
     model_mean = (z_t - col(beta) / np.sqrt(col(one_minus)) * eps_theta) / np.sqrt(col(alpha)) - col(w) * encoding_hat
     variance = col(beta) * col_previous(one_minus) / col(one_minus)
     return z_t, np.sum((posterior_mean - model_mean) ** 2 / (2 * variance), axis=(1, 2, 3))
@@ -295,8 +322,10 @@ def test_data_term_under_adm_large_variance_uses_the_clipped_posterior_variance(
     z_0, eps, encodings = random_inputs(4)
     t = jnp.ones(4, jnp.int32)
     z_1 = diffusion.marginal_sample(schedule, z_0, t, encodings, eps)
-    nll = {kind: losses.data_nll(schedule, z_0, z_1, eps, encodings, variance_kind=kind)
-           for kind in ("small", "large", "large_adm")}
+    nll = {
+        kind: losses.data_nll(schedule, z_0, z_1, eps, encodings, variance_kind=kind)
+        for kind in ("small", "large", "large_adm")
+    }
     np.testing.assert_allclose(nll["large_adm"], nll["small"], rtol=1e-6)
     assert np.all(np.abs(np.asarray(nll["large"]) - np.asarray(nll["small"])) > 1.0)
 

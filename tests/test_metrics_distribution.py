@@ -31,9 +31,7 @@ def test_frechet_distance_closed_forms():
     # general covariances: the sqrtm form
     m1, m2 = rng.normal(size=6), rng.normal(size=6)
     s1, s2 = _random_covariance(rng, 6), _random_covariance(rng, 6)
-    assert distribution.frechet_distance(m1, s1, m2, s2) == pytest.approx(
-        _sqrtm_formula(m1, s1, m2, s2), rel=1e-8
-    )
+    assert distribution.frechet_distance(m1, s1, m2, s2) == pytest.approx(_sqrtm_formula(m1, s1, m2, s2), rel=1e-8)
     assert distribution.frechet_distance(m1, s1, m1, s1) == pytest.approx(0, abs=1e-9)
 
 
@@ -57,7 +55,6 @@ def test_precision_recall_by_hand_one_dimension():
     np.testing.assert_allclose(distribution.knn_radii(generated, k=1), [2, 6.1, 3.4, 2], rtol=1e-6)
 
 
-
 def test_precision_recall_count_exact_duplicates():
     """150 random non-negative 2048-d vectors, each 4 times, against themselves (also shuffled): every point lies
     in the balls of radius 0 of its copies. Matmul-form float32 distances turned those zeros into up to 7e-4
@@ -67,6 +64,7 @@ def test_precision_recall_count_exact_duplicates():
     np.testing.assert_array_equal(distribution.knn_radii(features), 0.0)
     assert distribution.precision_recall(features, features) == (1.0, 1.0)
     assert distribution.precision_recall(features, features[rng.permutation(len(features))]) == (1.0, 1.0)
+
 
 def test_precision_recall_identical_disjoint_nested():
     rng = np.random.default_rng(2)
@@ -98,12 +96,8 @@ def test_evaluators_with_a_feature_callable():
     reference = np.concatenate([flatten(b["image"]) for b in batches])
     samples = np.concatenate([flatten(b["sample"]) for b in batches])
     assert results["fid_pixels"] == pytest.approx(distribution.fid(reference, samples))
-    assert (results["precision_pixels"], results["recall_pixels"]) == distribution.precision_recall(
-        reference, samples
-    )
-    fixed = metrics.make_evaluator(
-        "fid", features=flatten, feature_name="pixels", reference_features=reference
-    )
+    assert (results["precision_pixels"], results["recall_pixels"]) == distribution.precision_recall(reference, samples)
+    fixed = metrics.make_evaluator("fid", features=flatten, feature_name="pixels", reference_features=reference)
     for batch in batches:
         fixed.update({"sample": batch["sample"]})
     assert fixed.result()["fid_pixels"] == pytest.approx(results["fid_pixels"])

@@ -26,9 +26,7 @@ def numpy_ssim_map(a, b, size=11, sigma=1.5):
             var_a = (window * pa**2).sum() - mu_a**2
             var_b = (window * pb**2).sum() - mu_b**2
             cov = (window * pa * pb).sum() - mu_a * mu_b
-            out[i, j] = (
-                (2 * mu_a * mu_b + c1) * (2 * cov + c2) / ((mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2))
-            )
+            out[i, j] = (2 * mu_a * mu_b + c1) * (2 * cov + c2) / ((mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2))
     return out
 
 
@@ -55,9 +53,7 @@ def test_psnr_random_images_against_numpy():
     np.testing.assert_allclose(image_quality.psnr(reference, prediction, mask), expected_masked, rtol=1e-5)
     np.testing.assert_allclose(image_quality.psnr(reference, prediction), expected_whole, rtol=1e-5)
     # [B, H, W] masks work too
-    np.testing.assert_allclose(
-        image_quality.psnr(reference, prediction, mask[..., 0]), expected_masked, rtol=1e-5
-    )
+    np.testing.assert_allclose(image_quality.psnr(reference, prediction, mask[..., 0]), expected_masked, rtol=1e-5)
 
 
 def test_ssim_constant_images_closed_form():

@@ -35,9 +35,7 @@ def random_torch_state(seed=0):
     rng = np.random.default_rng(seed)
     vgg = {}
     for index, (cin, cout) in CONVS.items():
-        vgg[f"features.{index}.weight"] = rng.normal(0, np.sqrt(2 / (9 * cin)), (cout, cin, 3, 3)).astype(
-            np.float32
-        )
+        vgg[f"features.{index}.weight"] = rng.normal(0, np.sqrt(2 / (9 * cin)), (cout, cin, 3, 3)).astype(np.float32)
         vgg[f"features.{index}.bias"] = rng.normal(0, 0.1, cout).astype(np.float32)
     vgg["classifier.0.weight"] = np.zeros((4, 3), np.float32)  # ignored
     lin = {
@@ -81,9 +79,7 @@ def numpy_lpips(vgg, lin, x0, x1):
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
     vgg, lin = random_torch_state()
-    path = lpips.save_params(
-        lpips.convert_torch_state_dicts(vgg, lin), tmp_path_factory.mktemp("lpips") / "lpips.npz"
-    )
+    path = lpips.save_params(lpips.convert_torch_state_dicts(vgg, lin), tmp_path_factory.mktemp("lpips") / "lpips.npz")
     return vgg, lin, path
 
 
@@ -160,9 +156,7 @@ def test_converter_cli_finds_and_merges_both_files(tmp_path, monkeypatch):
     )
     with np.load(out) as data:
         np.testing.assert_array_equal(data["lin2/kernel"].reshape(-1), lin["lin2.model.1.weight"].reshape(-1))
-        np.testing.assert_array_equal(
-            data["features/conv1_1/kernel"], vgg["features.0.weight"].transpose(2, 3, 1, 0)
-        )
+        np.testing.assert_array_equal(data["features/conv1_1/kernel"], vgg["features.0.weight"].transpose(2, 3, 1, 0))
     monkeypatch.setattr(convert_lpips_weights, "installed_lpips_linear_weights", lambda: None)
     with pytest.raises(SystemExit, match="--lin"):
         convert_lpips_weights.main(["--vgg16", str(tmp_path / "vgg16.pth")])

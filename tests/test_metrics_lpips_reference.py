@@ -38,10 +38,7 @@ SCRIPT = pathlib.Path(__file__).with_name("lpips_reference_script.py")
 def _reference_available():
     if os.environ.get("MMDIFF_LPIPS_REFERENCE") != "1":
         return False
-    return (
-        subprocess.run([REFERENCE_PYTHON, "-c", "import lpips"], capture_output=True, check=False).returncode
-        == 0
-    )
+    return subprocess.run([REFERENCE_PYTHON, "-c", "import lpips"], capture_output=True, check=False).returncode == 0
 
 
 pytestmark = pytest.mark.skipif(
@@ -86,6 +83,4 @@ def test_pth_converter_on_reference_files(reference, tmp_path):
     )
     params = lpips.load_params(out)
     x0, x1 = (data[f"official_lin_64/{k}"].transpose(0, 2, 3, 1) for k in ("x0", "x1"))
-    np.testing.assert_allclose(
-        lpips.lpips_distance(params, x0, x1), data["official_lin_64/d"], rtol=1e-5, atol=1e-7
-    )
+    np.testing.assert_allclose(lpips.lpips_distance(params, x0, x1), data["official_lin_64/d"], rtol=1e-5, atol=1e-7)

@@ -5,8 +5,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mmdiff_jax.modalities import (Modality, MTDiffusion, example_batch, init_variables, modality_schedule,
-                                   validate_batch)
+from mmdiff_jax.modalities import (
+    Modality,
+    MTDiffusion,
+    example_batch,
+    init_variables,
+    modality_schedule,
+    validate_batch,
+)
 from mmdiff_jax.models.encoders import make_encoder
 from mmdiff_jax.models.unet import unet_preset
 
@@ -89,8 +95,12 @@ def test_encoders_reencode_predictions_consistently():
     z_shape = (4, 4, 2)
     cases = [
         ("table", dict(num_classes=3), jnp.array([0, 2]), jax.nn.one_hot(jnp.array([0, 2]), 3) * 50.0),
-        ("onehot_conv", dict(num_classes=3), jnp.array([[[0, 1, 2, 1]] * 4, [[2] * 4] * 4]),
-         jax.nn.one_hot(jnp.array([[[0, 1, 2, 1]] * 4, [[2] * 4] * 4]), 3) * 50.0),
+        (
+            "onehot_conv",
+            dict(num_classes=3),
+            jnp.array([[[0, 1, 2, 1]] * 4, [[2] * 4] * 4]),
+            jax.nn.one_hot(jnp.array([[[0, 1, 2, 1]] * 4, [[2] * 4] * 4]), 3) * 50.0,
+        ),
     ]
     for kind, options, data, confident_logits in cases:
         encoder = make_encoder(kind, z_shape, normalize=True, **options)
@@ -114,9 +124,11 @@ def test_encoders_reencode_predictions_consistently():
 
 
 def test_all_kinds_output_shapes_with_an_auxiliary_image_and_bf16():
-    modalities = (Modality("source", "image", (8, 8, 1), head="conv"),
-                  Modality("masked_image", "masked_image", (8, 8, 1), encoder="identity"),
-                  Modality("embedding", "vector", (5,), head_features="features"))
+    modalities = (
+        Modality("source", "image", (8, 8, 1), head="conv"),
+        Modality("masked_image", "masked_image", (8, 8, 1), encoder="identity"),
+        Modality("embedding", "vector", (5,), head_features="features"),
+    )
     batch = random_batch(modalities)
     outputs = {}
     variables = jax.jit(lambda key: init_variables(MTDiffusion(MICRO, modalities, Z_SHAPE), key, 2))(KEY)
@@ -127,10 +139,14 @@ def test_all_kinds_output_shapes_with_an_auxiliary_image_and_bf16():
         signature = lambda tree: jax.tree.map(lambda x: (x.shape, x.dtype), tree)  # noqa: E731
         assert signature(shapes) == signature(variables)
         outputs[dtype] = jax.jit(lambda v, b: model.apply(v, b, b["image"], jnp.array([1, 9]), train=False))(
-            variables, batch)
+            variables, batch
+        )
     output = outputs[jnp.float32]
     assert {k: v.shape for k, v in output.heads.items()} == {
-        "source": (2, 8, 8, 1), "masked_image": (2, 8, 8, 2), "embedding": (2, 5)}
+        "source": (2, 8, 8, 1),
+        "masked_image": (2, 8, 8, 2),
+        "embedding": (2, 5),
+    }
     # Identity encoders: e = x for the image, e = x * mask for the masked image (not normalised).
     np.testing.assert_allclose(output.encodings[0], batch["source"], atol=1e-6)
     np.testing.assert_allclose(output.encodings[1], batch["masked_image"] * batch["mask"], atol=1e-6)
@@ -140,23 +156,35 @@ def test_all_kinds_output_shapes_with_an_auxiliary_image_and_bf16():
     assert outputs[jnp.bfloat16].eps.dtype == jnp.float32
 
 
-@pytest.mark.parametrize("make, message", [
-    (lambda: Modality("x", "audio", (3,)), "modality 'x': unknown kind 'audio'"),
-    (lambda: Modality("x", "image", (8, 8, 1), loss="categorical"), "modality 'x': loss 'categorical' does not match"),
-    (lambda: Modality("y", "label", num_classes=3, loss="gaussian"), "modality 'y': loss 'gaussian' does not match"),
-    (lambda: Modality("y", "label", num_classes=3, head="conv"), "modality 'y': head 'conv' does not fit"),
-    (lambda: Modality("y", "label", num_classes=3, encoder="linear"), "modality 'y': encoder 'linear' does not fit"),
-    (lambda: Modality("y", "label", num_classes=3, loss="none"), "modality 'y': head 'mlp' with loss 'none'"),
-    (lambda: Modality("s", "segmentation", (8, 8, 1), num_classes=3), "modality 's': kind 'segmentation' needs"),
-    (lambda: Modality("s", "segmentation", (8, 8), num_classes=1), "modality 's': kind 'segmentation' needs num"),
-    (lambda: Modality("v", "vector", (4,), weight_schedule=("cosine", 1.0)), "modality 'v': unknown weight"),
-    (lambda: MTDiffusion(TINY, (Modality("m", "masked_image", (4, 4, 1)),), Z_SHAPE), "modality 'm': encoder"),
-    (lambda: MTDiffusion(TINY, (Modality("src", "image", (8, 8, 3)),), Z_SHAPE), "modality 'src': the identity"),
-    (lambda: MTDiffusion(TINY, (Modality("s", "segmentation", (4, 4), num_classes=3),), Z_SHAPE), "modality 's'"),
-    (lambda: MTDiffusion(TINY, SETTINGS["label"] * 2, Z_SHAPE), "modality 'label' is listed twice"),
-    (lambda: MTDiffusion(TINY, (Modality("image", "vector", (3,)),), Z_SHAPE), "modality 'image': the name is res"),
-    (lambda: MTDiffusion(TINY, (), (5, 5, 1)), "divisible by 2"),
-])
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda: Modality("x", "audio", (3,)), "modality 'x': unknown kind 'audio'"),
+        (
+            lambda: Modality("x", "image", (8, 8, 1), loss="categorical"),
+            "modality 'x': loss 'categorical' does not match",
+        ),
+        (
+            lambda: Modality("y", "label", num_classes=3, loss="gaussian"),
+            "modality 'y': loss 'gaussian' does not match",
+        ),
+        (lambda: Modality("y", "label", num_classes=3, head="conv"), "modality 'y': head 'conv' does not fit"),
+        (
+            lambda: Modality("y", "label", num_classes=3, encoder="linear"),
+            "modality 'y': encoder 'linear' does not fit",
+        ),
+        (lambda: Modality("y", "label", num_classes=3, loss="none"), "modality 'y': head 'mlp' with loss 'none'"),
+        (lambda: Modality("s", "segmentation", (8, 8, 1), num_classes=3), "modality 's': kind 'segmentation' needs"),
+        (lambda: Modality("s", "segmentation", (8, 8), num_classes=1), "modality 's': kind 'segmentation' needs num"),
+        (lambda: Modality("v", "vector", (4,), weight_schedule=("cosine", 1.0)), "modality 'v': unknown weight"),
+        (lambda: MTDiffusion(TINY, (Modality("m", "masked_image", (4, 4, 1)),), Z_SHAPE), "modality 'm': encoder"),
+        (lambda: MTDiffusion(TINY, (Modality("src", "image", (8, 8, 3)),), Z_SHAPE), "modality 'src': the identity"),
+        (lambda: MTDiffusion(TINY, (Modality("s", "segmentation", (4, 4), num_classes=3),), Z_SHAPE), "modality 's'"),
+        (lambda: MTDiffusion(TINY, SETTINGS["label"] * 2, Z_SHAPE), "modality 'label' is listed twice"),
+        (lambda: MTDiffusion(TINY, (Modality("image", "vector", (3,)),), Z_SHAPE), "modality 'image': the name is res"),
+        (lambda: MTDiffusion(TINY, (), (5, 5, 1)), "divisible by 2"),
+    ],
+)
 def test_build_time_errors_name_the_modality(make, message):
     with pytest.raises(ValueError, match=message):
         make()
@@ -177,13 +205,16 @@ def test_batch_validation_and_unknown_observed_names():
     model = MTDiffusion(TINY, modalities, Z_SHAPE)
     variables = jax.eval_shape(lambda: init_variables(model, KEY))
     with pytest.raises(ValueError, match=r"observed modalities \['lable'\] are not in the model"):
-        jax.eval_shape(lambda v: model.apply(v, batch["image"], 3, {"lable": batch["label"]}, method="predict"),
-                       variables)
+        jax.eval_shape(
+            lambda v: model.apply(v, batch["image"], 3, {"lable": batch["label"]}, method="predict"), variables
+        )
 
 
 def test_modality_schedule_rows_follow_the_modality_order():
-    modalities = (Modality("a", "label", num_classes=2, weight_schedule=("bump", 1.0)),
-                  Modality("b", "vector", (3,), weight_schedule=("bridge", 0.5)))
+    modalities = (
+        Modality("a", "label", num_classes=2, weight_schedule=("bump", 1.0)),
+        Modality("b", "vector", (3,), weight_schedule=("bridge", 0.5)),
+    )
     schedule = modality_schedule("linear", 50, modalities)
     sqrt_alpha_bar = np.sqrt(np.asarray(schedule.alpha_bar))
     np.testing.assert_allclose(schedule.lambda_[0], 4 * sqrt_alpha_bar * (1 - sqrt_alpha_bar), atol=1e-6)

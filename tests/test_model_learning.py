@@ -64,8 +64,9 @@ def _train(loss_fn, params, data, key, steps=STEPS):
     def train_step(params, opt_state, rng):
         batch_rng, loss_rng = jax.random.split(rng)
         index = jax.random.choice(batch_rng, NUM_EXAMPLES, (BATCH_SIZE,), replace=False)
-        loss, grads = jax.value_and_grad(
-            lambda p: loss_fn(p, jax.tree.map(lambda x: x[index], data), loss_rng)[0])(params)
+        loss, grads = jax.value_and_grad(lambda p: loss_fn(p, jax.tree.map(lambda x: x[index], data), loss_rng)[0])(
+            params
+        )
         updates, opt_state = optimizer.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
 
@@ -102,17 +103,21 @@ def test_label_model_learns_and_conditioning_generates_the_given_class():
             accuracy = _head_accuracy(model, schedule, data, key)
             accuracy_before, accuracy_after = accuracy(initial), accuracy(params)
             loss_before, loss_after = losses[:10].mean(), losses[-10:].mean()
-            print(f"\n{source}, {STEPS} steps of batch {BATCH_SIZE} in {train_time:.0f} s (with compile): training "
-                  f"loss (mean of 10 steps) {loss_before:.3f} -> {loss_after:.3f} ({loss_before / loss_after:.1f}x); "
-                  f"label accuracy at t = 10: {float(accuracy_before):.2f} -> {float(accuracy_after):.2f} "
-                  "(chance 0.33)")
+            print(
+                f"\n{source}, {STEPS} steps of batch {BATCH_SIZE} in {train_time:.0f} s (with compile): training "
+                f"loss (mean of 10 steps) {loss_before:.3f} -> {loss_after:.3f} ({loss_before / loss_after:.1f}x); "
+                f"label accuracy at t = 10: {float(accuracy_before):.2f} -> {float(accuracy_after):.2f} "
+                "(chance 0.33)"
+            )
         sample = make_sample_fn(model, schedule, num_steps=10)
         options = {"cfg_scales": 4.0} if condition != "none" else {}
         generated = np.asarray(sample(params, jax.random.key(1), {"label": given}, **options).image)
         distances = ((generated.reshape(len(given), 1, -1) - centroids[None]) ** 2).sum(axis=-1)
         agreement[condition] = float(np.mean(distances.argmin(axis=1) == np.asarray(given)))
-    print(f"label -> image agreement (nearest class mean; chance 0.33): conditioned {agreement['embedding']:.2f}, "
-          f"aggregation-only {agreement['none']:.2f}")
+    print(
+        f"label -> image agreement (nearest class mean; chance 0.33): conditioned {agreement['embedding']:.2f}, "
+        f"aggregation-only {agreement['none']:.2f}"
+    )
     assert float(loss_before / loss_after) >= 3.0
     assert float(accuracy_after) >= 0.6
     assert agreement["embedding"] >= 0.7 and agreement["embedding"] >= agreement["none"] + 0.25

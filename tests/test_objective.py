@@ -13,8 +13,10 @@ from mmdiff_jax.models.unet import unet_preset
 from mmdiff_jax.objective import LossConfig, make_loss_fn
 from tests.test_modalities import KEY, MICRO, Z_SHAPE, random_batch
 
-MODALITIES = (Modality("label", "label", num_classes=10, loss_weight=0.5),
-              Modality("masked_image", "masked_image", (8, 8, 1), loss_weight=0.01))
+MODALITIES = (
+    Modality("label", "label", num_classes=10, loss_weight=0.5),
+    Modality("masked_image", "masked_image", (8, 8, 1), loss_weight=0.01),
+)
 
 
 @pytest.fixture(scope="module")
@@ -41,10 +43,19 @@ def test_loss_and_gradients_under_jit(setup):
         return loss, metrics, grads, other_loss
 
     loss, metrics, grads, other_loss = run(params, batch, KEY)
-    assert set(metrics) == {"loss", "eps_mse", "aggregation_mse", "recovery/label", "recovery/masked_image",
-                            "accuracy/label"}
-    expected = (metrics["eps_mse"] + metrics["aggregation_mse"]
-                + sum(weight * metrics[f"recovery/{name}"] for name, weight in recovery_weights.items()))
+    assert set(metrics) == {
+        "loss",
+        "eps_mse",
+        "aggregation_mse",
+        "recovery/label",
+        "recovery/masked_image",
+        "accuracy/label",
+    }
+    expected = (
+        metrics["eps_mse"]
+        + metrics["aggregation_mse"]
+        + sum(weight * metrics[f"recovery/{name}"] for name, weight in recovery_weights.items())
+    )
     np.testing.assert_allclose(loss, expected, rtol=1e-5)
     # Same rng, same t and eps: only the label's recovery weight differs.
     np.testing.assert_allclose(loss - other_loss, 1.5 * metrics["recovery/label"], rtol=1e-4)

@@ -24,7 +24,7 @@ def _exact_eps(schedule, u_t, t):
     """E[eps | u_t] for Gaussian data: sigma_t (u_t - alpha_t MU) / (alpha_t^2 SCALE^2 + sigma_t^2)."""
     alpha = jnp.sqrt(diffusion.at_step(schedule.alpha_bar, t, u_t))
     sigma = jnp.sqrt(diffusion.at_step(schedule.one_minus_alpha_bar, t, u_t))
-    return sigma * (u_t - alpha * MU) / (alpha ** 2 * SCALE ** 2 + sigma ** 2)
+    return sigma * (u_t - alpha * MU) / (alpha**2 * SCALE**2 + sigma**2)
 
 
 def _plain_denoise(z_t, t):
@@ -34,7 +34,7 @@ def _plain_denoise(z_t, t):
 def _ode_solution(t_end):
     """The probability-flow ODE maps u_T to u_end keeping (u - alpha MU) / sqrt(alpha^2 SCALE^2 + sigma^2)."""
     abar = np.asarray(PLAIN.alpha_bar, np.float64)
-    std = lambda t: np.sqrt(abar[t] * SCALE ** 2 + 1 - abar[t])  # noqa: E731
+    std = lambda t: np.sqrt(abar[t] * SCALE**2 + 1 - abar[t])  # noqa: E731
     return np.sqrt(abar[t_end]) * MU + std(t_end) * (np.asarray(NOISE, np.float64) - np.sqrt(abar[T]) * MU) / std(T)
 
 
@@ -45,8 +45,13 @@ def _errors(variant, step_counts, t_end=40):
     for count in step_counts:
         chain = np.array([np.argmin(np.abs(lam[1:] - x)) + 1 for x in np.linspace(lam[T], lam[t_end], count + 1)])
         chain[0], chain[-1] = T, t_end
-        out = jax.jit(lambda chain=chain: dpm_solver_sample(_plain_denoise, PLAIN, jax.random.key(1), SHAPE,
-                                                            variant=variant, timesteps=chain, prior_noise=NOISE).z_0)()
+        out = jax.jit(
+            lambda chain=chain: (
+                dpm_solver_sample(
+                    _plain_denoise, PLAIN, jax.random.key(1), SHAPE, variant=variant, timesteps=chain, prior_noise=NOISE
+                ).z_0
+            )
+        )()
         errors.append(float(np.sqrt(np.mean((np.asarray(out, np.float64) - reference) ** 2))))
     return np.asarray(errors)
 
@@ -71,8 +76,9 @@ def test_error_falls_at_the_solver_order_as_the_steps_double():
 
 def test_first_order_equals_ddim():
     for num_steps in (7, 25):
-        ours = dpm_solver_sample(_plain_denoise, PLAIN, jax.random.key(1), SHAPE, variant="1", num_steps=num_steps,
-                                 prior_noise=NOISE).z_0
+        ours = dpm_solver_sample(
+            _plain_denoise, PLAIN, jax.random.key(1), SHAPE, variant="1", num_steps=num_steps, prior_noise=NOISE
+        ).z_0
         ddim = ddim_sample(_plain_denoise, PLAIN, jax.random.key(1), SHAPE, num_steps=num_steps, prior_noise=NOISE).z_0
         np.testing.assert_allclose(ours, ddim, atol=2e-6)
 
@@ -110,8 +116,9 @@ def test_step_spacings():
 
 def test_model_sampler_with_guidance_and_repaint_and_clear_errors():
     shape = (8, 8, 1)
-    unet = unet_preset("tiny", base_channels=8, channel_multipliers=(1, 2), attention_resolutions=(),
-                       num_head_channels=8, num_groups=4)
+    unet = unet_preset(
+        "tiny", base_channels=8, channel_multipliers=(1, 2), attention_resolutions=(), num_head_channels=8, num_groups=4
+    )
     modalities = (Modality("masked_image", "masked_image", shape, condition="concat"),)
     model = MTDiffusion(unet, modalities, shape)
     variables = jax.jit(lambda key: init_variables(model, key))(jax.random.key(0, impl="rbg"))
@@ -119,8 +126,9 @@ def test_model_sampler_with_guidance_and_repaint_and_clear_errors():
     mask = jnp.zeros((3, 8, 8, 1)).at[:, :4].set(1.0)  # the top half known
     observed = {"masked_image": jnp.full((3,) + shape, 0.5), MASK_KEY: mask}
     # One compiled sampler: 3M on logSNR steps, classifier-free guidance and RePaint re-imposition composed.
-    sample = make_sample_fn(model, schedule, method="dpm_solver++", num_steps=6, variant="3M", spacing="logsnr",
-                            repaint="masked_image")
+    sample = make_sample_fn(
+        model, schedule, method="dpm_solver++", num_steps=6, variant="3M", spacing="logsnr", repaint="masked_image"
+    )
     restored = sample(variables, jax.random.key(1), observed, cfg_scales=2.0).image
     known = np.asarray(observed[MASK_KEY]) > 0
     assert np.all(np.isfinite(restored)) and known.any() and not known.all()

@@ -17,8 +17,14 @@ from mmdiff_jax import schedules
 from mmdiff_jax.modalities import Modality, MTDiffusion, init_variables
 from mmdiff_jax.models.encoders import Encoder, rms_normalize
 from mmdiff_jax.models.unet import unet_preset
-from mmdiff_jax.sampling import (make_classify_fn, make_restore_fn, make_sample_fn, make_segment_fn,
-                                 make_transition_fn, respace)
+from mmdiff_jax.sampling import (
+    make_classify_fn,
+    make_restore_fn,
+    make_sample_fn,
+    make_segment_fn,
+    make_transition_fn,
+    respace,
+)
 
 Z_SHAPE = (8, 8, 1)
 BATCH = 2
@@ -65,17 +71,19 @@ def setup():
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(modalities_module, "make_encoder", make_encoder)
-        specs = (Modality("masked_image", "masked_image", Z_SHAPE, weight_schedule=("bridge", 1.0)),
-                 Modality("label", "label", (), num_classes=3, weight_schedule=("constant", 0.5)),
-                 Modality("segmentation", "segmentation", Z_SHAPE[:2], num_classes=2,
-                          weight_schedule=("bump", 1.0)),
-                 # A source image for transition: always observed (no head), identity encoder, bridge weights.
-                 Modality("source", "image", Z_SHAPE, head="none", weight_schedule=("bridge", 0.5)))
+        specs = (
+            Modality("masked_image", "masked_image", Z_SHAPE, weight_schedule=("bridge", 1.0)),
+            Modality("label", "label", (), num_classes=3, weight_schedule=("constant", 0.5)),
+            Modality("segmentation", "segmentation", Z_SHAPE[:2], num_classes=2, weight_schedule=("bump", 1.0)),
+            # A source image for transition: always observed (no head), identity encoder, bridge weights.
+            Modality("source", "image", Z_SHAPE, head="none", weight_schedule=("bridge", 0.5)),
+        )
         model = MTDiffusion(unet_preset("tiny"), specs, Z_SHAPE)
         # A short chain with abar_T ~ 0.2: the DDIM chain stays well conditioned in float32.
         noise = schedules.schedule_from_beta(np.linspace(0.05, 0.3, NUM_STEPS))
         schedule = schedules.diffusion_schedule(
-            noise, [schedules.weight_schedule(m.weight_schedule[0], noise, m.weight_schedule[1]) for m in specs])
+            noise, [schedules.weight_schedule(m.weight_schedule[0], noise, m.weight_schedule[1]) for m in specs]
+        )
         variables = random_variables(model)
         keys = jax.random.split(jax.random.key(2), 4)
         image = jnp.tanh(jax.random.normal(keys[0], (BATCH,) + Z_SHAPE))
@@ -84,8 +92,17 @@ def setup():
         observed = {"masked_image": image, "mask": mask, "source": source}
         prior_noise = jax.random.normal(keys[2], (BATCH,) + Z_SHAPE)
         ddim = make_sample_fn(model, schedule, method="ddim", num_steps=4, eta=0.0, clip_denoised=False)
-        yield dict(model=model, schedule=schedule, variables=variables, image=image, mask=mask,
-                   source=source, observed=observed, prior_noise=prior_noise, ddim=ddim)
+        yield dict(
+            model=model,
+            schedule=schedule,
+            variables=variables,
+            image=image,
+            mask=mask,
+            source=source,
+            observed=observed,
+            prior_noise=prior_noise,
+            ddim=ddim,
+        )
 
 
 def independent_chain(setup, masked_image_observed=True):
@@ -96,8 +113,11 @@ def independent_chain(setup, masked_image_observed=True):
     model, schedule, variables = setup["model"], setup["schedule"], setup["variables"]
     network = jax.jit(lambda z, t: model.apply(variables, z, t, {"source": setup["source"]}, method=model.predict))
     segmentation_conv = variables["params"]["encoders_segmentation"]["conv"]
-    encode_segmentation = jax.jit(lambda probabilities: rms_normalize(
-        nn.Conv(Z_SHAPE[-1], (3, 3)).apply({"params": segmentation_conv}, probabilities)))
+    encode_segmentation = jax.jit(
+        lambda probabilities: rms_normalize(
+            nn.Conv(Z_SHAPE[-1], (3, 3)).apply({"params": segmentation_conv}, probabilities)
+        )
+    )
     table = np.asarray(rms_normalize(variables["params"]["encoders_label"]["table"]))
     lambda_ = np.asarray(schedule.lambda_, np.float64)
     alpha_bar, one_minus = (np.asarray(a, np.float64) for a in (schedule.alpha_bar, schedule.one_minus_alpha_bar))
@@ -149,16 +169,20 @@ def test_observed_modalities_enter_the_prior_and_reverse_means_as_specified(setu
 
 
 def test_transition_observes_the_source_image(setup):
-    transition = make_transition_fn(setup["model"], setup["schedule"], "source", method="ddim", num_steps=4,
-                                    eta=0.0, clip_denoised=False)
+    transition = make_transition_fn(
+        setup["model"], setup["schedule"], "source", method="ddim", num_steps=4, eta=0.0, clip_denoised=False
+    )
     others = {"masked_image": setup["image"], "mask": setup["mask"]}
-    samples = transition(setup["variables"], setup["source"], jax.random.key(0), others,
-                         prior_noise=setup["prior_noise"])
-    reference = setup["ddim"](setup["variables"], jax.random.key(0), setup["observed"],
-                              prior_noise=setup["prior_noise"])
+    samples = transition(
+        setup["variables"], setup["source"], jax.random.key(0), others, prior_noise=setup["prior_noise"]
+    )
+    reference = setup["ddim"](
+        setup["variables"], jax.random.key(0), setup["observed"], prior_noise=setup["prior_noise"]
+    )
     np.testing.assert_allclose(samples.z_0, reference.z_0, atol=1e-6)
-    flipped = transition(setup["variables"], -setup["source"], jax.random.key(0), others,
-                         prior_noise=setup["prior_noise"])
+    flipped = transition(
+        setup["variables"], -setup["source"], jax.random.key(0), others, prior_noise=setup["prior_noise"]
+    )
     assert np.abs(np.asarray(flipped.z_0) - np.asarray(samples.z_0)).mean() > 0.05
     with pytest.raises(ValueError, match="transition"):
         make_transition_fn(setup["model"], setup["schedule"], "label")
@@ -166,8 +190,7 @@ def test_transition_observes_the_source_image(setup):
 
 def test_label_guidance_uses_the_label_head(setup):
     model, schedule, variables = setup["model"], setup["schedule"], setup["variables"]
-    guided = make_sample_fn(model, schedule, method="ddim", num_steps=4, eta=0.0, clip_denoised=False,
-                            guidance="label")
+    guided = make_sample_fn(model, schedule, method="ddim", num_steps=4, eta=0.0, clip_denoised=False, guidance="label")
     target = jnp.array([0, 2])
     call = dict(prior_noise=setup["prior_noise"], guidance_labels=target)
     unguided = setup["ddim"](variables, jax.random.key(0), setup["observed"], prior_noise=setup["prior_noise"])
@@ -181,8 +204,9 @@ def test_label_guidance_uses_the_label_head(setup):
 
 def test_restoration_keeps_the_known_pixels_and_decodes_every_head(setup):
     restore = make_restore_fn(setup["model"], setup["schedule"], "masked_image", method="ddpm")
-    samples = restore(setup["variables"], setup["image"], setup["mask"], jax.random.key(3),
-                      observed={"source": setup["source"]})
+    samples = restore(
+        setup["variables"], setup["image"], setup["mask"], jax.random.key(3), observed={"source": setup["source"]}
+    )
     known = np.asarray(setup["mask"])[..., 0] == 1
     np.testing.assert_allclose(np.asarray(samples.z_0)[known], np.asarray(setup["image"])[known], atol=1e-6)
     assert np.abs(np.asarray(samples.z_0)[~known] - np.asarray(setup["image"])[~known]).mean() > 0.05

@@ -12,8 +12,15 @@ import pytest
 from scipy.integrate import solve_ivp
 
 from mmdiff_jax import diffusion, schedules
-from mmdiff_jax.sampling import (Prediction, classifier_guidance, ddim_sample, ddim_step, ddpm_sample,
-                                 known_region_hook, respace)
+from mmdiff_jax.sampling import (
+    Prediction,
+    classifier_guidance,
+    ddim_sample,
+    ddim_step,
+    ddpm_sample,
+    known_region_hook,
+    respace,
+)
 from tests.training_helpers import FAST_COMPILE
 
 NUM_STEPS = 1000
@@ -27,8 +34,9 @@ def make_schedule(normalized=False):
     noise = schedules.noise_schedule("linear", NUM_STEPS)
     if normalized:
         noise = schedules.normalize_by_modalities(noise, 2)
-    return schedules.diffusion_schedule(noise, [schedules.weight_schedule("bridge", noise, 1.0),
-                                                schedules.weight_schedule("constant", noise, 0.3)])
+    return schedules.diffusion_schedule(
+        noise, [schedules.weight_schedule("bridge", noise, 1.0), schedules.weight_schedule("constant", noise, 0.3)]
+    )
 
 
 def stacked(encodings, batch_size):
@@ -44,7 +52,7 @@ def gaussian_oracle(schedule, batch_size, mu=MU, s=S):
         alpha_bar = diffusion.at_step(schedule.alpha_bar, t, z_t)
         one_minus = diffusion.at_step(schedule.one_minus_alpha_bar, t, z_t)
         residual = z_t - jnp.sqrt(alpha_bar) * mu - diffusion.encoding_mean(schedule, t, encodings, z_t)
-        return Prediction(one_minus ** 0.5 * residual / (alpha_bar * s ** 2 + one_minus), encodings, {"t": t})
+        return Prediction(one_minus**0.5 * residual / (alpha_bar * s**2 + one_minus), encodings, {"t": t})
 
     return denoise
 
@@ -60,10 +68,10 @@ def exact_ddpm_moments(schedule, mu, s):
     alpha_bar = 1.0 - one_minus
     mean, variance = np.zeros_like(mu), 1.0
     for t in range(len(beta) - 1, 0, -1):
-        v = alpha_bar[t] * s ** 2 + one_minus[t]
+        v = alpha_bar[t] * s**2 + one_minus[t]
         gain = (1.0 - beta[t] / v) / np.sqrt(1.0 - beta[t])
         mean = gain * mean + beta[t] * np.sqrt(alpha_bar[t]) * mu / (v * np.sqrt(1.0 - beta[t]))
-        variance = gain ** 2 * variance + (beta[t] * one_minus[t - 1] / one_minus[t] if t > 1 else 0.0)
+        variance = gain**2 * variance + (beta[t] * one_minus[t - 1] / one_minus[t] if t > 1 else 0.0)
     return mean, variance
 
 
@@ -106,8 +114,7 @@ def test_ddim_step_with_true_eps_lands_exactly_on_the_marginal(normalized):
 def test_ddpm_reproduces_the_data_distribution(normalized):
     schedule = make_schedule(normalized)
     num_samples = 10_000 if not normalized else 2_000
-    sample = jax.jit(lambda rng: ddpm_sample(gaussian_oracle(schedule, num_samples), schedule, rng,
-                                             (num_samples, 2)))
+    sample = jax.jit(lambda rng: ddpm_sample(gaussian_oracle(schedule, num_samples), schedule, rng, (num_samples, 2)))
     output = sample(jax.random.key(1))
     z_0 = np.asarray(output.z_0, np.float64)
     assert np.all(np.asarray(output.aux["t"]) == 1)  # aux from the last call, at t = 1
@@ -119,20 +126,20 @@ def test_ddpm_reproduces_the_data_distribution(normalized):
     if not normalized:
         # ... which, for T = 1000, are the data's: the small reverse variance costs 1.5% of S^2.
         np.testing.assert_allclose(exact_mean, MU, atol=1e-4)
-        np.testing.assert_allclose(exact_variance, S ** 2, rtol=0.02)
+        np.testing.assert_allclose(exact_variance, S**2, rtol=0.02)
         np.testing.assert_allclose(mean, MU, atol=5 * S / np.sqrt(num_samples))
         pooled_variance = variance.mean()  # two independent coordinates: SE = S^2 sqrt(2 / (2 n))
-        np.testing.assert_allclose(pooled_variance, S ** 2, rtol=0.02 + 5 / np.sqrt(num_samples))
+        np.testing.assert_allclose(pooled_variance, S**2, rtol=0.02 + 5 / np.sqrt(num_samples))
     else:
         # alpha_t / (N + 1) decays so fast that the Gaussian reverse steps cannot reach the data variance.
-        assert exact_variance < 0.2 * S ** 2
+        assert exact_variance < 0.2 * S**2
 
 
 def probability_flow_closed_form(schedule, prior_noise):
     """For Gaussian data the flow keeps the standardised coordinate: u_t = sqrt(abar_t) mu + sqrt(v_t) xi,
     so with z_T = m_T + xi_T: z_0 = mu + S (xi_T - sqrt(abar_T) mu) / sqrt(v_T)."""
     alpha_bar = float(schedule.alpha_bar[-1])
-    return MU + S * (prior_noise - np.sqrt(alpha_bar) * MU) / np.sqrt(alpha_bar * S ** 2 + 1 - alpha_bar)
+    return MU + S * (prior_noise - np.sqrt(alpha_bar) * MU) / np.sqrt(alpha_bar * S**2 + 1 - alpha_bar)
 
 
 def test_probability_flow_closed_form_matches_an_ode_solver():
@@ -144,16 +151,17 @@ def test_probability_flow_closed_form_matches_an_ode_solver():
     alpha_bar_T = float(schedule.alpha_bar[-1])
 
     def eps(sigma, xbar):
-        alpha_bar = 1.0 / (1.0 + sigma ** 2)
+        alpha_bar = 1.0 / (1.0 + sigma**2)
         u = np.sqrt(alpha_bar) * xbar
-        return np.sqrt(1 - alpha_bar) * (u - np.sqrt(alpha_bar) * mu) / (alpha_bar * S ** 2 + 1 - alpha_bar)
+        return np.sqrt(1 - alpha_bar) * (u - np.sqrt(alpha_bar) * mu) / (alpha_bar * S**2 + 1 - alpha_bar)
 
     sigma_T = np.sqrt((1 - alpha_bar_T) / alpha_bar_T)
     xbar_T = prior_noise.reshape(-1) / np.sqrt(alpha_bar_T)  # u_T = z_T - m_T = the prior noise
     solution = solve_ivp(eps, (sigma_T, 0.0), xbar_T, rtol=1e-10, atol=1e-10)
     assert solution.success
-    np.testing.assert_allclose(solution.y[:, -1].reshape(prior_noise.shape),
-                               probability_flow_closed_form(schedule, prior_noise), atol=1e-5)
+    np.testing.assert_allclose(
+        solution.y[:, -1].reshape(prior_noise.shape), probability_flow_closed_form(schedule, prior_noise), atol=1e-5
+    )
 
 
 def test_ddim_eta0_is_deterministic_and_follows_the_probability_flow():
@@ -163,8 +171,18 @@ def test_ddim_eta0_is_deterministic_and_follows_the_probability_flow():
     flow = probability_flow_closed_form(schedule, np.asarray(prior_noise, np.float64))
     errors = {}
     for num_steps in (250, 1000):
-        sample = jax.jit(lambda rng: ddim_sample(gaussian_oracle(schedule, num_samples), schedule, rng,
-                                                 (num_samples, 2), num_steps=num_steps, prior_noise=prior_noise).z_0)
+        sample = jax.jit(
+            lambda rng: (
+                ddim_sample(
+                    gaussian_oracle(schedule, num_samples),
+                    schedule,
+                    rng,
+                    (num_samples, 2),
+                    num_steps=num_steps,
+                    prior_noise=prior_noise,
+                ).z_0
+            )
+        )
         z_0 = np.asarray(sample(jax.random.key(1)))
         np.testing.assert_array_equal(z_0, np.asarray(sample(jax.random.key(2))))  # rng plays no part
         errors[num_steps] = np.abs(z_0 - flow).max()
@@ -187,10 +205,14 @@ def test_ddim_eta1_on_the_full_schedule_is_ddpm():
     assert np.abs(np.asarray(other) - np.asarray(ddpm)).mean() > 0.1  # the match is not trivial
 
 
-@pytest.mark.parametrize("make_noise", [
-    lambda: schedules.noise_schedule("cosine", 20, max_beta=1.0),
-    lambda: schedules.schedule_from_beta(np.r_[np.full(19, 0.1), 1.0]),
-], ids=["cosine_max_beta_1", "last_beta_1"])
+@pytest.mark.parametrize(
+    "make_noise",
+    [
+        lambda: schedules.noise_schedule("cosine", 20, max_beta=1.0),
+        lambda: schedules.schedule_from_beta(np.r_[np.full(19, 0.1), 1.0]),
+    ],
+    ids=["cosine_max_beta_1", "last_beta_1"],
+)
 def test_zero_terminal_snr_schedules_are_refused(make_noise):
     """alpha_bar_T = 0 leaves no signal for eps-prediction: sampling gave NaN even with the exact denoiser."""
     with pytest.raises(ValueError, match=r"beta_20 = 1 .*zero-terminal-SNR.*max_beta=0.999"):
@@ -214,9 +236,11 @@ def test_exact_denoiser_samples_point_data_on_a_clipped_cosine_schedule():
 
     @jax.jit
     def samples(rng):
-        return (ddpm_sample(denoise, schedule, rng, (batch, 2)).z_0,
-                ddim_sample(denoise, schedule, rng, (batch, 2), num_steps=20).z_0,
-                ddim_sample(denoise, schedule, rng, (batch, 2), num_steps=5, eta=1.0).z_0)
+        return (
+            ddpm_sample(denoise, schedule, rng, (batch, 2)).z_0,
+            ddim_sample(denoise, schedule, rng, (batch, 2), num_steps=20).z_0,
+            ddim_sample(denoise, schedule, rng, (batch, 2), num_steps=5, eta=1.0).z_0,
+        )
 
     for z_0 in samples(jax.random.key(0)):
         np.testing.assert_allclose(z_0, point, atol=1e-5)
@@ -232,10 +256,10 @@ def mixture_oracle(schedule, batch_size):
     def denoise(z_t, t):
         alpha_bar = diffusion.at_step(schedule.alpha_bar, t, z_t)
         one_minus = diffusion.at_step(schedule.one_minus_alpha_bar, t, z_t)
-        variance = alpha_bar * S ** 2 + one_minus
+        variance = alpha_bar * S**2 + one_minus
         u = z_t - diffusion.encoding_mean(schedule, t, encodings, z_t)
         residuals = u[:, None] - jnp.sqrt(alpha_bar)[:, None] * MIXTURE_MEANS  # [B, K, 2]
-        logits = -jnp.sum(residuals ** 2, -1) / (2 * variance)
+        logits = -jnp.sum(residuals**2, -1) / (2 * variance)
         responsibilities = jax.nn.softmax(logits, -1)[..., None]
         eps = jnp.sqrt(one_minus) * jnp.sum(responsibilities * residuals, 1) / variance
         return Prediction(eps, encodings, logits)
@@ -248,8 +272,9 @@ def test_guidance_at_scale_one_is_the_exact_class_conditional_eps():
     z_t = 3 * jax.random.normal(jax.random.key(0), (5, 2))
     t = jnp.array([1000, 700, 300, 50, 3])
     labels = jnp.array([0, 1, 1, 0, 1])
-    guided = classifier_guidance(mixture_oracle(schedule, 5), schedule,
-                                 lambda p: jax.nn.log_softmax(p.aux)[jnp.arange(5), labels], 1.0)
+    guided = classifier_guidance(
+        mixture_oracle(schedule, 5), schedule, lambda p: jax.nn.log_softmax(p.aux)[jnp.arange(5), labels], 1.0
+    )
     conditional = gaussian_oracle(schedule, 5, mu=MIXTURE_MEANS[np.asarray(labels)])
     np.testing.assert_allclose(guided(z_t, t).eps, conditional(z_t, t).eps, atol=1e-5)
 
@@ -260,13 +285,17 @@ def test_guided_ddpm_samples_the_chosen_class():
     labels = jnp.ones(num_samples, jnp.int32)
 
     def sample(rng, scale):
-        guided = classifier_guidance(mixture_oracle(schedule, num_samples), schedule,
-                                     lambda p: jax.nn.log_softmax(p.aux)[jnp.arange(num_samples), labels], scale)
+        guided = classifier_guidance(
+            mixture_oracle(schedule, num_samples),
+            schedule,
+            lambda p: jax.nn.log_softmax(p.aux)[jnp.arange(num_samples), labels],
+            scale,
+        )
         return ddpm_sample(guided, schedule, rng, (num_samples, 2)).z_0
 
     z_0 = np.asarray(jax.jit(sample)(jax.random.key(0), 1.0))
     np.testing.assert_allclose(z_0.mean(0), MIXTURE_MEANS[1], atol=5 * S / np.sqrt(num_samples))
-    np.testing.assert_allclose(z_0.var(0), S ** 2, rtol=0.15)
+    np.testing.assert_allclose(z_0.var(0), S**2, rtol=0.15)
     unguided = np.asarray(jax.jit(sample)(jax.random.key(0), 0.0))
     assert 0.4 < np.mean(unguided[:, 0] < 0) < 0.6  # scale 0: both classes
 
@@ -312,10 +341,15 @@ SHARDED_SCRIPT = textwrap.dedent("""
 def test_batch_sharded_sampling_on_two_devices():
     """Two forced CPU devices: the batch stays split over the 'data' axis and the samples are unchanged."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count=2 {FAST_COMPILE}",
-               JAX_PLATFORMS="cpu", PYTHONPATH=root)
-    result = subprocess.run([sys.executable, "-c", SHARDED_SCRIPT], env=env, cwd=root, capture_output=True,
-                            text=True, timeout=300)
+    env = dict(
+        os.environ,
+        XLA_FLAGS=f"--xla_force_host_platform_device_count=2 {FAST_COMPILE}",
+        JAX_PLATFORMS="cpu",
+        PYTHONPATH=root,
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", SHARDED_SCRIPT], env=env, cwd=root, capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]
 
 
@@ -323,14 +357,21 @@ def test_pure_layers_import_without_flax():
     """The math and the pure samplers are importable into a user's JAX code without Flax or the models
     (`mmdiff_jax.sampling` loads its Flax-backed wiring only when one of its names is used)."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    script = ("import sys\n"
-              "import mmdiff_jax.schedules, mmdiff_jax.diffusion, mmdiff_jax.losses\n"
-              "from mmdiff_jax.sampling import samplers, dpm_solver, guidance, restoration, methods\n"
-              "assert 'flax' not in sys.modules, sorted(m for m in sys.modules if m.startswith(('flax', 'mmdiff')))\n"
-              "from mmdiff_jax.sampling import make_sample_fn\n"
-              "assert 'flax' in sys.modules\n"
-              "print('ok')\n")
-    result = subprocess.run([sys.executable, "-c", script], env=dict(os.environ, JAX_PLATFORMS="cpu",
-                                                                       PYTHONPATH=root),
-                            cwd=root, capture_output=True, text=True, timeout=120)
+    script = (
+        "import sys\n"
+        "import mmdiff_jax.schedules, mmdiff_jax.diffusion, mmdiff_jax.losses\n"
+        "from mmdiff_jax.sampling import samplers, dpm_solver, guidance, restoration, methods\n"
+        "assert 'flax' not in sys.modules, sorted(m for m in sys.modules if m.startswith(('flax', 'mmdiff')))\n"
+        "from mmdiff_jax.sampling import make_sample_fn\n"
+        "assert 'flax' in sys.modules\n"
+        "print('ok')\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        env=dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=root),
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]

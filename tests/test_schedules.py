@@ -61,8 +61,10 @@ def test_lambda_matches_its_closed_form_sum(noise):
     w = rng.uniform(0, 0.05, noise.num_steps + 1)
     w[0] = 0
     alpha_bar = np.cumprod(1 - np.asarray(noise.beta, np.float64))
-    expected = [sum(w[s] * np.sqrt(alpha_bar[t] / alpha_bar[s - 1]) for s in range(1, t + 1))
-                for t in range(noise.num_steps + 1)]
+    expected = [
+        sum(w[s] * np.sqrt(alpha_bar[t] / alpha_bar[s - 1]) for s in range(1, t + 1))
+        for t in range(noise.num_steps + 1)
+    ]
     np.testing.assert_allclose(schedules.lambda_from_w(w, noise.alpha), expected, rtol=1e-4, atol=1e-6)
 
 
@@ -116,18 +118,28 @@ def test_schedules_work_under_jit_and_grad():
     assert grad[0] == 0
 
 
-@pytest.mark.parametrize("call, message", [
-    (lambda: schedules.noise_schedule("quadratic", 10), "unknown noise schedule"),
-    (lambda: schedules.noise_schedule("linear", 0), "num_steps"),
-    (lambda: schedules.noise_schedule("linear", 10), "cosine schedule"),
-    (lambda: schedules.weight_schedule("wiggle", schedules.noise_schedule("cosine", 10)), "unknown weight schedule"),
-    (lambda: schedules.diffusion_schedule(schedules.noise_schedule("cosine", 10), [np.zeros(7)]), "T \\+ 1"),
-    (lambda: schedules.diffusion_schedule(schedules.noise_schedule("cosine", 10), [np.ones(11)]), "lambda_0"),
-    (lambda: schedules.diffusion_schedule(schedules.noise_schedule("cosine", 10), [np.zeros(11)], w=[np.zeros(11)]),
-     "not both"),
-    (lambda: schedules.diffusion_schedule(schedules.noise_schedule("cosine", 3), [[0, np.nan, 1, 1]]), "finite"),
-    (lambda: schedules.schedule_from_beta([0.1, 1.5]), "beta"),
-])
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda: schedules.noise_schedule("quadratic", 10), "unknown noise schedule"),
+        (lambda: schedules.noise_schedule("linear", 0), "num_steps"),
+        (lambda: schedules.noise_schedule("linear", 10), "cosine schedule"),
+        (
+            lambda: schedules.weight_schedule("wiggle", schedules.noise_schedule("cosine", 10)),
+            "unknown weight schedule",
+        ),
+        (lambda: schedules.diffusion_schedule(schedules.noise_schedule("cosine", 10), [np.zeros(7)]), "T \\+ 1"),
+        (lambda: schedules.diffusion_schedule(schedules.noise_schedule("cosine", 10), [np.ones(11)]), "lambda_0"),
+        (
+            lambda: schedules.diffusion_schedule(
+                schedules.noise_schedule("cosine", 10), [np.zeros(11)], w=[np.zeros(11)]
+            ),
+            "not both",
+        ),
+        (lambda: schedules.diffusion_schedule(schedules.noise_schedule("cosine", 3), [[0, np.nan, 1, 1]]), "finite"),
+        (lambda: schedules.schedule_from_beta([0.1, 1.5]), "beta"),
+    ],
+)
 def test_bad_schedules_raise_clear_errors(call, message):
     with pytest.raises(ValueError, match=message):
         call()

@@ -10,15 +10,18 @@ import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 HINT = "  (MMDIFF_DEBUG=1 shows the traceback)"
-ENTRY_POINTS = [("mmdiff_jax.train", "configs/default.py:tiny"),
-                ("experiments.masked_pretrain", "configs/masked_pretrain.py:tiny")]
+ENTRY_POINTS = [
+    ("mmdiff_jax.train", "configs/default.py:tiny"),
+    ("experiments.masked_pretrain", "configs/masked_pretrain.py:tiny"),
+]
 
 
 def run_entry_point(module: str, *args: str, debug: bool = False) -> subprocess.CompletedProcess:
     env = {key: value for key, value in os.environ.items() if key != "MMDIFF_DEBUG"}
     env.update(PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu", **({"MMDIFF_DEBUG": "1"} if debug else {}))
-    return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", module, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+    )
 
 
 def error_lines(child: subprocess.CompletedProcess) -> list[str]:
@@ -30,7 +33,8 @@ def test_unknown_config_key_names_the_flag_and_the_nearest_key(tmp_path, module,
     child = run_entry_point(module, f"--config={config}", "--config.train.stepz=5", f"--workdir={tmp_path / 'run'}")
     assert child.returncode == 2
     assert error_lines(child) == [
-        f"error: --config.train.stepz=5: the config has no key 'stepz' (did you mean \"steps\"?){HINT}"]
+        f"error: --config.train.stepz=5: the config has no key 'stepz' (did you mean \"steps\"?){HINT}"
+    ]
     assert not (tmp_path / "run").exists()
 
 
@@ -45,17 +49,27 @@ def test_workdir_that_is_a_file_is_refused_in_one_line(tmp_path, module, config)
 
 
 def test_debug_variable_shows_the_traceback(tmp_path):
-    child = run_entry_point("mmdiff_jax.train", "--config=configs/default.py:tiny", "--config.train.stepz=5",
-                            f"--workdir={tmp_path / 'run'}", debug=True)
+    child = run_entry_point(
+        "mmdiff_jax.train",
+        "--config=configs/default.py:tiny",
+        "--config.train.stepz=5",
+        f"--workdir={tmp_path / 'run'}",
+        debug=True,
+    )
     assert child.returncode != 0
     assert "Traceback (most recent call last)" in child.stderr
     assert "CommandLineError: --config.train.stepz=5: the config has no key 'stepz'" in child.stderr
 
 
 def test_a_value_the_config_refuses_is_one_line_before_compiling(tmp_path):
-    child = run_entry_point("mmdiff_jax.train", "--config=configs/masked_pretrain.py:tiny",
-                            "--config.model.modalities.masked_image.condition=concatt", f"--workdir={tmp_path / 'run'}")
+    child = run_entry_point(
+        "mmdiff_jax.train",
+        "--config=configs/masked_pretrain.py:tiny",
+        "--config.model.modalities.masked_image.condition=concatt",
+        f"--workdir={tmp_path / 'run'}",
+    )
     assert child.returncode == 2
     (line,) = error_lines(child)
-    assert line.startswith("error: config.model.modalities.masked_image: modality 'masked_image': unknown condition "
-                           "'concatt'") and line.endswith(HINT)
+    assert line.startswith(
+        "error: config.model.modalities.masked_image: modality 'masked_image': unknown condition 'concatt'"
+    ) and line.endswith(HINT)

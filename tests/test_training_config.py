@@ -29,22 +29,31 @@ def test_default_and_tiny_configs_validate(config):
         get_config("huge")
 
 
-@pytest.mark.parametrize("mutate, message", [
-    (lambda c: c.train.__setitem__("stepz", 3), r"unknown to the trainer: \['train.stepz'\]"),
-    (lambda c: c.model.modalities.masked_image.__setitem__("kind", "smell"),
-     r"config.model.modalities.masked_image: .*unknown kind 'smell'"),
-    (lambda c: c.model.modalities.masked_image.__setitem__("colour", 1),
-     r"config.model.modalities.masked_image: unknown fields \['colour'\]"),
-    (lambda c: c.model.unet.__setitem__("depth", 3), r"unknown to the trainer: \['model.unet.depth'\]"),
-    (lambda c: c.model.__setitem__("dtype", "float16"), "config.model.dtype must be one of"),
-    (lambda c: c.mesh.__setitem__("shape", (2, -1)), r"mesh.shape \(2, -1\) does not divide the 1 devices"),
-    (lambda c: setattr(c, "data", dict(c.data.to_dict(), name="fashion_mnist", options={"image_size": 32})),
-     r"modality 'masked_image' reads batch key 'masked_image', which dataset 'fashion_mnist' does not provide"),
-    (lambda c: c.model.modalities.masked_image.__setitem__("shape", (16, 16, 1)), "does not match z's shape"),
-    (lambda c: c.optim.__setitem__("schedule", "exponential"), "optim.schedule must be one of"),
-    (lambda c: c.train.__setitem__("best_mode", "best"), "best_mode must be 'min' or 'max'"),
-    (lambda c: c.__setitem__("prng_impl", "philox"), r"config.prng_impl must be one of \('threefry2x32', 'rbg'\)"),
-])
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda c: c.train.__setitem__("stepz", 3), r"unknown to the trainer: \['train.stepz'\]"),
+        (
+            lambda c: c.model.modalities.masked_image.__setitem__("kind", "smell"),
+            r"config.model.modalities.masked_image: .*unknown kind 'smell'",
+        ),
+        (
+            lambda c: c.model.modalities.masked_image.__setitem__("colour", 1),
+            r"config.model.modalities.masked_image: unknown fields \['colour'\]",
+        ),
+        (lambda c: c.model.unet.__setitem__("depth", 3), r"unknown to the trainer: \['model.unet.depth'\]"),
+        (lambda c: c.model.__setitem__("dtype", "float16"), "config.model.dtype must be one of"),
+        (lambda c: c.mesh.__setitem__("shape", (2, -1)), r"mesh.shape \(2, -1\) does not divide the 1 devices"),
+        (
+            lambda c: setattr(c, "data", dict(c.data.to_dict(), name="fashion_mnist", options={"image_size": 32})),
+            r"modality 'masked_image' reads batch key 'masked_image', which dataset 'fashion_mnist' does not provide",
+        ),
+        (lambda c: c.model.modalities.masked_image.__setitem__("shape", (16, 16, 1)), "does not match z's shape"),
+        (lambda c: c.optim.__setitem__("schedule", "exponential"), "optim.schedule must be one of"),
+        (lambda c: c.train.__setitem__("best_mode", "best"), "best_mode must be 'min' or 'max'"),
+        (lambda c: c.__setitem__("prng_impl", "philox"), r"config.prng_impl must be one of \('threefry2x32', 'rbg'\)"),
+    ],
+)
 def test_semantic_errors_name_the_key(config, mutate, message):
     broken = copy.deepcopy(config)
     broken.unlock()
@@ -55,12 +64,16 @@ def test_semantic_errors_name_the_key(config, mutate, message):
 
 def test_batch_must_split_over_devices_and_micro_batches(config):
     from mmdiff_jax.training import mesh as mesh_lib
+
     mesh = mesh_lib.make_mesh((1, 1), jax.devices()[:1])  # one device, whatever XLA_FLAGS the caller set
     mesh_lib.check_batch_size("config.data.batch_size", 8, mesh, 2)
     broken = copy.deepcopy(config)
     broken.optim.grad_accumulation_steps = 3
-    with pytest.raises(ValueError, match=r"config.data.batch_size=8 is not divisible by the data-parallel size 1 "
-                                         r".* x 3 micro-batches"):
+    with pytest.raises(
+        ValueError,
+        match=r"config.data.batch_size=8 is not divisible by the data-parallel size 1 "
+        r".* x 3 micro-batches",
+    ):
         config_io.validate_config(broken, num_devices=1)
 
 
@@ -69,8 +82,7 @@ def test_learning_rate_schedule_warms_up_then_decays():
     optim.update(learning_rate=1.0, end_learning_rate=0.1, warmup_steps=10, decay_steps=110)
     for kind in ("cosine", "linear"):
         schedule = state_lib.learning_rate_schedule(dict(optim, schedule=kind), total_steps=1000)
-        np.testing.assert_allclose([schedule(0), schedule(5), schedule(10), schedule(110)], [0, 0.5, 1, 0.1],
-                                   atol=1e-6)
+        np.testing.assert_allclose([schedule(0), schedule(5), schedule(10), schedule(110)], [0, 0.5, 1, 0.1], atol=1e-6)
     constant = state_lib.learning_rate_schedule(dict(optim, schedule="constant"), total_steps=1000)
     np.testing.assert_allclose([constant(5), constant(500)], [0.5, 1.0], atol=1e-6)
     with pytest.raises(ValueError, match="must exceed optim.warmup_steps"):
@@ -78,8 +90,9 @@ def test_learning_rate_schedule_warms_up_then_decays():
 
 
 def test_optimizer_clips_and_decays_only_matrices():
-    optim = dict(get_config().optim, learning_rate=0.1, warmup_steps=0, schedule="constant", weight_decay=0.5,
-                 grad_clip_norm=1.0)
+    optim = dict(
+        get_config().optim, learning_rate=0.1, warmup_steps=0, schedule="constant", weight_decay=0.5, grad_clip_norm=1.0
+    )
     optimizer, _ = state_lib.make_optimizer(optim, total_steps=10)
     params = {"kernel": jax.numpy.ones((2, 2)), "bias": jax.numpy.ones((2,))}
     zero_grads = jax.tree.map(jax.numpy.zeros_like, params)
@@ -102,7 +115,8 @@ def test_signature_and_shape_differences_are_named():
     assert checkpoint_lib.shape_differences(old, new) == [
         "params/gone: not in the model (checkpoint (2,) float32)",
         "params/new: not in the checkpoint (model (1,) float32)",
-        "params/w: checkpoint (3, 4) float32, model (3, 5) float32"]
+        "params/w: checkpoint (3, 4) float32, model (3, 5) float32",
+    ]
 
 
 def test_image_grid_layout():
@@ -126,8 +140,9 @@ def test_checkpointer_accepts_a_relative_directory(tmp_path, monkeypatch):
             self.index = state["index"]
 
     monkeypatch.chdir(tmp_path)
-    checkpointer = checkpoint_lib.Checkpointer("run/checkpoints", signature={"model": 1}, save_every=1, keep=1,
-                                               async_save=False)
+    checkpointer = checkpoint_lib.Checkpointer(
+        "run/checkpoints", signature={"model": 1}, save_every=1, keep=1, async_save=False
+    )
     state = {"w": np.arange(3.0, dtype=np.float32)}
     assert checkpointer.save(1, state, Position(7), force=True)
     checkpointer.wait_until_finished()
@@ -139,16 +154,20 @@ def test_checkpointer_accepts_a_relative_directory(tmp_path, monkeypatch):
     assert position.index == 7
 
 
-@pytest.mark.parametrize("name", ["default", "masked_pretrain", "joint_image_label", "image_segmentation",
-                                  "image_embedding"])
+@pytest.mark.parametrize(
+    "name", ["default", "masked_pretrain", "joint_image_label", "image_segmentation", "image_embedding"]
+)
 def test_overriding_one_config_key_changes_no_other(name):
     """`--config.train.eval_every=100` must not move train.steps (as a shared ml_collections FieldReference
     would): every scalar of every preset is set alone, and the rest of the config stays as it was."""
     module = __import__(f"configs.{name}", fromlist=["get_config"])
     for preset in ("", "tiny"):
         before = module.get_config(preset).to_dict()
-        flat = {key: value for key, value in config_io._flatten(before).items()
-                if isinstance(value, (int, float)) and not isinstance(value, bool)}
+        flat = {
+            key: value
+            for key, value in config_io._flatten(before).items()
+            if isinstance(value, (int, float)) and not isinstance(value, bool)
+        }
         for key, value in flat.items():
             config = module.get_config(preset)
             section, field = key.rsplit(".", 1) if "." in key else ("", key)

@@ -15,16 +15,33 @@ from tests import training_helpers as helpers
 def launch_pair(workdir, arrays, cache, steps, timeout=400):
     port = helpers.free_port()
     env = helpers.child_env(cache, devices=2)
-    flags = [f"--workdir={workdir}", "--config=configs/default.py:tiny", f"--config.data.arrays_path={arrays}",
-             f"--config.train.steps={steps}", "--config.train.checkpoint_every=2", "--config.train.log_every=1",
-             "--config.train.eval_every=4", "--config.sample.every=0", "--config.train.progress_bar=False",
-             "--config.train.log_batch_checksum=True", "--config.model.dtype=bfloat16",
-             "--config.distributed.initialize=always",
-             f"--config.distributed.coordinator_address=127.0.0.1:{port}", "--config.distributed.num_processes=2"]
-    processes = [subprocess.Popen([sys.executable, "-m", "mmdiff_jax.train", *flags,
-                                   f"--config.distributed.process_id={index}"],
-                                  env=env, cwd=helpers.REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-                 for index in range(2)]
+    flags = [
+        f"--workdir={workdir}",
+        "--config=configs/default.py:tiny",
+        f"--config.data.arrays_path={arrays}",
+        f"--config.train.steps={steps}",
+        "--config.train.checkpoint_every=2",
+        "--config.train.log_every=1",
+        "--config.train.eval_every=4",
+        "--config.sample.every=0",
+        "--config.train.progress_bar=False",
+        "--config.train.log_batch_checksum=True",
+        "--config.model.dtype=bfloat16",
+        "--config.distributed.initialize=always",
+        f"--config.distributed.coordinator_address=127.0.0.1:{port}",
+        "--config.distributed.num_processes=2",
+    ]
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-m", "mmdiff_jax.train", *flags, f"--config.distributed.process_id={index}"],
+            env=env,
+            cwd=helpers.REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for index in range(2)
+    ]
     outputs = []
     try:
         for process in processes:
@@ -60,5 +77,6 @@ def test_two_processes_train_save_and_resume(tmp_path, tmp_path_factory):
     assert {r["step"] for r in records if "eval/loss" in r} == {4, 6}
     # bf16 compute, float32 params and optimizer state
     saved = helpers.read_state(workdir, 6)
-    assert all(value.dtype in (np.float32, np.int32, np.uint32) for value in saved.values()), \
-        {name: value.dtype for name, value in saved.items()}
+    assert all(value.dtype in (np.float32, np.int32, np.uint32) for value in saved.values()), {
+        name: value.dtype for name, value in saved.items()
+    }

@@ -70,7 +70,8 @@ def test_straight_run_writes_logs_samples_and_checkpoints(straight_run):
     assert {r["step"] for r in records if "eval/loss" in r} == {10, 20}
     assert all(np.isfinite(r["loss"]) and "steps_per_second" in r for r in records if "loss" in r)
     assert sorted(p.name for p in (straight_run / "samples").glob("*.png")) == sorted(
-        f"{name}_{step:08d}.png" for name in SAMPLE_GRIDS for step in (10, 20))
+        f"{name}_{step:08d}.png" for name in SAMPLE_GRIDS for step in (10, 20)
+    )
     assert (straight_run / "loss.png").stat().st_size > 0
     assert list((straight_run / "tensorboard").glob("events.out.tfevents.*"))
     assert json.loads((straight_run / "config.json").read_text())["train"]["steps"] == 20
@@ -100,8 +101,9 @@ def test_sigterm_saves_and_resume_equals_straight_run(tmp_path, arrays, straight
     # numerics, follow the device count), whatever XLA_FLAGS the caller set.
     env = helpers.child_env(cache_dir, devices=jax.device_count())
     command = [sys.executable, helpers.__file__, "train", str(tmp_path), str(arrays), "--pause-at", "10"]
-    child = subprocess.Popen(command, env=env, cwd=helpers.REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             text=True)
+    child = subprocess.Popen(
+        command, env=env, cwd=helpers.REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     try:
         deadline = time.monotonic() + 400
         while not (tmp_path / "paused_at_10").exists():
@@ -152,8 +154,9 @@ def test_nan_batch_stops_run_and_last_checkpoint_restores(tmp_path, arrays, cach
     config = helpers.tiny_config(arrays, checkpoint_every=5, log_every=4, eval_every=0)
     config.sample.every = 0
     with pytest.raises(NonFiniteLossError, match=r"NaN/inf at step 7\b.*stops at step 8") as error:
-        train_and_evaluate(config, tmp_path,
-                           train_iterator_fn=lambda c: _NanAt(config_io.make_train_iterator(c), index=7))
+        train_and_evaluate(
+            config, tmp_path, train_iterator_fn=lambda c: _NanAt(config_io.make_train_iterator(c), index=7)
+        )
     assert "step 5" in str(error.value)
     checkpoints = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
     assert checkpoints == [5]
@@ -193,8 +196,11 @@ def _pixel_objective(features: int = 4):
         mse = jnp.mean((model.apply({"params": params}, batch["masked_image"]) - batch["image"]) ** 2)
         return mse, {"pixel_mse": mse}
 
-    return Objective(init_params=lambda rng: model.init(rng, jnp.zeros((1, 32, 32, 1)))["params"],
-                     loss_fn=loss_fn, signature={"pixel_net": {"features": features}}), jax
+    return Objective(
+        init_params=lambda rng: model.init(rng, jnp.zeros((1, 32, 32, 1)))["params"],
+        loss_fn=loss_fn,
+        signature={"pixel_net": {"features": features}},
+    ), jax
 
 
 def test_objective_trains_resumes_and_is_refused_by_another(tmp_path, arrays, cache_dir):

@@ -20,7 +20,7 @@ def sharded_results(tmp_path_factory):
     result = helpers.run_child(["sharding", str(arrays)], env, timeout=500)
     assert result.returncode == 0, result.stderr[-4000:]
     line = next(line for line in result.stdout.splitlines() if line.startswith("RESULT "))
-    return json.loads(line[len("RESULT "):])
+    return json.loads(line[len("RESULT ") :])
 
 
 def test_data_parallel_and_fsdp_steps_match_single_device(sharded_results):
@@ -75,6 +75,7 @@ def test_param_spec_rule():
 
 def test_gradient_accumulation_averages_micro_batches():
     """k micro-batches: the mean of the k gradients, micro-batch j with rng fold_in(rng, j)."""
+
     def loss_fn(params, batch, rng, train=True):
         noise = jax.random.normal(rng, batch["x"].shape)
         loss = jnp.mean((batch["x"] * params["w"] + noise - batch["y"]) ** 2)
@@ -86,7 +87,11 @@ def test_gradient_accumulation_averages_micro_batches():
     micro = steps_lib.split_microbatches(batch, 2, 2)
     # device blocks [0..3], [4..7]; micro-batch 0 = rows 0, 1, 4, 5
     np.testing.assert_array_equal(micro["x"][0, :, 0], [0, 1, 4, 5])
-    expected = [jax.value_and_grad(loss_fn, has_aux=True)(params, {k: v[j] for k, v in micro.items()},
-                                                           jax.random.fold_in(rng, j)) for j in range(2)]
+    expected = [
+        jax.value_and_grad(loss_fn, has_aux=True)(
+            params, {k: v[j] for k, v in micro.items()}, jax.random.fold_in(rng, j)
+        )
+        for j in range(2)
+    ]
     np.testing.assert_allclose(loss, np.mean([e[0][0] for e in expected]), rtol=1e-6)
     np.testing.assert_allclose(grads["w"], np.mean([e[1]["w"] for e in expected]), rtol=1e-6)

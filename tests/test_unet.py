@@ -78,8 +78,10 @@ def test_resblock_dropout_and_scale_shift():
     @jax.jit
     def run(embedding, seed):
         rngs = {"dropout": jax.random.fold_in(KEY, seed)}
-        return (block.apply(variables, x, embedding, train=False, rngs=rngs),
-                block.apply(variables, x, embedding, train=True, rngs=rngs))
+        return (
+            block.apply(variables, x, embedding, train=False, rngs=rngs),
+            block.apply(variables, x, embedding, train=True, rngs=rngs),
+        )
 
     (eval_a, train_a), (eval_b, train_b), (eval_c, _) = run(embedding, 0), run(embedding, 1), run(2 * embedding, 0)
     np.testing.assert_array_equal(eval_a, eval_b)  # no dropout at evaluation
@@ -105,8 +107,9 @@ def test_attention_block_matches_a_numpy_softmax_reference():
     np.testing.assert_allclose(block.apply(variables, x).reshape(9, 8), expected, rtol=1e-4, atol=1e-4)
 
 
-def guided_diffusion_parameter_count(in_channels, model_channels, out_channels, num_res_blocks, attention_ds,
-                                     channel_mult, num_classes):
+def guided_diffusion_parameter_count(
+    in_channels, model_channels, out_channels, num_res_blocks, attention_ds, channel_mult, num_classes
+):
     """Parameters of guided-diffusion's UNetModel (scale-shift norm, resblock up/down), counted from its
     constructor: torch Conv/Linear (weight + bias), GroupNorm32 (scale + bias), class Embedding."""
     conv = lambda i, o, k: i * o * k * k + o  # noqa: E731
@@ -114,8 +117,14 @@ def guided_diffusion_parameter_count(in_channels, model_channels, out_channels, 
     embed = 4 * model_channels
 
     def res(channels, out):
-        return (2 * channels + conv(channels, out, 3) + linear(embed, 2 * out) + 2 * out + conv(out, out, 3)
-                + (0 if channels == out else conv(channels, out, 1)))
+        return (
+            2 * channels
+            + conv(channels, out, 3)
+            + linear(embed, 2 * out)
+            + 2 * out
+            + conv(out, out, 3)
+            + (0 if channels == out else conv(channels, out, 1))
+        )
 
     attention = lambda c: 2 * c + conv(c, 3 * c, 1) + conv(c, c, 1)  # noqa: E731
     total = linear(model_channels, embed) + linear(embed, embed) + num_classes * embed
@@ -153,8 +162,10 @@ def test_adm64_parameter_count():
     count = _count(shapes)
     published = 296e6  # Dhariwal & Nichol 2021, Table 14 / guided-diffusion 64x64 model
     reference = guided_diffusion_parameter_count(3, 192, 6, 3, (2, 4, 8), (1, 2, 3, 4), 1000)
-    print(f"\nADM-64 U-Net parameters: {count:,} (guided-diffusion constructor: {reference:,}; "
-          f"published {published / 1e6:.0f}M; relative difference {count / published - 1:+.3%})")
+    print(
+        f"\nADM-64 U-Net parameters: {count:,} (guided-diffusion constructor: {reference:,}; "
+        f"published {published / 1e6:.0f}M; relative difference {count / published - 1:+.3%})"
+    )
     assert count == reference
     assert abs(count / published - 1) < 0.05
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(shapes))
@@ -181,10 +192,11 @@ def test_config_validation_names_the_problem():
 def test_remat_keeps_parameters_and_gradients_and_recomputes():
     """remat='nothing_saveable' wraps every block in jax.checkpoint: the same parameter tree (checkpoints
     stay interchangeable), the same loss and gradients (dropout on), and the backward pass recomputes."""
-    config = unet_preset("tiny", num_res_blocks=1, channel_multipliers=(1,), attention_resolutions=(8,),
-                         dropout=0.2)
-    plain, remat = UNet(config, out_channels=1), UNet(dataclasses.replace(config, remat="nothing_saveable"),
-                                                      out_channels=1)
+    config = unet_preset("tiny", num_res_blocks=1, channel_multipliers=(1,), attention_resolutions=(8,), dropout=0.2)
+    plain, remat = (
+        UNet(config, out_channels=1),
+        UNet(dataclasses.replace(config, remat="nothing_saveable"), out_channels=1),
+    )
     x, t = _normal(2, 8, 8, 1, seed=5), jnp.array([3, 40])
     variables = _perturbed(jax.jit(lambda key: plain.init(key, x, t, train=False))(KEY))
     shapes = lambda tree: jax.tree.map(jnp.shape, tree)  # noqa: E731
@@ -192,10 +204,11 @@ def test_remat_keeps_parameters_and_gradients_and_recomputes():
 
     def loss(model, params):
         output = model.apply(params, x, t, train=True, rngs={"dropout": KEY}).output
-        return jnp.mean(output ** 2)
+        return jnp.mean(output**2)
 
     (plain_loss, plain_grads), (remat_loss, remat_grads) = (
-        jax.jit(jax.value_and_grad(lambda p, m=model: loss(m, p)))(variables) for model in (plain, remat))
+        jax.jit(jax.value_and_grad(lambda p, m=model: loss(m, p)))(variables) for model in (plain, remat)
+    )
     np.testing.assert_allclose(remat_loss, plain_loss, rtol=1e-6)
     for ours, theirs in zip(jax.tree.leaves(remat_grads), jax.tree.leaves(plain_grads), strict=True):
         np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-6)

@@ -36,7 +36,7 @@ def write_arrays(path: pathlib.Path, num_train: int = 64, num_test: int = 16) ->
         for i, label in enumerate(labels):
             top, left = rng.integers(0, 12, 2)
             height, width = rng.integers(8, 16, 2)
-            images[i, top:top + height, left:left + width] = 40 + 20 * label
+            images[i, top : top + height, left : left + width] = 40 + 20 * label
         return images, labels
 
     (train_image, train_label), (test_image, test_label) = split(num_train), split(num_test)
@@ -65,12 +65,24 @@ def run_experiment_cli(name: str, cwd: pathlib.Path, *overrides: str) -> subproc
     with XLA's backend optimisations off (`FAST_COMPILE`) and a persistent compilation cache beside `cwd` (shared
     by the tests of this worker: a program compiled twice, as the curve's and the evaluation's sampler of one
     model, compiles once). Fails the test on a non-zero exit."""
-    env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu",
-               XLA_FLAGS=f"--xla_force_host_platform_device_count=1 {FAST_COMPILE}",
-               JAX_COMPILATION_CACHE_DIR=str(pathlib.Path(cwd).resolve().parent / "experiments_jax_cache"),
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
-    command = [sys.executable, "-m", f"experiments.{name}", f"--config={REPO / 'configs' / name}.py:tiny",
-               *overrides, "--workdir=run", "--results_dir=results"]
+    env = dict(
+        os.environ,
+        PYTHONPATH=str(REPO),
+        JAX_PLATFORMS="cpu",
+        XLA_FLAGS=f"--xla_force_host_platform_device_count=1 {FAST_COMPILE}",
+        JAX_COMPILATION_CACHE_DIR=str(pathlib.Path(cwd).resolve().parent / "experiments_jax_cache"),
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+    )
+    command = [
+        sys.executable,
+        "-m",
+        f"experiments.{name}",
+        f"--config={REPO / 'configs' / name}.py:tiny",
+        *overrides,
+        "--workdir=run",
+        "--results_dir=results",
+    ]
     child = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
     assert child.returncode == 0, child.stderr[-4000:]
     return child
@@ -110,9 +122,14 @@ def child_env(cache_dir: str | os.PathLike, devices: int = 1) -> dict[str, str]:
     """Environment of a child process: `devices` fake CPU devices, the shared compilation cache and XLA's
     backend optimisations off as in this process (`FAST_COMPILE`), so its numerics match this process's."""
     env = dict(os.environ)
-    env.update(PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(cache_dir),
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} {FAST_COMPILE}")
+    env.update(
+        PYTHONPATH=str(REPO),
+        JAX_PLATFORMS="cpu",
+        JAX_COMPILATION_CACHE_DIR=str(cache_dir),
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} {FAST_COMPILE}",
+    )
     return env
 
 
@@ -131,8 +148,10 @@ def read_state(workdir: str | os.PathLike, step: int) -> dict[str, np.ndarray]:
     path = pathlib.Path(workdir).resolve() / "checkpoints" / str(step) / "state"
     checkpointer = ocp.StandardCheckpointer()
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    target = jax.tree.map(lambda meta: jax.ShapeDtypeStruct(meta.shape, meta.dtype, sharding=device),
-                          checkpointer.metadata(path).item_metadata.tree)
+    target = jax.tree.map(
+        lambda meta: jax.ShapeDtypeStruct(meta.shape, meta.dtype, sharding=device),
+        checkpointer.metadata(path).item_metadata.tree,
+    )
     tree = checkpointer.restore(path, target)
     leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
     return {jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in leaves}
@@ -142,13 +161,23 @@ def checksums(workdir: str | os.PathLike) -> dict[int, float]:
     """step -> batch_checksum from metrics.jsonl (a resumed run's later lines win)."""
     from mmdiff_jax.training.writers import read_jsonl
 
-    return {record["step"]: record["batch_checksum"] for record in read_jsonl(pathlib.Path(workdir) / "metrics.jsonl")
-            if "batch_checksum" in record}
+    return {
+        record["step"]: record["batch_checksum"]
+        for record in read_jsonl(pathlib.Path(workdir) / "metrics.jsonl")
+        if "batch_checksum" in record
+    }
 
 
 def run_child(args: list[str], env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, __file__, *args], check=False, env=env, cwd=REPO, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, __file__, *args],
+        check=False,
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 # ----------------------------------------------------------------------------------------------- children
@@ -160,11 +189,13 @@ def _train_child(args) -> None:
     config = tiny_config(args.arrays, steps=args.steps)
     hooks = []
     if args.pause_at:
+
         def pause(step, state, metrics):
             if step == args.pause_at:
                 (pathlib.Path(args.workdir) / f"paused_at_{step}").touch()
                 if not loop.wait_for_preemption(timeout=300):
                     raise TimeoutError("no SIGTERM arrived")
+
         hooks.append(pause)
     state = loop.train_and_evaluate(config, args.workdir, hooks=hooks)
     print(json.dumps({"final_step": int(state.step), "preempted": loop.preemption_requested()}))
@@ -190,28 +221,43 @@ def _sharding_child(args) -> None:
     results = {"devices": jax.device_count(), "seconds": {}}
     reference = None
     initial = None
-    for name, shape, devices in (("single", (1, 1), jax.devices()[:1]), ("data", (8, 1), None),
-                                 ("data_fsdp", (2, 4), None)):
+    for name, shape, devices in (
+        ("single", (1, 1), jax.devices()[:1]),
+        ("data", (8, 1), None),
+        ("data_fsdp", (2, 4), None),
+    ):
         start = time.perf_counter()
         mesh = mesh_lib.make_mesh(shape, devices)
         if initial is None:  # initialised once, then laid out on each mesh
-            initial, shardings = state_lib.create_train_state(init_params, optimizer, mesh, jax.random.key(0),
-                                                              fsdp_min_size=256)
+            initial, shardings = state_lib.create_train_state(
+                init_params, optimizer, mesh, jax.random.key(0), fsdp_min_size=256
+            )
             initial = jax.device_get(initial)
-        _, shardings = state_lib.train_state_shardings(init_params, optimizer, mesh, jax.random.key(0),
-                                                       fsdp_min_size=256)
+        _, shardings = state_lib.train_state_shardings(
+            init_params, optimizer, mesh, jax.random.key(0), fsdp_min_size=256
+        )
         state = jax.device_put(initial, shardings)
-        step = steps_lib.jit_train_step(mesh, shardings, loss_fn=loss_fn, optimizer=optimizer,
-                                        learning_rate_fn=learning_rate_fn, ema_decay=0.9)
+        step = steps_lib.jit_train_step(
+            mesh, shardings, loss_fn=loss_fn, optimizer=optimizer, learning_rate_fn=learning_rate_fn, ema_decay=0.9
+        )
         batch = mesh_lib.global_batch(local_batch, mesh_lib.batch_sharding(mesh))
         new_state, metrics = step(state, batch)
-        leaves = {jax.tree_util.keystr(path): leaf
-                  for path, leaf in jax.tree_util.tree_flatten_with_path((new_state.params, new_state.opt_state))[0]}
+        leaves = {
+            jax.tree_util.keystr(path): leaf
+            for path, leaf in jax.tree_util.tree_flatten_with_path((new_state.params, new_state.opt_state))[0]
+        }
         values = {key: np.asarray(jax.device_get(leaf)) for key, leaf in leaves.items()}
-        sharded = {key: [list(leaf.sharding.spec), list(leaf.addressable_shards[0].data.shape), list(leaf.shape)]
-                   for key, leaf in leaves.items() if leaf.ndim}
-        entry = {"loss": float(metrics["loss"]), "grad_norm": float(metrics["grad_norm"]), "sharding": sharded,
-                 "batch_shard_shape": list(batch[config.model.primary].addressable_shards[0].data.shape)}
+        sharded = {
+            key: [list(leaf.sharding.spec), list(leaf.addressable_shards[0].data.shape), list(leaf.shape)]
+            for key, leaf in leaves.items()
+            if leaf.ndim
+        }
+        entry = {
+            "loss": float(metrics["loss"]),
+            "grad_norm": float(metrics["grad_norm"]),
+            "sharding": sharded,
+            "batch_shard_shape": list(batch[config.model.primary].addressable_shards[0].data.shape),
+        }
         if reference is None:
             reference = values
         else:

@@ -58,9 +58,7 @@ def check_example(example: Mapping[str, Any], index: int, spec: ExampleSpec) -> 
             shown = tuple("*" if e is None else e for e in expected)
             raise BadExampleError(f"{where}: {key!r} has shape {value.shape}, expected {shown}")
         if value.dtype.kind == "f" and not np.all(np.isfinite(value)):
-            raise BadExampleError(
-                f"{where}: {key!r} contains {int(np.sum(~np.isfinite(value)))} NaN/Inf values"
-            )
+            raise BadExampleError(f"{where}: {key!r} contains {int(np.sum(~np.isfinite(value)))} NaN/Inf values")
     for key, num_classes in spec.num_classes.items():
         value = np.asarray(example[key])
         if value.dtype.kind not in "iu":

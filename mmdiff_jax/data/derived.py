@@ -61,9 +61,7 @@ def check_mask_ratio(mask_ratio: float | tuple[float, float]) -> None:
     """Mask ratios (fraction of hidden pixels) must lie in [0.1, 0.75]."""
     low, high = (mask_ratio, mask_ratio) if np.isscalar(mask_ratio) else mask_ratio
     if not MASK_RATIO_RANGE[0] <= low <= high <= MASK_RATIO_RANGE[1]:
-        raise ValueError(
-            f"mask_ratio {mask_ratio} must be a number or a (low, high) range within {MASK_RATIO_RANGE}"
-        )
+        raise ValueError(f"mask_ratio {mask_ratio} must be a number or a (low, high) range within {MASK_RATIO_RANGE}")
 
 
 def pixel_mask(rng: np.random.Generator, size: int, ratio: float) -> np.ndarray:
@@ -183,9 +181,7 @@ class Scene:
 
     def __post_init__(self):
         if not 1 <= self.min_objects <= self.max_objects:
-            raise ValueError(
-                f"need 1 <= min_objects ({self.min_objects}) <= max_objects ({self.max_objects})"
-            )
+            raise ValueError(f"need 1 <= min_objects ({self.min_objects}) <= max_objects ({self.max_objects})")
 
     def __call__(self, example: dict[str, Any], rng: np.random.Generator) -> dict[str, np.ndarray]:
         count = int(rng.integers(self.min_objects, self.max_objects + 1))
@@ -204,9 +200,7 @@ class Scene:
             ],
             axis=1,
         )
-        image, segmentation = compose_scene(
-            items, labels, positions, self.image_size, self.foreground_threshold
-        )
+        image, segmentation = compose_scene(items, labels, positions, self.image_size, self.foreground_threshold)
         return {"image": to_signed_unit(image), "segmentation": segmentation}
 
 

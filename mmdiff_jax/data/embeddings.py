@@ -118,14 +118,10 @@ def train_embedding_encoder(
         return optax.apply_updates(params, updates), opt_state
 
     order = np.random.default_rng(seed)
-    indices = np.concatenate(
-        [order.permutation(len(images)) for _ in range(-(-steps * batch_size // len(images)))]
-    )
+    indices = np.concatenate([order.permutation(len(images)) for _ in range(-(-steps * batch_size // len(images)))])
     for step in range(steps):
         batch = indices[step * batch_size : (step + 1) * batch_size]
-        params, opt_state = train_step(
-            params, opt_state, _scaled(images[batch]), labels[batch].astype(np.int32)
-        )
+        params, opt_state = train_step(params, opt_state, _scaled(images[batch]), labels[batch].astype(np.int32))
     return model, params
 
 

@@ -150,9 +150,7 @@ def prepare_fashion_mnist(
       data_dir: TFDS data directory; `None` is TFDS's default.
       idx_dir: directory of the IDX files; see `idx_dir_or_default`.
     """
-    builder = FashionMnistDebian(
-        data_dir=None if data_dir is None else os.fspath(data_dir), file_format="array_record"
-    )
+    builder = FashionMnistDebian(data_dir=None if data_dir is None else os.fspath(data_dir), file_format="array_record")
     if not builder.is_prepared():
         directory = idx_dir_or_default(idx_dir)
         idx_files(directory)  # fail early with the install command

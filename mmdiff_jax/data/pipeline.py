@@ -244,9 +244,7 @@ def _fashion_map_dataset(name, split, seed, data_dir, options):
         )
     if name == "fashion_mnist_scenes":
         return items.random_map(
-            derived.Scene(
-                items, size, options["min_objects"], options["max_objects"], options["foreground_threshold"]
-            ),
+            derived.Scene(items, size, options["min_objects"], options["max_objects"], options["foreground_threshold"]),
             seed=transform_seed,
         )
     path = options["embedding_path"]

@@ -50,9 +50,7 @@ TFDS_SETS = {
     "cifar10": TfdsSet("cifar10", 32, num_classes=10),
     "imagenet2012": TfdsSet("imagenet2012", 64, num_classes=1000, fixed_size=False),
     "downsampled_imagenet/64x64": TfdsSet("downsampled_imagenet/64x64", 64),
-    "oxford_iiit_pet": TfdsSet(
-        "oxford_iiit_pet", 64, num_classes=37, segmentation_classes=3, fixed_size=False
-    ),
+    "oxford_iiit_pet": TfdsSet("oxford_iiit_pet", 64, num_classes=37, segmentation_classes=3, fixed_size=False),
 }
 # Trimap value -> class id: 1 pet -> 1, 2 background -> 0, 3 border -> 2.
 _TRIMAP_TO_CLASS = np.array([0, 1, 0, 2], np.int32)
@@ -122,9 +120,7 @@ class StandardizeTfdsExample:
     def __call__(self, example: dict[str, Any]) -> dict[str, np.ndarray]:
         tfds_set = TFDS_SETS[self.name]
         out = {
-            "image": derived.to_signed_unit(
-                _square_resize(np.asarray(example["image"]), self.image_size, Image.BOX)
-            )
+            "image": derived.to_signed_unit(_square_resize(np.asarray(example["image"]), self.image_size, Image.BOX))
         }
         if tfds_set.num_classes:
             out["label"] = np.int32(example["label"])

@@ -31,8 +31,7 @@ def as_labels(values, label_ndim: int) -> np.ndarray:
         return values.argmax(-1)
     if values.ndim != label_ndim:
         raise ValueError(
-            f"expected labels of rank {label_ndim} or logits of rank "
-            f"{label_ndim + 1}, got shape {values.shape}"
+            f"expected labels of rank {label_ndim} or logits of rank {label_ndim + 1}, got shape {values.shape}"
         )
     return values.astype(np.int64)
 
@@ -59,12 +58,8 @@ def confusion_matrix(predictions, targets, num_classes: int, ignore_index: int |
     targets, predictions = targets[keep], predictions[keep]
     for name, values in (("target", targets), ("prediction", predictions)):
         if values.size and (values.min() < 0 or values.max() >= num_classes):
-            raise ValueError(
-                f"{name} classes must lie in [0, {num_classes}), got [{values.min()}, {values.max()}]"
-            )
-    return np.bincount(targets * num_classes + predictions, minlength=num_classes**2).reshape(
-        num_classes, num_classes
-    )
+            raise ValueError(f"{name} classes must lie in [0, {num_classes}), got [{values.min()}, {values.max()}]")
+    return np.bincount(targets * num_classes + predictions, minlength=num_classes**2).reshape(num_classes, num_classes)
 
 
 def iou_from_confusion(confusion) -> tuple[float, np.ndarray]:

@@ -27,9 +27,7 @@ def read_torch_state_dict(path) -> dict:
     try:
         import torch  # pylint: disable=g-import-not-at-top
     except ImportError as error:
-        raise SystemExit(
-            "Reading .pth files needs PyTorch: pip install torch==2.13.0 (a local CPU wheel)"
-        ) from error
+        raise SystemExit("Reading .pth files needs PyTorch: pip install torch==2.13.0 (a local CPU wheel)") from error
     state = torch.load(path, map_location="cpu", weights_only=True)
     state = state.get("state_dict", state)
     return {k: v.detach().cpu().numpy() for k, v in state.items() if hasattr(v, "detach")}
@@ -59,9 +57,7 @@ def main(argv=None) -> pathlib.Path:
                 "wheel (pip download lpips==0.1.4 --no-deps; unzip)"
             )
         state_dicts.append(read_torch_state_dict(lin))
-    out = lpips.save_params(
-        lpips.convert_torch_state_dicts(*state_dicts), args.out or lpips.default_weights_path()
-    )
+    out = lpips.save_params(lpips.convert_torch_state_dicts(*state_dicts), args.out or lpips.default_weights_path())
     print(f"wrote {out}")
     return out
 

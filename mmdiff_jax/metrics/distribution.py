@@ -157,10 +157,7 @@ def precision_recall(real, generated, k: int = 3, batch_size: int = 1024) -> tup
 def compute_features(feature_fn, images, batch_size: int = 500) -> np.ndarray:
     """feature_fn over `images` [N, ...] in batches -> [N, D] float32."""
     return np.concatenate(
-        [
-            np.asarray(feature_fn(images[i : i + batch_size]), np.float32)
-            for i in range(0, len(images), batch_size)
-        ]
+        [np.asarray(feature_fn(images[i : i + batch_size]), np.float32) for i in range(0, len(images), batch_size)]
     )
 
 
@@ -189,16 +186,13 @@ class FeatureDistribution(base.Evaluator):
             raise ValueError(f"unknown metrics {sorted(unknown)}")
         if feature_name is None and callable(features):
             raise ValueError(
-                "give `feature_name` for a callable `features`: it "
-                "names the feature space in the reported keys"
+                "give `feature_name` for a callable `features`: it names the feature space in the reported keys"
             )
         self.metrics, self.k = tuple(metrics), k
         self.feature_name = feature_name or features
         self._features, self._feature_fn = features, None
         self.keys = (reference, samples)
-        self.fixed_reference = (
-            None if reference_features is None else np.asarray(reference_features, np.float32)
-        )
+        self.fixed_reference = None if reference_features is None else np.asarray(reference_features, np.float32)
         self.reset()
 
     def reset(self):
@@ -217,9 +211,7 @@ class FeatureDistribution(base.Evaluator):
         )
 
     def result(self):
-        reference = (
-            self.fixed_reference if self.fixed_reference is not None else np.concatenate(self._reference)
-        )
+        reference = self.fixed_reference if self.fixed_reference is not None else np.concatenate(self._reference)
         samples = np.concatenate(self._samples)
         results = {}
         if "fid" in self.metrics:

@@ -62,8 +62,7 @@ def center_crop(images, size: int = CLASSIFIER_SIZE):
     height, width = images.shape[1:3]
     if height < size or width < size or (height - size) % 2 or (width - size) % 2:
         raise ValueError(
-            f"images {height}x{width} cannot be centre-cropped to "
-            f"{size}x{size} (need H, W >= {size}, H - {size} even)"
+            f"images {height}x{width} cannot be centre-cropped to {size}x{size} (need H, W >= {size}, H - {size} even)"
         )
     top, left = (height - size) // 2, (width - size) // 2
     return images[:, top : top + size, left : left + size]
@@ -180,9 +179,7 @@ def get_feature_fn(features: str | FeatureFn, **kwargs) -> FeatureFn:
     if callable(features):
         return features
     if features not in _FEATURE_NETWORKS:
-        raise KeyError(
-            f"unknown feature network {features!r}; known: {sorted(_FEATURE_NETWORKS)}, or pass a callable"
-        )
+        raise KeyError(f"unknown feature network {features!r}; known: {sorted(_FEATURE_NETWORKS)}, or pass a callable")
     return _FEATURE_NETWORKS[features](**kwargs)
 
 

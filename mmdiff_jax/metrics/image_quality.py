@@ -76,9 +76,7 @@ def ssim(
     a, b = _to_unit(reference, value_range), _to_unit(prediction, value_range)
     if mask is None:
         return dm_pix.ssim(a, b, max_val=1.0, filter_size=filter_size, filter_sigma=filter_sigma)
-    ssim_map = dm_pix.ssim(
-        a, b, max_val=1.0, filter_size=filter_size, filter_sigma=filter_sigma, return_map=True
-    )
+    ssim_map = dm_pix.ssim(a, b, max_val=1.0, filter_size=filter_size, filter_sigma=filter_sigma, return_map=True)
     half = filter_size // 2  # map[i, j] is the window centred on pixel (i + half, j + half)
     hidden = _hidden(mask, a.shape)[:, half : a.shape[1] - half, half : a.shape[2] - half]
     count = hidden.sum(axis=(1, 2, 3))

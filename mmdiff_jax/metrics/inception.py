@@ -58,8 +58,7 @@ from mmdiff_jax.metrics import weight_files
 
 WEIGHTS_ENV = "MMDIFF_INCEPTION_WEIGHTS"
 WEIGHTS_URL = (
-    "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
-    "pt_inception-2015-12-05-6726825d.pth"
+    "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth"
 )
 INPUT_SIZE = 299
 SMALLEST_SIZE = 75  # the smallest input every layer of the network accepts
@@ -89,9 +88,7 @@ class BasicConv2d(nn.Module):
     def __call__(self, x):
         (pad_height, pad_width), stride = self.padding, (self.stride, self.stride)
         padding = ((pad_height, pad_height), (pad_width, pad_width))
-        x = nn.Conv(
-            self.features, self.kernel_size, stride, padding, use_bias=False, precision=HIGHEST, name="conv"
-        )(x)
+        x = nn.Conv(self.features, self.kernel_size, stride, padding, use_bias=False, precision=HIGHEST, name="conv")(x)
         return nn.relu(nn.BatchNorm(use_running_average=True, epsilon=1e-3, name="bn")(x))
 
 
@@ -345,10 +342,15 @@ def default_weights_path() -> pathlib.Path:
 def load_params(path=None):
     """{"params", "batch_stats"} from a converted .npz (default_weights_path())."""
     path = pathlib.Path(path) if path is not None else default_weights_path()
-    return weight_files.load_tree(path, (
-        f"Inception-V3 weights {path} not found. FID's Inception needs pytorch-fid's port of the "
-        "TF 2015-12-05 weights, which you supply: download pt_inception-2015-12-05-6726825d.pth "
-        f"({WEIGHTS_URL}) and convert it once with\n"
-        "  python -m mmdiff_jax.metrics.convert_inception_weights --pth "
-        f"pt_inception-2015-12-05-6726825d.pth --out {path}\n(or set ${WEIGHTS_ENV}). Without them, use "
-        "the offline features 'fmnist_cnn'."), check_flat_params)
+    return weight_files.load_tree(
+        path,
+        (
+            f"Inception-V3 weights {path} not found. FID's Inception needs pytorch-fid's port of the "
+            "TF 2015-12-05 weights, which you supply: download pt_inception-2015-12-05-6726825d.pth "
+            f"({WEIGHTS_URL}) and convert it once with\n"
+            "  python -m mmdiff_jax.metrics.convert_inception_weights --pth "
+            f"pt_inception-2015-12-05-6726825d.pth --out {path}\n(or set ${WEIGHTS_ENV}). Without them, use "
+            "the offline features 'fmnist_cnn'."
+        ),
+        check_flat_params,
+    )

@@ -96,9 +96,7 @@ class VGG16Features(nn.Module):
             if index:
                 x = nn.max_pool(x, (2, 2), strides=(2, 2))  # floor, as torch MaxPool2d(2)
             for name, channels, _ in block:
-                x = nn.relu(
-                    nn.Conv(channels, (3, 3), padding=1, name=name, precision=jax.lax.Precision.HIGHEST)(x)
-                )
+                x = nn.relu(nn.Conv(channels, (3, 3), padding=1, name=name, precision=jax.lax.Precision.HIGHEST)(x))
             outputs.append(x)
         return outputs
 
@@ -186,13 +184,20 @@ def default_weights_path() -> pathlib.Path:
 def load_params(path=None):
     """LPIPS params {"params": ...} from a converted .npz (default_weights_path())."""
     path = pathlib.Path(path) if path is not None else default_weights_path()
-    return {"params": weight_files.load_tree(path, (
-        f"LPIPS weights {path} not found. LPIPS needs the VGG-16 ImageNet "
-        "weights, which you supply (torchvision's vgg16-397923af.pth), and "
-        "the lpips package's lpips/weights/v0.1/vgg.pth, converted once with:\n"
-        "  python -m mmdiff_jax.metrics.convert_lpips_weights --vgg16 "
-        f"vgg16-397923af.pth --out {path}\n(or set ${WEIGHTS_ENV}). For an "
-        "offline perceptual distance use 'perceptual_fmnist_cnn' instead."), check_flat_params)}
+    return {
+        "params": weight_files.load_tree(
+            path,
+            (
+                f"LPIPS weights {path} not found. LPIPS needs the VGG-16 ImageNet "
+                "weights, which you supply (torchvision's vgg16-397923af.pth), and "
+                "the lpips package's lpips/weights/v0.1/vgg.pth, converted once with:\n"
+                "  python -m mmdiff_jax.metrics.convert_lpips_weights --vgg16 "
+                f"vgg16-397923af.pth --out {path}\n(or set ${WEIGHTS_ENV}). For an "
+                "offline perceptual distance use 'perceptual_fmnist_cnn' instead."
+            ),
+            check_flat_params,
+        )
+    }
 
 
 @jax.jit
@@ -225,7 +230,6 @@ class LPIPSEvaluator(base.MeanEvaluator):
         images = [jnp.asarray(base.require(batch, key, self.name), jnp.float32) for key in self.keys]
         if self.resize:
             images = [
-                jax.image.resize(x, x.shape[:1] + (self.resize, self.resize) + x.shape[3:], "bilinear")
-                for x in images
+                jax.image.resize(x, x.shape[:1] + (self.resize, self.resize) + x.shape[3:], "bilinear") for x in images
             ]
         return lpips_distance(self.params, *images)

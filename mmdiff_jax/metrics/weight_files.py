@@ -17,17 +17,26 @@ from flax import traverse_util
 
 def cache_path(environment_variable: str, file_name: str) -> pathlib.Path:
     """$environment_variable, else ~/.cache/mmdiff_jax/<file_name>."""
-    return pathlib.Path(os.environ.get(environment_variable)
-                        or pathlib.Path.home().joinpath(".cache", "mmdiff_jax", file_name))
+    return pathlib.Path(
+        os.environ.get(environment_variable) or pathlib.Path.home().joinpath(".cache", "mmdiff_jax", file_name)
+    )
 
 
-def check_flat_params(flat: Mapping[str, np.ndarray], expected: Mapping[str, tuple[int, ...]], network: str,
-                      source: str, unexpected: Sequence[str] = ()) -> None:
+def check_flat_params(
+    flat: Mapping[str, np.ndarray],
+    expected: Mapping[str, tuple[int, ...]],
+    network: str,
+    source: str,
+    unexpected: Sequence[str] = (),
+) -> None:
     """Raises one ValueError listing every missing, unexpected (also `unexpected`) or mis-shaped weight."""
     problems = [f"missing {k} {v}" for k, v in expected.items() if k not in flat]
     problems += [f"unexpected {k}" for k in [*unexpected, *(k for k in flat if k not in expected)]]
-    problems += [f"{k}: shape {tuple(np.shape(v))}, expected {expected[k]}"
-                 for k, v in flat.items() if k in expected and tuple(np.shape(v)) != expected[k]]
+    problems += [
+        f"{k}: shape {tuple(np.shape(v))}, expected {expected[k]}"
+        for k, v in flat.items()
+        if k in expected and tuple(np.shape(v)) != expected[k]
+    ]
     if problems:
         raise ValueError(f"weights from {source} do not match the {network}:\n  " + "\n  ".join(problems))
 
@@ -42,8 +51,7 @@ def save_flat(flat: Mapping[str, np.ndarray], path) -> pathlib.Path:
     return path
 
 
-def load_tree(path: pathlib.Path, missing_message: str,
-              check: Callable[[dict[str, np.ndarray], str], None]) -> dict:
+def load_tree(path: pathlib.Path, missing_message: str, check: Callable[[dict[str, np.ndarray], str], None]) -> dict:
     """The converted .npz at `path`, checked by check(flat, source), as a nested tree of jax arrays;
     FileNotFoundError(missing_message) when there is none."""
     if not path.is_file():

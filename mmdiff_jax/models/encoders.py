@@ -138,8 +138,9 @@ class LinearEncoder(Encoder):
         return self._finish(e.reshape((-1,) + self.z_shape))
 
 
-def make_encoder(kind: str, z_shape: tuple[int, int, int], *, normalize: bool, num_classes: int = 0,
-                 kernel_size: int = 3) -> Encoder:
+def make_encoder(
+    kind: str, z_shape: tuple[int, int, int], *, normalize: bool, num_classes: int = 0, kernel_size: int = 3
+) -> Encoder:
     """The encoder of the given kind (one of ENCODER_KINDS); shape checks live in `modalities`."""
     if kind == "identity":
         return IdentityEncoder(z_shape, normalize)

@@ -65,18 +65,24 @@ class UNetConfig:
             raise ValueError(f"unknown U-Net remat policy {self.remat!r}; known: {sorted(REMAT_POLICIES)}")
         factor = 2 ** (len(self.channel_multipliers) - 1)
         if any(size % factor for size in spatial_shape):
-            raise ValueError(f"U-Net with {len(self.channel_multipliers)} levels needs H and W divisible by "
-                             f"{factor}, got {tuple(spatial_shape)}")
+            raise ValueError(
+                f"U-Net with {len(self.channel_multipliers)} levels needs H and W divisible by "
+                f"{factor}, got {tuple(spatial_shape)}"
+            )
         for channels in self.level_channels():
             if channels % self.num_groups:
                 raise ValueError(f"U-Net width {channels} is not divisible by num_groups={self.num_groups}")
-        attended = [c for level, c in enumerate(self.level_channels())
-                    if spatial_shape[0] // 2 ** level in self.attention_resolutions]
+        attended = [
+            c
+            for level, c in enumerate(self.level_channels())
+            if spatial_shape[0] // 2**level in self.attention_resolutions
+        ]
         attended.append(self.level_channels()[-1])  # the middle block always attends
         for channels in attended:
             if channels % self.num_head_channels:
-                raise ValueError(f"U-Net width {channels} is not divisible by num_head_channels="
-                                 f"{self.num_head_channels}")
+                raise ValueError(
+                    f"U-Net width {channels} is not divisible by num_head_channels={self.num_head_channels}"
+                )
 
 
 # UNetConfig.remat -> the policy of `jax.checkpoint` around each block (MaxDiffusion's gradient_checkpoint).
@@ -91,15 +97,34 @@ REMAT_POLICIES = {
 
 PRESETS: dict[str, UNetConfig] = {
     # Unit tests: ~0.2M parameters, compiles in seconds on CPU.
-    "tiny": UNetConfig(base_channels=16, channel_multipliers=(1, 2), num_res_blocks=1,
-                       attention_resolutions=(4,), num_head_channels=16, dropout=0.0, num_groups=8),
+    "tiny": UNetConfig(
+        base_channels=16,
+        channel_multipliers=(1, 2),
+        num_res_blocks=1,
+        attention_resolutions=(4,),
+        num_head_channels=16,
+        dropout=0.0,
+        num_groups=8,
+    ),
     # CPU experiments on 32x32 Fashion-MNIST: ~7.7M parameters.
-    "default": UNetConfig(base_channels=64, channel_multipliers=(1, 2, 2), num_res_blocks=2,
-                          attention_resolutions=(8,), num_head_channels=32, dropout=0.1),
+    "default": UNetConfig(
+        base_channels=64,
+        channel_multipliers=(1, 2, 2),
+        num_res_blocks=2,
+        attention_resolutions=(8,),
+        num_head_channels=32,
+        dropout=0.1,
+    ),
     # ADM ImageNet-64 (guided-diffusion's 64x64 flags): 295.9M with 3 -> 6 channels and 1000 classes.
-    "adm64": UNetConfig(base_channels=192, channel_multipliers=(1, 2, 3, 4), num_res_blocks=3,
-                        attention_resolutions=(32, 16, 8), num_head_channels=64, dropout=0.1,
-                        resblock_updown=True),
+    "adm64": UNetConfig(
+        base_channels=192,
+        channel_multipliers=(1, 2, 3, 4),
+        num_res_blocks=3,
+        attention_resolutions=(32, 16, 8),
+        num_head_channels=64,
+        dropout=0.1,
+        resblock_updown=True,
+    ),
 }
 
 
@@ -202,7 +227,8 @@ class CrossAttentionBlock(nn.Module):
         h = _normalized_positions(x, self.num_groups, self.dtype)
         query = nn.Dense(channels, dtype=self.dtype, name="query")(h)
         key_value = nn.Dense(2 * channels, dtype=self.dtype, name="key_value")(
-            nn.LayerNorm(dtype=self.dtype)(context.astype(self.dtype)))
+            nn.LayerNorm(dtype=self.dtype)(context.astype(self.dtype))
+        )
         return _attend_and_add(x, query, *jnp.split(key_value, 2, axis=-1), self.num_head_channels, self.dtype)
 
 
@@ -220,8 +246,16 @@ class UNet(nn.Module):
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: Array, t: Array, y: Array | None = None, *, condition_embedding: Array | None = None,
-                 context: Array | None = None, train: bool) -> UNetOutput:
+    def __call__(
+        self,
+        x: Array,
+        t: Array,
+        y: Array | None = None,
+        *,
+        condition_embedding: Array | None = None,
+        context: Array | None = None,
+        train: bool,
+    ) -> UNetOutput:
         """x [B, H, W, C_in], t [B] integer steps, y [B] class ids (only with config.num_classes > 0).
 
         condition_embedding [B, 4 * base_channels] is added to the time embedding; with context [B, L, D]
@@ -239,16 +273,19 @@ class UNet(nn.Module):
         # Explicit names, the ones Flax gives the plain classes: the same parameters with and without remat.
         residual_ids, attention_ids = itertools.count(), itertools.count()
         block = lambda channels, resample=None: residual_class(  # noqa: E731
-            channels, config.dropout, resample, config.num_groups, dtype, name=f"ResBlock_{next(residual_ids)}")
+            channels, config.dropout, resample, config.num_groups, dtype, name=f"ResBlock_{next(residual_ids)}"
+        )
         cross_ids = itertools.count()
 
         def attention(h):
-            h = attention_class(config.num_head_channels, config.num_groups, dtype,
-                                name=f"AttentionBlock_{next(attention_ids)}")(h)
+            h = attention_class(
+                config.num_head_channels, config.num_groups, dtype, name=f"AttentionBlock_{next(attention_ids)}"
+            )(h)
             if context is None:
                 return h
-            return cross_class(config.num_head_channels, config.num_groups, dtype,
-                               name=f"CrossAttentionBlock_{next(cross_ids)}")(h, context)
+            return cross_class(
+                config.num_head_channels, config.num_groups, dtype, name=f"CrossAttentionBlock_{next(cross_ids)}"
+            )(h, context)
 
         embedding_dim = 4 * config.base_channels
         embedding = timestep_embedding(t, config.base_channels)

@@ -1,12 +1,12 @@
 """Samplers and conditional generation (docs/design.md section 3).
 
-  samplers     pure DDPM / DDIM chains over a generic denoise(z_t, t) -> Prediction (no Flax)
-  dpm_solver   DPM-Solver++ (2M, 3M, 2S) over the same chains (no Flax)
-  methods      the samplers by name ('ddpm', 'ddim', 'dpm_solver++'): one entry for every caller
-  guidance     classifier guidance by a likelihood the denoiser computes (no Flax)
-  restoration  re-imposing known pixels at every step, RePaint-style (no Flax)
-  conditional  the wiring to MTDiffusion.predict: observed subsets, decoded heads, jit-compiled samplers
-  prediction   classification and segmentation by the model's own heads
+samplers     pure DDPM / DDIM chains over a generic denoise(z_t, t) -> Prediction (no Flax)
+dpm_solver   DPM-Solver++ (2M, 3M, 2S) over the same chains (no Flax)
+methods      the samplers by name ('ddpm', 'ddim', 'dpm_solver++'): one entry for every caller
+guidance     classifier guidance by a likelihood the denoiser computes (no Flax)
+restoration  re-imposing known pixels at every step, RePaint-style (no Flax)
+conditional  the wiring to MTDiffusion.predict: observed subsets, decoded heads, jit-compiled samplers
+prediction   classification and segmentation by the model's own heads
 """
 
 import importlib
@@ -15,15 +15,37 @@ import importlib
 # dpm_solver, guidance, restoration, methods) stays free of Flax and the models; `from mmdiff_jax.sampling
 # import make_sample_fn` loads `conditional` and with it the models.
 _EXPORTS = {
-    **dict.fromkeys(("Samples", "decode_heads", "head_estimates", "make_denoise", "make_restore_fn",
-                     "make_sample_fn", "make_transition_fn"), "conditional"),
+    **dict.fromkeys(
+        (
+            "Samples",
+            "decode_heads",
+            "head_estimates",
+            "make_denoise",
+            "make_restore_fn",
+            "make_sample_fn",
+            "make_transition_fn",
+        ),
+        "conditional",
+    ),
     **dict.fromkeys(("dpm_solver_sample", "solver_timesteps"), "dpm_solver"),
     "classifier_guidance": "guidance",
     **dict.fromkeys(("METHODS", "check_sampler", "sample_chain"), "methods"),
     **dict.fromkeys(("make_classify_fn", "make_predict_fn", "make_segment_fn"), "prediction"),
     "known_region_hook": "restoration",
-    **dict.fromkeys(("Prediction", "SamplerOutput", "ddim_sample", "ddim_sigma", "ddim_step", "ddpm_sample",
-                     "ddpm_step", "prior_sample", "respace"), "samplers"),
+    **dict.fromkeys(
+        (
+            "Prediction",
+            "SamplerOutput",
+            "ddim_sample",
+            "ddim_sigma",
+            "ddim_step",
+            "ddpm_sample",
+            "ddpm_step",
+            "prior_sample",
+            "respace",
+        ),
+        "samplers",
+    ),
 }
 __all__ = sorted(_EXPORTS)
 

@@ -45,9 +45,11 @@ def model_variables(params: Any) -> dict[str, Any]:
 
 def check_schedule(model: MTDiffusion, schedule: DiffusionSchedule) -> None:
     if schedule.num_modalities != len(model.modalities):
-        raise ValueError(f"the schedule has weights for {schedule.num_modalities} modalities but the model has "
-                         f"{len(model.modalities)} ({[m.name for m in model.modalities]}): build it with "
-                         f"`modalities.modality_schedule`")
+        raise ValueError(
+            f"the schedule has weights for {schedule.num_modalities} modalities but the model has "
+            f"{len(model.modalities)} ({[m.name for m in model.modalities]}): build it with "
+            f"`modalities.modality_schedule`"
+        )
 
 
 def observed_batch_size(observed: Observed, batch_size: int | None) -> int:
@@ -65,8 +67,9 @@ def observed_batch_size(observed: Observed, batch_size: int | None) -> int:
 CfgScales = float | Array | Mapping[str, float | Array] | None
 
 
-def guidance_passes(model: MTDiffusion, observed: Observed,
-                    cfg_scales: CfgScales) -> tuple[list[frozenset[str]], Array] | None:
+def guidance_passes(
+    model: MTDiffusion, observed: Observed, cfg_scales: CfgScales
+) -> tuple[list[frozenset[str]], Array] | None:
     """The condition sets of classifier-free guidance and their scales (docs/design.md section 3b).
 
     cfg_scales None: no guidance (None returned). A scalar s, the joint form: passes [nothing seen, every
@@ -77,21 +80,26 @@ def guidance_passes(model: MTDiffusion, observed: Observed,
     """
     if cfg_scales is None:
         return None
-    for name, value in (cfg_scales.items() if isinstance(cfg_scales, Mapping) else [("", cfg_scales)]):
+    for name, value in cfg_scales.items() if isinstance(cfg_scales, Mapping) else [("", cfg_scales)]:
         if isinstance(value, str) or jnp.ndim(value) != 0:
-            raise ValueError(f"cfg_scales{f'[{name!r}]' if name else ''} must be a scalar guidance scale, got "
-                             f"{value!r}")
+            raise ValueError(
+                f"cfg_scales{f'[{name!r}]' if name else ''} must be a scalar guidance scale, got {value!r}"
+            )
     conditioned = {m.name for m in model.conditioned_modalities}
     visible = frozenset(name for name in observed if name in conditioned)
     if not isinstance(cfg_scales, Mapping):
         if not visible:
-            raise ValueError(f"classifier-free guidance needs an observed conditioned modality; observed "
-                             f"{sorted(observed)}, conditioned {sorted(conditioned)}")
+            raise ValueError(
+                f"classifier-free guidance needs an observed conditioned modality; observed "
+                f"{sorted(observed)}, conditioned {sorted(conditioned)}"
+            )
         return [frozenset(), visible], jnp.reshape(jnp.asarray(cfg_scales, jnp.float32), (1,))
     wrong = sorted(set(cfg_scales) - visible)
     if wrong:
-        raise ValueError(f"cfg_scales name {wrong}, which are not observed conditioned modalities "
-                         f"(observed and conditioned: {sorted(visible)})")
+        raise ValueError(
+            f"cfg_scales name {wrong}, which are not observed conditioned modalities "
+            f"(observed and conditioned: {sorted(visible)})"
+        )
     names = sorted(cfg_scales)
     base = visible - set(names)
     scales = jnp.stack([jnp.asarray(cfg_scales[name], jnp.float32) for name in names]) if names else jnp.zeros((0,))
@@ -110,8 +118,7 @@ def make_denoise(model: MTDiffusion, variables: Any, observed: Observed, cfg_sca
     passes = guidance_passes(model, observed, cfg_scales)
 
     def predict(z_t, t, observed_data, present=None):
-        output = model.apply(variables, z_t, t, dict(observed_data), train=False, present=present,
-                             method=model.predict)
+        output = model.apply(variables, z_t, t, dict(observed_data), train=False, present=present, method=model.predict)
         return Prediction(output.eps, output.estimated_encodings, output.heads)
 
     if passes is None:
@@ -124,11 +131,16 @@ def make_denoise(model: MTDiffusion, variables: Any, observed: Observed, cfg_sca
     def guided(z_t: Array, t: Array) -> Prediction:
         batch = z_t.shape[0]
         t = jnp.broadcast_to(jnp.asarray(t, jnp.int32), (batch,))
-        present = {name: jnp.repeat(jnp.asarray([name in condition_set for condition_set in condition_sets]), batch)
-                   for name in shown}
+        present = {
+            name: jnp.repeat(jnp.asarray([name in condition_set for condition_set in condition_sets]), batch)
+            for name in shown
+        }
         output = predict(jnp.concatenate([z_t] * count), jnp.concatenate([t] * count), tiled, present)
-        split = lambda x, axis=0: jnp.moveaxis(  # noqa: E731  [.., count * B, ..] -> [count, .., B, ..]
-            x.reshape(x.shape[:axis] + (count, batch) + x.shape[axis + 1:]), axis, 0)
+        split = (
+            lambda x, axis=0: jnp.moveaxis(  # noqa: E731  [.., count * B, ..] -> [count, .., B, ..]
+                x.reshape(x.shape[:axis] + (count, batch) + x.shape[axis + 1 :]), axis, 0
+            )
+        )
         stacked = Prediction(split(output.eps), split(output.estimated_encodings, 1), jax.tree.map(split, output.aux))
         return classifier_free_guidance(stacked, scales)
 
@@ -137,16 +149,19 @@ def make_denoise(model: MTDiffusion, variables: Any, observed: Observed, cfg_sca
 
 def head_estimates(modalities: Sequence[Modality], heads: Mapping[str, Array]) -> dict[str, Array]:
     """Heads' outputs as estimates one can average: class probabilities (softmax) or Gaussian means."""
-    return {m.name: jax.nn.softmax(heads[m.name], axis=-1) if m.loss == "categorical" else heads[m.name]
-            for m in modalities if m.name in heads}
+    return {
+        m.name: jax.nn.softmax(heads[m.name], axis=-1) if m.loss == "categorical" else heads[m.name]
+        for m in modalities
+        if m.name in heads
+    }
 
 
 def decode_heads(modalities: Sequence[Modality], estimates: Mapping[str, Array]) -> dict[str, dict[str, Array]]:
     """Per modality with a head, from `head_estimates`:
-      label         {'class_ids': [B] int32, 'probabilities': [B, K]}
-      segmentation  {'class_map': [B, H, W] int32, 'probabilities': [B, H, W, K]}
-      vector        {'vector': [B, D]};   image  {'image': [B, H, W, C]}
-      masked_image  {'image': [B, H, W, C], 'mask': [B, H, W, 1]} (the predicted [x * mask, mask])
+    label         {'class_ids': [B] int32, 'probabilities': [B, K]}
+    segmentation  {'class_map': [B, H, W] int32, 'probabilities': [B, H, W, K]}
+    vector        {'vector': [B, D]};   image  {'image': [B, H, W, C]}
+    masked_image  {'image': [B, H, W, C], 'mask': [B, H, W, 1]} (the predicted [x * mask, mask])
     """
     decoded = {}
     for m in modalities:
@@ -168,17 +183,29 @@ def _modality(model: MTDiffusion, name: str, kinds: tuple[str, ...], role: str) 
     for m in model.modalities:
         if m.name == name:
             if m.kind not in kinds or (role == "guidance" and m.head == "none"):
-                raise ValueError(f"{role} needs a modality of kind {kinds} with a head; {name!r} is {m.kind!r} "
-                                 f"with head {m.head!r}")
+                raise ValueError(
+                    f"{role} needs a modality of kind {kinds} with a head; {name!r} is {m.kind!r} with head {m.head!r}"
+                )
             return m
     raise ValueError(f"{role}: no modality {name!r} in the model (has {[m.name for m in model.modalities]})")
 
 
-def make_sample_fn(model: MTDiffusion, schedule: DiffusionSchedule, *, method: str = "ddim",
-                   num_steps: int | None = None, eta: float = 0.0, variance: str = "small",
-                   variant: str = "2M", spacing: str = "time_uniform",
-                   clip_denoised: bool = True, prior_refinements: int = 1, repaint: str | None = None,
-                   guidance: str | None = None, sharding: jax.sharding.Sharding | None = None):
+def make_sample_fn(
+    model: MTDiffusion,
+    schedule: DiffusionSchedule,
+    *,
+    method: str = "ddim",
+    num_steps: int | None = None,
+    eta: float = 0.0,
+    variance: str = "small",
+    variant: str = "2M",
+    spacing: str = "time_uniform",
+    clip_denoised: bool = True,
+    prior_refinements: int = 1,
+    repaint: str | None = None,
+    guidance: str | None = None,
+    sharding: jax.sharding.Sharding | None = None,
+):
     """A jit-compiled sampler for `model` on `schedule`.
 
     Args:
@@ -206,9 +233,17 @@ def make_sample_fn(model: MTDiffusion, schedule: DiffusionSchedule, *, method: s
     if guidance is not None:
         _modality(model, guidance, ("label",), "guidance")
 
-    def sample(params: Any, rng: Array, observed: Observed | None = None, *, batch_size: int | None = None,
-               prior_noise: Array | None = None, guidance_labels: Array | None = None,
-               guidance_scale: float | Array = 1.0, cfg_scales: CfgScales = None) -> Samples:
+    def sample(
+        params: Any,
+        rng: Array,
+        observed: Observed | None = None,
+        *,
+        batch_size: int | None = None,
+        prior_noise: Array | None = None,
+        guidance_labels: Array | None = None,
+        guidance_scale: float | Array = 1.0,
+        cfg_scales: CfgScales = None,
+    ) -> Samples:
         observed = dict(observed or {})
         shape = (observed_batch_size(observed, batch_size),) + model.z_shape
         denoise = make_denoise(model, params, observed, cfg_scales)
@@ -227,18 +262,32 @@ def make_sample_fn(model: MTDiffusion, schedule: DiffusionSchedule, *, method: s
             if repaint not in observed or MASK_KEY not in observed:
                 raise ValueError(f"repaint={repaint!r} needs observed[{repaint!r}] and observed[{MASK_KEY!r}]")
             hook = known_region_hook(schedule, jnp.asarray(observed[repaint], jnp.float32), observed[MASK_KEY])
-        output = sample_chain(denoise, schedule, rng, shape, method=method, num_steps=num_steps, eta=eta,
-                              variance=variance, variant=variant, spacing=spacing, clip_denoised=clip_denoised,
-                              prior_noise=prior_noise, prior_refinements=prior_refinements, step_hook=hook,
-                              sharding=sharding)
+        output = sample_chain(
+            denoise,
+            schedule,
+            rng,
+            shape,
+            method=method,
+            num_steps=num_steps,
+            eta=eta,
+            variance=variance,
+            variant=variant,
+            spacing=spacing,
+            clip_denoised=clip_denoised,
+            prior_noise=prior_noise,
+            prior_refinements=prior_refinements,
+            step_hook=hook,
+            sharding=sharding,
+        )
         outputs = decode_heads(model.modalities, head_estimates(model.modalities, output.aux))
         return Samples(jnp.clip(output.z_0, -1.0, 1.0), output.z_0, outputs)
 
     return jax.jit(sample, static_argnames=("batch_size",))
 
 
-def make_restore_fn(model: MTDiffusion, schedule: DiffusionSchedule, masked: str, *, repaint: bool = True,
-                    **sampler_options):
+def make_restore_fn(
+    model: MTDiffusion, schedule: DiffusionSchedule, masked: str, *, repaint: bool = True, **sampler_options
+):
     """Inpainting: restore(params, image, mask, rng, observed=None, **call_options) -> Samples.
 
     The masked image (image [B, H, W, C], mask [B, H, W, 1], 1 = known) is observed as modality `masked`;

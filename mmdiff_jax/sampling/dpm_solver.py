@@ -81,20 +81,31 @@ def solver_timesteps(schedule: DiffusionSchedule, num_steps: int, spacing: str =
     return np.concatenate([steps, [0]]).astype(np.int32)
 
 
-def data_prediction(schedule: DiffusionSchedule, z_t: Array, t: Array, prediction: Prediction,
-                    clip_denoised: bool) -> Array:
+def data_prediction(
+    schedule: DiffusionSchedule, z_t: Array, t: Array, prediction: Prediction, clip_denoised: bool
+) -> Array:
     """x_theta = u0hat = (u_t - sigma_t eps) / alpha_t, clipped to [-1, 1] with `clip_denoised`."""
     t = jnp.broadcast_to(t, z_t.shape[:1])
     x = diffusion.z0_from_eps(schedule, z_t, t, prediction.eps, prediction.estimated_encodings)
     return jnp.clip(jnp.nan_to_num(x), -1.0, 1.0) if clip_denoised else x
 
 
-def dpm_solver_sample(denoise: Denoise, schedule: DiffusionSchedule, rng: Array, shape: tuple[int, ...], *,
-                      num_steps: int = 20, variant: str = "2M", spacing: str = "time_uniform",
-                      timesteps: np.ndarray | None = None, clip_denoised: bool = False,
-                      prior_noise: Array | None = None, prior_refinements: int = 1,
-                      step_hook: StepHook | None = None,
-                      sharding: jax.sharding.Sharding | None = None) -> SamplerOutput:
+def dpm_solver_sample(
+    denoise: Denoise,
+    schedule: DiffusionSchedule,
+    rng: Array,
+    shape: tuple[int, ...],
+    *,
+    num_steps: int = 20,
+    variant: str = "2M",
+    spacing: str = "time_uniform",
+    timesteps: np.ndarray | None = None,
+    clip_denoised: bool = False,
+    prior_noise: Array | None = None,
+    prior_refinements: int = 1,
+    step_hook: StepHook | None = None,
+    sharding: jax.sharding.Sharding | None = None,
+) -> SamplerOutput:
     """DPM-Solver++ from z_T ~ N(m_T, I) (module docstring); deterministic given the prior noise.
 
     Args:
@@ -151,8 +162,11 @@ def dpm_solver_sample(denoise: Denoise, schedule: DiffusionSchedule, rng: Array,
                 d_1 = (history[0] - history[1]) / r_1
                 phi_2 = phi_1 / h + 1.0
                 phi_3 = phi_2 / h - 0.5
-                third = (u_first + alpha_s * phi_2 * (d_0 + r_0 * (d_0 - d_1) / (r_0 + r_1))
-                         - alpha_s * phi_3 * (d_0 - d_1) / (r_0 + r_1))
+                third = (
+                    u_first
+                    + alpha_s * phi_2 * (d_0 + r_0 * (d_0 - d_1) / (r_0 + r_1))
+                    - alpha_s * phi_3 * (d_0 - d_1) / (r_0 + r_1)
+                )
                 u_s = jnp.where(step_order >= 3, third, u_s)
         elif variant == "2S":
             m = midpoints[index]
@@ -170,6 +184,17 @@ def dpm_solver_sample(denoise: Denoise, schedule: DiffusionSchedule, rng: Array,
 
     zeros = jnp.zeros((2,) + tuple(shape), jnp.float32)
     state: Any = (jnp.zeros((), jnp.int32), zeros, jnp.zeros((2,), jnp.float32))
-    return run_chain(denoise, schedule, step, timesteps, rng, shape, prior_noise=prior_noise,
-                     prior_refinements=prior_refinements, step_hook=step_hook, sharding=sharding, stochastic=False,
-                     state=state)
+    return run_chain(
+        denoise,
+        schedule,
+        step,
+        timesteps,
+        rng,
+        shape,
+        prior_noise=prior_noise,
+        prior_refinements=prior_refinements,
+        step_hook=step_hook,
+        sharding=sharding,
+        stochastic=False,
+        state=state,
+    )

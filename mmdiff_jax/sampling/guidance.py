@@ -50,8 +50,9 @@ def classifier_free_guidance(passes: Prediction, scales: Array) -> Prediction:
     return jax.tree.map(combine, passes)
 
 
-def classifier_guidance(denoise: Denoise, schedule: DiffusionSchedule,
-                        log_likelihood: Callable[[Prediction], Array], scale: float | Array) -> Denoise:
+def classifier_guidance(
+    denoise: Denoise, schedule: DiffusionSchedule, log_likelihood: Callable[[Prediction], Array], scale: float | Array
+) -> Denoise:
     """The guided denoiser: eps~ = eps - scale sqrt(1 - abar_t) grad_{z_t} log p(y | z_t).
 
     Args:
@@ -63,6 +64,7 @@ def classifier_guidance(denoise: Denoise, schedule: DiffusionSchedule,
     Returns:
       A denoiser with the same estimated encodings and aux as `denoise` and the shifted eps.
     """
+
     def guided(z_t: Array, t: Array) -> Prediction:
         def objective(z):
             prediction = denoise(z, t)

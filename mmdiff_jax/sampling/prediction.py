@@ -17,15 +17,20 @@ import jax.numpy as jnp
 
 from mmdiff_jax import diffusion
 from mmdiff_jax.modalities import MTDiffusion
-from mmdiff_jax.sampling.conditional import (Observed, check_schedule, decode_heads, head_estimates,
-                                             make_denoise)
+from mmdiff_jax.sampling.conditional import Observed, check_schedule, decode_heads, head_estimates, make_denoise
 from mmdiff_jax.schedules import DiffusionSchedule
 
 Array = jax.Array
 
 
-def make_predict_fn(model: MTDiffusion, schedule: DiffusionSchedule, *, num_noise_samples: int = 1,
-                    refinements: int = 1, sharding: jax.sharding.Sharding | None = None):
+def make_predict_fn(
+    model: MTDiffusion,
+    schedule: DiffusionSchedule,
+    *,
+    num_noise_samples: int = 1,
+    refinements: int = 1,
+    sharding: jax.sharding.Sharding | None = None,
+):
     """predict(params, image, rng, observed=None, t=1) -> decoded heads, name -> dict (`decode_heads`).
 
     image: x_0 [B, *S]; t: the noise level in 1..T (traced: no recompilation per level). Jit-compiled
@@ -38,8 +43,9 @@ def make_predict_fn(model: MTDiffusion, schedule: DiffusionSchedule, *, num_nois
     def constrain(x):
         return x if sharding is None else jax.lax.with_sharding_constraint(x, sharding)
 
-    def predict(params: Any, image: Array, rng: Array, observed: Observed | None = None,
-                t: int | Array = 1) -> dict[str, dict[str, Array]]:
+    def predict(
+        params: Any, image: Array, rng: Array, observed: Observed | None = None, t: int | Array = 1
+    ) -> dict[str, dict[str, Array]]:
         observed = dict(observed or {})
         image = jnp.asarray(image, jnp.float32)
         if image.shape[1:] != tuple(model.z_shape):
@@ -49,8 +55,11 @@ def make_predict_fn(model: MTDiffusion, schedule: DiffusionSchedule, *, num_nois
 
         def estimate(key):
             noise = jax.random.normal(key, image.shape, jnp.float32)
-            base = constrain(diffusion.marginal_sample(schedule, image, steps,
-                                                       jnp.zeros((schedule.num_modalities,) + image.shape), noise))
+            base = constrain(
+                diffusion.marginal_sample(
+                    schedule, image, steps, jnp.zeros((schedule.num_modalities,) + image.shape), noise
+                )
+            )
             z_t = base
             for _ in range(refinements if schedule.num_modalities else 0):
                 encodings = denoise(z_t, steps).estimated_encodings

@@ -110,8 +110,16 @@ def prior_sample(denoise: Denoise, schedule: DiffusionSchedule, noise: Array, *,
     return z_T
 
 
-def ddpm_step(schedule: DiffusionSchedule, z_t: Array, t: Array, prediction: Prediction, noise: Array, *,
-              variance: str = "small", clip_denoised: bool = False) -> Array:
+def ddpm_step(
+    schedule: DiffusionSchedule,
+    z_t: Array,
+    t: Array,
+    prediction: Prediction,
+    noise: Array,
+    *,
+    variance: str = "small",
+    clip_denoised: bool = False,
+) -> Array:
     """One ancestral step t -> t - 1 (t [B] or [] in 1..T): mu_theta + sigma_t noise, no noise where t = 1."""
     eps = _clip_prediction(schedule, z_t, t, prediction) if clip_denoised else prediction.eps
     mean = diffusion.reverse_mean(schedule, z_t, t, eps, prediction.estimated_encodings)
@@ -133,8 +141,17 @@ def ddim_sigma(schedule: DiffusionSchedule, t: Array, s: Array, eta: float | Arr
     return eta * jnp.sqrt(jnp.maximum(one_minus_s / one_minus_t * decay, 0.0))
 
 
-def ddim_step(schedule: DiffusionSchedule, z_t: Array, t: Array, s: Array, prediction: Prediction, noise: Array,
-              *, eta: float | Array = 0.0, clip_denoised: bool = False) -> Array:
+def ddim_step(
+    schedule: DiffusionSchedule,
+    z_t: Array,
+    t: Array,
+    s: Array,
+    prediction: Prediction,
+    noise: Array,
+    *,
+    eta: float | Array = 0.0,
+    clip_denoised: bool = False,
+) -> Array:
     """One DDIM step t -> s (t, s [B] or [], t in 1..T, s in 0..t-1), eq. in the module docstring:
 
     z_s = sqrt(abar_s) z0hat + sqrt(1 - abar_s - sigma_ts^2) eps + m_s + sigma_ts noise,
@@ -148,7 +165,7 @@ def ddim_step(schedule: DiffusionSchedule, z_t: Array, t: Array, s: Array, predi
     u_t = z_t - diffusion.encoding_mean(schedule, t, encodings, z_t)
     scaled_z_0 = signal_ratio * (u_t - jnp.sqrt(diffusion.at_step(schedule.one_minus_alpha_bar, t, z_t)) * eps)
     sigma = diffusion.expand_to(ddim_sigma(schedule, t, s, eta), z_t)
-    direction = jnp.sqrt(jnp.maximum(diffusion.at_step(schedule.one_minus_alpha_bar, s, z_t) - sigma ** 2, 0.0))
+    direction = jnp.sqrt(jnp.maximum(diffusion.at_step(schedule.one_minus_alpha_bar, s, z_t) - sigma**2, 0.0))
     return scaled_z_0 + direction * eps + diffusion.encoding_mean(schedule, s, encodings, z_t) + sigma * noise
 
 
@@ -157,26 +174,44 @@ def ddim_step(schedule: DiffusionSchedule, z_t: Array, t: Array, s: Array, predi
 Step = Callable[[Array, Array, Array, Prediction, Array, Any], tuple[Array, Any]]
 
 
-def run_chain(denoise: Denoise, schedule: DiffusionSchedule, step: Step, timesteps: np.ndarray, rng: Array,
-              shape: tuple[int, ...], *, prior_noise: Array | None = None, prior_refinements: int = 1,
-              step_hook: StepHook | None = None, sharding: jax.sharding.Sharding | None = None,
-              stochastic: bool = True, state: Any = ()) -> SamplerOutput:
+def run_chain(
+    denoise: Denoise,
+    schedule: DiffusionSchedule,
+    step: Step,
+    timesteps: np.ndarray,
+    rng: Array,
+    shape: tuple[int, ...],
+    *,
+    prior_noise: Array | None = None,
+    prior_refinements: int = 1,
+    step_hook: StepHook | None = None,
+    sharding: jax.sharding.Sharding | None = None,
+    stochastic: bool = True,
+    state: Any = (),
+) -> SamplerOutput:
     """The prior at T, then a `lax.scan` of `step` over the pairs (t, s) of `timesteps` (descending int, first T,
     last the end of the chain, usually 0), one model call per pair; `stochastic` False skips drawing the step
     noise (it would be multiplied by 0). `state`: the step's initial carry."""
     shape = tuple(shape)
     timesteps = np.asarray(timesteps, np.int32)
-    if timesteps.ndim != 1 or len(timesteps) < 2 or np.any(np.diff(timesteps) >= 0) or timesteps[-1] < 0 \
-            or timesteps[0] != schedule.num_steps:
-        raise ValueError(f"timesteps must descend strictly from T = {schedule.num_steps} to an end >= 0, got "
-                         f"{timesteps.tolist()}")
+    if (
+        timesteps.ndim != 1
+        or len(timesteps) < 2
+        or np.any(np.diff(timesteps) >= 0)
+        or timesteps[-1] < 0
+        or timesteps[0] != schedule.num_steps
+    ):
+        raise ValueError(
+            f"timesteps must descend strictly from T = {schedule.num_steps} to an end >= 0, got {timesteps.tolist()}"
+        )
     prior_key, chain_key = jax.random.split(rng)
     if prior_noise is None:
         prior_noise = jax.random.normal(prior_key, shape, jnp.float32)
     elif prior_noise.shape != shape:
         raise ValueError(f"prior_noise must have shape {shape}, got {prior_noise.shape}")
-    z_T = _constrain(prior_sample(denoise, schedule, _constrain(prior_noise, sharding),
-                                  refinements=prior_refinements), sharding)
+    z_T = _constrain(
+        prior_sample(denoise, schedule, _constrain(prior_noise, sharding), refinements=prior_refinements), sharding
+    )
     batch = shape[:1]
     aux_shape = jax.eval_shape(denoise, z_T, jnp.ones(batch, jnp.int32)).aux
     aux = jax.tree.map(lambda leaf: jnp.zeros(leaf.shape, leaf.dtype), aux_shape)
@@ -195,8 +230,9 @@ def run_chain(denoise: Denoise, schedule: DiffusionSchedule, step: Step, timeste
         return (_constrain(z_s.astype(jnp.float32), sharding), prediction.aux, state), None
 
     keys = jax.random.split(chain_key, len(timesteps) - 1)
-    (z_0, aux, _), _ = jax.lax.scan(body, (z_T, aux, state),
-                                    (jnp.asarray(timesteps[:-1]), jnp.asarray(timesteps[1:]), keys))
+    (z_0, aux, _), _ = jax.lax.scan(
+        body, (z_T, aux, state), (jnp.asarray(timesteps[:-1]), jnp.asarray(timesteps[1:]), keys)
+    )
     return SamplerOutput(z_0, aux)
 
 
@@ -204,10 +240,19 @@ def _with_end(steps: np.ndarray) -> np.ndarray:
     return np.concatenate([steps, [0]]).astype(np.int32)
 
 
-def ddpm_sample(denoise: Denoise, schedule: DiffusionSchedule, rng: Array, shape: tuple[int, ...], *,
-                variance: str = "small", clip_denoised: bool = False, prior_noise: Array | None = None,
-                prior_refinements: int = 1, step_hook: StepHook | None = None,
-                sharding: jax.sharding.Sharding | None = None) -> SamplerOutput:
+def ddpm_sample(
+    denoise: Denoise,
+    schedule: DiffusionSchedule,
+    rng: Array,
+    shape: tuple[int, ...],
+    *,
+    variance: str = "small",
+    clip_denoised: bool = False,
+    prior_noise: Array | None = None,
+    prior_refinements: int = 1,
+    step_hook: StepHook | None = None,
+    sharding: jax.sharding.Sharding | None = None,
+) -> SamplerOutput:
     """Ancestral sampling over all T steps: z_T ~ N(m_T, I), then T `ddpm_step`s.
 
     Args:
@@ -216,28 +261,59 @@ def ddpm_sample(denoise: Denoise, schedule: DiffusionSchedule, rng: Array, shape
       shape: (B, *S). variance: 'small' (beta~_t) or 'large' (beta_t).
       step_hook: applied to z_{t-1} after each step. sharding: the batch sharding of z (constraint).
     """
+
     def step(z_t, t, s, prediction, noise, state):
         del s
         return ddpm_step(schedule, z_t, t, prediction, noise, variance=variance, clip_denoised=clip_denoised), state
 
-    return run_chain(denoise, schedule, step, _with_end(respace(schedule.num_steps, schedule.num_steps)), rng, shape,
-                     prior_noise=prior_noise, prior_refinements=prior_refinements, step_hook=step_hook,
-                     sharding=sharding)
+    return run_chain(
+        denoise,
+        schedule,
+        step,
+        _with_end(respace(schedule.num_steps, schedule.num_steps)),
+        rng,
+        shape,
+        prior_noise=prior_noise,
+        prior_refinements=prior_refinements,
+        step_hook=step_hook,
+        sharding=sharding,
+    )
 
 
-def ddim_sample(denoise: Denoise, schedule: DiffusionSchedule, rng: Array, shape: tuple[int, ...], *,
-                num_steps: int = 50, eta: float = 0.0, clip_denoised: bool = False,
-                prior_noise: Array | None = None, prior_refinements: int = 1, step_hook: StepHook | None = None,
-                sharding: jax.sharding.Sharding | None = None) -> SamplerOutput:
+def ddim_sample(
+    denoise: Denoise,
+    schedule: DiffusionSchedule,
+    rng: Array,
+    shape: tuple[int, ...],
+    *,
+    num_steps: int = 50,
+    eta: float = 0.0,
+    clip_denoised: bool = False,
+    prior_noise: Array | None = None,
+    prior_refinements: int = 1,
+    step_hook: StepHook | None = None,
+    sharding: jax.sharding.Sharding | None = None,
+) -> SamplerOutput:
     """DDIM over `respace(T, num_steps)`: z_T ~ N(m_T, I), then `ddim_step`s t -> s, the last to s = 0.
 
     eta = 0: deterministic given the prior noise (probability flow); eta = 1 with num_steps = T: DDPM.
     Other arguments as `ddpm_sample`.
     """
+
     def step(z_t, t, s, prediction, noise, state):
         return ddim_step(schedule, z_t, t, s, prediction, noise, eta=eta, clip_denoised=clip_denoised), state
 
     deterministic = isinstance(eta, (int, float)) and eta == 0
-    return run_chain(denoise, schedule, step, _with_end(respace(schedule.num_steps, num_steps)), rng, shape,
-                     prior_noise=prior_noise, prior_refinements=prior_refinements, step_hook=step_hook,
-                     sharding=sharding, stochastic=not deterministic)
+    return run_chain(
+        denoise,
+        schedule,
+        step,
+        _with_end(respace(schedule.num_steps, num_steps)),
+        rng,
+        shape,
+        prior_noise=prior_noise,
+        prior_refinements=prior_refinements,
+        step_hook=step_hook,
+        sharding=sharding,
+        stochastic=not deterministic,
+    )

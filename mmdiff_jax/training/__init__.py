@@ -19,9 +19,23 @@ from mmdiff_jax.training.state import TrainState, create_train_state, make_optim
 from mmdiff_jax.training.steps import eval_step, train_step
 
 __all__ = [
-    "CheckpointMismatchError", "Checkpointer", "ConfigError", "base_config", "build_model", "validate_config",
-    "NonFiniteLossError", "Objective", "preemption_requested", "train_and_evaluate", "initialize_distributed",
+    "CheckpointMismatchError",
+    "Checkpointer",
+    "ConfigError",
+    "base_config",
+    "build_model",
+    "validate_config",
+    "NonFiniteLossError",
+    "Objective",
+    "preemption_requested",
+    "train_and_evaluate",
+    "initialize_distributed",
     "make_mesh",
-    "SAMPLE_KINDS", "register_sample_kind", "TrainState", "create_train_state", "make_optimizer",
-    "eval_step", "train_step",
+    "SAMPLE_KINDS",
+    "register_sample_kind",
+    "TrainState",
+    "create_train_state",
+    "make_optimizer",
+    "eval_step",
+    "train_step",
 ]

@@ -48,8 +48,10 @@ class DataIteratorHandler(ocp.CheckpointHandler):
     def restore(self, directory: epath.Path, args: DataIteratorRestore | None = None) -> Any:
         path = self._path(directory)
         if not path.exists():
-            raise FileNotFoundError(f"{path} does not exist: the checkpoint was written by a different number of "
-                                    f"processes ({sorted(p.name for p in directory.iterdir())})")
+            raise FileNotFoundError(
+                f"{path} does not exist: the checkpoint was written by a different number of "
+                f"processes ({sorted(p.name for p in directory.iterdir())})"
+            )
         state = json.loads(path.read_text())
         if args is not None and args.iterator is not None:
             args.iterator.set_state(state)
@@ -115,8 +117,17 @@ def shape_differences(saved: Any, target: Any) -> list[str]:
 class Checkpointer:
     """CheckpointManager for one run. Every method is called by every process (Orbax syncs them)."""
 
-    def __init__(self, directory: str | epath.PathLike, *, signature: Mapping[str, Any], save_every: int,
-                 keep: int, best_metric: str = "", best_mode: str = "min", async_save: bool = True):
+    def __init__(
+        self,
+        directory: str | epath.PathLike,
+        *,
+        signature: Mapping[str, Any],
+        save_every: int,
+        keep: int,
+        best_metric: str = "",
+        best_mode: str = "min",
+        async_save: bool = True,
+    ):
         # Orbax refuses relative paths (and would fail only at the first save): resolve local ones here.
         self.directory = epath.Path(directory if "://" in str(directory) else os.path.abspath(directory))
         self.signature = dict(signature)
@@ -124,16 +135,28 @@ class Checkpointer:
         best_fn = (lambda metrics: metrics[best_metric]) if best_metric else None
         policies = [checkpoint_managers.LatestN(n=keep)]
         if best_fn is not None:
-            policies.append(checkpoint_managers.BestN(get_metric_fn=best_fn, reverse=best_mode == "min", n=1,
-                                                      keep_checkpoints_without_metrics=False))
+            policies.append(
+                checkpoint_managers.BestN(
+                    get_metric_fn=best_fn, reverse=best_mode == "min", n=1, keep_checkpoints_without_metrics=False
+                )
+            )
         options = ocp.CheckpointManagerOptions(
-            save_interval_steps=save_every if save_every > 0 else 2**62, best_fn=best_fn, best_mode=best_mode,
+            save_interval_steps=save_every if save_every > 0 else 2**62,
+            best_fn=best_fn,
+            best_mode=best_mode,
             preservation_policy=checkpoint_managers.AnyPreservationPolicy(policies),
-            enable_async_checkpointing=async_save, create=True)
+            enable_async_checkpointing=async_save,
+            create=True,
+        )
         self.manager = ocp.CheckpointManager(
-            self.directory, options=options,
-            item_handlers={"state": ocp.StandardCheckpointHandler(), "data": DataIteratorHandler(),
-                           "model_config": ocp.JsonCheckpointHandler()})
+            self.directory,
+            options=options,
+            item_handlers={
+                "state": ocp.StandardCheckpointHandler(),
+                "data": DataIteratorHandler(),
+                "model_config": ocp.JsonCheckpointHandler(),
+            },
+        )
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -144,8 +167,15 @@ class Checkpointer:
     def all_steps(self) -> list[int]:
         return list(self.manager.all_steps())
 
-    def save(self, step: int, state: Any, data_iterator: Any, *, metrics: Mapping[str, float] | None = None,
-             force: bool = False) -> bool:
+    def save(
+        self,
+        step: int,
+        state: Any,
+        data_iterator: Any,
+        *,
+        metrics: Mapping[str, float] | None = None,
+        force: bool = False,
+    ) -> bool:
         """Starts an async save at `step` when due (every `save_every` steps) or `force`; False if skipped.
 
         `metrics` (eval metrics, floats) rank it for the best-checkpoint policy when they hold `best_metric`.
@@ -154,9 +184,11 @@ class Checkpointer:
             return False
         if metrics is not None and self.best_metric not in metrics:
             metrics = None
-        args = ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                  data=DataIteratorSave(data_iterator.get_state()),
-                                  model_config=ocp.args.JsonSave(self.signature))
+        args = ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            data=DataIteratorSave(data_iterator.get_state()),
+            model_config=ocp.args.JsonSave(self.signature),
+        )
         return self.manager.save(step, args=args, metrics=dict(metrics) if metrics else None, force=force)
 
     def check_compatible(self, step: int, abstract_state: Any) -> None:
@@ -165,8 +197,10 @@ class Checkpointer:
         config_diffs = config_io.signature_differences(saved["model_config"], self.signature)
         shape_diffs = shape_differences(self.manager.item_metadata(step)["state"], abstract_state)
         if config_diffs or shape_diffs:
-            lines = [f"checkpoint {self.directory / str(step)} was written by a different model; refusing to "
-                     f"restore it (use a new workdir, or the config it was trained with)."]
+            lines = [
+                f"checkpoint {self.directory / str(step)} was written by a different model; refusing to "
+                f"restore it (use a new workdir, or the config it was trained with)."
+            ]
             if config_diffs:
                 lines.append("config differences (model / diffusion sections):")
                 lines += [f"  {line}" for line in config_diffs]

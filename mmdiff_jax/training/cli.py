@@ -113,8 +113,10 @@ def config_value(config_flag) -> Any:
     config = config_flag.value
     path, _, built_with = config_flags.get_config_filename(config_flag).partition(":")
     if "preset" in config and config.preset != built_with:
-        raise CommandLineError(f"--config.preset={config.preset}: a preset is picked with "
-                               f"--config={path}:{config.preset} (the override changes that key alone)")
+        raise CommandLineError(
+            f"--config.preset={config.preset}: a preset is picked with "
+            f"--config={path}:{config.preset} (the override changes that key alone)"
+        )
     return config
 
 

@@ -52,18 +52,27 @@ def base_config() -> ml_collections.ConfigDict:
     config.loss = dict(eps_weight=1.0, aggregation_weight=1.0)  # recovery weights: Modality.loss_weight
     config.data = dict(
         name="fashion_mnist_masked",  # mmdiff_jax.data.KNOWN_DATASETS
-        split="train", eval_split="test",
-        batch_size=128, eval_batch_size=128,  # global (all processes) batch sizes
+        split="train",
+        eval_split="test",
+        batch_size=128,
+        eval_batch_size=128,  # global (all processes) batch sizes
         options={},  # per-set options of mmdiff_jax.data.make_dataset (image_size, mask_kind, ...)
         data_dir="",  # TFDS data_dir ('' = TFDS default)
         arrays_path="",  # Fashion-MNIST sets only: an .npz of {split}_image [N,28,28,1] uint8, {split}_label
-        num_threads=2, prefetch_batches=4, worker_count=0,
+        num_threads=2,
+        prefetch_batches=4,
+        worker_count=0,
     )
     config.optim = dict(
-        learning_rate=2e-4, end_learning_rate=0.0, warmup_steps=1000,
+        learning_rate=2e-4,
+        end_learning_rate=0.0,
+        warmup_steps=1000,
         schedule="cosine",  # cosine | linear | constant (after linear warmup)
         decay_steps=0,  # 0: train.steps
-        b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0,
+        b1=0.9,
+        b2=0.999,
+        eps=1e-8,
+        weight_decay=0.0,
         grad_clip_norm=1.0,  # 0: no clipping
         ema_decay=0.9999,
         grad_accumulation_steps=1,  # micro-batches per step (the batch is split, not multiplied)
@@ -71,9 +80,12 @@ def base_config() -> ml_collections.ConfigDict:
     config.train = dict(
         steps=100_000,
         log_every=100,  # scalars to TensorBoard + metrics.jsonl; also where NaN/inf is noticed
-        eval_every=5000, eval_batches=8,
-        checkpoint_every=5000, keep_checkpoints=3,
-        best_metric="eval/loss", best_mode="min",  # also keep the best checkpoint by this eval metric
+        eval_every=5000,
+        eval_batches=8,
+        checkpoint_every=5000,
+        keep_checkpoints=3,
+        best_metric="eval/loss",
+        best_mode="min",  # also keep the best checkpoint by this eval metric
         async_checkpointing=True,
         progress_bar=True,
         log_batch_checksum=False,  # log the sum of each batch's primary images (shows which data was seen)
@@ -84,7 +96,8 @@ def base_config() -> ml_collections.ConfigDict:
         kinds=("one_step_x0",),  # mmdiff_jax.training.samples.SAMPLE_KINDS
         num_images=8,
         noise_levels=(0.25, 0.5, 0.75),  # t / T for the one-step predictions
-        sampler_steps=50, sampler_eta=0.0,  # DDIM kinds
+        sampler_steps=50,
+        sampler_eta=0.0,  # DDIM kinds
     )
     config.mesh = dict(
         shape=(-1, 1),  # (data, fsdp); one entry may be -1
@@ -93,7 +106,8 @@ def base_config() -> ml_collections.ConfigDict:
     config.distributed = dict(
         initialize="auto",  # auto | always | never (see mesh.initialize_distributed)
         coordinator_address="",  # 'host:port'; '' = from the environment
-        num_processes=0, process_id=-1,  # 0 / -1 = from the environment
+        num_processes=0,
+        process_id=-1,  # 0 / -1 = from the environment
     )
     return config
 
@@ -113,13 +127,21 @@ def check_known_keys(config: ml_collections.ConfigDict) -> None:
     """ValueError listing keys of the trainer's sections that `base_config()` does not have."""
     known = _flatten(base_config())
     sections = {path.split(".")[0] for path in known}
-    unknown = sorted(path for path in _flatten(config) if path.split(".")[0] in sections and path not in known
-                     and not any(path.startswith(free + ".") for free in _FREE_KEYS))
-    missing = sorted(path for path in known if path not in _flatten(config)
-                     and not any(path.startswith(free) for free in _FREE_KEYS))
+    unknown = sorted(
+        path
+        for path in _flatten(config)
+        if path.split(".")[0] in sections
+        and path not in known
+        and not any(path.startswith(free + ".") for free in _FREE_KEYS)
+    )
+    missing = sorted(
+        path for path in known if path not in _flatten(config) and not any(path.startswith(free) for free in _FREE_KEYS)
+    )
     if unknown or missing:
-        raise ValueError(f"config keys unknown to the trainer: {unknown}; missing: {missing} "
-                         f"(start config files from mmdiff_jax.training.base_config())")
+        raise ValueError(
+            f"config keys unknown to the trainer: {unknown}; missing: {missing} "
+            f"(start config files from mmdiff_jax.training.base_config())"
+        )
 
 
 def build_modalities(config: ml_collections.ConfigDict) -> tuple[Modality, ...]:
@@ -147,14 +169,23 @@ def build_model(config: ml_collections.ConfigDict) -> MTDiffusion:
     unknown = sorted(set(model.unet) - unet_fields)
     if unknown:
         raise ValueError(f"config.model.unet: unknown fields {unknown}; UNetConfig has {sorted(unet_fields)}")
-    return MTDiffusion(unet=UNetConfig(**dict(model.unet)), modalities=build_modalities(config),
-                       z_shape=tuple(model.z_shape), primary=model.primary, dtype=DTYPES[model.dtype])
+    return MTDiffusion(
+        unet=UNetConfig(**dict(model.unet)),
+        modalities=build_modalities(config),
+        z_shape=tuple(model.z_shape),
+        primary=model.primary,
+        dtype=DTYPES[model.dtype],
+    )
 
 
 def build_schedule(config: ml_collections.ConfigDict, model: MTDiffusion):
     diffusion = config.diffusion
-    return modality_schedule(diffusion.noise_schedule, diffusion.num_steps, model.modalities,
-                             modality_normalized=diffusion.modality_normalized)
+    return modality_schedule(
+        diffusion.noise_schedule,
+        diffusion.num_steps,
+        model.modalities,
+        modality_normalized=diffusion.modality_normalized,
+    )
 
 
 def build_loss_fn(config: ml_collections.ConfigDict, model: MTDiffusion, schedule) -> objective.LossFn:
@@ -167,8 +198,9 @@ def _data_options(config: ml_collections.ConfigDict, split: str) -> dict[str, An
         with np.load(config.data.arrays_path) as arrays:
             keys = (f"{split}_image", f"{split}_label")
             if any(key not in arrays for key in keys):
-                raise ValueError(f"config.data.arrays_path {config.data.arrays_path} needs arrays {keys}, "
-                                 f"has {sorted(arrays)}")
+                raise ValueError(
+                    f"config.data.arrays_path {config.data.arrays_path} needs arrays {keys}, has {sorted(arrays)}"
+                )
             options["arrays"] = {"image": arrays[keys[0]], "label": arrays[keys[1]]}
     return options
 
@@ -177,18 +209,33 @@ def make_train_iterator(config: ml_collections.ConfigDict):
     """This process's shuffled, repeating training batches (a grain iterator with get/set_state)."""
     data = config.data
     return data_lib.make_dataset(
-        data.name, data.split, batch_size=data.batch_size // jax.process_count(), seed=config.seed,
-        data_dir=data.data_dir or None, num_threads=data.num_threads, prefetch_batches=data.prefetch_batches,
-        worker_count=data.worker_count, **_data_options(config, data.split))
+        data.name,
+        data.split,
+        batch_size=data.batch_size // jax.process_count(),
+        seed=config.seed,
+        data_dir=data.data_dir or None,
+        num_threads=data.num_threads,
+        prefetch_batches=data.prefetch_batches,
+        worker_count=data.worker_count,
+        **_data_options(config, data.split),
+    )
 
 
 def make_eval_iterator(config: ml_collections.ConfigDict):
     """This process's evaluation batches: the first ones of `eval_split`, unshuffled, the same every time."""
     data = config.data
     return data_lib.make_dataset(
-        data.name, data.eval_split, batch_size=data.eval_batch_size // jax.process_count(), seed=config.seed,
-        data_dir=data.data_dir or None, shuffle=False, num_epochs=1, num_threads=data.num_threads,
-        prefetch_batches=data.prefetch_batches, **_data_options(config, data.eval_split))
+        data.name,
+        data.eval_split,
+        batch_size=data.eval_batch_size // jax.process_count(),
+        seed=config.seed,
+        data_dir=data.data_dir or None,
+        shuffle=False,
+        num_epochs=1,
+        num_threads=data.num_threads,
+        prefetch_batches=data.prefetch_batches,
+        **_data_options(config, data.eval_split),
+    )
 
 
 def check_data_fits_model(config: ml_collections.ConfigDict, model: MTDiffusion) -> None:
@@ -201,11 +248,15 @@ def check_data_fits_model(config: ml_collections.ConfigDict, model: MTDiffusion)
             needed[MASK_KEY] = (m.shape[:2] + (1,), f"the mask of masked image {m.name!r}")
     for key, (shape, what) in needed.items():
         if key not in spec.features:
-            raise ValueError(f"{what} reads batch key {key!r}, which dataset {config.data.name!r} does not "
-                             f"provide (it has {sorted(spec.features)})")
+            raise ValueError(
+                f"{what} reads batch key {key!r}, which dataset {config.data.name!r} does not "
+                f"provide (it has {sorted(spec.features)})"
+            )
         if tuple(spec.features[key][0]) != tuple(shape):
-            raise ValueError(f"{what}: dataset {config.data.name!r} gives {key!r} per-example shape "
-                             f"{tuple(spec.features[key][0])}, the model expects {tuple(shape)}")
+            raise ValueError(
+                f"{what}: dataset {config.data.name!r} gives {key!r} per-example shape "
+                f"{tuple(spec.features[key][0])}, the model expects {tuple(shape)}"
+            )
 
 
 class ConfigError(ValueError):
@@ -272,9 +323,11 @@ def signature_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) 
     """'key: checkpoint X, config Y' for every differing leaf of two signatures."""
     flat_saved, flat_current = _flatten_all(saved), _flatten_all(current)
     missing = object()
-    return [f"{key}: checkpoint {flat_saved.get(key, '<absent>')!r}, config {flat_current.get(key, '<absent>')!r}"
-            for key in sorted(set(flat_saved) | set(flat_current))
-            if flat_saved.get(key, missing) != flat_current.get(key, missing)]
+    return [
+        f"{key}: checkpoint {flat_saved.get(key, '<absent>')!r}, config {flat_current.get(key, '<absent>')!r}"
+        for key in sorted(set(flat_saved) | set(flat_current))
+        if flat_saved.get(key, missing) != flat_current.get(key, missing)
+    ]
 
 
 def _flatten_all(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

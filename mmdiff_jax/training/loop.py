@@ -101,9 +101,13 @@ def _first_nonfinite_step(state: TrainState) -> int:
 class _Run:
     """State of one call of `train_and_evaluate` (kept off the module so runs do not share anything)."""
 
-    def __init__(self, config: ml_collections.ConfigDict, workdir: pathlib.Path,
-                 train_iterator_fn: Callable[[ml_collections.ConfigDict], Iterator] | None,
-                 objective: Objective | None):
+    def __init__(
+        self,
+        config: ml_collections.ConfigDict,
+        workdir: pathlib.Path,
+        train_iterator_fn: Callable[[ml_collections.ConfigDict], Iterator] | None,
+        objective: Objective | None,
+    ):
         self.config, self.workdir = config, workdir
         self.multi_process = mesh_lib.initialize_distributed(config.distributed)
         self.model = config_io.validate_config(config)
@@ -116,15 +120,20 @@ class _Run:
         self.objective = objective or Objective(
             init_params=state_lib.params_init_fn(self.model),
             loss_fn=config_io.build_loss_fn(config, self.model, self.schedule),
-            signature=config_io.model_signature(config))
+            signature=config_io.model_signature(config),
+        )
         self.optimizer, self.learning_rate_fn = state_lib.make_optimizer(config.optim, config.train.steps)
         self.batch_sharding = mesh_lib.batch_sharding(self.mesh)
         self.train_iterator = (train_iterator_fn or config_io.make_train_iterator)(config)
         self.checkpointer = checkpoint_lib.Checkpointer(
-            workdir / "checkpoints", signature=json.loads(json.dumps(self.objective.signature)),
-            save_every=config.train.checkpoint_every, keep=config.train.keep_checkpoints,
-            best_metric=config.train.best_metric, best_mode=config.train.best_mode,
-            async_save=config.train.async_checkpointing)
+            workdir / "checkpoints",
+            signature=json.loads(json.dumps(self.objective.signature)),
+            save_every=config.train.checkpoint_every,
+            keep=config.train.keep_checkpoints,
+            best_metric=config.train.best_metric,
+            best_mode=config.train.best_mode,
+            async_save=config.train.async_checkpointing,
+        )
         self.writer = writers.MetricWriter(workdir, enabled=self.chief)
         self._eval_batches: list[dict[str, jax.Array]] | None = None
 
@@ -134,26 +143,31 @@ class _Run:
     def initial_state(self) -> tuple[TrainState, TrainState]:
         rng = self.key(self.config.seed)
         init_params, fsdp_min_size = self.objective.init_params, self.config.mesh.fsdp_min_size
-        abstract, shardings = state_lib.train_state_shardings(init_params, self.optimizer, self.mesh, rng,
-                                                              fsdp_min_size=fsdp_min_size)
+        abstract, shardings = state_lib.train_state_shardings(
+            init_params, self.optimizer, self.mesh, rng, fsdp_min_size=fsdp_min_size
+        )
         latest = self.checkpointer.latest_step()
         if latest is not None:
             logging.info("Resuming from %s/%d", self.checkpointer.directory, latest)
             state = self.checkpointer.restore(abstract, self.train_iterator, latest)
         else:
-            state, shardings = state_lib.create_train_state(init_params, self.optimizer, self.mesh, rng,
-                                                            fsdp_min_size=fsdp_min_size)
+            state, shardings = state_lib.create_train_state(
+                init_params, self.optimizer, self.mesh, rng, fsdp_min_size=fsdp_min_size
+            )
         return state, shardings
 
     def eval_batches(self) -> list[dict[str, jax.Array]]:
         """The evaluation batches (global arrays), read once and reused: the same examples every time."""
         if self._eval_batches is None:
             with config_io.make_eval_iterator(self.config) as iterator:
-                self._eval_batches = [mesh_lib.global_batch(batch, self.batch_sharding) for _, batch
-                                      in zip(range(self.config.train.eval_batches), iterator, strict=False)]
+                self._eval_batches = [
+                    mesh_lib.global_batch(batch, self.batch_sharding)
+                    for _, batch in zip(range(self.config.train.eval_batches), iterator, strict=False)
+                ]
             if not self._eval_batches:
-                raise ValueError(f"eval split {self.config.data.eval_split!r} gave no batch of "
-                                 f"{self.config.data.eval_batch_size}")
+                raise ValueError(
+                    f"eval split {self.config.data.eval_split!r} gave no batch of {self.config.data.eval_batch_size}"
+                )
         return self._eval_batches
 
     def evaluate(self, eval_step: Callable, state: TrainState) -> dict[str, float]:
@@ -177,18 +191,26 @@ class _Run:
         seen = ""
         if metrics is not None:
             seen = f" (at step {step}: loss={metrics.get('loss')}, grad_norm={metrics.get('grad_norm')})"
-        where = (f"the last checkpoint, step {latest} in {self.checkpointer.directory}, holds finite params"
-                 if latest is not None else "no checkpoint was written")
+        where = (
+            f"the last checkpoint, step {latest} in {self.checkpointer.directory}, holds finite params"
+            if latest is not None
+            else "no checkpoint was written"
+        )
         return NonFiniteLossError(
             f"loss or gradient norm became NaN/inf at step {bad_step}{seen}; that update was skipped and the run "
             f"stops at step {step} without saving; {where}. Check batch number {bad_step} of the run's data "
-            f"stream, the learning rate, or the compute dtype.")
+            f"stream, the learning rate, or the compute dtype."
+        )
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
-                       hooks: Sequence[Hook] = (),
-                       train_iterator_fn: Callable[[ml_collections.ConfigDict], Iterator] | None = None,
-                       objective: Objective | None = None) -> TrainState:
+def train_and_evaluate(
+    config: ml_collections.ConfigDict,
+    workdir: str | pathlib.Path,
+    *,
+    hooks: Sequence[Hook] = (),
+    train_iterator_fn: Callable[[ml_collections.ConfigDict], Iterator] | None = None,
+    objective: Objective | None = None,
+) -> TrainState:
     """Trains `config` in `workdir`, resuming from its latest checkpoint if there is one.
 
     Args:
@@ -212,18 +234,31 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     try:
         state, shardings = run.initial_state()
         step = int(jax.device_get(state.step))
-        logging.info("Model: %d parameters; mesh %s; %d processes; step %d of %d",
-                     state_lib.count_params(state.params), dict(run.mesh.shape), jax.process_count(), step, total)
+        logging.info(
+            "Model: %d parameters; mesh %s; %d processes; step %d of %d",
+            state_lib.count_params(state.params),
+            dict(run.mesh.shape),
+            jax.process_count(),
+            step,
+            total,
+        )
         train_step = steps_lib.jit_train_step(
-            run.mesh, shardings, loss_fn=run.objective.loss_fn, optimizer=run.optimizer,
-            learning_rate_fn=run.learning_rate_fn, ema_decay=config.optim.ema_decay,
+            run.mesh,
+            shardings,
+            loss_fn=run.objective.loss_fn,
+            optimizer=run.optimizer,
+            learning_rate_fn=run.learning_rate_fn,
+            ema_decay=config.optim.ema_decay,
             accumulation_steps=config.optim.grad_accumulation_steps,
-            checksum_key=config.model.primary if train.log_batch_checksum else None, prng_impl=config.prng_impl)
+            checksum_key=config.model.primary if train.log_batch_checksum else None,
+            prng_impl=config.prng_impl,
+        )
         eval_step = steps_lib.jit_eval_step(run.mesh, shardings, run.objective.loss_fn)
         sample_fns = {}
         if config.sample.every > 0 and run.is_mt_diffusion:
-            sample_fns = samples_lib.make_sample_fns(tuple(config.sample.kinds), run.model, run.schedule,
-                                                     config.sample, run.mesh)
+            sample_fns = samples_lib.make_sample_fns(
+                tuple(config.sample.kinds), run.model, run.schedule, config.sample, run.mesh
+            )
         progress = writers.Progress(total, step, enabled=run.chief and train.progress_bar)
         with _sigterm_saves(not run.multi_process):
             while step < total:
@@ -260,8 +295,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
                         raise run.nonfinite_error(bad, step)
                     run.checkpointer.save(step, state, run.train_iterator, metrics=eval_metrics, force=last)
                 if preempted:
-                    logging.warning("Preempted (SIGTERM): saved step %d in %s; exiting.", step,
-                                    run.checkpointer.directory)
+                    logging.warning(
+                        "Preempted (SIGTERM): saved step %d in %s; exiting.", step, run.checkpointer.directory
+                    )
                     break
         run.checkpointer.wait_until_finished()
         if run.chief:

@@ -63,8 +63,13 @@ def initialize_distributed(config: Mapping[str, Any]) -> bool:
         return True
     num_processes = config["num_processes"] if config["num_processes"] > 0 else None
     process_id = config["process_id"] if config["process_id"] >= 0 else None
-    logging.info("jax.distributed.initialize (%s): coordinator=%s num_processes=%s process_id=%s",
-                 reason or "forced", address, num_processes, process_id)
+    logging.info(
+        "jax.distributed.initialize (%s): coordinator=%s num_processes=%s process_id=%s",
+        reason or "forced",
+        address,
+        num_processes,
+        process_id,
+    )
     jax.distributed.initialize(coordinator_address=address, num_processes=num_processes, process_id=process_id)
     return True
 
@@ -78,12 +83,16 @@ def resolve_mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...
         raise ValueError(f"mesh.shape {shape}: sizes must be positive, with at most one -1")
     known = math.prod(size for size in shape if size != -1)
     if num_devices % known:
-        raise ValueError(f"mesh.shape {shape} does not divide the {num_devices} devices "
-                         f"({'x'.join(map(str, shape))} needs a multiple of {known})")
+        raise ValueError(
+            f"mesh.shape {shape} does not divide the {num_devices} devices "
+            f"({'x'.join(map(str, shape))} needs a multiple of {known})"
+        )
     resolved = tuple(num_devices // known if size == -1 else size for size in shape)
     if math.prod(resolved) != num_devices:
-        raise ValueError(f"mesh.shape {shape} uses {math.prod(resolved)} of the {num_devices} devices; "
-                         f"use -1 for one axis or sizes whose product is {num_devices}")
+        raise ValueError(
+            f"mesh.shape {shape} uses {math.prod(resolved)} of the {num_devices} devices; "
+            f"use -1 for one axis or sizes whose product is {num_devices}"
+        )
     return resolved
 
 
@@ -125,14 +134,16 @@ def param_spec(shape: Sequence[int], fsdp_size: int, min_size: int) -> Partition
 def state_shardings(abstract_state: Any, mesh: Mesh, fsdp_min_size: int) -> Any:
     """NamedShardings for every leaf of a train state (from `jax.eval_shape`): `param_spec` per leaf."""
     fsdp_size = mesh.shape["fsdp"]
-    return jax.tree.map(lambda leaf: NamedSharding(mesh, param_spec(leaf.shape, fsdp_size, fsdp_min_size)),
-                        abstract_state)
+    return jax.tree.map(
+        lambda leaf: NamedSharding(mesh, param_spec(leaf.shape, fsdp_size, fsdp_min_size)), abstract_state
+    )
 
 
 def global_batch(local_batch: Mapping[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
     """This process's rows -> global arrays split over the mesh (`jax.make_array_from_process_local_data`)."""
-    return {key: jax.make_array_from_process_local_data(sharding, np.asarray(value))
-            for key, value in local_batch.items()}
+    return {
+        key: jax.make_array_from_process_local_data(sharding, np.asarray(value)) for key, value in local_batch.items()
+    }
 
 
 def check_batch_size(name: str, batch_size: int, mesh: Mesh, accumulation_steps: int = 1) -> None:
@@ -140,7 +151,8 @@ def check_batch_size(name: str, batch_size: int, mesh: Mesh, accumulation_steps:
     shards = batch_shards(mesh)
     if batch_size % (shards * accumulation_steps):
         extra = f" x {accumulation_steps} micro-batches" if accumulation_steps > 1 else ""
-        raise ValueError(f"{name}={batch_size} is not divisible by the data-parallel size {shards} "
-                         f"(mesh {dict(mesh.shape)}){extra}")
+        raise ValueError(
+            f"{name}={batch_size} is not divisible by the data-parallel size {shards} (mesh {dict(mesh.shape)}){extra}"
+        )
     if batch_size % jax.process_count():
         raise ValueError(f"{name}={batch_size} is not divisible by the {jax.process_count()} processes")

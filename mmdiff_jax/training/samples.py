@@ -37,14 +37,17 @@ SAMPLE_KINDS: dict[str, SampleFactory] = {}
 
 def register_sample_kind(name: str) -> Callable[[SampleFactory], SampleFactory]:
     """Decorator: makes a sample factory available to config `sample.kinds` under `name`."""
+
     def register(factory: SampleFactory) -> SampleFactory:
         SAMPLE_KINDS[name] = factory
         return factory
+
     return register
 
 
-def make_sample_fns(kinds: tuple[str, ...], model: MTDiffusion, schedule: Any, sample_config: Mapping[str, Any],
-                    mesh: Mesh) -> dict[str, DrawFn]:
+def make_sample_fns(
+    kinds: tuple[str, ...], model: MTDiffusion, schedule: Any, sample_config: Mapping[str, Any], mesh: Mesh
+) -> dict[str, DrawFn]:
     unknown = sorted(set(kinds) - set(SAMPLE_KINDS))
     if unknown:
         raise ValueError(f"config.sample.kinds: unknown {unknown}; known: {sorted(SAMPLE_KINDS)}")
@@ -55,15 +58,16 @@ def make_sample_fns(kinds: tuple[str, ...], model: MTDiffusion, schedule: Any, s
 def one_step_x0(model: MTDiffusion, schedule: Any, sample_config: Mapping[str, Any], mesh: Mesh) -> DrawFn:
     num_steps = schedule.num_steps
     steps = sorted({min(max(round(level * num_steps), 1), num_steps) for level in sample_config["noise_levels"]})
-    shown_inputs = [m for m in model.modalities
-                    if m.kind in ("image", "masked_image") and m.shape == tuple(model.z_shape)]
+    shown_inputs = [
+        m for m in model.modalities if m.kind in ("image", "masked_image") and m.shape == tuple(model.z_shape)
+    ]
 
     def draw(params: Any, batch: Mapping[str, Array], rng: Array) -> dict[str, Array]:
         count = sample_config["num_images"]
         batch = {key: value[:count] for key, value in batch.items()}
         variables = {"params": params}
         z_0 = jnp.asarray(batch[model.primary], jnp.float32)
-        inputs = [jnp.asarray(modality_data(m, batch), jnp.float32)[..., :model.z_shape[-1]] for m in shown_inputs]
+        inputs = [jnp.asarray(modality_data(m, batch), jnp.float32)[..., : model.z_shape[-1]] for m in shown_inputs]
         encodings = model.apply(variables, batch, method=model.encode)
         grids = {}
         for t_value in steps:
@@ -81,9 +85,13 @@ def one_step_x0(model: MTDiffusion, schedule: Any, sample_config: Mapping[str, A
 def _ddim(model: MTDiffusion, schedule: Any, sample_config: Mapping[str, Any]):
     from mmdiff_jax.sampling import make_sample_fn  # the sampling layer; imported only when a DDIM kind is listed
 
-    return make_sample_fn(model, schedule, method="ddim", num_steps=min(sample_config["sampler_steps"],
-                                                                          schedule.num_steps),
-                          eta=sample_config["sampler_eta"])
+    return make_sample_fn(
+        model,
+        schedule,
+        method="ddim",
+        num_steps=min(sample_config["sampler_steps"], schedule.num_steps),
+        eta=sample_config["sampler_eta"],
+    )
 
 
 @register_sample_kind("ddim_joint")
@@ -100,23 +108,27 @@ def ddim_joint(model: MTDiffusion, schedule: Any, sample_config: Mapping[str, An
 @register_sample_kind("ddim_conditional")
 def ddim_conditional(model: MTDiffusion, schedule: Any, sample_config: Mapping[str, Any], mesh: Mesh) -> DrawFn:
     sample = _ddim(model, schedule, sample_config)
-    conditions = [m for m in model.modalities
-                  if m.kind in ("image", "masked_image") and m.shape == tuple(model.z_shape)]
+    conditions = [
+        m for m in model.modalities if m.kind in ("image", "masked_image") and m.shape == tuple(model.z_shape)
+    ]
     if not conditions:
-        raise ValueError("sample kind 'ddim_conditional' draws given an image-like modality of z's shape; "
-                         f"the model has {[m.name for m in model.modalities]}")
+        raise ValueError(
+            "sample kind 'ddim_conditional' draws given an image-like modality of z's shape; "
+            f"the model has {[m.name for m in model.modalities]}"
+        )
 
     def draw(params: Any, batch: Mapping[str, Array], rng: Array) -> dict[str, Array]:
-        batch = {key: value[:sample_config["num_images"]] for key, value in batch.items()}
+        batch = {key: value[: sample_config["num_images"]] for key, value in batch.items()}
         grids = {}
         for m in conditions:
             observed = {m.name: batch[m.name]}
             if m.kind == "masked_image":
                 observed[MASK_KEY] = batch[MASK_KEY]
-            shown = jnp.asarray(modality_data(m, batch), jnp.float32)[..., :model.z_shape[-1]]
+            shown = jnp.asarray(modality_data(m, batch), jnp.float32)[..., : model.z_shape[-1]]
             samples = sample(params, jax.random.fold_in(rng, len(grids)), observed)
             grids[f"ddim_given_{m.name}"] = jnp.stack(
-                [jnp.asarray(batch[model.primary], jnp.float32), shown, samples.image])
+                [jnp.asarray(batch[model.primary], jnp.float32), shown, samples.image]
+            )
         return grids
 
     return jax.jit(draw, out_shardings=mesh_lib.replicated(mesh))

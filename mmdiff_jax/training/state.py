@@ -71,12 +71,17 @@ def _decay_mask(params: Any) -> Any:
     return jax.tree.map(lambda leaf: leaf.ndim >= 2, params)
 
 
-def make_optimizer(optim: Mapping[str, Any], total_steps: int
-                   ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+def make_optimizer(optim: Mapping[str, Any], total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """(clip -> AdamW) and its learning-rate schedule (for logging)."""
     learning_rate = learning_rate_schedule(optim, total_steps)
-    adamw = optax.adamw(learning_rate, b1=optim["b1"], b2=optim["b2"], eps=optim["eps"],
-                        weight_decay=optim["weight_decay"], mask=_decay_mask)
+    adamw = optax.adamw(
+        learning_rate,
+        b1=optim["b1"],
+        b2=optim["b2"],
+        eps=optim["eps"],
+        weight_decay=optim["weight_decay"],
+        mask=_decay_mask,
+    )
     if optim["grad_clip_norm"] > 0:
         return optax.chain(optax.clip_by_global_norm(optim["grad_clip_norm"]), adamw), learning_rate
     return adamw, learning_rate
@@ -90,29 +95,46 @@ def params_init_fn(model: MTDiffusion) -> ParamsInit:
     return lambda rng: init_variables(model, rng)["params"]
 
 
-def init_train_state(init_params: ParamsInit, optimizer: optax.GradientTransformation,
-                     rng: jax.Array) -> TrainState:
+def init_train_state(init_params: ParamsInit, optimizer: optax.GradientTransformation, rng: jax.Array) -> TrainState:
     """A fresh state (pure: jit it with out_shardings to land sharded)."""
     init_rng, train_rng = jax.random.split(rng)
     params = init_params(init_rng)
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      ema_params=jax.tree.map(jnp.copy, params), opt_state=optimizer.init(params),
-                      rng=jax.random.key_data(train_rng), first_nonfinite_step=jnp.full((), -1, jnp.int32))
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        ema_params=jax.tree.map(jnp.copy, params),
+        opt_state=optimizer.init(params),
+        rng=jax.random.key_data(train_rng),
+        first_nonfinite_step=jnp.full((), -1, jnp.int32),
+    )
 
 
-def train_state_shardings(init_params: ParamsInit, optimizer: optax.GradientTransformation, mesh: Mesh,
-                          rng: jax.Array, *, fsdp_min_size: int = 2**14) -> tuple[TrainState, TrainState]:
+def train_state_shardings(
+    init_params: ParamsInit,
+    optimizer: optax.GradientTransformation,
+    mesh: Mesh,
+    rng: jax.Array,
+    *,
+    fsdp_min_size: int = 2**14,
+) -> tuple[TrainState, TrainState]:
     """(abstract state, shardings): ShapeDtypeStructs carrying their target NamedShardings (the restore
     target for Orbax), and the NamedShardings alone (for jit in/out shardings). No arrays are created."""
     abstract = jax.eval_shape(lambda key: init_train_state(init_params, optimizer, key), rng)
     shardings = mesh_lib.state_shardings(abstract, mesh, fsdp_min_size)
-    abstract = jax.tree.map(lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
-                            abstract, shardings)
+    abstract = jax.tree.map(
+        lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding), abstract, shardings
+    )
     return abstract, shardings
 
 
-def create_train_state(init_params: ParamsInit, optimizer: optax.GradientTransformation, mesh: Mesh,
-                       rng: jax.Array, *, fsdp_min_size: int = 2**14) -> tuple[TrainState, TrainState]:
+def create_train_state(
+    init_params: ParamsInit,
+    optimizer: optax.GradientTransformation,
+    mesh: Mesh,
+    rng: jax.Array,
+    *,
+    fsdp_min_size: int = 2**14,
+) -> tuple[TrainState, TrainState]:
     """Initialises straight into sharded arrays; returns (state, a TrainState of its NamedShardings).
 
     `init_params`: rng -> params, e.g. `params_init_fn(model)` for an MTDiffusion model.
@@ -126,4 +148,3 @@ def create_train_state(init_params: ParamsInit, optimizer: optax.GradientTransfo
 
 def count_params(params: Any) -> int:
     return sum(leaf.size for leaf in jax.tree.leaves(params))
-

@@ -32,16 +32,20 @@ def split_microbatches(batch: Batch, accumulation_steps: int, batch_shards: int)
     """[B, ...] -> [k, B / k, ...]. Micro-batch j takes rows j*m .. (j+1)*m - 1 of every device's block of
     B / batch_shards rows (m = B / (batch_shards k)), so it stays spread over all devices and no example moves.
     """
+
     def split(x):
         rows = x.shape[0] // (batch_shards * accumulation_steps)
         x = x.reshape((batch_shards, accumulation_steps, rows) + x.shape[1:])
         return jnp.swapaxes(x, 0, 1).reshape((accumulation_steps, batch_shards * rows) + x.shape[3:])
+
     return {key: split(value) for key, value in batch.items()}
 
 
-def _gradients(loss_fn: LossFn, params: Any, batch: Batch, rng: Array, accumulation_steps: int,
-               batch_shards: int) -> tuple[Array, dict[str, Array], Any]:
+def _gradients(
+    loss_fn: LossFn, params: Any, batch: Batch, rng: Array, accumulation_steps: int, batch_shards: int
+) -> tuple[Array, dict[str, Array], Any]:
     """(loss, metrics, grads), averaged over micro-batches when accumulating."""
+
     def gradients(micro_batch, key):
         (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, micro_batch, key)
         return loss, metrics, grads
@@ -60,10 +64,19 @@ def _gradients(loss_fn: LossFn, params: Any, batch: Batch, rng: Array, accumulat
     return jax.tree.map(lambda total: total / accumulation_steps, totals)
 
 
-def train_step(state: TrainState, batch: Batch, *, loss_fn: LossFn, optimizer: optax.GradientTransformation,
-               learning_rate_fn: optax.Schedule, ema_decay: float, accumulation_steps: int = 1,
-               batch_shards: int = 1, checksum_key: str | None = None,
-               prng_impl: str = "threefry2x32") -> tuple[TrainState, dict[str, Array]]:
+def train_step(
+    state: TrainState,
+    batch: Batch,
+    *,
+    loss_fn: LossFn,
+    optimizer: optax.GradientTransformation,
+    learning_rate_fn: optax.Schedule,
+    ema_decay: float,
+    accumulation_steps: int = 1,
+    batch_shards: int = 1,
+    checksum_key: str | None = None,
+    prng_impl: str = "threefry2x32",
+) -> tuple[TrainState, dict[str, Array]]:
     """One update. Returns the new state and scalar metrics: the loss terms of `loss_fn`, 'grad_norm'
     (before clipping), 'learning_rate' (used for this update), 'finite' (1 / 0) and, with `checksum_key`,
     'batch_checksum' (sum of batch[checksum_key]: identifies the data a step saw). `prng_impl` names the
@@ -83,9 +96,15 @@ def train_step(state: TrainState, batch: Batch, *, loss_fn: LossFn, optimizer: o
         params=keep_if_finite(params, state.params),
         ema_params=keep_if_finite(ema_params, state.ema_params),
         opt_state=keep_if_finite(opt_state, state.opt_state),
-        first_nonfinite_step=first_bad)
-    metrics = dict(metrics, loss=loss, grad_norm=grad_norm, learning_rate=learning_rate_fn(state.step),
-                   finite=finite.astype(jnp.float32))
+        first_nonfinite_step=first_bad,
+    )
+    metrics = dict(
+        metrics,
+        loss=loss,
+        grad_norm=grad_norm,
+        learning_rate=learning_rate_fn(state.step),
+        finite=finite.astype(jnp.float32),
+    )
     if checksum_key is not None:
         metrics["batch_checksum"] = jnp.sum(jnp.asarray(batch[checksum_key], jnp.float32))
     return new_state, metrics
@@ -102,12 +121,18 @@ def eval_step(state: TrainState, batch: Batch, rng: Array, *, loss_fn: LossFn) -
 def jit_train_step(mesh: Mesh, state_shardings: TrainState, **step_kwargs) -> Callable:
     """train_step compiled for `mesh`: (state, global batch) -> (state, metrics); the state is donated."""
     step = functools.partial(train_step, batch_shards=mesh_lib.batch_shards(mesh), **step_kwargs)
-    return jax.jit(step, in_shardings=(state_shardings, mesh_lib.batch_sharding(mesh)),
-                   out_shardings=(state_shardings, mesh_lib.replicated(mesh)), donate_argnums=0)
+    return jax.jit(
+        step,
+        in_shardings=(state_shardings, mesh_lib.batch_sharding(mesh)),
+        out_shardings=(state_shardings, mesh_lib.replicated(mesh)),
+        donate_argnums=0,
+    )
 
 
 def jit_eval_step(mesh: Mesh, state_shardings: TrainState, loss_fn: LossFn) -> Callable:
     """eval_step compiled for `mesh`: (state, global batch, rng) -> replicated metrics."""
-    return jax.jit(functools.partial(eval_step, loss_fn=loss_fn),
-                   in_shardings=(state_shardings, mesh_lib.batch_sharding(mesh), mesh_lib.replicated(mesh)),
-                   out_shardings=mesh_lib.replicated(mesh))
+    return jax.jit(
+        functools.partial(eval_step, loss_fn=loss_fn),
+        in_shardings=(state_shardings, mesh_lib.batch_sharding(mesh), mesh_lib.replicated(mesh)),
+        out_shardings=mesh_lib.replicated(mesh),
+    )

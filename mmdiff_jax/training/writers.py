@@ -26,12 +26,13 @@ def image_grid(images: np.ndarray, padding: int = 1) -> np.ndarray:
         images = images[None]
     rows, columns, height, width, channels = images.shape
     pixels = np.round((np.clip(images, -1.0, 1.0) + 1.0) * 127.5).astype(np.uint8)
-    grid = np.full((rows * (height + padding) + padding, columns * (width + padding) + padding, channels),
-                   255, np.uint8)
+    grid = np.full(
+        (rows * (height + padding) + padding, columns * (width + padding) + padding, channels), 255, np.uint8
+    )
     for row in range(rows):
         for column in range(columns):
             top, left = padding + row * (height + padding), padding + column * (width + padding)
-            grid[top:top + height, left:left + width] = pixels[row, column]
+            grid[top : top + height, left : left + width] = pixels[row, column]
     return grid[..., 0] if channels == 1 else grid
 
 
@@ -48,11 +49,18 @@ def read_jsonl(path: str | pathlib.Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def plot_series(series: Mapping[str, Mapping[int, float]], *, xlabel: str = "step", ylabel: str = "loss",
-                log_y: bool | None = None, title: str = "") -> np.ndarray:
+def plot_series(
+    series: Mapping[str, Mapping[int, float]],
+    *,
+    xlabel: str = "step",
+    ylabel: str = "loss",
+    log_y: bool | None = None,
+    title: str = "",
+) -> np.ndarray:
     """Line plot of named series (label -> {x: y}) as an RGB image [H, W, 3] uint8; `log_y` None: a log axis
     when every value is positive and they span more than a factor of 10."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -79,8 +87,9 @@ def plot_series(series: Mapping[str, Mapping[int, float]], *, xlabel: str = "ste
     return image
 
 
-def plot_losses(jsonl_path: str | pathlib.Path, png_path: str | pathlib.Path,
-                keys: Sequence[str] = ("loss", "eval/loss")) -> bool:
+def plot_losses(
+    jsonl_path: str | pathlib.Path, png_path: str | pathlib.Path, keys: Sequence[str] = ("loss", "eval/loss")
+) -> bool:
     """Loss curves from metrics.jsonl (later lines win for a repeated step) to a PNG; False if no data."""
     series: dict[str, dict[int, float]] = {key: {} for key in keys}
     for record in read_jsonl(jsonl_path):
@@ -104,6 +113,7 @@ class MetricWriter:
         self._jsonl = None
         if enabled:
             from tensorboardX import SummaryWriter
+
             self.workdir.mkdir(parents=True, exist_ok=True)
             self._tensorboard = SummaryWriter(logdir=str(self.workdir / "tensorboard"))
             self._jsonl = open(self.workdir / "metrics.jsonl", "a", encoding="utf-8")
@@ -125,8 +135,9 @@ class MetricWriter:
             return None
         path = self.workdir / "samples" / f"{name.replace('/', '_')}_{int(step):08d}.png"
         write_png(path, grid)
-        self._tensorboard.add_image(f"samples/{name}", grid if grid.ndim == 3 else grid[..., None], step,
-                                    dataformats="HWC")
+        self._tensorboard.add_image(
+            f"samples/{name}", grid if grid.ndim == 3 else grid[..., None], step, dataformats="HWC"
+        )
         return path
 
     def flush(self) -> None:
@@ -148,6 +159,7 @@ class Progress:
         self._bar = None
         if enabled:
             from tqdm import tqdm
+
             self._bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, smoothing=0.1)
         self._last_step, self._last_time = initial, time.perf_counter()
 
