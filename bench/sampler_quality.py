@@ -38,6 +38,7 @@ from bench import common as bench_common  # noqa: E402
 from configs.masked_pretrain import get_config  # noqa: E402
 from experiments import evaluation, trainer  # noqa: E402
 from mmdiff_jax import sampling  # noqa: E402
+from mmdiff_jax.sampling import dpm_solver  # noqa: E402
 from mmdiff_jax.modalities import MASK_KEY  # noqa: E402
 from mmdiff_jax.training import writers  # noqa: E402
 
@@ -51,11 +52,9 @@ def sampler_options(name: str, steps: int) -> dict:
 
 
 def evaluations(name: str, steps: int, schedule) -> int:
-    """Model calls of one sample: the prior refinement, one per step and, for 2S, one more on every step with an
-    integer step strictly between its ends (all but the last, into 0, on these chains)."""
-    chain = sampling.solver_timesteps(schedule, steps)
-    midpoints = int(np.sum((chain[1:] > 0) & (chain[:-1] - chain[1:] > 1))) if name == "2S" else 0
-    return 1 + steps + midpoints
+    """Model calls of one sample: the prior refinement, then the solver's (`dpm_solver.model_calls`; DDIM: one
+    per step)."""
+    return 1 + (steps if name == "ddim" else dpm_solver.model_calls(schedule, steps, name))
 
 
 def median_seconds(function, repeats: int) -> float:

@@ -11,7 +11,7 @@ from mmdiff_jax import diffusion
 from mmdiff_jax.modalities import MASK_KEY, Modality, MTDiffusion, init_variables, modality_schedule
 from mmdiff_jax.models.unet import unet_preset
 from mmdiff_jax.sampling import Prediction, ddim_sample, dpm_solver_sample, make_sample_fn, solver_timesteps
-from mmdiff_jax.sampling.dpm_solver import half_log_snr
+from mmdiff_jax.sampling.dpm_solver import half_log_snr, model_calls
 from mmdiff_jax.schedules import make_schedule
 
 T, MU, SCALE = 1000, 0.3, 0.5  # data u_0 ~ N(MU, SCALE^2) per value
@@ -139,3 +139,31 @@ def test_model_sampler_with_guidance_and_repaint_and_clear_errors():
         make_sample_fn(model, schedule, method="euler")
     with pytest.raises(ValueError, match="num_steps must lie in"):
         make_sample_fn(model, schedule, method="dpm_solver++", num_steps=51)
+
+
+@pytest.mark.parametrize("variant, spacing", [("2M", "time_uniform"), ("2S", "time_uniform"), ("2S", "logsnr")])
+def test_model_calls_counts_the_denoiser_calls_of_a_chain(variant, spacing):
+    calls = []
+
+    def counting_denoise(z_t, t):
+        jax.debug.callback(lambda: calls.append(1))
+        return _plain_denoise(z_t, t)
+
+    chain = jax.jit(
+        lambda: (
+            dpm_solver_sample(
+                counting_denoise,
+                PLAIN,
+                jax.random.key(1),
+                (2, 4),
+                num_steps=6,
+                variant=variant,
+                spacing=spacing,
+                prior_refinements=0,
+            ).z_0
+        )
+    )
+    jax.block_until_ready(chain())
+    jax.effects_barrier()
+    assert len(calls) == model_calls(PLAIN, 6, variant, spacing)
+    assert model_calls(PLAIN, 6, variant, spacing) == (6 if variant == "2M" else 11)  # 2S: none into t = 0

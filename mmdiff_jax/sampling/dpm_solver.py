@@ -90,6 +90,27 @@ def data_prediction(
     return jnp.clip(jnp.nan_to_num(x), -1.0, 1.0) if clip_denoised else x
 
 
+def midpoint_steps(schedule: DiffusionSchedule, timesteps: np.ndarray) -> np.ndarray:
+    """2S's second model call on each step t -> s of the chain `timesteps`: the integer step strictly between s
+    and t nearest the half-way point in lambda, or -1 where there is none (or s = 0), [len(timesteps) - 1]."""
+    log_alpha, log_sigma = _log_alpha_sigma(schedule)
+    lam = log_alpha - log_sigma
+    midpoints = []
+    for t, s in zip(timesteps[:-1], timesteps[1:]):
+        inside = np.arange(s + 1, t)
+        target = lam[t] + 0.5 * (lam[s] - lam[t])
+        midpoints.append(int(inside[np.argmin(np.abs(lam[inside] - target))]) if s > 0 and len(inside) else -1)
+    return np.asarray(midpoints, np.int32)
+
+
+def model_calls(schedule: DiffusionSchedule, num_steps: int, variant: str = "2M", spacing: str = "time_uniform") -> int:
+    """Denoiser calls of one `dpm_solver_sample` chain (the prior's refinement calls not counted): one per step,
+    and for '2S' one more on every step with a midpoint (`midpoint_steps`)."""
+    if variant != "2S":
+        return num_steps
+    return num_steps + int(np.sum(midpoint_steps(schedule, solver_timesteps(schedule, num_steps, spacing)) >= 0))
+
+
 def dpm_solver_sample(
     denoise: Denoise,
     schedule: DiffusionSchedule,
@@ -124,14 +145,8 @@ def dpm_solver_sample(
         timesteps = solver_timesteps(schedule, num_steps, spacing)
     timesteps = np.asarray(timesteps, np.int32)
     log_alpha, log_sigma = _log_alpha_sigma(schedule)
-    lam_host = log_alpha - log_sigma
-    log_alpha, log_sigma, lam = (jnp.asarray(x, jnp.float32) for x in (log_alpha, log_sigma, lam_host))
-    # 2S: the integer step nearest the half-way point in lambda, strictly between s and t (-1: none).
-    midpoints = []
-    for t, s in zip(timesteps[:-1], timesteps[1:]):
-        inside = np.arange(s + 1, t)
-        target = lam_host[t] + 0.5 * (lam_host[s] - lam_host[t])
-        midpoints.append(int(inside[np.argmin(np.abs(lam_host[inside] - target))]) if s > 0 and len(inside) else -1)
+    log_alpha, log_sigma, lam = (jnp.asarray(x, jnp.float32) for x in (log_alpha, log_sigma, log_alpha - log_sigma))
+    midpoints = midpoint_steps(schedule, timesteps)
     order = {"1": 1, "2M": 2, "3M": 3, "2S": 1}[variant]
     # Each step's order: rises with the predictions available, order 1 into s = 0 (lambda_0 = inf).
     orders = np.minimum(order, np.arange(1, len(timesteps)))
@@ -170,13 +185,14 @@ def dpm_solver_sample(
                 u_s = jnp.where(step_order >= 3, third, u_s)
         elif variant == "2S":
             m = midpoints[index]
-            m_safe = jnp.maximum(m, 1)
-            u_m = first_order(u_t, x_t, t, m_safe)
-            z_m = u_m + diffusion.encoding_mean(schedule, m_safe, encodings, z_t)
-            mid = denoise(z_m, jnp.full(z_t.shape[:1], m_safe))
-            x_m = data_prediction(schedule, z_m, m_safe, mid, clip_denoised)
-            r = (lam[m_safe] - lam[t]) / h
-            u_s = jnp.where(m > 0, u_s - 0.5 * alpha_s * phi_1 * (x_m - x_t) / r, u_s)
+
+            def second_order(u_s):  # the midpoint's model call, only on steps that have one (lax.cond)
+                u_m = first_order(u_t, x_t, t, m)
+                z_m = u_m + diffusion.encoding_mean(schedule, m, encodings, z_t)
+                x_m = data_prediction(schedule, z_m, m, denoise(z_m, jnp.full(z_t.shape[:1], m)), clip_denoised)
+                return u_s - 0.5 * alpha_s * phi_1 * (x_m - x_t) / ((lam[m] - lam[t]) / h)
+
+            u_s = jax.lax.cond(m > 0, second_order, lambda u_s: u_s, u_s)
         z_s = u_s + diffusion.encoding_mean(schedule, s, encodings, z_t)
         history = jnp.stack([x_t, history[0]])
         history_lambda = jnp.stack([lam[t], history_lambda[0]])
