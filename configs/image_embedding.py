@@ -8,7 +8,7 @@ head on the bottleneck recovers it (Gaussian NLL); the denoiser sees it through 
 guidance). One model serves joint generation and embedding -> image. The aggregation-only model (condition
 'none') is trained at the same budget as the report's ablation row.
 
-Run (the CPU default: about 15 minutes on 2 idle CPU cores, the ablation included; writes
+Run (the CPU default: 18.6 min measured on 2 CPU cores, the ablation included; writes
 workdirs/image_embedding):
   python -m experiments.image_embedding --workdir=workdirs/image_embedding \
       --results_dir=results/image_embedding

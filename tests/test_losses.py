@@ -186,18 +186,9 @@ def test_training_loss_terms_and_weights(schedule):
     loss, metrics = losses.training_loss(schedule, t, eps, eps_theta, encodings, encodings)
     np.testing.assert_allclose(metrics["eps_mse"], 0.25, rtol=1e-5)
     encodings_hat = encodings.at[0].add(1.0)
-    loss, metrics = losses.training_loss(
-        schedule,
-        t,
-        eps,
-        eps_theta,
-        encodings,
-        encodings_hat,
-        {"label": jnp.array([1.0, 2, 3, 4])},
-        eps_weight=2.0,
-        aggregation_weight=0.5,
-        recovery_weights={"label": 0.1},
-    )
+    inputs = (schedule, t, eps, eps_theta, encodings, encodings_hat, {"label": jnp.array([1.0, 2, 3, 4])})
+    weights = dict(eps_weight=2.0, aggregation_weight=0.5, recovery_weights={"label": 0.1})
+    loss, metrics = losses.training_loss(*inputs, **weights)
     # aggregation error in eps units: (w_t / c_t)^2 for a unit error in modality 0.
     beta, alpha = (np.asarray(a, np.float64)[np.asarray(t)] for a in (schedule.beta, schedule.alpha))
     c = beta / (np.sqrt(alpha) * np.sqrt(np.asarray(schedule.one_minus_alpha_bar, np.float64)[np.asarray(t)]))
@@ -208,19 +199,7 @@ def test_training_loss_terms_and_weights(schedule):
     np.testing.assert_allclose(loss, 2 * 0.25 + 0.5 * expected_aggregation + 0.1 * 2.5, rtol=1e-4)
     np.testing.assert_allclose(metrics["loss"], loss)
     # Per example (reduction 'none'): each example's own terms, the same weights; the batch mean is the loss.
-    per_example, same_metrics = losses.training_loss(
-        schedule,
-        t,
-        eps,
-        eps_theta,
-        encodings,
-        encodings_hat,
-        {"label": jnp.array([1.0, 2, 3, 4])},
-        eps_weight=2.0,
-        aggregation_weight=0.5,
-        recovery_weights={"label": 0.1},
-        reduction="none",
-    )
+    per_example, same_metrics = losses.training_loss(*inputs, **weights, reduction="none")
     expected = 2 * 0.25 + 0.5 * (np.asarray(schedule.w, np.float64)[0, np.asarray(t)] / c) ** 2 + 0.1 * np.arange(1, 5)
     np.testing.assert_allclose(per_example, expected, rtol=1e-4)
     np.testing.assert_allclose(np.mean(per_example), loss, rtol=1e-6)
