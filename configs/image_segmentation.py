@@ -88,7 +88,8 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
         # Also train the aggregation-only model (condition 'none') at the same budget: its rows and curve in the
         # report (results/image_segmentation_ablation; off by default to keep the 20-minute budget).
         aggregation_only_ablation=False,
-        # A pixel of a generated image counts as foreground above the scenes' threshold (10 / 255 of uint8).
+        # The scenes' fixed foreground threshold (10 / 255 of uint8): the oracle reference of image -> mask and the
+        # second, saturating mask -> image measure (the main one thresholds each image by Otsu's method).
         foreground_threshold=-1.0 + 2.0 * 10 / 255,
         classifier=dict(steps=600, seed=0),  # unused here: the Fashion-MNIST CNN reads 28x28 single items
         grid_images=8,

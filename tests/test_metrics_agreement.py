@@ -54,3 +54,20 @@ def test_miou_evaluator_sums_confusion_over_batches():
     for i in range(0, 6, 2):
         evaluator.update({"segmentation": target[i : i + 2], "sample_segmentation": prediction[i : i + 2]})
     assert evaluator.result()["miou"] == pytest.approx(agreement.mean_iou(prediction, target, 11))
+
+
+def test_otsu_threshold_splits_two_levels_and_foreground_iou_uses_it():
+    rng = np.random.default_rng(0)
+    masks = np.zeros((2, 16, 16), np.int64)
+    masks[:, 4:12, 4:10] = 3
+    # Bright items (0.6 +- 0.05) on a grey, noisy background (-0.5 +- 0.1), not the scenes' black.
+    images = np.where(masks[..., None] > 0, 0.6, -0.5) + 0.05 * rng.standard_normal((2, 16, 16, 1))
+    images[masks == 0] += 0.05 * rng.standard_normal(images[masks == 0].shape)
+    threshold = agreement.otsu_threshold(images[0])
+    assert images[0][masks[0] == 0].max() <= threshold < images[0][masks[0] > 0].min()  # in the gap
+    assert agreement.foreground_iou(images, masks) == 1.0
+    # A fixed threshold below the background lights every pixel: the IoU is the foreground fraction.
+    fraction = np.mean(masks > 0)
+    np.testing.assert_allclose(agreement.foreground_iou(images, masks, threshold=-0.92), fraction)
+    # Unrelated masks score low.
+    assert agreement.foreground_iou(images, np.roll(masks, 6, axis=2)) < 0.5

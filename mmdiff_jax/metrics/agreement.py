@@ -11,6 +11,9 @@
                     (background) counts like any other; a class absent from
                     both prediction and target is left out of the mean;
                     pixels whose target is `ignore_index` are left out.
+  foreground_iou  = |F & M| / |F | M| over all pixels, F the image's pixels
+                    above a threshold (fixed, or each image's Otsu
+                    threshold), M the mask's non-background pixels
 
 Labels may be given as ints [B] (or [B, H, W]) or as logits with one more
 trailing axis; logits are argmax-ed.
@@ -71,6 +74,32 @@ def iou_from_confusion(confusion) -> tuple[float, np.ndarray]:
         iou = np.where(union > 0, intersection / union, np.nan)
     present = ~np.isnan(iou)
     return (float(iou[present].mean()) if present.any() else float("nan")), iou
+
+
+def otsu_threshold(image, bins: int = 256, value_range: tuple[float, float] = (-1.0, 1.0)) -> float:
+    """Otsu's threshold of one image's values (Otsu 1979): the histogram split (`bins` over `value_range`)
+    that maximises the between-class variance; pixels above it are the brighter class."""
+    counts, edges = np.histogram(np.asarray(image, np.float64), bins=bins, range=value_range)
+    centers = (edges[:-1] + edges[1:]) / 2
+    weight_low = np.cumsum(counts)
+    weight_high = weight_low[-1] - weight_low
+    sum_low = np.cumsum(counts * centers)
+    mean_low = sum_low / np.maximum(weight_low, 1)
+    mean_high = (sum_low[-1] - sum_low) / np.maximum(weight_high, 1)
+    # The upper edge of the last bin of the darker class: every value of that class is <= it.
+    return float(edges[1:][np.argmax(weight_low * weight_high * (mean_low - mean_high) ** 2)])
+
+
+def foreground_iou(images, masks, threshold: float | None = None) -> float:
+    """IoU, over all pixels of images [B, H, W, 1] and masks [B, H, W], of {pixel > threshold} with
+    {mask > 0}. threshold None: each image's `otsu_threshold` (which does not look at the mask)."""
+    values = np.asarray(images)[..., 0]
+    if threshold is None:
+        cut = np.array([otsu_threshold(image) for image in values]).reshape((-1,) + (1,) * (values.ndim - 1))
+    else:
+        cut = threshold
+    lit, foreground = values > cut, np.asarray(masks) > 0
+    return float(np.sum(lit & foreground) / max(np.sum(lit | foreground), 1))
 
 
 def mean_iou(predictions, targets, num_classes: int, ignore_index: int | None = None) -> float:
