@@ -11,42 +11,24 @@ from mmdiff_jax.models.unet import unet_preset
 PRESETS = ("", "tiny", "full")
 
 
+# The CPU default's 0.3M-parameter U-Net (levels 28, 14, 7 on Fashion-MNIST's 28x28) and the tests' tiny one.
+SMALL_UNET = dict(
+    base_channels=16, channel_multipliers=(1, 2, 2), num_res_blocks=1, attention_resolutions=(7,),
+    num_head_channels=32, dropout=0.0, num_groups=8, resblock_updown=False,
+)  # fmt: skip
+TINY_UNET = dict(
+    base_channels=8, channel_multipliers=(1, 2), num_res_blocks=1, attention_resolutions=(), num_head_channels=8,
+    num_groups=4, dropout=0.0, resblock_updown=False,
+)  # fmt: skip
+
+
 def small_unet(**overrides) -> dict:
-    """The CPU default's 0.3M-parameter U-Net (levels 28, 14, 7 on Fashion-MNIST's 28x28)."""
-    return dataclasses.asdict(
-        unet_preset(
-            "default",
-            **{
-                **dict(
-                    base_channels=16,
-                    channel_multipliers=(1, 2, 2),
-                    num_res_blocks=1,
-                    attention_resolutions=(7,),
-                    num_head_channels=32,
-                    dropout=0.0,
-                    num_groups=8,
-                    resblock_updown=False,
-                ),
-                **overrides,
-            },
-        )
-    )
+    """`SMALL_UNET` on the 'default' U-Net preset, with `overrides` (e.g. other attention resolutions)."""
+    return dataclasses.asdict(unet_preset("default", **{**SMALL_UNET, **overrides}))
 
 
 def tiny_unet() -> dict:
-    return dataclasses.asdict(
-        unet_preset(
-            "tiny",
-            base_channels=8,
-            channel_multipliers=(1, 2),
-            num_res_blocks=1,
-            attention_resolutions=(),
-            num_head_channels=8,
-            num_groups=4,
-            dropout=0.0,
-            resblock_updown=False,
-        )
-    )
+    return dataclasses.asdict(unet_preset("tiny", **TINY_UNET))
 
 
 def check_preset(path: str, preset: str) -> None:
