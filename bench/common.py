@@ -35,6 +35,7 @@ if str(REPO) not in sys.path:  # run from a checkout without installing
 
 from mmdiff_jax.modalities import Modality, MTDiffusion, modality_schedule  # noqa: E402
 from mmdiff_jax.models.unet import unet_preset  # noqa: E402
+from mmdiff_jax.tasks.mt_diffusion import DTYPES  # noqa: E402
 
 # The benchmarked setups: the primary image plus one class label (table encoder, 'bump' weights, MLP head
 # on the bottleneck), T = 1000 linear betas. Batch sizes are per backend: CPU ones keep a step near a second.
@@ -44,7 +45,6 @@ BENCH_CONFIGS: dict[str, dict[str, Any]] = {
     "adm64": dict(preset="adm64", z_shape=(64, 64, 3), num_classes=1000, batch={"cpu": 1, "gpu": 32}),
 }
 NUM_STEPS = 1000
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 def backend() -> str:
@@ -304,7 +304,7 @@ def project_trainer(model: MTDiffusion, schedule: Any, batch: dict[str, np.ndarr
     from mmdiff_jax.objective import make_loss_fn
     from mmdiff_jax.training import base_config, create_train_state, make_mesh, make_optimizer
     from mmdiff_jax.training import mesh as mesh_lib
-    from mmdiff_jax.training.state import params_init_fn
+    from mmdiff_jax.tasks.mt_diffusion import params_init_fn
     from mmdiff_jax.training.steps import jit_train_step
 
     optim = base_config().optim
@@ -350,7 +350,7 @@ def minimal_trainer(
     import optax
 
     from mmdiff_jax.objective import make_loss_fn
-    from mmdiff_jax.training.state import params_init_fn
+    from mmdiff_jax.tasks.mt_diffusion import params_init_fn
 
     loss_fn = make_loss_fn(model, schedule)
     optimizer = adamw(learning_rate, weight_decay)

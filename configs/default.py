@@ -16,7 +16,7 @@ import dataclasses
 import ml_collections
 
 from mmdiff_jax.models.unet import unet_preset
-from mmdiff_jax.training.config_io import base_config
+from mmdiff_jax.tasks import base_config
 
 
 def get_config(preset: str = "") -> ml_collections.ConfigDict:
@@ -55,7 +55,7 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
     config.sample.num_images = 16
 
     if tiny:
-        config.prng_impl = "rbg"  # compiles the initialisers ~4x faster (config_io.base_config)
+        config.prng_impl = "rbg"  # compiles the initialisers ~4x faster (training.config_io.base_config)
         config.model.unet = dataclasses.asdict(
             unet_preset(
                 "tiny",

@@ -26,7 +26,7 @@ Tiny (seconds; tests/test_experiments_other.py):
 import ml_collections
 
 from configs.presets import apply_preset, check_preset, small_unet
-from mmdiff_jax.training.config_io import base_config
+from mmdiff_jax.tasks import base_config
 
 
 def get_config(preset: str = "") -> ml_collections.ConfigDict:

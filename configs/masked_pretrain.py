@@ -38,7 +38,7 @@ levels are 28, 14, 7, and the metrics' classifier reads 28x28 anyway.
 import ml_collections
 
 from configs.presets import apply_preset, check_preset, small_unet
-from mmdiff_jax.training.config_io import base_config
+from mmdiff_jax.tasks import base_config
 
 
 def get_config(preset: str = "") -> ml_collections.ConfigDict:

@@ -57,7 +57,7 @@ def apply_preset(config: ml_collections.ConfigDict, preset: str, full_attention=
     config.data.num_threads = 1
     config.data.prefetch_batches = 4
     if preset == "tiny":
-        config.prng_impl = "rbg"  # compiles the initialisers ~4x faster (config_io.base_config)
+        config.prng_impl = "rbg"  # compiles the initialisers ~4x faster (training.config_io.base_config)
         config.model.unet = tiny_unet()
         config.diffusion.num_steps = 50
         config.data.batch_size = 8

@@ -4,15 +4,16 @@ An experiment is configs/<name>.py (a `get_config(preset)` with presets '', 'tin
 plus experiments/<name>.py, which adds only its metrics and baselines. The shared machinery is split by job:
 
   common      Run, run_experiment, main (this module)
-  trainer     train_model, Trained, MetricCurve: a config through `train_and_evaluate`, its EMA params
+  trainer     train_model, Trained, MetricCurve: a task through `train_and_evaluate`, its EMA params
   evaluation  eval_batches, map_batches, the sampler section, the metrics' classifier and evaluators
   reporting   Report, markdown tables, labelled image grids
-  conditioning, baselines   the conditioned model against its ablations; the baselines' models and samplers
+  conditioning, baselines   the conditioned model against its ablations; the baselines' configs and samplers
 
     from experiments import common, evaluation, reporting
+    from mmdiff_jax import sampling
 
     def run(config, run: common.Run) -> None:
-        mt = run.train("mt_diffusion", config)                     # train_and_evaluate; resumes, or restores
+        mt = run.train("mt_diffusion", config, run.task)  # the config's task; resumes, or restores
         classifier = evaluation.metrics_classifier(config)
         sample = sampling.make_sample_fn(mt.model, mt.schedule, **evaluation.sampler_options(config.experiment.sampler))
         with run.phase("unconditional samples"):
@@ -32,7 +33,8 @@ API:
                                          --workdir (default workdirs/<name>), --results_dir (copy for git)
   run_experiment(name, run_fn, config, workdir, results_dir=None) -> Run     the same, no flags (tests); the
                                          sampler section is checked before anything trains
-  Run        .config, .workdir, .report, .phase(name) (times a block), .train(name, config, train_fn, loss)
+  Run        .config, .task (the config's MT-Diffusion task, built once), .workdir, .report,
+             .phase(name) (times a block), .train(name, config, task, hooks)
 
 Workdir (default workdirs/<name>, git-ignored): one directory per trained model (train_and_evaluate's
 layout: checkpoints/, tensorboard/, metrics.jsonl, samples/, loss.png, config.json), the experiment's
@@ -54,7 +56,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -63,7 +65,9 @@ import numpy as np
 
 from experiments.evaluation import check_sampler_section
 from experiments.reporting import Report, markdown_table
-from experiments.trainer import Trained, diffusion_loss, train_model
+from experiments.trainer import Trained, train_model
+from mmdiff_jax import tasks
+from mmdiff_jax.training import Task, initialize_distributed
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -139,8 +143,10 @@ def load_sentence(load: Mapping[str, float], cores: int) -> str:
 class Run:
     """One invocation of an experiment: its config, workdir, report, timings and trained models."""
 
-    def __init__(self, name: str, config: ml_collections.ConfigDict, workdir: str | pathlib.Path, command: str):
-        self.name, self.config, self.command = name, config, command
+    def __init__(
+        self, name: str, config: ml_collections.ConfigDict, task: Task, workdir: str | pathlib.Path, command: str
+    ):
+        self.name, self.config, self.task, self.command = name, config, task, command
         self.workdir = pathlib.Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         (self.workdir / "config.json").write_text(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
@@ -159,18 +165,13 @@ class Run:
         print(f"[{self.name}] {name}: {self.timings[name]:.0f} s", file=sys.stderr, flush=True)
 
     def train(
-        self,
-        name: str,
-        config: ml_collections.ConfigDict,
-        train_fn: Callable[[str, ml_collections.ConfigDict, pathlib.Path], Trained] = train_model,
-        loss: str | None = None,
+        self, name: str, config: ml_collections.ConfigDict, task: Task, hooks: Sequence[Callable] = ()
     ) -> Trained:
-        """train_fn(name, config, workdir / name) (default: `train_model`), timed and recorded; `loss` names
-        its training loss in the report (default: `diffusion_loss(config)`, for MT-Diffusion / plain DDPM)."""
+        """`train_model(name, config, workdir / name, task, hooks)`, timed and recorded (the report's training
+        table names its loss by `task.loss_description`)."""
         with self.phase(f"train {name}"):
-            trained = train_fn(name, config, self.workdir / name)
+            trained = train_model(name, config, self.workdir / name, task, hooks=hooks)
         self.trained[name] = trained
-        trained.loss = loss or diffusion_loss(config)
         return trained
 
     def _training_table(self) -> list[str]:
@@ -178,7 +179,7 @@ class Run:
         for name, trained in self.trained.items():
             final = trained.final_metrics()
             records[name] = {
-                "loss": trained.loss,
+                "loss": trained.task.loss_description,
                 "num_params": trained.num_params,
                 "steps": trained.steps,
                 "batch_size": trained.config.data.batch_size,
@@ -193,7 +194,7 @@ class Run:
                     f"{trained.num_params:,}",
                     trained.steps,
                     trained.config.data.batch_size,
-                    trained.loss,
+                    trained.task.loss_description,
                     final.get("loss", float("nan")),
                     f"{trained.train_seconds / 60:.1f}{note}",
                 ]
@@ -269,9 +270,14 @@ def run_experiment(
     results_dir: str | pathlib.Path | None = None,
     command: str | None = None,
 ) -> Run:
-    """Runs `run_fn(config, run)` in `workdir` and writes its report (the CLI without flags)."""
-    check_sampler_section(config)
-    run = Run(name, config, workdir, command or f"run_experiment({name!r}, preset={config.get('preset', '')!r})")
+    """Runs `run_fn(config, run)` in `workdir` and writes its report (the CLI without flags). The config's
+    MT-Diffusion task (`run.task`) is built here, once, and the config checked before anything trains
+    (config_io.ConfigError naming the key)."""
+    initialize_distributed(config.distributed)  # before the first JAX computation
+    task = tasks.make_mt_diffusion_task(config)
+    check_sampler_section(config, task.schedule)
+    command = command or f"run_experiment({name!r}, preset={config.get('preset', '')!r})"
+    run = Run(name, config, task, workdir, command)
     run_fn(config, run)
     run.finish(results_dir)
     return run

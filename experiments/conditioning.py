@@ -1,10 +1,10 @@
 """The conditioned model against its aggregation-only ablation, shared by the experiments (issue 14).
 
   train_with_curve(run, config, metric, make_metric) -> (models, curves)
-      trains 'mt_diffusion' (the config: its modalities conditioned) and, with
+      trains 'mt_diffusion' (`run.task`: its modalities conditioned) and, with
       `experiment.aggregation_only_ablation`, 'aggregation_only' (every condition 'none') at the same budget,
       each measuring a conditional metric on its EMA params while training (`experiment.curve`)
-  curve_sampler(config, observed) -> fn(params) -> Samples
+  curve_sampler(task, config, observed) -> fn(params) -> Samples
       the samples a curve's metric reads, at the curve's guidance scale
   sample_sweep(run, models, sampler, name, given, cfg_scales, seed=, task=) -> (conditional, joint)
       every model's samples with modality `name` observed at each guidance scale, and its joint samples
@@ -18,7 +18,6 @@ docs/design.md section 3b says why the aggregation alone cannot condition the de
 
 from __future__ import annotations
 
-import functools
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
@@ -26,8 +25,8 @@ import ml_collections
 import numpy as np
 
 from experiments import baselines, common, evaluation, trainer
-from mmdiff_jax import sampling
-from mmdiff_jax.training import config_io, writers
+from mmdiff_jax import sampling, tasks
+from mmdiff_jax.training import Task, writers
 
 MODEL_LABELS = {"mt_diffusion": "MT-Diffusion", "aggregation_only": "ablation: aggregation-only"}
 
@@ -36,36 +35,38 @@ def train_with_curve(
     run: common.Run,
     config: ml_collections.ConfigDict,
     metric: str,
-    make_metric: Callable[[ml_collections.ConfigDict], Callable[[Any], float]],
+    make_metric: Callable[[Task, ml_collections.ConfigDict], Callable[[Any], float]],
 ) -> tuple[dict[str, trainer.Trained], dict[str, dict[int, float]]]:
-    """Trains the conditioned model and (with `experiment.aggregation_only_ablation`) its aggregation-only
-    ablation, same budget and seed. make_metric(model_config) -> fn(ema_params) -> float is measured at
+    """Trains the conditioned model (`run.task`, the config's) and (with `experiment.aggregation_only_ablation`)
+    its aggregation-only ablation, same budget and seed. make_metric(task, model_config) -> fn(ema_params) ->
+    float is measured at
     `experiment.curve.num_points` evenly spaced steps (`trainer.MetricCurve`, kept in
     workdir/<model>/<metric>_curve.json so a resumed run keeps its earlier points).
 
     Returns (name -> Trained, name -> {step: value}) for 'mt_diffusion' and, if trained, 'aggregation_only'.
     """
-    configs = {"mt_diffusion": config}
+    configs = {"mt_diffusion": (config, run.task)}
     if config.experiment.aggregation_only_ablation:
-        configs["aggregation_only"] = baselines.aggregation_only_config(config)
+        ablation = baselines.aggregation_only_config(config)
+        configs["aggregation_only"] = (ablation, tasks.make_mt_diffusion_task(ablation))
     models, curves = {}, {}
     steps = trainer.curve_steps(config.train.steps, config.experiment.curve.num_points)
-    for name, model_config in configs.items():
-        curve = trainer.MetricCurve(run.workdir / name / f"{metric}_curve.json", steps, make_metric(model_config))
-        models[name] = run.train(name, model_config, functools.partial(trainer.train_model, hooks=[curve]))
+    for name, (model_config, task) in configs.items():
+        path = run.workdir / name / f"{metric}_curve.json"
+        curve = trainer.MetricCurve(path, steps, make_metric(task, model_config))
+        models[name] = run.train(name, model_config, task, hooks=[curve])
         curves[name] = curve.points
     return models, curves
 
 
-def curve_sampler(config: ml_collections.ConfigDict, observed: Mapping[str, Any]) -> Callable[[Any], sampling.Samples]:
-    """fn(params) -> `sampling.Samples` of `config`'s MT-Diffusion model with `observed` (name -> values [B, ...]):
+def curve_sampler(
+    task: Task, config: ml_collections.ConfigDict, observed: Mapping[str, Any]
+) -> Callable[[Any], sampling.Samples]:
+    """fn(params) -> `sampling.Samples` of the MT-Diffusion `task` with `observed` (name -> values [B, ...]):
     the experiment's sampler, prior noise from key(experiment.seed), classifier-free guidance at
     `experiment.curve.cfg_scale` if the model's denoiser sees a modality (a curve's metric reads these)."""
-    model = config_io.build_model(config)
-    sample = sampling.make_sample_fn(
-        model, config_io.build_schedule(config, model), **evaluation.sampler_options(config.experiment.sampler)
-    )
-    options = cfg_options(config.experiment.curve.cfg_scale if model.conditioned_modalities else None)
+    sample = sampling.make_sample_fn(task.model, task.schedule, **evaluation.sampler_options(config.experiment.sampler))
+    options = cfg_options(config.experiment.curve.cfg_scale if task.model.conditioned_modalities else None)
     key = jax.random.key(config.experiment.seed)
     return lambda params: sample(params, key, dict(observed), **options)
 

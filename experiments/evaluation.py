@@ -86,17 +86,16 @@ def sampler_options(section: Mapping[str, Any]) -> dict[str, Any]:
 SAMPLER_KEYS = ("method", "num_steps", "eta", "variant", "spacing", "variance")
 
 
-def check_sampler_section(config: ml_collections.ConfigDict) -> None:
+def check_sampler_section(config: ml_collections.ConfigDict, schedule: Any) -> None:
     """`config.experiment.sampler` checked against the config's schedule before anything trains (an experiment
-    would otherwise fail after its training, at its first sample): ValueError naming the key."""
+    would otherwise fail after its training, at its first sample): config_io.ConfigError naming the key."""
     section = config.experiment.get("sampler")
     if section is None:
         return
     unknown = sorted(set(section) - set(SAMPLER_KEYS))
     if unknown:
-        raise ValueError(f"config.experiment.sampler: unknown keys {unknown}; known: {list(SAMPLER_KEYS)}")
+        raise config_io.ConfigError(f"config.experiment.sampler: unknown keys {unknown}; known: {list(SAMPLER_KEYS)}")
     options = sampler_options(section)
-    schedule = config_io.build_schedule(config, config_io.build_model(config))
     try:
         sampling.check_sampler(
             schedule,
@@ -106,7 +105,7 @@ def check_sampler_section(config: ml_collections.ConfigDict) -> None:
             options.get("spacing", "time_uniform"),
         )
     except ValueError as error:
-        raise ValueError(f"config.experiment.sampler: {error}") from error
+        raise config_io.ConfigError(f"config.experiment.sampler: {error}") from error
 
 
 def describe_sampler(section: Mapping[str, Any]) -> str:

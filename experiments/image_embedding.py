@@ -30,7 +30,8 @@ from __future__ import annotations
 import ml_collections
 import numpy as np
 
-from experiments import common, conditioning, evaluation, reporting, trainer
+from experiments import common, conditioning, evaluation, reporting
+from mmdiff_jax import tasks
 from mmdiff_jax.metrics.distribution import compute_features
 
 NAME = "image_embedding"
@@ -57,11 +58,11 @@ def embedding_scores(
     }
 
 
-def agreement_metric(config, classifier, given: np.ndarray, source_class: np.ndarray):
+def agreement_metric(task, config, classifier, given: np.ndarray, source_class: np.ndarray):
     """fn(params) -> how often the CNN puts the image generated from each embedding in `given` [N, D] in the class
     `source_class` [N] of the test image it came from (guidance `experiment.curve.cfg_scale` if the embedding is
     conditioned): the curve's metric (`conditioning.train_with_curve`)."""
-    sample = conditioning.curve_sampler(config, {trainer.modality_name(config, "vector"): given})
+    sample = conditioning.curve_sampler(task, config, {tasks.modality_name(config, "vector"): given})
 
     def metric(params):
         return float(np.mean(np.asarray(classifier.predict(sample(params).image)) == source_class))
@@ -71,7 +72,7 @@ def agreement_metric(config, classifier, given: np.ndarray, source_class: np.nda
 
 def run(config: ml_collections.ConfigDict, run: common.Run) -> None:
     experiment, section = config.experiment, config.experiment.generation
-    name, primary = trainer.modality_name(config, "vector"), config.model.primary
+    name, primary = tasks.modality_name(config, "vector"), config.model.primary
     with run.phase("metrics classifier"):
         classifier = evaluation.metrics_classifier(config)
 
@@ -83,7 +84,9 @@ def run(config: ml_collections.ConfigDict, run: common.Run) -> None:
         run,
         config,
         "embedding_to_image",
-        lambda model_config: agreement_metric(model_config, classifier, curve_test[name], predict(curve_test[primary])),
+        lambda task, model_config: agreement_metric(
+            task, model_config, classifier, curve_test[name], predict(curve_test[primary])
+        ),
     )
     with run.phase("reference features"):
         statistics = evaluation.eval_batches(

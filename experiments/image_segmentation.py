@@ -32,8 +32,8 @@ from __future__ import annotations
 import ml_collections
 import numpy as np
 
-from experiments import common, conditioning, evaluation, reporting, trainer
-from mmdiff_jax import sampling
+from experiments import common, conditioning, evaluation, reporting
+from mmdiff_jax import sampling, tasks
 from mmdiff_jax.metrics import agreement
 
 NAME = "image_segmentation"
@@ -56,10 +56,10 @@ def _threshold_reference(images, masks, threshold):
     return predicted
 
 
-def iou_metric(config, masks: np.ndarray):
+def iou_metric(task, config, masks: np.ndarray):
     """fn(params) -> mask -> image foreground IoU for the given masks [N, H, W] (guidance
     `experiment.curve.cfg_scale` if the mask is conditioned): the curve's metric (`conditioning.train_with_curve`)."""
-    sample = conditioning.curve_sampler(config, {trainer.modality_name(config, "segmentation"): masks})
+    sample = conditioning.curve_sampler(task, config, {tasks.modality_name(config, "segmentation"): masks})
 
     def metric(params):
         return agreement.foreground_iou(sample(params).image, masks)  # each image's Otsu threshold
@@ -69,12 +69,12 @@ def iou_metric(config, masks: np.ndarray):
 
 def run(config: ml_collections.ConfigDict, run: common.Run) -> None:
     experiment = config.experiment
-    name, primary = trainer.modality_name(config, "segmentation"), config.model.primary
+    name, primary = tasks.modality_name(config, "segmentation"), config.model.primary
     curve_masks = evaluation.eval_batches(
         config, experiment.curve.num_samples, experiment.curve.num_samples, transform_seed=experiment.seed + 2
     )[0][name]
     models, curves = conditioning.train_with_curve(
-        run, config, "mask_to_image", lambda model_config: iou_metric(model_config, curve_masks)
+        run, config, "mask_to_image", lambda task, model_config: iou_metric(task, model_config, curve_masks)
     )
     mt = models["mt_diffusion"]
     num_classes = config.model.modalities[name]["num_classes"]

@@ -28,126 +28,23 @@ Then measures (config section `experiment`), with the project's Fashion-MNIST CN
 from __future__ import annotations
 
 import functools
-from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 
 from experiments import common, conditioning, evaluation, reporting, trainer
-from mmdiff_jax import diffusion, sampling
+from mmdiff_jax import sampling, tasks
 from mmdiff_jax.data.fashion_mnist import CLASS_NAMES
 from mmdiff_jax.metrics import agreement
-from mmdiff_jax.modalities import modality_schedule
-from mmdiff_jax.models.decoders import make_head
-from mmdiff_jax.models.unet import UNet, UNetConfig
-from mmdiff_jax.training import Objective, config_io
 
 NAME = "joint_image_label"
 FID_PROXY = "FID-proxy (Fashion-MNIST CNN features)"
 Array = jax.Array
 
 
-# ----------------------------------------------------------------------------------------------- baselines' networks
-class ClassConditionalDenoiser(nn.Module):
-    """ADM's class-conditional DDPM: eps_theta(z_t, t, y) with y added to the time embedding."""
-
-    unet: UNetConfig
-    channels: int
-    dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, z_t: Array, t: Array, labels: Array, *, train: bool = False) -> Array:
-        output = UNet(self.unet, out_channels=self.channels, dtype=self.dtype)(z_t, t, labels, train=train)
-        return output.output.astype(jnp.float32)
-
-
-class BackboneClassifier(nn.Module):
-    """The U-Net (t = 0) with MT-Diffusion's label head (MLP on the pooled bottleneck): image -> logits [B, K]."""
-
-    unet: UNetConfig
-    channels: int
-    num_classes: int
-    hidden: int
-    dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, image: Array, *, train: bool = False) -> Array:
-        steps = jnp.zeros(image.shape[:1], jnp.int32)
-        output = UNet(self.unet, out_channels=self.channels, dtype=self.dtype)(image, steps, train=train)
-        head = make_head("mlp", self.num_classes, self.hidden, num_groups=self.unet.num_groups, dtype=self.dtype)
-        return head(output.bottleneck)
-
-
-def _unet(config: ml_collections.ConfigDict, num_classes: int = 0) -> UNetConfig:
-    return UNetConfig(**{**dict(config.model.unet), "num_classes": num_classes})
-
-
-def plain_schedule(config: ml_collections.ConfigDict):
-    return modality_schedule(config.diffusion.noise_schedule, config.diffusion.num_steps, ())
-
-
-def train_class_conditional_ddpm(name, config, workdir) -> trainer.Trained:
-    """The class-conditional DDPM baseline: eps-MSE with t ~ U{1..T}, z_t = sqrt(abar_t) x + sqrt(1 - abar_t) eps."""
-    height, width, channels = config.model.z_shape
-    model = ClassConditionalDenoiser(_unet(config, len(CLASS_NAMES)), channels, config_io.DTYPES[config.model.dtype])
-    schedule, primary, label = plain_schedule(config), config.model.primary, trainer.modality_name(config, "label")
-
-    def loss_fn(params, batch, rng, train: bool = True):
-        image = jnp.asarray(batch[primary], jnp.float32)
-        t_key, noise_key, dropout_key = jax.random.split(rng, 3)
-        t = jax.random.randint(t_key, image.shape[:1], 1, schedule.num_steps + 1)
-        noise = jax.random.normal(noise_key, image.shape)
-        z_t = diffusion.marginal_sample(schedule, image, t, jnp.zeros((0,) + image.shape), noise)
-        eps = model.apply({"params": params}, z_t, t, batch[label], train=train, rngs={"dropout": dropout_key})
-        mse = jnp.mean((eps - noise) ** 2)
-        return mse, {"eps_mse": mse}
-
-    example = (jnp.zeros((1, height, width, channels)), jnp.ones((1,), jnp.int32), jnp.zeros((1,), jnp.int32))
-    objective = Objective(
-        init_params=lambda rng: model.init(rng, *example)["params"],
-        loss_fn=loss_fn,
-        signature={
-            "class_conditional_ddpm": {
-                "unet": config_io.unet_signature(config.model.unet),
-                "diffusion": dict(config.diffusion),
-                "z_shape": list(config.model.z_shape),
-            }
-        },
-    )
-    return trainer.train_model(name, config, workdir, objective=objective, model=model, schedule=schedule)
-
-
-def train_classifier(name, config, workdir) -> trainer.Trained:
-    """The same-backbone classifier baseline: cross-entropy on clean images."""
-    height, width, channels = config.model.z_shape
-    primary, label = config.model.primary, trainer.modality_name(config, "label")
-    model = BackboneClassifier(
-        _unet(config),
-        channels,
-        len(CLASS_NAMES),
-        config.model.modalities[label].get("head_hidden", 0) or config.model.unet.base_channels,
-        config_io.DTYPES[config.model.dtype],
-    )
-
-    def loss_fn(params, batch, rng, train: bool = True):
-        logits = model.apply({"params": params}, batch[primary], train=train, rngs={"dropout": rng})
-        loss = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, batch[label]))
-        return loss, {"cross_entropy": loss, "accuracy": jnp.mean(jnp.argmax(logits, -1) == batch[label])}
-
-    objective = Objective(
-        init_params=lambda rng: model.init(rng, jnp.zeros((1, height, width, channels)))["params"],
-        loss_fn=loss_fn,
-        signature={
-            "classifier": {"unet": config_io.unet_signature(config.model.unet), "z_shape": list(config.model.z_shape)}
-        },
-    )
-    return trainer.train_model(name, config, workdir, objective=objective, model=model)
-
-
+# ----------------------------------------------------------------------------------------------- baselines
 def make_class_conditional_sample_fn(trained: trainer.Trained, section):
     """sample(params, labels [B], rng) -> images [B, H, W, C] in [-1, 1] by the config's sampler."""
     options = evaluation.sampler_options(section)
@@ -175,12 +72,12 @@ def balanced_labels(num_samples: int) -> np.ndarray:
     return np.arange(num_samples, dtype=np.int32) % len(CLASS_NAMES)
 
 
-def agreement_metric(config, classifier):
-    """fn(params) -> label -> image agreement (judge CNN) of the model whose config is `config`, on
+def agreement_metric(task, config, classifier):
+    """fn(params) -> label -> image agreement (judge CNN) of the MT-Diffusion `task` (its config `config`), on
     `experiment.curve.num_samples` balanced labels (classifier-free guidance `curve.cfg_scale` if its label is
     conditioned): the curve's metric (`conditioning.train_with_curve`)."""
     labels = balanced_labels(config.experiment.curve.num_samples)
-    sample = conditioning.curve_sampler(config, {trainer.modality_name(config, "label"): labels})
+    sample = conditioning.curve_sampler(task, config, {tasks.modality_name(config, "label"): labels})
 
     def metric(params):
         return agreement.accuracy(_judge(classifier, sample(params).image), labels)
@@ -191,7 +88,7 @@ def agreement_metric(config, classifier):
 def evaluate(config, run: common.Run, models, classifier) -> dict:
     experiment = config.experiment
     section = experiment.generation
-    label, primary = trainer.modality_name(config, "label"), config.model.primary
+    label, primary = tasks.modality_name(config, "label"), config.model.primary
     mt, ccddpm, standalone = models["mt_diffusion"], models["class_conditional_ddpm"], models["classifier"]
     num_batches, batch_size = section.num_samples // section.batch_size, section.batch_size
     given = [
@@ -385,9 +282,9 @@ def run(config: ml_collections.ConfigDict, run: common.Run) -> None:
         run, config, "label_to_image", functools.partial(agreement_metric, classifier=classifier)
     )
     models["class_conditional_ddpm"] = run.train(
-        "class_conditional_ddpm", config, train_class_conditional_ddpm, loss="eps-MSE"
+        "class_conditional_ddpm", config, tasks.make_class_conditional_ddpm_task(config)
     )
-    models["classifier"] = run.train("classifier", config, train_classifier, loss="cross-entropy")
+    models["classifier"] = run.train("classifier", config, tasks.make_classifier_task(config))
     results = evaluate(config, run, models, classifier)
     results["curves"] = curves
     run.report.metrics.update(

@@ -33,8 +33,7 @@ import ml_collections
 import numpy as np
 
 from experiments import baselines, common, conditioning, evaluation, reporting, trainer
-from mmdiff_jax import sampling
-from mmdiff_jax.training import config_io
+from mmdiff_jax import sampling, tasks
 from mmdiff_jax.modalities import MASK_KEY
 
 NAME = "masked_pretrain"
@@ -75,25 +74,25 @@ def restoration_methods(config: ml_collections.ConfigDict, models: dict[str, tra
     """name -> fn(batch, rng) -> restored images [B, H, W, C], for the configured methods."""
     sampler = evaluation.sampler_options(config.experiment.sampler)
     mt, ddpm, recon = models["mt_diffusion"], models["plain_ddpm"], models["reconstruction"]
-    masked = trainer.modality_name(config, "masked_image")
+    masked = tasks.modality_name(config, "masked_image")
 
-    def mt_restorer(trained, repaint, **call_options):
-        restore = sampling.make_restore_fn(trained.model, trained.schedule, masked, repaint=repaint, **sampler)
+    def restorer(trained, repaint, observe=True, **call_options):
+        restore = sampling.make_restore_fn(
+            trained.model, trained.schedule, masked if observe else None, repaint=repaint, **sampler
+        )
         return lambda batch, rng: restore(trained.params, batch[masked], batch[MASK_KEY], rng, **call_options).image
 
     makers = {
-        "mt_diffusion": lambda: mt_restorer(mt, False),
-        "mt_diffusion_repaint": lambda: mt_restorer(mt, True),
+        "mt_diffusion": lambda: restorer(mt, False),
+        "mt_diffusion_repaint": lambda: restorer(mt, True),
         **{
-            cfg_method(s): (lambda s=s: mt_restorer(mt, False, cfg_scales=s))
+            cfg_method(s): (lambda s=s: restorer(mt, False, cfg_scales=s))
             for s in config.experiment.restoration.cfg_scales
         },
-        "aggregation_only": lambda: mt_restorer(models["aggregation_only"], False),
-        "aggregation_only_repaint": lambda: mt_restorer(models["aggregation_only"], True),
+        "aggregation_only": lambda: restorer(models["aggregation_only"], False),
+        "aggregation_only_repaint": lambda: restorer(models["aggregation_only"], True),
         "sdedit": lambda: _sdedit(config, ddpm, masked),
-        "ddpm_repaint": lambda: _repaint_restorer(
-            baselines.make_repaint_fn(ddpm.model, ddpm.schedule, **sampler), ddpm.params, masked
-        ),
+        "ddpm_repaint": lambda: restorer(ddpm, True, observe=False),
         "reconstruction": lambda: _reconstructor(baselines.make_reconstruct_fn(recon), recon.params, masked),
         "masked_input": lambda: lambda batch, rng: batch[masked],
     }
@@ -104,10 +103,6 @@ def restoration_methods(config: ml_collections.ConfigDict, models: dict[str, tra
     return {name: makers[name]() for name in methods}
 
 
-def _repaint_restorer(restore, params, masked):
-    return lambda batch, rng: restore(params, batch[masked], batch[MASK_KEY], rng)
-
-
 def _reconstructor(reconstruct, params, masked):
     return lambda batch, rng: reconstruct(params, batch[masked], batch[MASK_KEY])
 
@@ -115,14 +110,14 @@ def _reconstructor(reconstruct, params, masked):
 def _sdedit(config, ddpm: trainer.Trained, masked: str):
     section = config.experiment.sampler
     num_steps = ddpm.schedule.num_steps if section.method == "ddpm" else section.num_steps
-    sdedit = baselines.make_sdedit_fn(
+    sdedit = sampling.make_sdedit_fn(
         ddpm.model,
         ddpm.schedule,
         strength=config.experiment.restoration.sdedit_strength,
         num_steps=num_steps,
         eta=section.get("eta", 1.0),
     )
-    return lambda batch, rng: sdedit(ddpm.params, batch[masked], rng)
+    return lambda batch, rng: sdedit(ddpm.params, batch[masked], rng).image
 
 
 def evaluate_restoration(config, run: common.Run, models, classifier) -> dict:
@@ -197,7 +192,7 @@ def evaluate_unconditional(config, run: common.Run, models, classifier) -> dict:
         )
     count = experiment.grid_images
     rows = [("MT-Diffusion (joint)", samples["mt_diffusion"].image[:count])]
-    masked = trainer.modality_name(config, "masked_image")
+    masked = tasks.modality_name(config, "masked_image")
     head = samples["mt_diffusion"].outputs.get(masked)
     if head is not None:  # the jointly generated masked image, the predicted mask drawn as hidden = blue
         rows.append(("its masked image", reporting.tint_hidden(head["image"][:count], head["mask"][:count] > 0.5)))
@@ -219,7 +214,7 @@ def write_report(config, run: common.Run, restoration: dict, unconditional: dict
     labels = method_labels(config)
     ratios = [str(r) for r in experiment.restoration.mask_ratios]
     methods = list(all_methods(config))
-    modality = config.model.modalities[trainer.modality_name(config, "masked_image")]
+    modality = config.model.modalities[tasks.modality_name(config, "masked_image")]
     low, high = config.data.options.mask_ratio
     report.text(
         f"MT-Diffusion trained on Fashion-MNIST ({config.model.z_shape[0]}x{config.model.z_shape[1]}) with the image "
@@ -332,16 +327,17 @@ def _findings(restoration, unconditional, ratios, methods, labels) -> list[str]:
     return lines
 
 
-def restoration_metric(config, batch):
-    """fn(params) -> PSNR (dB) on the hidden pixels of `batch` (the masked image observed, no re-imposition;
+def restoration_metric(task, config, batch):
+    """fn(params) -> PSNR (dB) on the hidden pixels of `batch` for the MT-Diffusion `task` (its config `config`;
+    the masked image observed, no re-imposition;
     guidance `experiment.curve.cfg_scale` if the masked image is conditioned): the curve's metric
     (`conditioning.train_with_curve`)."""
-    model = config_io.build_model(config)
-    masked = trainer.modality_name(config, "masked_image")
+    masked = tasks.modality_name(config, "masked_image")
     restore = sampling.make_restore_fn(
-        model, config_io.build_schedule(config, model), masked, **evaluation.sampler_options(config.experiment.sampler)
+        task.model, task.schedule, masked, **evaluation.sampler_options(config.experiment.sampler)
     )
-    options = conditioning.cfg_options(config.experiment.curve.cfg_scale if model.conditioned_modalities else None)
+    cfg_scale = config.experiment.curve.cfg_scale if task.model.conditioned_modalities else None
+    options = conditioning.cfg_options(cfg_scale)
     truth, mask = batch[config.model.primary], batch[MASK_KEY]
 
     def metric(params):
@@ -364,10 +360,11 @@ def run(config: ml_collections.ConfigDict, run: common.Run) -> None:
         transform_seed=config.experiment.seed,
     )[0]
     models, curves = conditioning.train_with_curve(
-        run, config, "restoration", lambda model_config: restoration_metric(model_config, batch)
+        run, config, "restoration", lambda task, model_config: restoration_metric(task, model_config, batch)
     )
-    models["plain_ddpm"] = run.train("plain_ddpm", baselines.plain_ddpm_config(config))
-    models["reconstruction"] = run.train("reconstruction", config, baselines.train_reconstruction, loss="pixel MSE")
+    plain = baselines.plain_ddpm_config(config)
+    models["plain_ddpm"] = run.train("plain_ddpm", plain, tasks.make_mt_diffusion_task(plain, name="plain_ddpm"))
+    models["reconstruction"] = run.train("reconstruction", config, tasks.make_reconstruction_task(config))
     with run.phase("metrics classifier"):
         classifier = evaluation.metrics_classifier(config)
     restoration = evaluate_restoration(config, run, models, classifier)

@@ -1,12 +1,12 @@
-"""Training for the experiments: a config (MT-Diffusion, or a baseline's Objective) through the one training
-path, `train_and_evaluate`, and back its EMA params.
+"""Training for the experiments: a task (`mmdiff_jax.tasks`) through the one training path,
+`train_and_evaluate`, and back its EMA params.
 
-  train_model(name, config, workdir, objective=None, model=None, schedule=None, hooks=()) -> Trained
-  Trained          name, model, schedule (None for non-diffusion baselines), params (EMA), config, workdir,
-                   num_params, steps, train_seconds, resumed_from (checkpoint step found before, or None), loss
+  train_model(name, config, workdir, task, hooks=()) -> Trained
+  Trained          name, task (.model, .schedule: None for non-diffusion baselines), params (EMA), config,
+                   workdir, num_params, steps, train_seconds, resumed_from (checkpoint step found before, or None)
   MetricCurve(path, steps, metric_fn)   a training hook: metric_fn(ema_params) at `steps`, kept in path
                    (resumable); curve_steps(total, num_points) spaces the steps
-  diffusion_loss(config), copy_config(config), modality_name(config, kind)   config helpers
+  copy_config(config)   an unlocked copy, to derive a baseline's config
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import Any
 import jax
 import ml_collections
 
-from mmdiff_jax.training import Objective, config_io, train_and_evaluate
+from mmdiff_jax.training import Task, train_and_evaluate
 from mmdiff_jax.training.state import count_params
 
 
@@ -30,8 +30,7 @@ class Trained:
     """A trained model, ready to evaluate: `params` are the EMA params of the last step."""
 
     name: str
-    model: Any  # MTDiffusion, or the baseline's Flax module
-    schedule: Any  # DiffusionSchedule; None for models that are not diffusion models
+    task: Task
     params: Any
     config: ml_collections.ConfigDict
     workdir: pathlib.Path
@@ -39,7 +38,16 @@ class Trained:
     steps: int
     train_seconds: float
     resumed_from: int | None = None  # the checkpoint step found in workdir before this run (None: fresh)
-    loss: str = ""  # its training loss in words (set by `Run.train`, shown in the report)
+
+    @property
+    def model(self) -> Any:
+        """The network the params belong to (MTDiffusion, or a baseline's Flax module)."""
+        return self.task.model
+
+    @property
+    def schedule(self) -> Any:
+        """Its DiffusionSchedule; None for models that are not diffusion models."""
+        return self.task.schedule
 
     def final_metrics(self) -> dict[str, float]:
         """The last logged value of every scalar in workdir/metrics.jsonl (loss, eval/loss, ...)."""
@@ -61,28 +69,20 @@ def train_model(
     name: str,
     config: ml_collections.ConfigDict,
     workdir: str | pathlib.Path,
+    task: Task,
     *,
-    objective: Objective | None = None,
-    model: Any = None,
-    schedule: Any = None,
     hooks: Sequence[Callable] = (),
 ) -> Trained:
-    """`train_and_evaluate(config, workdir, objective=objective, hooks=hooks)` (resuming, or only restoring a
-    finished run), then its EMA params. Without an objective: the config's MT-Diffusion model and schedule; with
-    one, `model` is the network its params belong to (and `schedule` its diffusion schedule, if it is a diffusion
-    model)."""
+    """`train_and_evaluate(config, workdir, task, hooks=hooks)` (resuming, or only restoring a finished run),
+    then its EMA params."""
     workdir = pathlib.Path(workdir)
     resumed_from = latest_checkpoint_step(workdir)
     start = time.perf_counter()
-    state = train_and_evaluate(config, workdir, objective=objective, hooks=hooks)
+    state = train_and_evaluate(config, workdir, task, hooks=hooks)
     seconds = time.perf_counter() - start
-    if objective is None:
-        model = config_io.build_model(config)
-        schedule = config_io.build_schedule(config, model)
     return Trained(
         name,
-        model,
-        schedule,
+        task,
         state.ema_params,
         config,
         workdir,
@@ -114,23 +114,6 @@ class MetricCurve:
             self.points[step] = float(self.metric_fn(state.ema_params))
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self.path.write_text(json.dumps({str(k): v for k, v in sorted(self.points.items())}, indent=1) + "\n")
-
-
-def diffusion_loss(config: ml_collections.ConfigDict) -> str:
-    """The training loss of `config`'s MT-Diffusion model in words ("eps-MSE" for plain DDPM, N = 0)."""
-    if not config.model.modalities:
-        return "eps-MSE"
-    recovered = [m.name for m in config_io.build_modalities(config) if m.loss in ("categorical", "gaussian")]
-    return "eps-MSE + aggregation MSE" + (f" + NLL of {', '.join(recovered)}" if recovered else "")
-
-
-def modality_name(config: ml_collections.ConfigDict, kind: str) -> str:
-    """The name of the config's first modality of `kind` ('masked_image', 'label', 'segmentation', ...);
-    ValueError if it has none."""
-    for name, spec in config.model.modalities.items():
-        if spec["kind"] == kind:
-            return name
-    raise ValueError(f"the config has no {kind} modality (modalities: {list(config.model.modalities)})")
 
 
 def copy_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

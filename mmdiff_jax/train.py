@@ -1,4 +1,4 @@
-"""Command line entry point: trains any config file.
+"""Command line entry point: trains the MT-Diffusion model of any config file (`tasks.make_mt_diffusion_task`).
 
   python -m mmdiff_jax.train --config=configs/default.py --workdir=workdirs/default
   python -m mmdiff_jax.train --config=configs/default.py:tiny --config.train.steps=100 --workdir=/tmp/x
@@ -18,7 +18,9 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from mmdiff_jax.training import CheckpointMismatchError, NonFiniteLossError, cli, train_and_evaluate
+from mmdiff_jax import tasks
+from mmdiff_jax.training import CheckpointMismatchError, NonFiniteLossError, cli, initialize_distributed
+from mmdiff_jax.training import train_and_evaluate
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Training config file (a get_config() module).", lock_config=True
@@ -41,8 +43,10 @@ def main(argv):
     cli.check_directory_flag("workdir", _WORKDIR.value)
     if absl_logging.get_verbosity() < 1:
         absl_logging.get_absl_handler().addFilter(_QuietOrbax())
+    config = cli.config_value(flags.FLAGS[_CONFIG.name])
+    initialize_distributed(config.distributed)  # before the task's first JAX computation
     try:
-        train_and_evaluate(cli.config_value(flags.FLAGS[_CONFIG.name]), _WORKDIR.value)
+        train_and_evaluate(config, _WORKDIR.value, tasks.make_mt_diffusion_task(config))
     except (NonFiniteLossError, CheckpointMismatchError) as error:
         raise SystemExit(f"{type(error).__name__}: {error}") from error
 

@@ -21,6 +21,7 @@ from mmdiff_jax.sampling import (
     make_classify_fn,
     make_restore_fn,
     make_sample_fn,
+    make_sdedit_fn,
     make_segment_fn,
     make_transition_fn,
     respace,
@@ -216,6 +217,31 @@ def test_restoration_keeps_the_known_pixels_and_decodes_every_head(setup):
     np.testing.assert_array_equal(label["class_ids"], np.argmax(label["probabilities"], -1))
     with pytest.raises(ValueError, match="masked_image"):
         make_sample_fn(setup["model"], setup["schedule"], repaint="label")
+
+
+def test_plain_model_restores_by_reimposition_and_sdedit():
+    """A model that observes nothing (N = 0, plain DDPM): restoration re-imposes the known pixels alone (the
+    same chain as the sampler with `known_region`), SDEdit starts from the guide; both need N = 0 inputs only."""
+    plain = MTDiffusion(unet=unet_preset("tiny"), modalities=(), z_shape=Z_SHAPE)
+    schedule = schedules.diffusion_schedule(schedules.schedule_from_beta(np.linspace(0.05, 0.3, NUM_STEPS)), [])
+    variables = random_variables(plain)
+    rng = np.random.default_rng(1)
+    image = jnp.asarray(rng.uniform(-1, 1, (BATCH,) + Z_SHAPE), jnp.float32)
+    mask = jnp.asarray(rng.uniform(size=(BATCH,) + Z_SHAPE[:2] + (1,)) < 0.5, jnp.float32)
+    restore = make_restore_fn(plain, schedule, None, method="ddim", num_steps=4)
+    restored = restore(variables, image, mask, jax.random.key(2))
+    known = np.asarray(mask)[..., 0] == 1
+    np.testing.assert_allclose(np.asarray(restored.z_0)[known], np.asarray(image)[known], atol=1e-6)
+    direct = make_sample_fn(plain, schedule, method="ddim", num_steps=4)(
+        variables, jax.random.key(2), batch_size=BATCH, known_region=(image, mask)
+    )
+    np.testing.assert_array_equal(restored.z_0, direct.z_0)
+    with pytest.raises(ValueError, match="needs repaint=True"):
+        make_restore_fn(plain, schedule, None, repaint=False)
+    sdedit = make_sdedit_fn(plain, schedule, strength=0.5, num_steps=4)
+    edited = sdedit(variables, image, jax.random.key(3))
+    assert edited.image.shape == image.shape and np.all(np.abs(edited.image) <= 1.0) and edited.outputs == {}
+    assert np.all(np.isfinite(edited.z_0))
 
 
 def test_classification_and_segmentation_by_the_heads(setup):

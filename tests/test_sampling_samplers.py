@@ -20,6 +20,7 @@ from mmdiff_jax.sampling import (
     ddpm_sample,
     known_region_hook,
     respace,
+    sdedit_sample,
 )
 from tests.training_helpers import FAST_COMPILE
 
@@ -317,6 +318,28 @@ def test_known_region_hook_keeps_known_pixels_and_the_marginal():
     variance = float(schedule.one_minus_alpha_bar[400])
     assert abs(at_400.mean() - mean) < 5 * np.sqrt(variance / num_samples)
     assert abs(at_400.var() / variance - 1) < 5 * np.sqrt(2 / num_samples)
+
+
+def test_sdedit_with_an_exact_denoiser_lands_on_point_data_and_refuses_bad_input():
+    """Data concentrated at 0.3 and its exact eps (N = 0): SDEdit from any guide, at any strength, with or without
+    step noise, ends on 0.3."""
+    noise = schedules.noise_schedule("linear", NUM_STEPS)
+    schedule = schedules.diffusion_schedule(noise, [])
+    point = 0.3
+
+    def denoise(z_t, t):
+        alpha_bar = diffusion.at_step(schedule.alpha_bar, t, z_t)
+        one_minus = diffusion.at_step(schedule.one_minus_alpha_bar, t, z_t)
+        return Prediction((z_t - jnp.sqrt(alpha_bar) * point) / jnp.sqrt(one_minus), jnp.zeros((0,) + z_t.shape))
+
+    guide = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (16, 2)), jnp.float32)
+    for strength, eta in ((0.3, 0.0), (1.0, 1.0), (0.05, 1.0)):
+        output = sdedit_sample(denoise, schedule, jax.random.key(1), guide, strength=strength, num_steps=20, eta=eta)
+        np.testing.assert_allclose(output.z_0, point, atol=1e-4)
+    with pytest.raises(ValueError, match="strength must lie in"):
+        sdedit_sample(denoise, schedule, jax.random.key(1), guide, strength=0.0, num_steps=20)
+    with pytest.raises(ValueError, match="plain diffusion models"):
+        sdedit_sample(denoise, make_schedule(), jax.random.key(1), guide, strength=0.5, num_steps=20)
 
 
 SHARDED_SCRIPT = textwrap.dedent("""

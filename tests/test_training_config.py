@@ -8,6 +8,8 @@ import optax
 import pytest
 
 from configs.default import get_config
+from mmdiff_jax import tasks
+from mmdiff_jax.tasks.mt_diffusion import model_signature
 from mmdiff_jax.training import checkpoint as checkpoint_lib
 from mmdiff_jax.training import config_io, writers
 from mmdiff_jax.training import state as state_lib
@@ -19,12 +21,18 @@ def config(tmp_path_factory):
     return helpers.tiny_config(helpers.write_arrays(tmp_path_factory.mktemp("data") / "arrays.npz"))
 
 
+def validate(config, num_devices=None):
+    """The trainer's checks, then the task's (as `python -m mmdiff_jax.train` runs them)."""
+    config_io.validate_config(config, num_devices=num_devices)
+    return tasks.make_mt_diffusion_task(config)
+
+
 def test_default_and_tiny_configs_validate(config):
-    model = config_io.validate_config(config)
-    assert [m.name for m in model.modalities] == ["masked_image"]
+    task = validate(config)
+    assert [m.name for m in task.model.modalities] == ["masked_image"]
     full = get_config()
     config_io.check_known_keys(full)
-    assert config_io.build_model(full).unet.base_channels == 64
+    assert tasks.build_model(full).unet.base_channels == 64
     with pytest.raises(ValueError, match="unknown preset"):
         get_config("huge")
 
@@ -32,7 +40,7 @@ def test_default_and_tiny_configs_validate(config):
 @pytest.mark.parametrize(
     "mutate, message",
     [
-        (lambda c: c.train.__setitem__("stepz", 3), r"unknown to the trainer: \['train.stepz'\]"),
+        (lambda c: c.train.__setitem__("stepz", 3), r"unknown to the trainer or task: \['train.stepz'\]"),
         (
             lambda c: c.model.modalities.masked_image.__setitem__("kind", "smell"),
             r"config.model.modalities.masked_image: .*unknown kind 'smell'",
@@ -41,7 +49,7 @@ def test_default_and_tiny_configs_validate(config):
             lambda c: c.model.modalities.masked_image.__setitem__("colour", 1),
             r"config.model.modalities.masked_image: unknown fields \['colour'\]",
         ),
-        (lambda c: c.model.unet.__setitem__("depth", 3), r"unknown to the trainer: \['model.unet.depth'\]"),
+        (lambda c: c.model.unet.__setitem__("depth", 3), r"unknown to the trainer or task: \['model.unet.depth'\]"),
         (lambda c: c.model.__setitem__("dtype", "float16"), "config.model.dtype must be one of"),
         (lambda c: c.mesh.__setitem__("shape", (2, -1)), r"mesh.shape \(2, -1\) does not divide the 1 devices"),
         (
@@ -59,7 +67,7 @@ def test_semantic_errors_name_the_key(config, mutate, message):
     broken.unlock()
     mutate(broken)
     with pytest.raises(ValueError, match=message):
-        config_io.validate_config(broken, num_devices=1)  # one device, whatever XLA_FLAGS the caller set
+        validate(broken, num_devices=1)  # one device, whatever XLA_FLAGS the caller set
 
 
 def test_batch_must_split_over_devices_and_micro_batches(config):
@@ -109,7 +117,7 @@ def test_signature_and_shape_differences_are_named():
     assert config_io.signature_differences(saved, current) == ["model.unet.base_channels: checkpoint 8, config 16"]
     rematerialised = get_config()
     rematerialised.model.unet.remat = "nothing_saveable"  # same parameters: a checkpoint restores either way
-    assert config_io.model_signature(rematerialised) == config_io.model_signature(get_config())
+    assert model_signature(rematerialised) == model_signature(get_config())
     old = {"params": {"w": jax.ShapeDtypeStruct((3, 4), np.float32), "gone": jax.ShapeDtypeStruct((2,), np.float32)}}
     new = {"params": {"w": jax.ShapeDtypeStruct((3, 5), np.float32), "new": jax.ShapeDtypeStruct((1,), np.float32)}}
     assert checkpoint_lib.shape_differences(old, new) == [

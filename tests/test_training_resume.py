@@ -18,13 +18,20 @@ import jax
 import numpy as np
 import pytest
 
-from mmdiff_jax.training import CheckpointMismatchError, NonFiniteLossError, config_io, train_and_evaluate, writers
+from mmdiff_jax import tasks
+from mmdiff_jax.training import CheckpointMismatchError, NonFiniteLossError, Task, config_io, writers
+from mmdiff_jax.training import train_and_evaluate as train_task
 from mmdiff_jax.training import checkpoint as checkpoint_lib
 from tests import training_helpers as helpers
 
 # The DDIM sample grids need the sampling layer (mmdiff_jax.sampling); the one-step preview does not.
 HAVE_SAMPLERS = importlib.util.find_spec("mmdiff_jax.sampling") is not None
 SAMPLE_GRIDS = ["one_step_x0_t50"] + (["ddim_given_masked_image", "ddim_joint"] if HAVE_SAMPLERS else [])
+
+
+def train_and_evaluate(config, workdir, **kwargs):
+    """The config's MT-Diffusion task through `training.train_and_evaluate`."""
+    return train_task(config, workdir, tasks.make_mt_diffusion_task(config), **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -181,13 +188,11 @@ def test_checkpoint_of_other_model_is_refused(tmp_path, arrays, straight_run):
     assert helpers.read_state(workdir, 20).keys() == helpers.read_state(straight_run, 20).keys()
 
 
-def _pixel_objective(features: int = 4):
+def _pixel_task(features: int = 4):
     """A baseline-style network (a 2-layer conv net predicting the image from the masked image), its pixel MSE."""
     import flax.linen as nn
     import jax
     import jax.numpy as jnp
-
-    from mmdiff_jax.training import Objective
 
     model = nn.Sequential([nn.Conv(features, (3, 3)), nn.relu, nn.Conv(1, (3, 3))])
 
@@ -196,19 +201,20 @@ def _pixel_objective(features: int = 4):
         mse = jnp.mean((model.apply({"params": params}, batch["masked_image"]) - batch["image"]) ** 2)
         return mse, {"pixel_mse": mse}
 
-    return Objective(
+    return Task(
+        name="pixel_net",
         init_params=lambda rng: model.init(rng, jnp.zeros((1, 32, 32, 1)))["params"],
         loss_fn=loss_fn,
         signature={"pixel_net": {"features": features}},
     ), jax
 
 
-def test_objective_trains_resumes_and_is_refused_by_another(tmp_path, arrays, cache_dir):
+def test_other_task_trains_resumes_and_is_refused_by_another(tmp_path, arrays, cache_dir):
     """A network and loss other than MT-Diffusion's go through the same path: logs, eval with its loss, no sample
     grids, exact resume, and a checkpoint of a different signature is refused."""
-    objective, jax = _pixel_objective()
+    task, jax = _pixel_task()
     config = helpers.tiny_config(arrays, steps=6, checkpoint_every=3, eval_every=3)
-    straight = train_and_evaluate(config, tmp_path / "straight", objective=objective)
+    straight = train_task(config, tmp_path / "straight", task)
     records = writers.read_jsonl(tmp_path / "straight" / "metrics.jsonl")
     assert [r["step"] for r in records if "pixel_mse" in r] == list(range(1, 7))
     assert {r["step"] for r in records if "eval/pixel_mse" in r} == {3, 6}
@@ -218,13 +224,13 @@ def test_objective_trains_resumes_and_is_refused_by_another(tmp_path, arrays, ca
 
     half = copy.deepcopy(config)
     half.train.steps = 3
-    train_and_evaluate(half, tmp_path / "resumed", objective=objective)
-    resumed = train_and_evaluate(config, tmp_path / "resumed", objective=objective)
+    train_task(half, tmp_path / "resumed", task)
+    resumed = train_task(config, tmp_path / "resumed", task)
     assert int(resumed.step) == 6
     for ours, theirs in zip(jax.tree.leaves(resumed.params), jax.tree.leaves(straight.params), strict=True):
         np.testing.assert_allclose(np.asarray(ours), np.asarray(theirs), rtol=0, atol=1e-6)
     assert helpers.checksums(tmp_path / "resumed") == helpers.checksums(tmp_path / "straight")
 
-    other, _ = _pixel_objective(features=8)
+    other, _ = _pixel_task(features=8)
     with pytest.raises(CheckpointMismatchError, match="pixel_net.features: checkpoint 4, config 8"):
-        train_and_evaluate(config, tmp_path / "straight", objective=other)
+        train_task(config, tmp_path / "straight", other)

@@ -184,7 +184,8 @@ def run_child(args: list[str], env: dict[str, str], timeout: float) -> subproces
 
 
 def _train_child(args) -> None:
-    from mmdiff_jax.training import loop
+    from mmdiff_jax import tasks
+    from mmdiff_jax.training import loop, mesh
 
     config = tiny_config(args.arrays, steps=args.steps)
     hooks = []
@@ -197,7 +198,8 @@ def _train_child(args) -> None:
                     raise TimeoutError("no SIGTERM arrived")
 
         hooks.append(pause)
-    state = loop.train_and_evaluate(config, args.workdir, hooks=hooks)
+    mesh.initialize_distributed(config.distributed)  # before the task's first JAX computation
+    state = loop.train_and_evaluate(config, args.workdir, tasks.make_mt_diffusion_task(config), hooks=hooks)
     print(json.dumps({"final_step": int(state.step), "preempted": loop.preemption_requested()}))
 
 
@@ -205,6 +207,7 @@ def _sharding_child(args) -> None:
     """One train step of the tiny model on 1 device, 8-way data parallel and 2 x 4 data + fsdp."""
     import jax
 
+    from mmdiff_jax import tasks
     from mmdiff_jax.training import config_io
     from mmdiff_jax.training import mesh as mesh_lib
     from mmdiff_jax.training import state as state_lib
@@ -212,11 +215,9 @@ def _sharding_child(args) -> None:
 
     config = tiny_config(args.arrays)
     config.data.batch_size = 16
-    model = config_io.build_model(config)
-    schedule = config_io.build_schedule(config, model)
-    loss_fn = config_io.build_loss_fn(config, model, schedule)
+    task = tasks.make_mt_diffusion_task(config)
+    loss_fn, init_params = task.loss_fn, task.init_params
     optimizer, learning_rate_fn = state_lib.make_optimizer(config.optim, config.train.steps)
-    init_params = state_lib.params_init_fn(model)
     local_batch = next(config_io.make_train_iterator(config))
     results = {"devices": jax.device_count(), "seconds": {}}
     reference = None

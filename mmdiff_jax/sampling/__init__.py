@@ -4,8 +4,9 @@ samplers     pure DDPM / DDIM chains over a generic denoise(z_t, t) -> Predictio
 dpm_solver   DPM-Solver++ (2M, 3M, 2S) over the same chains (no Flax)
 methods      the samplers by name ('ddpm', 'ddim', 'dpm_solver++'): one entry for every caller
 guidance     classifier guidance by a likelihood the denoiser computes (no Flax)
-restoration  re-imposing known pixels at every step, RePaint-style (no Flax)
+restoration  re-imposing known pixels at every step (RePaint-style), SDEdit (no Flax)
 conditional  the wiring to MTDiffusion.predict: observed subsets, decoded heads, jit-compiled samplers
+editing      restoration, SDEdit and image transition with a trained MTDiffusion model
 prediction   classification and segmentation by the model's own heads
 """
 
@@ -21,17 +22,16 @@ _EXPORTS = {
             "decode_heads",
             "head_estimates",
             "make_denoise",
-            "make_restore_fn",
             "make_sample_fn",
-            "make_transition_fn",
         ),
         "conditional",
     ),
+    **dict.fromkeys(("make_restore_fn", "make_sdedit_fn", "make_transition_fn"), "editing"),
     **dict.fromkeys(("dpm_solver_sample", "solver_timesteps"), "dpm_solver"),
     "classifier_guidance": "guidance",
     **dict.fromkeys(("METHODS", "check_sampler", "sample_chain"), "methods"),
     **dict.fromkeys(("make_classify_fn", "make_predict_fn", "make_segment_fn"), "prediction"),
-    "known_region_hook": "restoration",
+    **dict.fromkeys(("known_region_hook", "sdedit_sample"), "restoration"),
     **dict.fromkeys(
         (
             "Prediction",

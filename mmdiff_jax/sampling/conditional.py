@@ -7,8 +7,9 @@
   ehat_i = E_i(D_i(h))       for the rest, from the same forward pass as eps.
 `make_denoise` is that wiring; `make_sample_fn` compiles a sampler around it once per batch shape and
 observed subset, and decodes the result: z_0 as the image (pixel space, clipped to [-1, 1]) and every
-head's output from the last model call (`decode_heads`). Restoration (`repaint`), image transition
-(`make_transition_fn`) and label-head guidance (`guidance`) are options of the same sampler.
+head's output from the last model call (`decode_heads`). Re-imposing known pixels (`repaint`,
+`known_region`) and label-head guidance (`guidance`) are options of the same sampler; restoration, SDEdit and
+image transition are built on it in `sampling.editing`.
 """
 
 from __future__ import annotations
@@ -179,7 +180,9 @@ def decode_heads(modalities: Sequence[Modality], estimates: Mapping[str, Array])
     return decoded
 
 
-def _modality(model: MTDiffusion, name: str, kinds: tuple[str, ...], role: str) -> Modality:
+def check_modality(model: MTDiffusion, name: str, kinds: tuple[str, ...], role: str) -> Modality:
+    """The model's modality `name`; ValueError naming `role` unless its kind is one of `kinds` (and, for the
+    role 'guidance', it has a head)."""
     for m in model.modalities:
         if m.name == name:
             if m.kind not in kinds or (role == "guidance" and m.head == "none"):
@@ -214,12 +217,15 @@ def make_sample_fn(
         `variant` '2M', '3M', '2S' or '1', `spacing` 'time_uniform' or 'logsnr'; `sampling.dpm_solver`).
       clip_denoised: clip the z_0 estimate to [-1, 1] at every step (pixel-space images).
       prior_refinements: fixed-point steps for m_T (see `samplers.prior_sample`).
-      repaint: name of a masked-image modality: re-impose its known pixels at every step (it must be observed).
+      repaint: name of a masked-image modality: re-impose its known pixels at every step (it must be observed;
+        the same as passing `known_region` = (its masked image, its mask)).
       guidance: name of a label modality whose head guides sampling towards `guidance_labels`.
       sharding: sharding of the batch axis of z (e.g. NamedSharding(mesh, P('data'))).
     Returns:
       sample(params, rng, observed=None, *, batch_size=None, prior_noise=None, guidance_labels=None,
-             guidance_scale=1.0, cfg_scales=None) -> Samples.
+             guidance_scale=1.0, cfg_scales=None, known_region=None) -> Samples;
+      known_region = (x_known [B, *S], mask [B, H, W, 1], 1 = known) re-imposes x_known's known pixels after
+      every step (RePaint-style, `restoration.known_region_hook`), whatever the model observes.
       Compiled once per batch size, observed subset and form of `cfg_scales` (None, a scalar, or a
       mapping name -> scale of observed conditioned modalities: classifier-free guidance, see
       `guidance_passes`); `batch_size` is static
@@ -229,9 +235,9 @@ def make_sample_fn(
     check_schedule(model, schedule)
     num_steps = check_sampler(schedule, method, num_steps, variant, spacing)
     if repaint is not None:
-        _modality(model, repaint, ("masked_image",), "repaint")
+        check_modality(model, repaint, ("masked_image",), "repaint")
     if guidance is not None:
-        _modality(model, guidance, ("label",), "guidance")
+        check_modality(model, guidance, ("label",), "guidance")
 
     def sample(
         params: Any,
@@ -243,6 +249,7 @@ def make_sample_fn(
         guidance_labels: Array | None = None,
         guidance_scale: float | Array = 1.0,
         cfg_scales: CfgScales = None,
+        known_region: tuple[Array, Array] | None = None,
     ) -> Samples:
         observed = dict(observed or {})
         shape = (observed_batch_size(observed, batch_size),) + model.z_shape
@@ -257,11 +264,13 @@ def make_sample_fn(
                 return jnp.take_along_axis(log_probabilities, labels[:, None], axis=-1)[:, 0]
 
             denoise = classifier_guidance(denoise, schedule, log_likelihood, guidance_scale)
-        hook = None
         if repaint is not None:
             if repaint not in observed or MASK_KEY not in observed:
                 raise ValueError(f"repaint={repaint!r} needs observed[{repaint!r}] and observed[{MASK_KEY!r}]")
-            hook = known_region_hook(schedule, jnp.asarray(observed[repaint], jnp.float32), observed[MASK_KEY])
+            known_region = (observed[repaint], observed[MASK_KEY])
+        hook = None
+        if known_region is not None:
+            hook = known_region_hook(schedule, jnp.asarray(known_region[0], jnp.float32), known_region[1])
         output = sample_chain(
             denoise,
             schedule,
@@ -283,36 +292,3 @@ def make_sample_fn(
         return Samples(jnp.clip(output.z_0, -1.0, 1.0), output.z_0, outputs)
 
     return jax.jit(sample, static_argnames=("batch_size",))
-
-
-def make_restore_fn(
-    model: MTDiffusion, schedule: DiffusionSchedule, masked: str, *, repaint: bool = True, **sampler_options
-):
-    """Inpainting: restore(params, image, mask, rng, observed=None, **call_options) -> Samples.
-
-    The masked image (image [B, H, W, C], mask [B, H, W, 1], 1 = known) is observed as modality `masked`;
-    with `repaint` its known pixels are re-imposed at every step. Other options as `make_sample_fn`.
-    """
-    _modality(model, masked, ("masked_image",), "restoration")
-    sample = make_sample_fn(model, schedule, repaint=masked if repaint else None, **sampler_options)
-
-    def restore(params, image, mask, rng, observed=None, **call_options) -> Samples:
-        return sample(params, rng, {**(observed or {}), masked: image, MASK_KEY: mask}, **call_options)
-
-    return restore
-
-
-def make_transition_fn(model: MTDiffusion, schedule: DiffusionSchedule, source: str, **sampler_options):
-    """Image transition: transition(params, source_image, rng, observed=None, **call_options) -> Samples.
-
-    The source is observed as image modality `source`; under its `bridge` weight schedule the prior
-    N(m_T, I) already carries lambda_T E(source), and the reverse process removes it while generating
-    the target. Other options as `make_sample_fn`.
-    """
-    _modality(model, source, ("image",), "transition")
-    sample = make_sample_fn(model, schedule, **sampler_options)
-
-    def transition(params, source_image, rng, observed=None, **call_options) -> Samples:
-        return sample(params, rng, {**(observed or {}), source: source_image}, **call_options)
-
-    return transition

@@ -1,39 +1,33 @@
-"""From a config to the objects of a run (model, schedule, loss, data), with checks before any compilation.
+"""The trainer's config sections (data, optim, train, sample, mesh, distributed), their checks, the data.
 
-`base_config()` is the schema: every section the trainer reads, with defaults. A config file starts from
-it (see configs/default.py); `validate_config` rejects keys it does not know in these sections (typos in a
-config file; typos in `--config.x=y` overrides already fail in ml_collections), and semantic errors
-(unknown modality kind, a mesh that does not divide the devices, a batch that does not split over them,
-modalities the dataset does not provide) with a message naming the key. Top-level sections other than
-these are free (experiments keep their own settings there).
+`base_config()` is the trainer's schema: every key it reads, with defaults; a task adds its own sections
+(`mmdiff_jax.tasks.base_config()`: model, diffusion, loss) and config files start from that (see
+configs/default.py). `validate_config` rejects keys it does not know in these sections (typos in a config
+file; typos in `--config.x=y` overrides already fail in ml_collections) and semantic errors (a mesh that does
+not divide the devices, a batch that does not split over them, a bad schedule) with a message naming the
+key, before anything is compiled. Top-level sections no schema has are free (experiments keep their own
+settings there).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
 from collections.abc import Mapping
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
 from mmdiff_jax import data as data_lib
-from mmdiff_jax import objective
-from mmdiff_jax.modalities import MASK_KEY, Modality, MTDiffusion, modality_schedule
-from mmdiff_jax.models.unet import UNetConfig
 from mmdiff_jax.training import mesh as mesh_lib
 from mmdiff_jax.training import state as state_lib
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # Sections whose sub-keys are free-form (checked by the code that reads them).
 _FREE_KEYS = ("model.modalities", "data.options")
 
 
 def base_config() -> ml_collections.ConfigDict:
-    """Every key the trainer reads, with defaults (a 6M-parameter U-Net on 32x32 images)."""
+    """Every key the trainer reads, with defaults (the task's sections come from the task's schema)."""
     config = ml_collections.ConfigDict()
     config.seed = 0
     # JAX PRNG implementation of every key the trainer draws (init, steps, evaluation, samples):
@@ -41,15 +35,6 @@ def base_config() -> ml_collections.ConfigDict:
     # faster, which the tiny test presets use; its bits may change with the sharding, so keep threefry
     # where runs on different meshes must agree).
     config.prng_impl = "threefry2x32"
-    config.model = dict(
-        unet=dataclasses.asdict(UNetConfig()),  # mmdiff_jax.models.unet.UNetConfig fields
-        z_shape=(32, 32, 1),  # (H, W, C) of the primary modality x_0 = z_0
-        primary="image",  # batch key of x_0
-        dtype="float32",  # compute dtype of the network: float32 | bfloat16 (params stay float32)
-        modalities={},  # name (batch key) -> mmdiff_jax.modalities.Modality fields (kind, shape, ...)
-    )
-    config.diffusion = dict(noise_schedule="linear", num_steps=1000, modality_normalized=False)
-    config.loss = dict(eps_weight=1.0, aggregation_weight=1.0)  # recovery weights: Modality.loss_weight
     config.data = dict(
         name="fashion_mnist_masked",  # mmdiff_jax.data.KNOWN_DATASETS
         split="train",
@@ -93,7 +78,7 @@ def base_config() -> ml_collections.ConfigDict:
     )
     config.sample = dict(
         every=5000,  # 0: never; also at the last step
-        kinds=("one_step_x0",),  # mmdiff_jax.training.samples.SAMPLE_KINDS
+        kinds=("one_step_x0",),  # read by the task (mmdiff_jax.tasks.sample_grids.SAMPLE_KINDS)
         num_images=8,
         noise_levels=(0.25, 0.5, 0.75),  # t / T for the one-step predictions
         sampler_steps=50,
@@ -123,9 +108,10 @@ def _flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def check_known_keys(config: ml_collections.ConfigDict) -> None:
-    """ValueError listing keys of the trainer's sections that `base_config()` does not have."""
-    known = _flatten(base_config())
+def check_known_keys(config: ml_collections.ConfigDict, schema: ml_collections.ConfigDict | None = None) -> None:
+    """ValueError listing the keys of `schema`'s sections (default: the trainer's, `base_config()`) that the
+    schema does not have, and those it has that `config` lacks."""
+    known = _flatten(base_config() if schema is None else schema)
     sections = {path.split(".")[0] for path in known}
     unknown = sorted(
         path
@@ -139,57 +125,9 @@ def check_known_keys(config: ml_collections.ConfigDict) -> None:
     )
     if unknown or missing:
         raise ValueError(
-            f"config keys unknown to the trainer: {unknown}; missing: {missing} "
-            f"(start config files from mmdiff_jax.training.base_config())"
+            f"config keys unknown to the trainer or task: {unknown}; missing: {missing} "
+            f"(start config files from mmdiff_jax.tasks.base_config())"
         )
-
-
-def build_modalities(config: ml_collections.ConfigDict) -> tuple[Modality, ...]:
-    """`config.model.modalities` (name -> Modality fields), in config order."""
-    fields = {field.name for field in dataclasses.fields(Modality)} - {"name"}
-    modalities = []
-    for name, spec in config.model.modalities.items():
-        spec = dict(spec)
-        unknown = sorted(set(spec) - fields)
-        if unknown:
-            raise ValueError(f"config.model.modalities.{name}: unknown fields {unknown}; Modality has {sorted(fields)}")
-        try:
-            modalities.append(Modality(name=name, **spec))
-        except (TypeError, ValueError) as error:
-            raise ValueError(f"config.model.modalities.{name}: {error}") from error
-    return tuple(modalities)
-
-
-def build_model(config: ml_collections.ConfigDict) -> MTDiffusion:
-    """The MTDiffusion network of `config.model` (all its build-time checks run here)."""
-    model = config.model
-    if model.dtype not in DTYPES:
-        raise ValueError(f"config.model.dtype must be one of {sorted(DTYPES)}, got {model.dtype!r}")
-    unet_fields = {field.name for field in dataclasses.fields(UNetConfig)}
-    unknown = sorted(set(model.unet) - unet_fields)
-    if unknown:
-        raise ValueError(f"config.model.unet: unknown fields {unknown}; UNetConfig has {sorted(unet_fields)}")
-    return MTDiffusion(
-        unet=UNetConfig(**dict(model.unet)),
-        modalities=build_modalities(config),
-        z_shape=tuple(model.z_shape),
-        primary=model.primary,
-        dtype=DTYPES[model.dtype],
-    )
-
-
-def build_schedule(config: ml_collections.ConfigDict, model: MTDiffusion):
-    diffusion = config.diffusion
-    return modality_schedule(
-        diffusion.noise_schedule,
-        diffusion.num_steps,
-        model.modalities,
-        modality_normalized=diffusion.modality_normalized,
-    )
-
-
-def build_loss_fn(config: ml_collections.ConfigDict, model: MTDiffusion, schedule) -> objective.LossFn:
-    return objective.make_loss_fn(model, schedule, dict(config.loss))
 
 
 def _data_options(config: ml_collections.ConfigDict, split: str) -> dict[str, Any]:
@@ -238,27 +176,6 @@ def make_eval_iterator(config: ml_collections.ConfigDict):
     )
 
 
-def check_data_fits_model(config: ml_collections.ConfigDict, model: MTDiffusion) -> None:
-    """ValueError when the dataset lacks a key the model reads, or gives it another shape."""
-    spec = data_lib.dataset_spec(config.data.name, **dict(config.data.options))
-    needed = {model.primary: (tuple(model.z_shape), "the primary modality (config.model.primary)")}
-    for m in model.modalities:
-        needed[m.name] = (m.shape, f"modality {m.name!r}")
-        if m.kind == "masked_image":
-            needed[MASK_KEY] = (m.shape[:2] + (1,), f"the mask of masked image {m.name!r}")
-    for key, (shape, what) in needed.items():
-        if key not in spec.features:
-            raise ValueError(
-                f"{what} reads batch key {key!r}, which dataset {config.data.name!r} does not "
-                f"provide (it has {sorted(spec.features)})"
-            )
-        if tuple(spec.features[key][0]) != tuple(shape):
-            raise ValueError(
-                f"{what}: dataset {config.data.name!r} gives {key!r} per-example shape "
-                f"{tuple(spec.features[key][0])}, the model expects {tuple(shape)}"
-            )
-
-
 class ConfigError(ValueError):
     """A config the trainer cannot use; the message names the key (the command line reports it in one line)."""
 
@@ -266,23 +183,19 @@ class ConfigError(ValueError):
 PRNG_IMPLS = ("threefry2x32", "rbg")
 
 
-def validate_config(config: ml_collections.ConfigDict, num_devices: int | None = None) -> MTDiffusion:
-    """All checks that need no compilation; returns the model. Run after `jax.distributed.initialize`.
-
-    Raises ConfigError (a ValueError) naming the key.
-    """
+def validate_config(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
+    """The trainer's checks (its sections; a task checks its own when it is built), none of which compiles.
+    Run after `jax.distributed.initialize`. Raises ConfigError (a ValueError) naming the key."""
     try:
-        return _validate_config(config, num_devices)
+        _validate_config(config, num_devices)
     except ConfigError:
         raise
     except ValueError as error:
         raise ConfigError(str(error)) from error
 
 
-def _validate_config(config: ml_collections.ConfigDict, num_devices: int | None) -> MTDiffusion:
+def _validate_config(config: ml_collections.ConfigDict, num_devices: int | None) -> None:
     check_known_keys(config)
-    model = build_model(config)
-    build_loss_fn(config, model, build_schedule(config, model))
     state_lib.learning_rate_schedule(config.optim, config.train.steps)
     mesh = mesh_lib.make_mesh(config.mesh.shape, jax.devices()[:num_devices] if num_devices else None)
     accumulation = config.optim.grad_accumulation_steps
@@ -290,7 +203,6 @@ def _validate_config(config: ml_collections.ConfigDict, num_devices: int | None)
         raise ValueError(f"config.optim.grad_accumulation_steps must be >= 1, got {accumulation}")
     mesh_lib.check_batch_size("config.data.batch_size", config.data.batch_size, mesh, accumulation)
     mesh_lib.check_batch_size("config.data.eval_batch_size", config.data.eval_batch_size, mesh)
-    check_data_fits_model(config, model)
     train = config.train
     for key in ("steps", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints"):
         if train[key] < (1 if key in ("steps", "log_every", "keep_checkpoints") else 0):
@@ -301,22 +213,6 @@ def _validate_config(config: ml_collections.ConfigDict, num_devices: int | None)
         raise ValueError(f"config.prng_impl must be one of {PRNG_IMPLS}, got {config.prng_impl!r}")
     if train.transfer_guard not in ("allow", "log", "disallow", "log_explicit", "disallow_explicit"):
         raise ValueError(f"config.train.transfer_guard: unknown level {train.transfer_guard!r}")
-    return model
-
-
-# U-Net fields that change how the network computes, not its parameters: left out of checkpoint signatures.
-COMPUTE_ONLY_UNET_FIELDS = ("remat",)
-
-
-def unet_signature(unet: Mapping[str, Any]) -> dict[str, Any]:
-    """A config's U-Net section without its compute-only fields (a checkpoint restores under any remat)."""
-    return {key: value for key, value in dict(unet).items() if key not in COMPUTE_ONLY_UNET_FIELDS}
-
-
-def model_signature(config: ml_collections.ConfigDict) -> dict[str, Any]:
-    """What a checkpoint must agree on to be restored: the model and diffusion sections, JSON-normalised."""
-    model = {**config.model.to_dict(), "unet": unet_signature(config.model.unet)}
-    return json.loads(json.dumps({"model": model, "diffusion": config.diffusion.to_dict()}))
 
 
 def signature_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:

@@ -1,4 +1,4 @@
-"""`train_and_evaluate(config, workdir)`: the one training path (init or resume, step, log, evaluate,
+"""`train_and_evaluate(config, workdir, task)`: the one training path (init or resume, step, log, evaluate,
 sample, checkpoint), the same program on one CPU, eight devices or many hosts.
 
 Workdir: `config.json` (the resolved config of the latest launch; an earlier, different one is kept as
@@ -10,22 +10,20 @@ stops with `NonFiniteLossError` naming the first bad step; no checkpoint is writ
 one holds finite params. SIGTERM (preemption) finishes the current step, saves and returns normally; in a
 multi-process run JAX's preemption sync manager picks the step at which all processes save.
 
-What is trained is the config's MT-Diffusion model unless an `Objective` is given (a baseline network and
-its loss): the same optimizer, EMA, sharding, checkpoints, logs, evaluation and progress bar either way.
+What is trained is a `Task` (`training.task`; built by `mmdiff_jax.tasks`: MT-Diffusion, plain DDPM, the
+baselines): the same optimizer, EMA, sharding, checkpoints, logs, evaluation and progress bar for every one.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import logging
 import pathlib
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Iterator, Sequence
 
 import jax
 import ml_collections
@@ -34,28 +32,14 @@ import numpy as np
 from mmdiff_jax.training import checkpoint as checkpoint_lib
 from mmdiff_jax.training import config_io, writers
 from mmdiff_jax.training import mesh as mesh_lib
-from mmdiff_jax.training import samples as samples_lib
 from mmdiff_jax.training import state as state_lib
 from mmdiff_jax.training import steps as steps_lib
 from mmdiff_jax.training.state import TrainState
+from mmdiff_jax.training.task import Task
 
 Hook = Callable[[int, TrainState, dict], None]
 _EVAL_SEED_OFFSET, _SAMPLE_SEED_OFFSET = 1_000_003, 2_000_003
 _preemption = threading.Event()
-
-
-@dataclasses.dataclass(frozen=True)
-class Objective:
-    """What `train_and_evaluate` optimises (default: the config's MT-Diffusion model, `objective.make_loss_fn`).
-
-    init_params: rng -> the parameter tree (pure: it is traced by jax.eval_shape and jit).
-    loss_fn: (params, batch, rng, train: bool) -> (loss [], {name: scalar []}), as `objective.make_loss_fn`.
-    signature: JSON-able description of the model; a checkpoint saved under a different one is refused.
-    """
-
-    init_params: state_lib.ParamsInit
-    loss_fn: steps_lib.LossFn
-    signature: Mapping[str, Any]
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -105,29 +89,22 @@ class _Run:
         self,
         config: ml_collections.ConfigDict,
         workdir: pathlib.Path,
+        task: Task,
         train_iterator_fn: Callable[[ml_collections.ConfigDict], Iterator] | None,
-        objective: Objective | None,
     ):
-        self.config, self.workdir = config, workdir
+        self.config, self.workdir, self.task = config, workdir, task
         self.multi_process = mesh_lib.initialize_distributed(config.distributed)
-        self.model = config_io.validate_config(config)
+        config_io.validate_config(config)
         self.chief = jax.process_index() == 0
         if self.chief:
             save_config(config, workdir)
         self.mesh = mesh_lib.make_mesh(config.mesh.shape)
-        self.schedule = config_io.build_schedule(config, self.model)
-        self.is_mt_diffusion = objective is None  # sample grids need the MT-Diffusion model
-        self.objective = objective or Objective(
-            init_params=state_lib.params_init_fn(self.model),
-            loss_fn=config_io.build_loss_fn(config, self.model, self.schedule),
-            signature=config_io.model_signature(config),
-        )
         self.optimizer, self.learning_rate_fn = state_lib.make_optimizer(config.optim, config.train.steps)
         self.batch_sharding = mesh_lib.batch_sharding(self.mesh)
         self.train_iterator = (train_iterator_fn or config_io.make_train_iterator)(config)
         self.checkpointer = checkpoint_lib.Checkpointer(
             workdir / "checkpoints",
-            signature=json.loads(json.dumps(self.objective.signature)),
+            signature=json.loads(json.dumps(task.signature)),
             save_every=config.train.checkpoint_every,
             keep=config.train.keep_checkpoints,
             best_metric=config.train.best_metric,
@@ -142,7 +119,7 @@ class _Run:
 
     def initial_state(self) -> tuple[TrainState, TrainState]:
         rng = self.key(self.config.seed)
-        init_params, fsdp_min_size = self.objective.init_params, self.config.mesh.fsdp_min_size
+        init_params, fsdp_min_size = self.task.init_params, self.config.mesh.fsdp_min_size
         abstract, shardings = state_lib.train_state_shardings(
             init_params, self.optimizer, self.mesh, rng, fsdp_min_size=fsdp_min_size
         )
@@ -206,29 +183,31 @@ class _Run:
 def train_and_evaluate(
     config: ml_collections.ConfigDict,
     workdir: str | pathlib.Path,
+    task: Task,
     *,
     hooks: Sequence[Hook] = (),
     train_iterator_fn: Callable[[ml_collections.ConfigDict], Iterator] | None = None,
-    objective: Objective | None = None,
 ) -> TrainState:
-    """Trains `config` in `workdir`, resuming from its latest checkpoint if there is one.
+    """Trains `task` with `config`'s trainer sections in `workdir`, resuming from its latest checkpoint.
+
+    A multi-process run calls `mesh.initialize_distributed(config.distributed)` before building the task
+    (the first JAX computation must come after it): `python -m mmdiff_jax.train` and the experiments do.
 
     Args:
-      config: a ConfigDict laid out as `config_io.base_config()` (see configs/default.py).
+      config: a ConfigDict with the trainer's sections (`config_io.base_config()`) and the task's.
       workdir: the run directory (created).
+      task: what is trained (`mmdiff_jax.tasks`, e.g. `make_mt_diffusion_task(config)`).
       hooks: called after every step as hook(step, state, metrics) (device values: fetching syncs).
       train_iterator_fn: config -> this process's training batch iterator (numpy dicts with
         get_state/set_state); default `config_io.make_train_iterator`.
-      objective: another network and loss to train (a baseline) with the config's optim / train / data /
-        mesh sections; default: the config's MT-Diffusion model. Sample grids are drawn for the default only.
     Returns:
       The final train state (after `train.steps` steps, or at the step where SIGTERM stopped the run).
     Raises:
       NonFiniteLossError: the loss or gradient norm became NaN/inf (names the step).
       checkpoint.CheckpointMismatchError: the workdir's checkpoint belongs to a different model.
-      ValueError: an invalid config (before anything is compiled).
+      config_io.ConfigError: an invalid config (before anything is compiled).
     """
-    run = _Run(config, pathlib.Path(workdir), train_iterator_fn, objective)
+    run = _Run(config, pathlib.Path(workdir), task, train_iterator_fn)
     train, total = config.train, config.train.steps
     progress = None
     try:
@@ -245,7 +224,7 @@ def train_and_evaluate(
         train_step = steps_lib.jit_train_step(
             run.mesh,
             shardings,
-            loss_fn=run.objective.loss_fn,
+            loss_fn=task.loss_fn,
             optimizer=run.optimizer,
             learning_rate_fn=run.learning_rate_fn,
             ema_decay=config.optim.ema_decay,
@@ -253,12 +232,10 @@ def train_and_evaluate(
             checksum_key=config.model.primary if train.log_batch_checksum else None,
             prng_impl=config.prng_impl,
         )
-        eval_step = steps_lib.jit_eval_step(run.mesh, shardings, run.objective.loss_fn)
+        eval_step = steps_lib.jit_eval_step(run.mesh, shardings, task.loss_fn)
         sample_fns = {}
-        if config.sample.every > 0 and run.is_mt_diffusion:
-            sample_fns = samples_lib.make_sample_fns(
-                tuple(config.sample.kinds), run.model, run.schedule, config.sample, run.mesh
-            )
+        if config.sample.every > 0 and task.make_sample_fns is not None:
+            sample_fns = task.make_sample_fns(run.mesh)
         progress = writers.Progress(total, step, enabled=run.chief and train.progress_bar)
         with _sigterm_saves(not run.multi_process):
             while step < total:

@@ -21,7 +21,6 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
-from mmdiff_jax.modalities import MTDiffusion, init_variables
 from mmdiff_jax.training import mesh as mesh_lib
 
 SCHEDULES = ("cosine", "linear", "constant")
@@ -90,11 +89,6 @@ def make_optimizer(optim: Mapping[str, Any], total_steps: int) -> tuple[optax.Gr
 ParamsInit = Callable[[jax.Array], Any]  # rng -> the model's parameter tree (pure, so eval_shape and jit work)
 
 
-def params_init_fn(model: MTDiffusion) -> ParamsInit:
-    """rng -> the parameters of an MTDiffusion model (`modalities.init_variables`)."""
-    return lambda rng: init_variables(model, rng)["params"]
-
-
 def init_train_state(init_params: ParamsInit, optimizer: optax.GradientTransformation, rng: jax.Array) -> TrainState:
     """A fresh state (pure: jit it with out_shardings to land sharded)."""
     init_rng, train_rng = jax.random.split(rng)
@@ -137,7 +131,7 @@ def create_train_state(
 ) -> tuple[TrainState, TrainState]:
     """Initialises straight into sharded arrays; returns (state, a TrainState of its NamedShardings).
 
-    `init_params`: rng -> params, e.g. `params_init_fn(model)` for an MTDiffusion model.
+    `init_params`: rng -> params, e.g. a `Task`'s.
     `jax.eval_shape` gives the shapes, `mesh.state_shardings` the specs, and the jit-ed init writes each
     shard where it lives (no full copy on one device first).
     """

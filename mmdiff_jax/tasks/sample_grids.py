@@ -1,9 +1,9 @@
-"""Periodic sample grids, as plug-ins: config `sample.kinds` lists what to draw.
+"""The MT-Diffusion task's periodic sample grids, as plug-ins: config `sample.kinds` lists what to draw.
 
 A sample kind is a factory `make(model, schedule, sample_config, mesh) -> draw`, with
 `draw(params, batch, rng) -> {grid name: images [R, N, H, W, C] in [-1, 1]}` (jit-compiled once; the
-result replicated so process 0 can write it). The loop passes the EMA params and the first
-`sample.num_images` examples of the first evaluation batch, and writes each grid as a PNG.
+result replicated so process 0 can write it). The trainer passes the EMA params and the first evaluation
+batch (the draw keeps its first `sample.num_images` examples), and writes each grid as a PNG.
 
 Built in:
   one_step_x0  for each t = noise_level * T: rows x_0 | observed image-like inputs (e.g. the masked
@@ -28,9 +28,9 @@ from jax.sharding import Mesh
 from mmdiff_jax import diffusion
 from mmdiff_jax.modalities import MASK_KEY, MTDiffusion, modality_data
 from mmdiff_jax.training import mesh as mesh_lib
+from mmdiff_jax.training.task import DrawFn
 
 Array = jax.Array
-DrawFn = Callable[[Any, Mapping[str, Array], Array], dict[str, Array]]
 SampleFactory = Callable[[MTDiffusion, Any, Mapping[str, Any], Mesh], DrawFn]
 SAMPLE_KINDS: dict[str, SampleFactory] = {}
 
@@ -45,12 +45,18 @@ def register_sample_kind(name: str) -> Callable[[SampleFactory], SampleFactory]:
     return register
 
 
-def make_sample_fns(
-    kinds: tuple[str, ...], model: MTDiffusion, schedule: Any, sample_config: Mapping[str, Any], mesh: Mesh
-) -> dict[str, DrawFn]:
+def check_kinds(kinds: tuple[str, ...]) -> None:
+    """ValueError naming the kinds no factory is registered for."""
     unknown = sorted(set(kinds) - set(SAMPLE_KINDS))
     if unknown:
         raise ValueError(f"config.sample.kinds: unknown {unknown}; known: {sorted(SAMPLE_KINDS)}")
+
+
+def make_sample_fns(
+    kinds: tuple[str, ...], model: MTDiffusion, schedule: Any, sample_config: Mapping[str, Any], mesh: Mesh
+) -> dict[str, DrawFn]:
+    """{kind: draw} for the listed kinds (`Task.make_sample_fns` of the MT-Diffusion task)."""
+    check_kinds(kinds)
     return {kind: SAMPLE_KINDS[kind](model, schedule, sample_config, mesh) for kind in kinds}
 
 

@@ -1,0 +1,193 @@
+"""The MT-Diffusion task: the config's model, schedule and loss, built once (plain DDPM is its N = 0 case).
+
+  config = tasks.base_config()                  # the trainer's sections + model, diffusion, loss
+  task = tasks.make_mt_diffusion_task(config)   # checks the task's sections, builds everything once
+  train_and_evaluate(config, workdir, task)
+
+Config sections read here: `model` (the U-Net, z's shape, the primary batch key, the compute dtype and
+`modalities`: name -> `modalities.Modality` fields), `diffusion` (noise schedule, T, weight normalisation),
+`loss` (`objective.LossConfig`), `sample.kinds` (the grids, `sample_grids`) and the dataset's features
+(`data`). Each modality's recovery weight is its `loss_weight`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+from collections.abc import Mapping
+from typing import Any
+
+import jax.numpy as jnp
+import ml_collections
+
+from mmdiff_jax import data as data_lib
+from mmdiff_jax import objective
+from mmdiff_jax.modalities import MASK_KEY, Modality, MTDiffusion, init_variables, modality_schedule
+from mmdiff_jax.models.unet import UNetConfig
+from mmdiff_jax.tasks import sample_grids
+from mmdiff_jax.training import config_io
+from mmdiff_jax.training.task import Task
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# U-Net fields that change how the network computes, not its parameters: left out of checkpoint signatures.
+COMPUTE_ONLY_UNET_FIELDS = ("remat",)
+
+
+def task_sections() -> ml_collections.ConfigDict:
+    """The sections this task adds to the trainer's schema, with defaults (a 6M-parameter U-Net, 32x32)."""
+    config = ml_collections.ConfigDict()
+    config.model = dict(
+        unet=dataclasses.asdict(UNetConfig()),  # mmdiff_jax.models.unet.UNetConfig fields
+        z_shape=(32, 32, 1),  # (H, W, C) of the primary modality x_0 = z_0
+        primary="image",  # batch key of x_0
+        dtype="float32",  # compute dtype of the network: float32 | bfloat16 (params stay float32)
+        modalities={},  # name (batch key) -> mmdiff_jax.modalities.Modality fields (kind, shape, ...)
+    )
+    config.diffusion = dict(noise_schedule="linear", num_steps=1000, modality_normalized=False)
+    config.loss = dict(eps_weight=1.0, aggregation_weight=1.0)  # recovery weights: Modality.loss_weight
+    return config
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """Every key the trainer and this task read, with defaults: config files start from it."""
+    config = config_io.base_config()
+    config.update(task_sections())
+    return config
+
+
+def build_modalities(config: ml_collections.ConfigDict) -> tuple[Modality, ...]:
+    """`config.model.modalities` (name -> Modality fields), in config order."""
+    fields = {field.name for field in dataclasses.fields(Modality)} - {"name"}
+    modalities = []
+    for name, spec in config.model.modalities.items():
+        spec = dict(spec)
+        unknown = sorted(set(spec) - fields)
+        if unknown:
+            raise ValueError(f"config.model.modalities.{name}: unknown fields {unknown}; Modality has {sorted(fields)}")
+        try:
+            modalities.append(Modality(name=name, **spec))
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"config.model.modalities.{name}: {error}") from error
+    return tuple(modalities)
+
+
+def modality_name(config: ml_collections.ConfigDict, kind: str) -> str:
+    """The name of the config's first modality of `kind` ('masked_image', 'label', 'segmentation', ...);
+    ValueError if it has none."""
+    for name, spec in config.model.modalities.items():
+        if spec["kind"] == kind:
+            return name
+    raise ValueError(f"the config has no {kind} modality (modalities: {list(config.model.modalities)})")
+
+
+def unet_config(config: ml_collections.ConfigDict, **overrides: Any) -> UNetConfig:
+    """`config.model.unet` as a UNetConfig (fields in `overrides` replaced); ValueError for unknown fields."""
+    fields = {field.name for field in dataclasses.fields(UNetConfig)}
+    unknown = sorted(set(config.model.unet) - fields)
+    if unknown:
+        raise ValueError(f"config.model.unet: unknown fields {unknown}; UNetConfig has {sorted(fields)}")
+    return UNetConfig(**{**dict(config.model.unet), **overrides})
+
+
+def compute_dtype(config: ml_collections.ConfigDict) -> Any:
+    """The network's compute dtype, `config.model.dtype`."""
+    if config.model.dtype not in DTYPES:
+        raise ValueError(f"config.model.dtype must be one of {sorted(DTYPES)}, got {config.model.dtype!r}")
+    return DTYPES[config.model.dtype]
+
+
+def build_model(config: ml_collections.ConfigDict) -> MTDiffusion:
+    """The MTDiffusion network of `config.model` (all its build-time checks run here)."""
+    return MTDiffusion(
+        unet=unet_config(config),
+        modalities=build_modalities(config),
+        z_shape=tuple(config.model.z_shape),
+        primary=config.model.primary,
+        dtype=compute_dtype(config),
+    )
+
+
+def build_schedule(config: ml_collections.ConfigDict, modalities: tuple[Modality, ...]):
+    """The `DiffusionSchedule` of `config.diffusion` with one weight row per modality."""
+    diffusion = config.diffusion
+    return modality_schedule(
+        diffusion.noise_schedule, diffusion.num_steps, modalities, modality_normalized=diffusion.modality_normalized
+    )
+
+
+def check_data_fits_model(config: ml_collections.ConfigDict, model: MTDiffusion) -> None:
+    """ValueError when the dataset lacks a key the model reads, or gives it another shape."""
+    spec = data_lib.dataset_spec(config.data.name, **dict(config.data.options))
+    needed = {model.primary: (tuple(model.z_shape), "the primary modality (config.model.primary)")}
+    for m in model.modalities:
+        needed[m.name] = (m.shape, f"modality {m.name!r}")
+        if m.kind == "masked_image":
+            needed[MASK_KEY] = (m.shape[:2] + (1,), f"the mask of masked image {m.name!r}")
+    for key, (shape, what) in needed.items():
+        if key not in spec.features:
+            raise ValueError(
+                f"{what} reads batch key {key!r}, which dataset {config.data.name!r} does not "
+                f"provide (it has {sorted(spec.features)})"
+            )
+        if tuple(spec.features[key][0]) != tuple(shape):
+            raise ValueError(
+                f"{what}: dataset {config.data.name!r} gives {key!r} per-example shape "
+                f"{tuple(spec.features[key][0])}, the model expects {tuple(shape)}"
+            )
+
+
+def unet_signature(unet: Mapping[str, Any]) -> dict[str, Any]:
+    """A config's U-Net section without its compute-only fields (a checkpoint restores under any remat)."""
+    return {key: value for key, value in dict(unet).items() if key not in COMPUTE_ONLY_UNET_FIELDS}
+
+
+def model_signature(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """What a checkpoint must agree on to be restored: the model and diffusion sections, JSON-normalised."""
+    model = {**config.model.to_dict(), "unet": unet_signature(config.model.unet)}
+    return json.loads(json.dumps({"model": model, "diffusion": config.diffusion.to_dict()}))
+
+
+def params_init_fn(model: MTDiffusion):
+    """rng -> the parameters of an MTDiffusion model (`modalities.init_variables`; pure)."""
+    return lambda rng: init_variables(model, rng)["params"]
+
+
+def describe_loss(modalities: tuple[Modality, ...]) -> str:
+    """The training loss in words ("eps-MSE" for plain DDPM, N = 0)."""
+    if not modalities:
+        return "eps-MSE"
+    recovered = [m.name for m in modalities if m.loss in ("categorical", "gaussian")]
+    return "eps-MSE + aggregation MSE" + (f" + NLL of {', '.join(recovered)}" if recovered else "")
+
+
+def make_mt_diffusion_task(config: ml_collections.ConfigDict, name: str = "mt_diffusion") -> Task:
+    """The config's MT-Diffusion model as a `Task` (model, schedule, loss, grids built once).
+
+    Raises config_io.ConfigError naming the key: unknown or missing keys of the task's sections, an invalid
+    modality, U-Net or schedule, a dataset without the model's inputs, an unknown sample kind.
+    """
+    try:
+        config_io.check_known_keys(config, task_sections())
+        model = build_model(config)
+        schedule = build_schedule(config, model.modalities)
+        loss_fn = objective.make_loss_fn(model, schedule, dict(config.loss))
+        check_data_fits_model(config, model)
+        kinds = tuple(config.sample.kinds)
+        sample_grids.check_kinds(kinds)
+    except config_io.ConfigError:
+        raise
+    except ValueError as error:
+        raise config_io.ConfigError(str(error)) from error
+    return Task(
+        name=name,
+        init_params=params_init_fn(model),
+        loss_fn=loss_fn,
+        signature=model_signature(config),
+        model=model,
+        schedule=schedule,
+        make_sample_fns=functools.partial(
+            sample_grids.make_sample_fns, kinds, model, schedule, config.sample.to_dict()
+        ),
+        loss_description=describe_loss(model.modalities),
+    )
