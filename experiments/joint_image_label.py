@@ -53,7 +53,7 @@ def make_class_conditional_sample_fn(trained: trainer.Trained, section):
     def sample(params, labels, rng):
         def denoise(z_t, t):
             eps = model.apply({"params": params}, z_t, t, labels)
-            return sampling.Prediction(eps, jnp.zeros((0,) + z_t.shape, jnp.float32))
+            return sampling.Prediction(eps)
 
         shape = labels.shape[:1] + tuple(trained.config.model.z_shape)
         return jnp.clip(

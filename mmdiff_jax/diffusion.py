@@ -7,6 +7,13 @@ Shapes used throughout:
 Scalars per step broadcast against z; every function also works unbatched (under `jax.vmap`), with
 z of shape S, encodings [N, *S] and t of shape [].
 
+Arguments, in one order for every function here and in `losses` (the library's pure-math convention):
+  f(schedule, z, t, *operands, encodings=None)
+the schedule; the point the function maps (z_0 for the marginal, z_{t-1} for the forward transition, z_t for
+the posterior, the reverse step and the z_0 / eps conversions); the step; the other arrays in the order of the
+equation (noise, eps, z_0); the stacked encodings last, by keyword: None is the empty stack of a schedule
+with N = 0 (plain DDPM), an error otherwise.
+
 The forward transition
   q(z_t | z_{t-1}, X) = N( sqrt(alpha_t) (z_{t-1} + a_t), beta_t I ),   a_t = sum_i w_t^(i) e_i
 has the marginal
@@ -35,14 +42,23 @@ Array = jax.Array
 VARIANCE_KINDS = ("large", "large_adm", "small")
 
 
-def _check_encodings(schedule: DiffusionSchedule, encodings: Array, z: Array) -> None:
-    """Raises ValueError (at trace time: shapes are static) unless encodings is [N, *z.shape]."""
+def _encodings(schedule: DiffusionSchedule, encodings: Array | None, z: Array) -> Array:
+    """The encodings [N, *z.shape]; None stands for the empty stack of a schedule with N = 0 (plain DDPM).
+    ValueError (at trace time: shapes are static) for any other shape, or None with N > 0."""
     expected = (schedule.num_modalities,) + z.shape
+    if encodings is None:
+        if schedule.num_modalities:
+            raise ValueError(
+                f"the schedule has weights for N = {schedule.num_modalities} modalities: pass their encodings "
+                f"[N, *z.shape] = {expected}"
+            )
+        return jnp.zeros(expected, z.dtype)
     if encodings.shape != expected:
         raise ValueError(
             f"encodings must have shape [N, *z.shape] = {expected} (the schedule has weights for "
             f"N = {schedule.num_modalities} modalities), got {encodings.shape}"
         )
+    return encodings
 
 
 def check_steps(t: Array, num_steps: int, first: int = 0) -> Array:
@@ -95,25 +111,27 @@ def _weighted_sum(weights: Array, t: Array, encodings: Array, z: Array) -> Array
     return jnp.sum(per_modality * encodings, axis=0, dtype=z.dtype)
 
 
-def aggregation(schedule: DiffusionSchedule, t: Array, encodings: Array, z: Array) -> Array:
+def aggregation(schedule: DiffusionSchedule, z: Array, t: Array, *, encodings: Array | None = None) -> Array:
     """a_t = sum_i w_t^(i) e_i, shape z.shape (zeros for N = 0); z only gives the batch layout."""
-    _check_encodings(schedule, encodings, z)
+    encodings = _encodings(schedule, encodings, z)
     return _weighted_sum(schedule.w, t, encodings, z)
 
 
-def encoding_mean(schedule: DiffusionSchedule, t: Array, encodings: Array, z: Array) -> Array:
+def encoding_mean(schedule: DiffusionSchedule, z: Array, t: Array, *, encodings: Array | None = None) -> Array:
     """m_t = sum_i lambda_t^(i) e_i, the encodings' part of the marginal mean, shape z.shape."""
-    _check_encodings(schedule, encodings, z)
+    encodings = _encodings(schedule, encodings, z)
     return _weighted_sum(schedule.lambda_, t, encodings, z)
 
 
 # Forward transition q(z_t | z_{t-1}, X).
 
 
-def transition_mean(schedule: DiffusionSchedule, z_previous: Array, t: Array, encodings: Array) -> Array:
+def transition_mean(
+    schedule: DiffusionSchedule, z_previous: Array, t: Array, *, encodings: Array | None = None
+) -> Array:
     """sqrt(alpha_t) (z_{t-1} + a_t), shape z.shape; t in 1..T."""
     t = check_steps(t, schedule.num_steps, first=1)
-    a_t = aggregation(schedule, t, encodings, z_previous)
+    a_t = aggregation(schedule, z_previous, t, encodings=encodings)
     return jnp.sqrt(at_step(schedule.alpha, t, z_previous)) * (z_previous + a_t)
 
 
@@ -123,19 +141,19 @@ def transition_variance(schedule: DiffusionSchedule, t: Array) -> Array:
 
 
 def transition_sample(
-    schedule: DiffusionSchedule, z_previous: Array, t: Array, encodings: Array, noise: Array
+    schedule: DiffusionSchedule, z_previous: Array, t: Array, noise: Array, *, encodings: Array | None = None
 ) -> Array:
     """z_t = sqrt(alpha_t) (z_{t-1} + a_t) + sqrt(beta_t) noise, noise ~ N(0, I) of shape z.shape."""
-    mean = transition_mean(schedule, z_previous, t, encodings)
+    mean = transition_mean(schedule, z_previous, t, encodings=encodings)
     return mean + jnp.sqrt(at_step(schedule.beta, t, z_previous)) * noise
 
 
 # Marginal q(z_t | z_0, X).
 
 
-def marginal_mean(schedule: DiffusionSchedule, z_0: Array, t: Array, encodings: Array) -> Array:
+def marginal_mean(schedule: DiffusionSchedule, z_0: Array, t: Array, *, encodings: Array | None = None) -> Array:
     """sqrt(abar_t) z_0 + m_t, shape z.shape; t in 0..T."""
-    return jnp.sqrt(at_step(schedule.alpha_bar, t, z_0)) * z_0 + encoding_mean(schedule, t, encodings, z_0)
+    return jnp.sqrt(at_step(schedule.alpha_bar, t, z_0)) * z_0 + encoding_mean(schedule, z_0, t, encodings=encodings)
 
 
 def marginal_variance(schedule: DiffusionSchedule, t: Array) -> Array:
@@ -143,27 +161,33 @@ def marginal_variance(schedule: DiffusionSchedule, t: Array) -> Array:
     return lookup(schedule.one_minus_alpha_bar, t)
 
 
-def marginal_sample(schedule: DiffusionSchedule, z_0: Array, t: Array, encodings: Array, noise: Array) -> Array:
+def marginal_sample(
+    schedule: DiffusionSchedule, z_0: Array, t: Array, noise: Array, *, encodings: Array | None = None
+) -> Array:
     """z_t = sqrt(abar_t) z_0 + m_t + sqrt(1 - abar_t) noise, noise ~ N(0, I) of shape z.shape."""
-    mean = marginal_mean(schedule, z_0, t, encodings)
+    mean = marginal_mean(schedule, z_0, t, encodings=encodings)
     return mean + jnp.sqrt(at_step(schedule.one_minus_alpha_bar, t, z_0)) * noise
 
 
 # Conversions between z_0 and eps given z_t (the marginal solved for one or the other).
 
 
-def z0_from_eps(schedule: DiffusionSchedule, z_t: Array, t: Array, eps: Array, encodings: Array) -> Array:
+def z0_from_eps(
+    schedule: DiffusionSchedule, z_t: Array, t: Array, eps: Array, *, encodings: Array | None = None
+) -> Array:
     """z_0 = (z_t - m_t - sqrt(1 - abar_t) eps) / sqrt(abar_t); t in 1..T."""
     t = check_steps(t, schedule.num_steps, first=1)
-    u_t = z_t - encoding_mean(schedule, t, encodings, z_t)
+    u_t = z_t - encoding_mean(schedule, z_t, t, encodings=encodings)
     noise_scale = jnp.sqrt(at_step(schedule.one_minus_alpha_bar, t, z_t))
     return (u_t - noise_scale * eps) / jnp.sqrt(at_step(schedule.alpha_bar, t, z_t))
 
 
-def eps_from_z0(schedule: DiffusionSchedule, z_t: Array, t: Array, z_0: Array, encodings: Array) -> Array:
+def eps_from_z0(
+    schedule: DiffusionSchedule, z_t: Array, t: Array, z_0: Array, *, encodings: Array | None = None
+) -> Array:
     """eps = (z_t - m_t - sqrt(abar_t) z_0) / sqrt(1 - abar_t); t in 1..T."""
     t = check_steps(t, schedule.num_steps, first=1)
-    u_t = z_t - encoding_mean(schedule, t, encodings, z_t)
+    u_t = z_t - encoding_mean(schedule, z_t, t, encodings=encodings)
     signal_scale = jnp.sqrt(at_step(schedule.alpha_bar, t, z_t))
     return (u_t - signal_scale * z_0) / jnp.sqrt(at_step(schedule.one_minus_alpha_bar, t, z_t))
 
@@ -171,13 +195,15 @@ def eps_from_z0(schedule: DiffusionSchedule, z_t: Array, t: Array, z_0: Array, e
 # Posterior q(z_{t-1} | z_t, z_0, X).
 
 
-def posterior_mean(schedule: DiffusionSchedule, z_0: Array, z_t: Array, t: Array, encodings: Array) -> Array:
+def posterior_mean(
+    schedule: DiffusionSchedule, z_t: Array, t: Array, z_0: Array, *, encodings: Array | None = None
+) -> Array:
     """mu~_t in z0-form; t in 1..T.
 
     mu~_t = sqrt(abar_{t-1}) beta_t / (1 - abar_t) z_0 + sqrt(alpha_t) (1 - abar_{t-1}) / (1 - abar_t) z_t
             + beta_t / (1 - abar_t) m_{t-1} - alpha_t (1 - abar_{t-1}) / (1 - abar_t) a_t
     """
-    _check_encodings(schedule, encodings, z_t)
+    encodings = _encodings(schedule, encodings, z_t)
     t = check_steps(t, schedule.num_steps, first=1)
     beta, alpha = at_step(schedule.beta, t, z_t), at_step(schedule.alpha, t, z_t)
     alpha_bar_previous = at_step(schedule.alpha_bar, t - 1, z_t)
@@ -185,12 +211,14 @@ def posterior_mean(schedule: DiffusionSchedule, z_0: Array, z_t: Array, t: Array
     return (
         jnp.sqrt(alpha_bar_previous) * beta / one_minus * z_0
         + jnp.sqrt(alpha) * one_minus_previous / one_minus * z_t
-        + beta / one_minus * encoding_mean(schedule, t - 1, encodings, z_t)
-        - alpha * one_minus_previous / one_minus * aggregation(schedule, t, encodings, z_t)
+        + beta / one_minus * encoding_mean(schedule, z_t, t - 1, encodings=encodings)
+        - alpha * one_minus_previous / one_minus * aggregation(schedule, z_t, t, encodings=encodings)
     )
 
 
-def posterior_mean_from_eps(schedule: DiffusionSchedule, z_t: Array, t: Array, eps: Array, encodings: Array) -> Array:
+def posterior_mean_from_eps(
+    schedule: DiffusionSchedule, z_t: Array, t: Array, eps: Array, *, encodings: Array | None = None
+) -> Array:
     """mu~_t in eps-form: ( z_t - beta_t / sqrt(1 - abar_t) eps ) / sqrt(alpha_t) - a_t; t in 1..T.
 
     The DDPM posterior mean minus this step's aggregation. Equals `posterior_mean` when
@@ -199,7 +227,7 @@ def posterior_mean_from_eps(schedule: DiffusionSchedule, z_t: Array, t: Array, e
     t = check_steps(t, schedule.num_steps, first=1)
     beta, alpha = at_step(schedule.beta, t, z_t), at_step(schedule.alpha, t, z_t)
     ddpm_mean = (z_t - beta / jnp.sqrt(at_step(schedule.one_minus_alpha_bar, t, z_t)) * eps) / jnp.sqrt(alpha)
-    return ddpm_mean - aggregation(schedule, t, encodings, z_t)
+    return ddpm_mean - aggregation(schedule, z_t, t, encodings=encodings)
 
 
 def posterior_variance(schedule: DiffusionSchedule, t: Array) -> Array:
@@ -214,14 +242,14 @@ def posterior_variance(schedule: DiffusionSchedule, t: Array) -> Array:
 
 
 def reverse_mean(
-    schedule: DiffusionSchedule, z_t: Array, t: Array, eps_prediction: Array, estimated_encodings: Array
+    schedule: DiffusionSchedule, z_t: Array, t: Array, eps_prediction: Array, *, encodings: Array | None = None
 ) -> Array:
     """mu_theta = ( z_t - beta_t / sqrt(1 - abar_t) eps_theta ) / sqrt(alpha_t) - sum_i w_t^(i) ehat_i.
 
-    The eps-form posterior mean evaluated at the model's eps_theta and encodings ehat_i ([N, *z.shape]):
+    The eps-form posterior mean evaluated at the model's eps_theta and its encodings ehat_i ([N, *z.shape]):
     ehat_i = e_i for observed modalities, E_i(D_i(h_theta(z_t, t))) for the rest.
     """
-    return posterior_mean_from_eps(schedule, z_t, t, eps_prediction, estimated_encodings)
+    return posterior_mean_from_eps(schedule, z_t, t, eps_prediction, encodings=encodings)
 
 
 def reverse_log_variance(

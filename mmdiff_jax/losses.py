@@ -9,6 +9,7 @@ All terms are in nats. Inputs carry one leading batch axis ([B, *S] as in `diffu
 [N, B, *S]) and each term returns one value per example, [B]; `jax.vmap` adds further leading axes.
 Computation is in JAX's default float dtype (float64 under x64; lower-precision model outputs are upcast).
 Steps follow `diffusion`'s rules: concrete out-of-range steps raise a ValueError, traced ones give NaN.
+Arguments follow `diffusion`'s convention: (schedule, z, t, *operands, encodings=..., estimated_encodings=...).
 
 Reverse variances at t = 1 (`data_nll`): 'small' and 'large_adm' use beta~_2 there (ADM's bits/dim), 'large'
 uses beta_1 (see `diffusion.reverse_log_variance`); `posterior_kl` (t >= 2) is the same for both 'large' kinds.
@@ -53,14 +54,16 @@ def normal_kl(mean_1: Array, log_variance_1: Array, mean_2: Array, log_variance_
 # L0: prior.
 
 
-def prior_kl(schedule: DiffusionSchedule, z_0: Array, encodings: Array, prior_mean: Array | None = None) -> Array:
+def prior_kl(
+    schedule: DiffusionSchedule, z_0: Array, *, encodings: Array | None = None, prior_mean: Array | None = None
+) -> Array:
     """L0 = KL( N(sqrt(abar_T) z_0 + m_T, (1 - abar_T) I) || N(prior_mean, I) ), [B].
 
     `prior_mean` [B, *S] defaults to 0 (joint generation; `bump` weights keep m_T ~ 0). For a `bridge`
     schedule conditioned on its source, pass the prior N(m_T, I) mean.
     """
     t = jnp.full(z_0.shape[:1], schedule.num_steps)
-    mean = diffusion.marginal_mean(schedule, z_0, t, encodings)
+    mean = diffusion.marginal_mean(schedule, z_0, t, encodings=encodings)
     prior_mean = jnp.zeros_like(mean) if prior_mean is None else prior_mean
     log_variance = diffusion.expand_to(jnp.log(diffusion.marginal_variance(schedule, t)), z_0)
     return _sum_per_example(normal_kl(mean, log_variance, prior_mean, jnp.zeros_like(mean)))
@@ -71,13 +74,13 @@ def prior_kl(schedule: DiffusionSchedule, z_0: Array, encodings: Array, prior_me
 
 def posterior_kl(
     schedule: DiffusionSchedule,
-    z_0: Array,
     z_t: Array,
     t: Array,
-    encodings: Array,
+    z_0: Array,
     eps_prediction: Array,
-    estimated_encodings: Array,
     *,
+    encodings: Array | None = None,
+    estimated_encodings: Array | None = None,
     variance_kind: str = "small",
     variance_interpolation: Array | None = None,
 ) -> Array:
@@ -92,9 +95,9 @@ def posterior_kl(
     term `data_nll`); traced t outside 2..T gives NaN for those examples.
     """
     t = diffusion.check_steps(t, schedule.num_steps, first=2)
-    target_mean = diffusion.posterior_mean(schedule, z_0, z_t, t, encodings)
+    target_mean = diffusion.posterior_mean(schedule, z_t, t, z_0, encodings=encodings)
     target_log_variance = jnp.log(diffusion.posterior_variance(schedule, t))
-    model_mean = diffusion.reverse_mean(schedule, z_t, t, eps_prediction, estimated_encodings)
+    model_mean = diffusion.reverse_mean(schedule, z_t, t, eps_prediction, encodings=estimated_encodings)
     model_log_variance = diffusion.reverse_log_variance(schedule, t, variance_kind, variance_interpolation)
     kl = normal_kl(
         target_mean,
@@ -155,21 +158,21 @@ def discretized_gaussian_nll(x: Array, mean: Array, log_scale: Array, num_bins: 
 
 def data_nll(
     schedule: DiffusionSchedule,
-    z_0: Array,
     z_1: Array,
+    z_0: Array,
     eps_prediction: Array,
-    estimated_encodings: Array,
     *,
+    encodings: Array | None = None,
     variance_kind: str = "small",
     discretized: bool = True,
 ) -> Array:
     """L3 = -log p_theta(z_0 | z_1), [B]: mean mu_theta(z_1, 1), variance sigma_1^2.
 
-    z_0, z_1, eps_prediction: [B, *S]; estimated_encodings: [N, B, *S] (the reverse mean's ehat_i).
+    z_1, z_0, eps_prediction: [B, *S]; encodings: [N, B, *S], the reverse mean's ehat_i (None: N = 0).
     `discretized` treats z_0 as an 8-bit image in [-1, 1] (pixel space); otherwise a Gaussian density.
     """
     t = jnp.ones(z_0.shape[:1], jnp.int32)
-    mean = diffusion.reverse_mean(schedule, z_1, t, eps_prediction, estimated_encodings)
+    mean = diffusion.reverse_mean(schedule, z_1, t, eps_prediction, encodings=encodings)
     log_scale = 0.5 * diffusion.expand_to(diffusion.reverse_log_variance(schedule, t, variance_kind), z_0)
     if discretized:
         return discretized_gaussian_nll(z_0, mean, log_scale)
@@ -202,9 +205,9 @@ def variational_bound(
     schedule: DiffusionSchedule,
     denoise: Callable[[Array, Array], DenoiserOutput],
     z_0: Array,
-    encodings: Array,
     rng: Array,
     *,
+    encodings: Array | None = None,
     variance_kind: str = "small",
     prior_mean: Array | None = None,
     discretized: bool = True,
@@ -223,20 +226,20 @@ def variational_bound(
     num_steps = schedule.num_steps
     step_rng, noise_rng, data_noise_rng = jax.random.split(rng, 3)
 
-    prior = prior_kl(schedule, z_0, encodings, prior_mean)
+    prior = prior_kl(schedule, z_0, encodings=encodings, prior_mean=prior_mean)
 
     t = jax.random.randint(step_rng, (batch,), 2, num_steps + 1) if num_steps >= 2 else jnp.ones((batch,), jnp.int32)
-    z_t = diffusion.marginal_sample(schedule, z_0, t, encodings, jax.random.normal(noise_rng, z_0.shape))
+    z_t = diffusion.marginal_sample(schedule, z_0, t, jax.random.normal(noise_rng, z_0.shape), encodings=encodings)
     output = denoise(z_t, t)
     if num_steps >= 2:
         kl = posterior_kl(
             schedule,
-            z_0,
             z_t,
             t,
-            encodings,
+            z_0,
             output.eps_prediction,
-            output.estimated_encodings,
+            encodings=encodings,
+            estimated_encodings=output.estimated_encodings,
             variance_kind=variance_kind,
         )
         diffusion_term = (num_steps - 1) * kl
@@ -244,14 +247,16 @@ def variational_bound(
         diffusion_term = jnp.zeros((batch,))
 
     one = jnp.ones((batch,), jnp.int32)
-    z_1 = diffusion.marginal_sample(schedule, z_0, one, encodings, jax.random.normal(data_noise_rng, z_0.shape))
+    z_1 = diffusion.marginal_sample(
+        schedule, z_0, one, jax.random.normal(data_noise_rng, z_0.shape), encodings=encodings
+    )
     data_output = denoise(z_1, one)
     data = data_nll(
         schedule,
-        z_0,
         z_1,
+        z_0,
         data_output.eps_prediction,
-        data_output.estimated_encodings,
+        encodings=data_output.estimated_encodings,
         variance_kind=variance_kind,
         discretized=discretized,
     )
@@ -269,10 +274,10 @@ def training_loss(
     t: Array,
     eps: Array,
     eps_prediction: Array,
-    encodings: Array,
-    estimated_encodings: Array,
     recovery_nll: Mapping[str, Array] | None = None,
     *,
+    encodings: Array | None = None,
+    estimated_encodings: Array | None = None,
     eps_weight: float = 1.0,
     aggregation_weight: float = 1.0,
     recovery_weights: Mapping[str, float] | None = None,
@@ -287,7 +292,8 @@ def training_loss(
     so both parts have the same relative weight as in the bound, up to the config's `aggregation_weight`.
 
     Args:
-      t: [B] steps in 1..T; eps, eps_prediction: [B, *S]; encodings, estimated_encodings: [N, B, *S].
+      t: [B] steps in 1..T; eps, eps_prediction: [B, *S]; encodings, estimated_encodings: [N, B, *S] (both
+        None: N = 0).
       recovery_nll: name -> [B] NLL of each modality head (L2); every name needs a `recovery_weights` entry.
       reduction: 'mean' (the batch mean) or 'none' (the loss per example, [B], for callers that weight
         examples themselves; its batch mean is the 'mean' loss up to float rounding).
@@ -304,13 +310,16 @@ def training_loss(
         raise ValueError(f"no recovery weight given for modality heads {missing}")
     if eps_prediction.shape != eps.shape:
         raise ValueError(f"eps_prediction shape {eps_prediction.shape} != eps shape {eps.shape}")
-    if estimated_encodings.shape != encodings.shape:
+    if (encodings is None) != (estimated_encodings is None):
+        raise ValueError("encodings and estimated_encodings are given together (both None: N = 0)")
+    if encodings is not None and estimated_encodings.shape != encodings.shape:
         raise ValueError(f"estimated_encodings shape {estimated_encodings.shape} != encodings shape {encodings.shape}")
 
     t = diffusion.check_steps(t, schedule.num_steps, first=1)
     beta, alpha = diffusion.at_step(schedule.beta, t, eps), diffusion.at_step(schedule.alpha, t, eps)
     eps_coefficient = beta / (jnp.sqrt(alpha) * jnp.sqrt(diffusion.at_step(schedule.one_minus_alpha_bar, t, eps)))
-    aggregation_error = diffusion.aggregation(schedule, t, estimated_encodings.astype(float) - encodings, eps)
+    difference = None if encodings is None else estimated_encodings.astype(float) - encodings
+    aggregation_error = diffusion.aggregation(schedule, eps, t, encodings=difference)
     per_example = {
         "eps_mse": _mean_per_example(jnp.square(eps_prediction.astype(float) - eps)),
         "aggregation_mse": _mean_per_example(jnp.square(aggregation_error / eps_coefficient)),

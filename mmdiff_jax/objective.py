@@ -97,7 +97,7 @@ def make_loss_fn(
         t = jax.random.randint(step_rng, (batch_size,), 1, num_steps + 1)
         eps = jax.random.normal(noise_rng, z_0.shape, jnp.float32)
         encodings = model.apply(variables, batch, method=model.encode)
-        z_t = diffusion.marginal_sample(schedule, z_0, t, encodings, eps)
+        z_t = diffusion.marginal_sample(schedule, z_0, t, eps, encodings=encodings)
         present = condition_dropout(model.conditioned_modalities, jax.random.fold_in(rng, 1), batch_size)
         output = model.apply(variables, batch, z_t, t, train=train, present=present, rngs={"dropout": dropout_rng})
         nll = recovery_nll(model.modalities, output.heads, batch)
@@ -111,9 +111,9 @@ def make_loss_fn(
             t,
             eps,
             output.eps,
-            output.encodings,
-            output.estimated_encodings,
             nll,
+            encodings=output.encodings,
+            estimated_encodings=output.estimated_encodings,
             eps_weight=config.eps_weight,
             aggregation_weight=config.aggregation_weight,
             recovery_weights=recovery_weights,

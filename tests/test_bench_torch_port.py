@@ -61,16 +61,16 @@ def test_same_outputs_and_loss_given_the_same_weights(resblock_updown):
     def reference(params, batch, t, eps):
         variables = {"params": params}
         encodings = model.apply(variables, batch, method=model.encode)
-        z_t = diffusion.marginal_sample(schedule, batch["image"], t, encodings, eps)
+        z_t = diffusion.marginal_sample(schedule, batch["image"], t, eps, encodings=encodings)
         output = model.apply(variables, batch, z_t, t, train=False)
         loss, metrics = losses.training_loss(
             schedule,
             t,
             eps,
             output.eps,
-            output.encodings,
-            output.estimated_encodings,
             recovery_nll(model.modalities, output.heads, batch),
+            encodings=output.encodings,
+            estimated_encodings=output.estimated_encodings,
             recovery_weights={"label": 1.0},
         )
         return z_t, output, loss, metrics

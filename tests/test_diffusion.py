@@ -54,7 +54,7 @@ def test_closed_form_marginal_matches_monte_carlo_forward_chain(normalized):
     encoding_effect = []
     for t in (1, 5, 20, 35, NUM_STEPS):
         t_batch = jnp.array([t])
-        mean = np.asarray(diffusion.marginal_mean(schedule, z_0[None], t_batch, batch_encodings))[0]
+        mean = np.asarray(diffusion.marginal_mean(schedule, z_0[None], t_batch, encodings=batch_encodings))[0]
         variance = float(diffusion.marginal_variance(schedule, t))
         samples = chain[t - 1]
         mean_tolerance = 5 * np.sqrt(variance / num_samples)
@@ -79,7 +79,7 @@ def test_transition_sample_is_the_transition_formula():
         beta[t]
     )[:, None] * np.asarray(noise)
     np.testing.assert_allclose(
-        diffusion.transition_sample(schedule, z, t, encodings, noise), expected, rtol=1e-5, atol=1e-6
+        diffusion.transition_sample(schedule, z, t, noise, encodings=encodings), expected, rtol=1e-5, atol=1e-6
     )
     np.testing.assert_allclose(diffusion.transition_variance(schedule, t), beta[t], rtol=1e-6)
 
@@ -108,17 +108,17 @@ def test_posterior_matches_exact_gaussian_conditioning(normalized):
     expected_variance = variance_previous - covariance**2 / variance_current
 
     as32 = lambda x: jnp.asarray(x, jnp.float32)
-    mean = diffusion.posterior_mean(schedule, as32(z_0), as32(z_t), jnp.asarray(t), as32(encodings))
+    mean = diffusion.posterior_mean(schedule, as32(z_t), jnp.asarray(t), as32(z_0), encodings=as32(encodings))
     np.testing.assert_allclose(mean, expected_mean, rtol=2e-4, atol=2e-4)
     np.testing.assert_allclose(diffusion.posterior_variance(schedule, jnp.asarray(t)), expected_variance, rtol=2e-4)
     np.testing.assert_allclose(variance_current, 1 - alpha_bar[t], rtol=1e-9)  # the marginal's variance
 
     # eps-form == z0-form for z_t on the marginal.
     eps = jax.random.normal(jax.random.key(5), (batch, 5))
-    z_t_marginal = diffusion.marginal_sample(schedule, as32(z_0), jnp.asarray(t), as32(encodings), eps)
+    z_t_marginal = diffusion.marginal_sample(schedule, as32(z_0), jnp.asarray(t), eps, encodings=as32(encodings))
     np.testing.assert_allclose(
-        diffusion.posterior_mean_from_eps(schedule, z_t_marginal, jnp.asarray(t), eps, as32(encodings)),
-        diffusion.posterior_mean(schedule, as32(z_0), z_t_marginal, jnp.asarray(t), as32(encodings)),
+        diffusion.posterior_mean_from_eps(schedule, z_t_marginal, jnp.asarray(t), eps, encodings=as32(encodings)),
+        diffusion.posterior_mean(schedule, z_t_marginal, jnp.asarray(t), as32(z_0), encodings=as32(encodings)),
         rtol=1e-4,
         atol=2e-4,
     )
@@ -129,7 +129,7 @@ def test_posterior_at_t1_is_the_data():
     z_0, z_1 = jnp.ones((2, 3)), jnp.full((2, 3), 5.0)
     encodings = jnp.ones((2, 2, 3))
     one = jnp.array([1, 1])
-    np.testing.assert_allclose(diffusion.posterior_mean(schedule, z_0, z_1, one, encodings), z_0, atol=1e-5)
+    np.testing.assert_allclose(diffusion.posterior_mean(schedule, z_1, one, z_0, encodings=encodings), z_0, atol=1e-5)
     np.testing.assert_allclose(diffusion.posterior_variance(schedule, one), 0.0, atol=1e-9)
 
 
@@ -139,9 +139,13 @@ def test_z0_and_eps_conversions_invert_the_marginal():
     z_0, eps = jax.random.normal(keys[0], (4, 2, 2, 1)), jax.random.normal(keys[1], (4, 2, 2, 1))
     encodings = jax.random.normal(keys[2], (2, 4, 2, 2, 1))
     t = jnp.array([1, 10, 25, 40])
-    z_t = diffusion.marginal_sample(schedule, z_0, t, encodings, eps)
-    np.testing.assert_allclose(diffusion.z0_from_eps(schedule, z_t, t, eps, encodings), z_0, rtol=1e-4, atol=1e-4)
-    np.testing.assert_allclose(diffusion.eps_from_z0(schedule, z_t, t, z_0, encodings), eps, rtol=1e-4, atol=1e-4)
+    z_t = diffusion.marginal_sample(schedule, z_0, t, eps, encodings=encodings)
+    np.testing.assert_allclose(
+        diffusion.z0_from_eps(schedule, z_t, t, eps, encodings=encodings), z_0, rtol=1e-4, atol=1e-4
+    )
+    np.testing.assert_allclose(
+        diffusion.eps_from_z0(schedule, z_t, t, z_0, encodings=encodings), eps, rtol=1e-4, atol=1e-4
+    )
 
 
 def test_with_no_auxiliary_modality_everything_is_textbook_ddpm():
@@ -160,7 +164,7 @@ def test_with_no_auxiliary_modality_everything_is_textbook_ddpm():
 
     q_sample = np.sqrt(col(alpha_bar)) * x_0_ + np.sqrt(1 - col(alpha_bar)) * eps_
     np.testing.assert_allclose(
-        diffusion.marginal_sample(schedule, x_0, t, no_encodings, eps), q_sample, rtol=1e-5, atol=1e-5
+        diffusion.marginal_sample(schedule, x_0, t, eps, encodings=no_encodings), q_sample, rtol=1e-5, atol=1e-5
     )
     np.testing.assert_allclose(
         diffusion.marginal_variance(schedule, t), 1 - np.asarray(alpha_bar[np.asarray(t)]), rtol=1e-5
@@ -171,20 +175,20 @@ def test_with_no_auxiliary_modality_everything_is_textbook_ddpm():
         + (1 - previous) * np.sqrt(col(alpha)) / (1 - col(alpha_bar)) * x_t_
     )
     np.testing.assert_allclose(
-        diffusion.posterior_mean(schedule, x_0, x_t, t, no_encodings), posterior_mean, rtol=1e-4, atol=1e-5
+        diffusion.posterior_mean(schedule, x_t, t, x_0, encodings=no_encodings), posterior_mean, rtol=1e-4, atol=1e-5
     )
     posterior_variance = beta[np.asarray(t)] * (1 - previous[:, 0, 0, 0]) / (1 - alpha_bar[np.asarray(t)])
     np.testing.assert_allclose(diffusion.posterior_variance(schedule, t), posterior_variance, rtol=1e-4, atol=1e-12)
     reverse = (x_t_ - col(beta) / np.sqrt(1 - col(alpha_bar)) * eps_model_) / np.sqrt(col(alpha))
     np.testing.assert_allclose(
-        diffusion.reverse_mean(schedule, x_t, t, eps_model, no_encodings), reverse, rtol=1e-4, atol=1e-5
+        diffusion.reverse_mean(schedule, x_t, t, eps_model, encodings=no_encodings), reverse, rtol=1e-4, atol=1e-5
     )
     x_0_from_eps = np.sqrt(1 / col(alpha_bar)) * x_t_ - np.sqrt(1 / col(alpha_bar) - 1) * eps_model_
     np.testing.assert_allclose(
-        diffusion.z0_from_eps(schedule, x_t, t, eps_model, no_encodings), x_0_from_eps, rtol=1e-4, atol=1e-3
+        diffusion.z0_from_eps(schedule, x_t, t, eps_model, encodings=no_encodings), x_0_from_eps, rtol=1e-4, atol=1e-3
     )
     np.testing.assert_allclose(
-        diffusion.transition_mean(schedule, x_0, t, no_encodings), np.sqrt(col(alpha)) * x_0_, rtol=1e-6
+        diffusion.transition_mean(schedule, x_0, t, encodings=no_encodings), np.sqrt(col(alpha)) * x_0_, rtol=1e-6
     )
     np.testing.assert_allclose(
         diffusion.reverse_log_variance(schedule, t, "large"), np.log(beta[np.asarray(t)]), rtol=1e-5
@@ -210,15 +214,21 @@ def test_functions_work_under_jit_vmap_and_grad():
     z_0, eps = jax.random.normal(keys[0], (4, 2, 2, 1)), jax.random.normal(keys[1], (4, 2, 2, 1))
     encodings = jax.random.normal(keys[2], (2, 4, 2, 2, 1))
     t = jnp.array([3, 10, 25, 40])
-    batched = diffusion.marginal_sample(schedule, z_0, t, encodings, eps)
-    jitted = jax.jit(diffusion.marginal_sample)(schedule, z_0, t, encodings, eps)
-    per_example = jax.vmap(diffusion.marginal_sample, in_axes=(None, 0, 0, 1, 0))(schedule, z_0, t, encodings, eps)
+    batched = diffusion.marginal_sample(schedule, z_0, t, eps, encodings=encodings)
+    jitted = jax.jit(diffusion.marginal_sample)(schedule, z_0, t, eps, encodings=encodings)
+    per_example = jax.vmap(  # encodings are [N, B, ...]: mapped over their axis 1
+        lambda z, step, e, noise: diffusion.marginal_sample(schedule, z, step, noise, encodings=e), in_axes=(0, 0, 1, 0)
+    )(z_0, t, encodings, eps)
     np.testing.assert_allclose(jitted, batched, rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(per_example, batched, rtol=1e-5, atol=1e-7)
-    posterior = jax.vmap(diffusion.posterior_mean, in_axes=(None, 0, 0, 0, 1))(schedule, z_0, batched, t, encodings)
-    np.testing.assert_allclose(posterior, diffusion.posterior_mean(schedule, z_0, batched, t, encodings), rtol=1e-6)
+    posterior = jax.vmap(
+        lambda z_t, step, z, e: diffusion.posterior_mean(schedule, z_t, step, z, encodings=e), in_axes=(0, 0, 0, 1)
+    )(batched, t, z_0, encodings)
+    np.testing.assert_allclose(
+        posterior, diffusion.posterior_mean(schedule, batched, t, z_0, encodings=encodings), rtol=1e-6
+    )
     # d z_t / d e_i = lambda_t^(i): the gradient reads the schedule back.
-    grad = jax.grad(lambda e: diffusion.marginal_sample(schedule, z_0, t, e, eps).sum())(encodings)
+    grad = jax.grad(lambda e: diffusion.marginal_sample(schedule, z_0, t, eps, encodings=e).sum())(encodings)
     np.testing.assert_allclose(grad[:, :, 0, 0, 0], schedule.lambda_[:, t], rtol=1e-6)
 
 
@@ -226,13 +236,13 @@ def test_inconsistent_inputs_raise_clear_errors():
     schedule = random_schedule(2, False)
     z = jnp.zeros((4, 3))
     with pytest.raises(ValueError, match="N = 2"):
-        diffusion.marginal_mean(schedule, z, jnp.ones(4, jnp.int32), jnp.zeros((3, 4, 3)))
+        diffusion.marginal_mean(schedule, z, jnp.ones(4, jnp.int32), encodings=jnp.zeros((3, 4, 3)))
     with pytest.raises(ValueError, match="N = 2"):
-        diffusion.posterior_mean(schedule, z, z, jnp.ones(4, jnp.int32), jnp.zeros((2, 4, 5)))
+        diffusion.posterior_mean(schedule, z, jnp.ones(4, jnp.int32), z, encodings=jnp.zeros((2, 4, 5)))
     with pytest.raises(ValueError, match="integer"):
-        diffusion.marginal_mean(schedule, z, jnp.ones(4), jnp.zeros((2, 4, 3)))
+        diffusion.marginal_mean(schedule, z, jnp.ones(4), encodings=jnp.zeros((2, 4, 3)))
     with pytest.raises(ValueError, match="batch prefix"):
-        diffusion.marginal_mean(schedule, z, jnp.ones(5, jnp.int32), jnp.zeros((2, 4, 3)))
+        diffusion.marginal_mean(schedule, z, jnp.ones(5, jnp.int32), encodings=jnp.zeros((2, 4, 3)))
 
 
 def test_large_adm_variance_is_guided_diffusions_fixed_large():
@@ -260,16 +270,16 @@ def test_out_of_range_steps_raise_when_concrete_and_read_nan_when_traced():
     z = jnp.ones((3, 2))
     encodings = jnp.ones((1, 3, 2))
     calls = {
-        "marginal_mean": (lambda t: diffusion.marginal_mean(schedule, z, t, encodings), 0),
+        "marginal_mean": (lambda t: diffusion.marginal_mean(schedule, z, t, encodings=encodings), 0),
         "marginal_variance": (lambda t: diffusion.marginal_variance(schedule, t), 0),
-        "transition_mean": (lambda t: diffusion.transition_mean(schedule, z, t, encodings), 1),
+        "transition_mean": (lambda t: diffusion.transition_mean(schedule, z, t, encodings=encodings), 1),
         "transition_variance": (lambda t: diffusion.transition_variance(schedule, t), 1),
-        "posterior_mean": (lambda t: diffusion.posterior_mean(schedule, z, z, t, encodings), 1),
+        "posterior_mean": (lambda t: diffusion.posterior_mean(schedule, z, t, z, encodings=encodings), 1),
         "posterior_variance": (lambda t: diffusion.posterior_variance(schedule, t), 1),
-        "reverse_mean": (lambda t: diffusion.reverse_mean(schedule, z, t, z, encodings), 1),
+        "reverse_mean": (lambda t: diffusion.reverse_mean(schedule, z, t, z, encodings=encodings), 1),
         "reverse_log_variance": (lambda t: diffusion.reverse_log_variance(schedule, t, "large_adm"), 1),
-        "z0_from_eps": (lambda t: diffusion.z0_from_eps(schedule, z, t, z, encodings), 1),
-        "eps_from_z0": (lambda t: diffusion.eps_from_z0(schedule, z, t, z, encodings), 1),
+        "z0_from_eps": (lambda t: diffusion.z0_from_eps(schedule, z, t, z, encodings=encodings), 1),
+        "eps_from_z0": (lambda t: diffusion.eps_from_z0(schedule, z, t, z, encodings=encodings), 1),
     }
     for name, (call, first) in calls.items():
         for bad in (first - 1, NUM_STEPS + 1):

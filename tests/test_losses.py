@@ -27,17 +27,28 @@ def random_inputs(seed, batch=4, shape=(4, 4, 1), num_modalities=2):
 def test_posterior_kl_is_nonnegative_and_zero_exactly_at_the_posterior(schedule):
     z_0, eps, encodings = random_inputs(0)
     t = jnp.array([2, 10, 60, 100])
-    z_t = diffusion.marginal_sample(schedule, z_0, t, encodings, eps)
-    exact = losses.posterior_kl(schedule, z_0, z_t, t, encodings, eps, encodings)
+    z_t = diffusion.marginal_sample(schedule, z_0, t, eps, encodings=encodings)
+    exact = losses.posterior_kl(schedule, z_t, t, z_0, eps, encodings=encodings, estimated_encodings=encodings)
     np.testing.assert_allclose(exact, 0.0, atol=2e-3)  # float32 cancellation only
     keys = jax.random.split(jax.random.key(1), 2)
     for kind in ("small", "large"):
         wrong_eps = eps + 0.3 * jax.random.normal(keys[0], eps.shape)
         wrong_encodings = encodings + 0.3 * jax.random.normal(keys[1], encodings.shape)
-        kl = losses.posterior_kl(schedule, z_0, z_t, t, encodings, wrong_eps, wrong_encodings, variance_kind=kind)
+        kl = losses.posterior_kl(
+            schedule,
+            z_t,
+            t,
+            z_0,
+            wrong_eps,
+            encodings=encodings,
+            estimated_encodings=wrong_encodings,
+            variance_kind=kind,
+        )
         assert np.all(np.asarray(kl) > 0.05)
     # The right mean with the wrong variance: beta_t differs from beta~_t most at small t (they meet as t -> T).
-    large = losses.posterior_kl(schedule, z_0, z_t, t, encodings, eps, encodings, variance_kind="large")
+    large = losses.posterior_kl(
+        schedule, z_t, t, z_0, eps, encodings=encodings, estimated_encodings=encodings, variance_kind="large"
+    )
     assert np.all(np.asarray(large[:2]) > np.asarray(exact[:2]) + 0.1)
 
 
@@ -48,7 +59,7 @@ def test_posterior_kl_equals_its_closed_form(schedule):
     eps_theta = eps + 0.2 * jax.random.normal(keys[0], eps.shape)
     encodings_hat = encodings + 0.5 * jax.random.normal(keys[1], encodings.shape)
     t = jnp.array([2, 30, 70, 100])
-    z_t = diffusion.marginal_sample(schedule, z_0, t, encodings, eps)
+    z_t = diffusion.marginal_sample(schedule, z_0, t, eps, encodings=encodings)
     beta, alpha = (np.asarray(a, np.float64)[np.asarray(t)] for a in (schedule.beta, schedule.alpha))
     one_minus_alpha_bar = np.asarray(schedule.one_minus_alpha_bar, np.float64)
     previous = one_minus_alpha_bar[np.asarray(t) - 1]
@@ -65,7 +76,9 @@ def test_posterior_kl_equals_its_closed_form(schedule):
         expected = np.sum(difference**2, axis=(1, 2, 3)) / (2 * model_variance) + dimensions * 0.5 * (
             ratio - 1 - np.log(ratio)
         )
-        kl = losses.posterior_kl(schedule, z_0, z_t, t, encodings, eps_theta, encodings_hat, variance_kind=kind)
+        kl = losses.posterior_kl(
+            schedule, z_t, t, z_0, eps_theta, encodings=encodings, estimated_encodings=encodings_hat, variance_kind=kind
+        )
         np.testing.assert_allclose(kl, expected, rtol=2e-3)
 
 
@@ -75,18 +88,22 @@ def test_prior_kl_matches_textbook_ddpm_and_depends_on_encodings():
     alpha_bar = float(np.cumprod(1 - np.asarray(plain.beta, np.float64))[-1])
     z = np.asarray(z_0, np.float64)
     expected = 0.5 * np.sum(alpha_bar * z**2 + (1 - alpha_bar) - 1 - np.log(1 - alpha_bar), axis=(1, 2, 3))
-    np.testing.assert_allclose(losses.prior_kl(plain, z_0, jnp.zeros((0, *z_0.shape))), expected, rtol=1e-3, atol=1e-6)
-    assert np.all(np.asarray(losses.prior_kl(plain, z_0, jnp.zeros((0, *z_0.shape)))) >= 0)
+    np.testing.assert_allclose(
+        losses.prior_kl(plain, z_0, encodings=jnp.zeros((0, *z_0.shape))), expected, rtol=1e-3, atol=1e-6
+    )
+    assert np.all(np.asarray(losses.prior_kl(plain, z_0, encodings=jnp.zeros((0, *z_0.shape)))) >= 0)
     # bump keeps m_T ~ 0; bridge moves the prior: with p(z_T) = N(0, I) its KL grows, with N(m_T, I) it does not.
     encodings = jnp.ones((1, *z_0.shape))
     bump = schedules.make_schedule("linear", 200, [("bump", 1.0)])
     bridge = schedules.make_schedule("linear", 200, [("bridge", 1.0)])
-    bump_kl = losses.prior_kl(bump, z_0, encodings)
-    bridge_kl = losses.prior_kl(bridge, z_0, encodings)
+    bump_kl = losses.prior_kl(bump, z_0, encodings=encodings)
+    bridge_kl = losses.prior_kl(bridge, z_0, encodings=encodings)
     assert np.all(np.asarray(bridge_kl) > np.asarray(bump_kl) + 5)
     t = jnp.full((z_0.shape[0],), 200)
-    bridge_prior = diffusion.encoding_mean(bridge, t, encodings, z_0)
-    np.testing.assert_allclose(losses.prior_kl(bridge, z_0, encodings, bridge_prior), expected, rtol=1e-3, atol=1e-4)
+    bridge_prior = diffusion.encoding_mean(bridge, z_0, t, encodings=encodings)
+    np.testing.assert_allclose(
+        losses.prior_kl(bridge, z_0, encodings=encodings, prior_mean=bridge_prior), expected, rtol=1e-3, atol=1e-4
+    )
 
 
 def test_discretized_gaussian_is_a_distribution_over_the_pixel_grid():
@@ -119,7 +136,7 @@ def oracle(schedule, z_0, encodings, error_scale, recovery_nll):
     """A model that knows the true eps up to an error of relative size `error_scale`."""
 
     def denoise(z_t, t):
-        eps = diffusion.eps_from_z0(schedule, z_t, t, z_0, encodings)
+        eps = diffusion.eps_from_z0(schedule, z_t, t, z_0, encodings=encodings)
         error = jnp.sin(3.0 * z_t + t[:, None, None, None])  # a fixed function of the input
         return losses.DenoiserOutput(eps + error_scale * error, encodings, recovery_nll)
 
@@ -134,7 +151,7 @@ def test_bound_decreases_as_eps_theta_approaches_eps(schedule):
     @jax.jit
     def bound(error_scale, rng):
         return losses.variational_bound(
-            schedule, oracle(schedule, z_0, encodings, error_scale, recovery), z_0, encodings, rng
+            schedule, oracle(schedule, z_0, encodings, error_scale, recovery), z_0, rng, encodings=encodings
         )
 
     totals = []
@@ -160,34 +177,48 @@ def test_bound_with_no_auxiliary_modality_is_the_ddpm_bound():
         return losses.DenoiserOutput(0.1 * z_t, no_encodings, jnp.zeros(z_t.shape[:1]))
 
     estimates = jax.jit(
-        jax.vmap(lambda rng: losses.variational_bound(schedule, denoise, z_0, no_encodings, rng).total)
+        jax.vmap(lambda rng: losses.variational_bound(schedule, denoise, z_0, rng, encodings=no_encodings).total)
     )(jax.random.split(jax.random.key(7), 20000))
     # Independent evaluation: E over t of (T - 1) KL_t is the sum over t = 2..T of KL_t, each averaged over noise.
     eps = jax.random.normal(jax.random.key(8), (20000, 2, 1, 1))
     z_0_many = jnp.broadcast_to(z_0[0], (20000, 2, 1, 1))
     no_many = jnp.zeros((0, 20000, 2, 1, 1))
-    expected = float(losses.prior_kl(schedule, z_0, no_encodings)[0])
+    expected = float(losses.prior_kl(schedule, z_0, encodings=no_encodings)[0])
     for t in (2, 3):
         steps = jnp.full((20000,), t)
-        z_t = diffusion.marginal_sample(schedule, z_0_many, steps, no_many, eps)
-        expected += float(jnp.mean(losses.posterior_kl(schedule, z_0_many, z_t, steps, no_many, 0.1 * z_t, no_many)))
+        z_t = diffusion.marginal_sample(schedule, z_0_many, steps, eps, encodings=no_many)
+        expected += float(
+            jnp.mean(
+                losses.posterior_kl(
+                    schedule, z_t, steps, z_0_many, 0.1 * z_t, encodings=no_many, estimated_encodings=no_many
+                )
+            )
+        )
     ones = jnp.ones((20000,), jnp.int32)
-    z_1 = diffusion.marginal_sample(schedule, z_0_many, ones, no_many, eps)
-    expected += float(jnp.mean(losses.data_nll(schedule, z_0_many, z_1, 0.1 * z_1, no_many)))
+    z_1 = diffusion.marginal_sample(schedule, z_0_many, ones, eps, encodings=no_many)
+    expected += float(jnp.mean(losses.data_nll(schedule, z_1, z_0_many, 0.1 * z_1, encodings=no_many)))
     assert float(jnp.mean(estimates)) == pytest.approx(expected, rel=0.03)
 
 
 def test_training_loss_terms_and_weights(schedule):
     z_0, eps, encodings = random_inputs(9)
     t = jnp.array([1, 5, 50, 100])
-    perfect, metrics = losses.training_loss(schedule, t, eps, eps, encodings, encodings)
+    perfect, metrics = losses.training_loss(schedule, t, eps, eps, encodings=encodings, estimated_encodings=encodings)
     assert float(perfect) == 0.0 and float(metrics["aggregation_mse"]) == 0.0
     eps_theta = eps + 0.5
-    loss, metrics = losses.training_loss(schedule, t, eps, eps_theta, encodings, encodings)
+    loss, metrics = losses.training_loss(
+        schedule, t, eps, eps_theta, encodings=encodings, estimated_encodings=encodings
+    )
     np.testing.assert_allclose(metrics["eps_mse"], 0.25, rtol=1e-5)
     encodings_hat = encodings.at[0].add(1.0)
-    inputs = (schedule, t, eps, eps_theta, encodings, encodings_hat, {"label": jnp.array([1.0, 2, 3, 4])})
-    weights = dict(eps_weight=2.0, aggregation_weight=0.5, recovery_weights={"label": 0.1})
+    inputs = (schedule, t, eps, eps_theta, {"label": jnp.array([1.0, 2, 3, 4])})
+    weights = dict(
+        encodings=encodings,
+        estimated_encodings=encodings_hat,
+        eps_weight=2.0,
+        aggregation_weight=0.5,
+        recovery_weights={"label": 0.1},
+    )
     loss, metrics = losses.training_loss(*inputs, **weights)
     # aggregation error in eps units: (w_t / c_t)^2 for a unit error in modality 0.
     beta, alpha = (np.asarray(a, np.float64)[np.asarray(t)] for a in (schedule.beta, schedule.alpha))
@@ -205,7 +236,7 @@ def test_training_loss_terms_and_weights(schedule):
     np.testing.assert_allclose(np.mean(per_example), loss, rtol=1e-6)
     assert same_metrics.keys() == metrics.keys()
     with pytest.raises(ValueError, match="reduction"):
-        losses.training_loss(schedule, t, eps, eps, encodings, encodings, reduction="sum")
+        losses.training_loss(schedule, t, eps, eps, encodings=encodings, estimated_encodings=encodings, reduction="sum")
 
 
 def test_training_loss_reduces_to_ddpm_simple_loss_with_no_modality():
@@ -213,7 +244,12 @@ def test_training_loss_reduces_to_ddpm_simple_loss_with_no_modality():
     _, eps, _ = random_inputs(10, num_modalities=0)
     eps_theta = 0.8 * eps
     loss, _ = losses.training_loss(
-        plain, jnp.array([1, 2, 3, 4]), eps, eps_theta, jnp.zeros((0, *eps.shape)), jnp.zeros((0, *eps.shape))
+        plain,
+        jnp.array([1, 2, 3, 4]),
+        eps,
+        eps_theta,
+        encodings=jnp.zeros((0, *eps.shape)),
+        estimated_encodings=jnp.zeros((0, *eps.shape)),
     )
     np.testing.assert_allclose(loss, np.mean((0.2 * np.asarray(eps)) ** 2), rtol=1e-5)
 
@@ -223,7 +259,9 @@ def test_losses_work_under_jit_vmap_and_grad(schedule):
     t = jnp.array([1, 5, 50, 100])
 
     def loss(eps_theta, encodings_hat):
-        return losses.training_loss(schedule, t, eps, eps_theta, encodings, encodings_hat)[0]
+        return losses.training_loss(
+            schedule, t, eps, eps_theta, encodings=encodings, estimated_encodings=encodings_hat
+        )[0]
 
     eps_theta = eps * 0.5
     grad_eps, grad_encodings = jax.jit(jax.grad(loss, argnums=(0, 1)))(eps_theta, encodings + 0.1)
@@ -231,11 +269,13 @@ def test_losses_work_under_jit_vmap_and_grad(schedule):
     assert np.all(np.isfinite(np.asarray(grad_encodings))) and np.any(np.asarray(grad_encodings) != 0)
     # vmap over independent draws of the bound: one row per key.
     denoise = oracle(schedule, z_0, encodings, 0.1, jnp.zeros(4))
-    rows = jax.jit(jax.vmap(lambda key: losses.variational_bound(schedule, denoise, z_0, encodings, key).total))(
-        jax.random.split(jax.random.key(0), 3)
-    )
+    rows = jax.jit(
+        jax.vmap(lambda key: losses.variational_bound(schedule, denoise, z_0, key, encodings=encodings).total)
+    )(jax.random.split(jax.random.key(0), 3))
     assert rows.shape == (3, 4)
-    first = losses.variational_bound(schedule, denoise, z_0, encodings, jax.random.split(jax.random.key(0), 3)[0])
+    first = losses.variational_bound(
+        schedule, denoise, z_0, jax.random.split(jax.random.key(0), 3)[0], encodings=encodings
+    )
     np.testing.assert_allclose(rows[0], first.total, rtol=1e-5)
 
 
@@ -243,11 +283,13 @@ def test_training_loss_rejects_inconsistent_inputs(schedule):
     _, eps, encodings = random_inputs(12)
     t = jnp.array([1, 2, 3, 4])
     with pytest.raises(ValueError, match="no recovery weight"):
-        losses.training_loss(schedule, t, eps, eps, encodings, encodings, {"label": jnp.zeros(4)})
+        losses.training_loss(
+            schedule, t, eps, eps, {"label": jnp.zeros(4)}, encodings=encodings, estimated_encodings=encodings
+        )
     with pytest.raises(ValueError, match="eps_prediction shape"):
-        losses.training_loss(schedule, t, eps, eps[:, :2], encodings, encodings)
+        losses.training_loss(schedule, t, eps, eps[:, :2], encodings=encodings, estimated_encodings=encodings)
     with pytest.raises(ValueError, match="estimated_encodings shape"):
-        losses.training_loss(schedule, t, eps, eps, encodings, encodings[:1])
+        losses.training_loss(schedule, t, eps, eps, encodings=encodings, estimated_encodings=encodings[:1])
 
 
 def numpy_posterior_kl(num_steps, t, z_0, eps, encoding, eps_theta, encoding_hat):
@@ -288,10 +330,14 @@ def test_x64_mode_computes_schedules_and_the_bound_in_float64():
         noise = schedules.noise_schedule("cosine", 10)
         assert schedules.lambda_from_w(np.zeros(11), noise.alpha).dtype == np.float64
         assert schedules.w_from_lambda(np.zeros(11), noise.alpha).dtype == np.float64
-        kl = losses.posterior_kl(schedule, z_0, z_t, t, encoding[None], eps_theta, encoding_hat[None])
+        kl = losses.posterior_kl(
+            schedule, z_t, t, z_0, eps_theta, encodings=encoding[None], estimated_encodings=encoding_hat[None]
+        )
         assert kl.dtype == np.float64
         np.testing.assert_allclose(kl, expected, rtol=1e-12)
-        loss, _ = losses.training_loss(schedule, t, eps, eps_theta, encoding[None], encoding_hat[None])
+        loss, _ = losses.training_loss(
+            schedule, t, eps, eps_theta, encodings=encoding[None], estimated_encodings=encoding_hat[None]
+        )
         assert loss.dtype == np.float64
 
 
@@ -300,9 +346,9 @@ def test_data_term_under_adm_large_variance_uses_the_clipped_posterior_variance(
     'large' with beta_1."""
     z_0, eps, encodings = random_inputs(4)
     t = jnp.ones(4, jnp.int32)
-    z_1 = diffusion.marginal_sample(schedule, z_0, t, encodings, eps)
+    z_1 = diffusion.marginal_sample(schedule, z_0, t, eps, encodings=encodings)
     nll = {
-        kind: losses.data_nll(schedule, z_0, z_1, eps, encodings, variance_kind=kind)
+        kind: losses.data_nll(schedule, z_1, z_0, eps, encodings=encodings, variance_kind=kind)
         for kind in ("small", "large", "large_adm")
     }
     np.testing.assert_allclose(nll["large_adm"], nll["small"], rtol=1e-6)
@@ -312,10 +358,10 @@ def test_data_term_under_adm_large_variance_uses_the_clipped_posterior_variance(
 def test_posterior_kl_refuses_steps_outside_2_to_T_and_gives_nan_for_traced_ones(schedule):
     """t = 1 was +inf, t = 0 NaN and t > T silently T; now concrete steps raise, traced ones give NaN."""
     z_0, eps, encodings = random_inputs(5)
-    z_t = diffusion.marginal_sample(schedule, z_0, jnp.full(4, 50), encodings, eps)
+    z_t = diffusion.marginal_sample(schedule, z_0, jnp.full(4, 50), eps, encodings=encodings)
 
     def kl(t):
-        return losses.posterior_kl(schedule, z_0, z_t, t, encodings, 0.5 * eps, encodings)
+        return losses.posterior_kl(schedule, z_t, t, z_0, 0.5 * eps, encodings=encodings, estimated_encodings=encodings)
 
     for bad in (0, 1, 101):
         with pytest.raises(ValueError, match=rf"2\.\.T = 2\.\.100 here, got t = {bad}"):

@@ -133,7 +133,7 @@ def _head_accuracy(model, schedule, data, key):
         t = jnp.full((NUM_EXAMPLES,), 10)
         encodings = model.apply({"params": params}, data, method=model.encode)
         noise = jax.random.normal(jax.random.fold_in(key, 2000), data["image"].shape)
-        z_t = diffusion.marginal_sample(schedule, data["image"], t, encodings, noise)
+        z_t = diffusion.marginal_sample(schedule, data["image"], t, noise, encodings=encodings)
         logits = model.apply({"params": params}, z_t, t, {}, method=model.predict).heads["label"]
         return jnp.mean(jnp.argmax(logits, axis=-1) == data["label"])
 

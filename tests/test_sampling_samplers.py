@@ -52,7 +52,7 @@ def gaussian_oracle(schedule, batch_size, mu=MU, s=S):
     def denoise(z_t, t):
         alpha_bar = diffusion.at_step(schedule.alpha_bar, t, z_t)
         one_minus = diffusion.at_step(schedule.one_minus_alpha_bar, t, z_t)
-        residual = z_t - jnp.sqrt(alpha_bar) * mu - diffusion.encoding_mean(schedule, t, encodings, z_t)
+        residual = z_t - jnp.sqrt(alpha_bar) * mu - diffusion.encoding_mean(schedule, z_t, t, encodings=encodings)
         return Prediction(one_minus**0.5 * residual / (alpha_bar * s**2 + one_minus), encodings, {"t": t})
 
     return denoise
@@ -97,9 +97,9 @@ def test_ddim_step_with_true_eps_lands_exactly_on_the_marginal(normalized):
     encodings = stacked(ENCODINGS, 6)
     t = jnp.array([1000, 1000, 500, 37, 2, 1])
     s = jnp.array([980, 0, 100, 36, 1, 0])
-    z_t = diffusion.marginal_sample(schedule, z_0, t, encodings, eps)
+    z_t = diffusion.marginal_sample(schedule, z_0, t, eps, encodings=encodings)
     z_s = ddim_step(schedule, z_t, t, s, Prediction(eps, encodings), jnp.zeros_like(z_0), eta=0.0)
-    expected = diffusion.marginal_sample(schedule, z_0, s, encodings, eps)
+    expected = diffusion.marginal_sample(schedule, z_0, s, eps, encodings=encodings)
     if normalized:
         # abar_t underflows float32 for t >~ 80; steps whose ratio abar_s / abar_t is still a float32 are exact
         # (1000 -> 980), the others (1000 -> 0) cannot recover z_0 from z_t in float32 at all.
@@ -232,7 +232,7 @@ def test_exact_denoiser_samples_point_data_on_a_clipped_cosine_schedule():
     def denoise(z_t, t):
         alpha_bar = diffusion.at_step(schedule.alpha_bar, t, z_t)
         one_minus = diffusion.at_step(schedule.one_minus_alpha_bar, t, z_t)
-        u_t = z_t - diffusion.encoding_mean(schedule, t, encodings, z_t)
+        u_t = z_t - diffusion.encoding_mean(schedule, z_t, t, encodings=encodings)
         return Prediction((u_t - jnp.sqrt(alpha_bar) * point) / jnp.sqrt(one_minus), encodings)
 
     @jax.jit
@@ -258,7 +258,7 @@ def mixture_oracle(schedule, batch_size):
         alpha_bar = diffusion.at_step(schedule.alpha_bar, t, z_t)
         one_minus = diffusion.at_step(schedule.one_minus_alpha_bar, t, z_t)
         variance = alpha_bar * S**2 + one_minus
-        u = z_t - diffusion.encoding_mean(schedule, t, encodings, z_t)
+        u = z_t - diffusion.encoding_mean(schedule, z_t, t, encodings=encodings)
         residuals = u[:, None] - jnp.sqrt(alpha_bar)[:, None] * MIXTURE_MEANS  # [B, K, 2]
         logits = -jnp.sum(residuals**2, -1) / (2 * variance)
         responsibilities = jax.nn.softmax(logits, -1)[..., None]
@@ -314,7 +314,7 @@ def test_known_region_hook_keeps_known_pixels_and_the_marginal():
     np.testing.assert_array_equal(at_zero[:, 1], 7.0)  # unknown pixels untouched
     s = jnp.full(num_samples, 400)
     at_400 = np.asarray(hook(z, s, encodings, jax.random.key(1)))[:, 0]
-    mean = np.asarray(diffusion.marginal_mean(schedule, x_known, s, encodings))[0, 0]
+    mean = np.asarray(diffusion.marginal_mean(schedule, x_known, s, encodings=encodings))[0, 0]
     variance = float(schedule.one_minus_alpha_bar[400])
     assert abs(at_400.mean() - mean) < 5 * np.sqrt(variance / num_samples)
     assert abs(at_400.var() / variance - 1) < 5 * np.sqrt(2 / num_samples)
@@ -330,7 +330,7 @@ def test_sdedit_with_an_exact_denoiser_lands_on_point_data_and_refuses_bad_input
     def denoise(z_t, t):
         alpha_bar = diffusion.at_step(schedule.alpha_bar, t, z_t)
         one_minus = diffusion.at_step(schedule.one_minus_alpha_bar, t, z_t)
-        return Prediction((z_t - jnp.sqrt(alpha_bar) * point) / jnp.sqrt(one_minus), jnp.zeros((0,) + z_t.shape))
+        return Prediction((z_t - jnp.sqrt(alpha_bar) * point) / jnp.sqrt(one_minus))
 
     guide = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (16, 2)), jnp.float32)
     for strength, eta in ((0.3, 0.0), (1.0, 1.0), (0.05, 1.0)):

@@ -86,7 +86,7 @@ def data_prediction(
 ) -> Array:
     """x_theta = u0hat = (u_t - sigma_t eps) / alpha_t, clipped to [-1, 1] with `clip_denoised`."""
     t = jnp.broadcast_to(t, z_t.shape[:1])
-    x = diffusion.z0_from_eps(schedule, z_t, t, prediction.eps, prediction.estimated_encodings)
+    x = diffusion.z0_from_eps(schedule, z_t, t, prediction.eps, encodings=prediction.estimated_encodings)
     return jnp.clip(jnp.nan_to_num(x), -1.0, 1.0) if clip_denoised else x
 
 
@@ -162,7 +162,7 @@ def dpm_solver_sample(
         index, history, history_lambda = state
         encodings = prediction.estimated_encodings
         x_t = data_prediction(schedule, z_t, t, prediction, clip_denoised)
-        u_t = z_t - diffusion.encoding_mean(schedule, t, encodings, z_t)
+        u_t = z_t - diffusion.encoding_mean(schedule, z_t, t, encodings=encodings)
         u_s = u_first = first_order(u_t, x_t, t, s)
         step_order = orders[index]
         h = lam[s] - lam[t]
@@ -188,12 +188,12 @@ def dpm_solver_sample(
 
             def second_order(u_s):  # the midpoint's model call, only on steps that have one (lax.cond)
                 u_m = first_order(u_t, x_t, t, m)
-                z_m = u_m + diffusion.encoding_mean(schedule, m, encodings, z_t)
+                z_m = u_m + diffusion.encoding_mean(schedule, z_t, m, encodings=encodings)
                 x_m = data_prediction(schedule, z_m, m, denoise(z_m, jnp.full(z_t.shape[:1], m)), clip_denoised)
                 return u_s - 0.5 * alpha_s * phi_1 * (x_m - x_t) / ((lam[m] - lam[t]) / h)
 
             u_s = jax.lax.cond(m > 0, second_order, lambda u_s: u_s, u_s)
-        z_s = u_s + diffusion.encoding_mean(schedule, s, encodings, z_t)
+        z_s = u_s + diffusion.encoding_mean(schedule, z_t, s, encodings=encodings)
         history = jnp.stack([x_t, history[0]])
         history_lambda = jnp.stack([lam[t], history_lambda[0]])
         return z_s, (index + 1, history, history_lambda)

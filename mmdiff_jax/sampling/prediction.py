@@ -57,13 +57,13 @@ def make_predict_fn(
             noise = jax.random.normal(key, image.shape, jnp.float32)
             base = constrain(
                 diffusion.marginal_sample(
-                    schedule, image, steps, jnp.zeros((schedule.num_modalities,) + image.shape), noise
+                    schedule, image, steps, noise, encodings=jnp.zeros((schedule.num_modalities,) + image.shape)
                 )
             )
             z_t = base
             for _ in range(refinements if schedule.num_modalities else 0):
                 encodings = denoise(z_t, steps).estimated_encodings
-                z_t = constrain(base + diffusion.encoding_mean(schedule, steps, encodings, base))
+                z_t = constrain(base + diffusion.encoding_mean(schedule, base, steps, encodings=encodings))
             return head_estimates(model.modalities, denoise(z_t, steps).aux)
 
         estimates = jax.lax.map(estimate, jax.random.split(rng, num_noise_samples))

@@ -31,7 +31,7 @@ def known_region_hook(schedule: DiffusionSchedule, x_known: Array, mask: Array) 
 
     def hook(z_s: Array, s: Array, estimated_encodings: Array, key: Array) -> Array:
         noise = jax.random.normal(key, z_s.shape, z_s.dtype)
-        known = diffusion.marginal_sample(schedule, x_known.astype(z_s.dtype), s, estimated_encodings, noise)
+        known = diffusion.marginal_sample(schedule, x_known.astype(z_s.dtype), s, noise, encodings=estimated_encodings)
         return mask * known + (1.0 - mask) * z_s
 
     return hook
@@ -70,9 +70,8 @@ def sdedit_sample(
     guide = jnp.asarray(guide, jnp.float32)
     batch = guide.shape[:1]
     noise_key, chain_key = jax.random.split(rng)
-    no_encodings = jnp.zeros((0,) + guide.shape, jnp.float32)
     z = diffusion.marginal_sample(
-        schedule, guide, jnp.full(batch, t0, jnp.int32), no_encodings, jax.random.normal(noise_key, guide.shape)
+        schedule, guide, jnp.full(batch, t0, jnp.int32), jax.random.normal(noise_key, guide.shape)
     )
     aux = jax.tree.map(
         lambda leaf: jnp.zeros(leaf.shape, leaf.dtype), jax.eval_shape(denoise, z, jnp.full(batch, t0)).aux

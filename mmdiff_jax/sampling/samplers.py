@@ -1,7 +1,8 @@
 """Ancestral (DDPM) and DDIM samplers over a generic denoiser (docs/design.md section 3); no Flax.
 
 A denoiser is any function `denoise(z_t, t) -> Prediction(eps, estimated_encodings, aux)` with
-  z_t [B, *S], t [B] int32 in 1..T  ->  eps [B, *S], estimated_encodings [N, B, *S] (ehat_i), aux (any pytree).
+  z_t [B, *S], t [B] int32 in 1..T  ->  eps [B, *S], estimated_encodings [N, B, *S] (ehat_i; None: N = 0),
+  aux (any pytree).
 ehat_i is E_i(x_i) for observed modalities and E_i(D_i(h_theta(z_t, t))) for the rest (the model layer
 decides, see `sampling.conditional`); `aux` (e.g. the heads' outputs) is returned from the last call.
 
@@ -58,7 +59,7 @@ class Prediction(NamedTuple):
     """What a denoiser returns at (z_t, t)."""
 
     eps: Array  # [B, *S]
-    estimated_encodings: Array  # [N, B, *S], ehat_i
+    estimated_encodings: Array | None = None  # [N, B, *S], ehat_i; None for a model with N = 0
     aux: Any = None  # any pytree (e.g. the heads' outputs); the samplers return the last one
 
 
@@ -93,8 +94,10 @@ def _clip_prediction(schedule: DiffusionSchedule, z_t: Array, t: Array, predicti
     """eps recomputed from z0hat clipped to [-1, 1], with the same ehat in m_t."""
     encodings = prediction.estimated_encodings
     # Where abar_t underflows z0hat is inf but irrelevant: eps_from_z0 weighs it by sqrt(abar_t) = 0.
-    z_0 = jnp.clip(jnp.nan_to_num(diffusion.z0_from_eps(schedule, z_t, t, prediction.eps, encodings)), -1.0, 1.0)
-    return diffusion.eps_from_z0(schedule, z_t, t, z_0, encodings)
+    z_0 = jnp.clip(
+        jnp.nan_to_num(diffusion.z0_from_eps(schedule, z_t, t, prediction.eps, encodings=encodings)), -1.0, 1.0
+    )
+    return diffusion.eps_from_z0(schedule, z_t, t, z_0, encodings=encodings)
 
 
 def prior_sample(denoise: Denoise, schedule: DiffusionSchedule, noise: Array, *, refinements: int = 1) -> Array:
@@ -106,7 +109,7 @@ def prior_sample(denoise: Denoise, schedule: DiffusionSchedule, noise: Array, *,
     z_T = noise
     for _ in range(refinements if schedule.num_modalities else 0):
         encodings = denoise(z_T, t).estimated_encodings
-        z_T = noise + diffusion.encoding_mean(schedule, t, encodings.astype(noise.dtype), noise)
+        z_T = noise + diffusion.encoding_mean(schedule, noise, t, encodings=encodings.astype(noise.dtype))
     return z_T
 
 
@@ -122,7 +125,7 @@ def ddpm_step(
 ) -> Array:
     """One ancestral step t -> t - 1 (t [B] or [] in 1..T): mu_theta + sigma_t noise, no noise where t = 1."""
     eps = _clip_prediction(schedule, z_t, t, prediction) if clip_denoised else prediction.eps
-    mean = diffusion.reverse_mean(schedule, z_t, t, eps, prediction.estimated_encodings)
+    mean = diffusion.reverse_mean(schedule, z_t, t, eps, encodings=prediction.estimated_encodings)
     scale = jnp.where(t > 1, jnp.exp(0.5 * diffusion.reverse_log_variance(schedule, t, variance)), 0.0)
     return mean + diffusion.expand_to(scale, z_t) * noise
 
@@ -162,11 +165,11 @@ def ddim_step(
     eps = _clip_prediction(schedule, z_t, t, prediction) if clip_denoised else prediction.eps
     log_alpha_bar = _log_alpha_bar(schedule)
     signal_ratio = jnp.exp(0.5 * (diffusion.at_step(log_alpha_bar, s, z_t) - diffusion.at_step(log_alpha_bar, t, z_t)))
-    u_t = z_t - diffusion.encoding_mean(schedule, t, encodings, z_t)
+    u_t = z_t - diffusion.encoding_mean(schedule, z_t, t, encodings=encodings)
     scaled_z_0 = signal_ratio * (u_t - jnp.sqrt(diffusion.at_step(schedule.one_minus_alpha_bar, t, z_t)) * eps)
     sigma = diffusion.expand_to(ddim_sigma(schedule, t, s, eta), z_t)
     direction = jnp.sqrt(jnp.maximum(diffusion.at_step(schedule.one_minus_alpha_bar, s, z_t) - sigma**2, 0.0))
-    return scaled_z_0 + direction * eps + diffusion.encoding_mean(schedule, s, encodings, z_t) + sigma * noise
+    return scaled_z_0 + direction * eps + diffusion.encoding_mean(schedule, z_t, s, encodings=encodings) + sigma * noise
 
 
 # step(z_t, t, s, prediction, noise, state) -> (z_s, state): one update t -> s (scalars), `state` any pytree the

@@ -121,7 +121,7 @@ def make_class_conditional_ddpm_task(config: ml_collections.ConfigDict) -> Task:
         t_key, noise_key, dropout_key = jax.random.split(rng, 3)
         t = jax.random.randint(t_key, image.shape[:1], 1, schedule.num_steps + 1)
         noise = jax.random.normal(noise_key, image.shape)
-        z_t = diffusion.marginal_sample(schedule, image, t, jnp.zeros((0,) + image.shape), noise)
+        z_t = diffusion.marginal_sample(schedule, image, t, noise)
         eps = model.apply({"params": params}, z_t, t, batch[label], train=train, rngs={"dropout": dropout_key})
         mse = jnp.mean((eps - noise) ** 2)
         return mse, {"eps_mse": mse}

@@ -79,9 +79,9 @@ def one_step_x0(model: MTDiffusion, schedule: Any, sample_config: Mapping[str, A
         for t_value in steps:
             t = jnp.full((z_0.shape[0],), t_value, jnp.int32)
             eps = jax.random.normal(jax.random.fold_in(rng, t_value), z_0.shape)
-            z_t = diffusion.marginal_sample(schedule, z_0, t, encodings, eps)
+            z_t = diffusion.marginal_sample(schedule, z_0, t, eps, encodings=encodings)
             output = model.apply(variables, batch, z_t, t, train=False)
-            x0_hat = diffusion.z0_from_eps(schedule, z_t, t, output.eps, encodings)
+            x0_hat = diffusion.z0_from_eps(schedule, z_t, t, output.eps, encodings=encodings)
             grids[f"one_step_x0_t{t_value}"] = jnp.stack([z_0, *inputs, z_t, x0_hat])
         return grids
 
