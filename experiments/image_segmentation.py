@@ -288,13 +288,5 @@ def write_report(config, run: common.Run, results: dict) -> None:
     report.text("## Findings (computed from the numbers above)\n\n" + "\n".join(lines))
 
 
-def run_experiment(config: ml_collections.ConfigDict, workdir, results_dir=None, command=None) -> common.Run:
-    return common.run_experiment(NAME, run, config, workdir, results_dir, command)
-
-
-def main() -> None:
-    common.main(NAME, run)
-
-
 if __name__ == "__main__":
-    main()
+    common.main(NAME, run)

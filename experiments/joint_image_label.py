@@ -294,13 +294,5 @@ def run(config: ml_collections.ConfigDict, run: common.Run) -> None:
     write_report(config, run, results)
 
 
-def run_experiment(config: ml_collections.ConfigDict, workdir, results_dir=None, command=None) -> common.Run:
-    return common.run_experiment(NAME, run, config, workdir, results_dir, command)
-
-
-def main() -> None:
-    common.main(NAME, run)
-
-
 if __name__ == "__main__":
-    main()
+    common.main(NAME, run)

@@ -159,5 +159,5 @@ def test_a_bad_sampler_is_refused_before_anything_trains(tmp_path, key, value, m
     config.experiment.sampler.method = "dpm_solver++"
     config.experiment.sampler[key] = value
     with pytest.raises(ValueError, match=rf"config.experiment.sampler: .*{message}"):
-        masked_pretrain.run_experiment(config, tmp_path / "run")
+        common.run_experiment(masked_pretrain.NAME, masked_pretrain.run, config, tmp_path / "run")
     assert not (tmp_path / "run").exists()
