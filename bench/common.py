@@ -327,13 +327,15 @@ def adamw(learning_rate: float = 2e-4, weight_decay: float = 0.0):
     """optax AdamW with base_config()'s betas / eps, decaying weights of rank >= 2 only (as the project)."""
     import optax
 
+    from mmdiff_jax.training.state import decay_mask
+
     return optax.adamw(
         learning_rate,
         b1=0.9,
         b2=0.999,
         eps=1e-8,
         weight_decay=weight_decay,
-        mask=lambda params: jax.tree.map(lambda leaf: leaf.ndim >= 2, params),
+        mask=decay_mask,
     )
 
 

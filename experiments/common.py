@@ -7,6 +7,7 @@ plus experiments/<name>.py, which adds only its metrics and baselines. The share
   trainer     train_model, Trained, MetricCurve: a task through `train_and_evaluate`, its EMA params
   evaluation  eval_batches, map_batches, the sampler section, the metrics' classifier and evaluators
   reporting   Report, markdown tables, labelled image grids
+  checks      the experiment section, checked before anything trains
   conditioning, baselines   the conditioned model against its ablations; the baselines' configs and samplers
 
     from experiments import common, evaluation, reporting
@@ -28,11 +29,12 @@ plus experiments/<name>.py, which adds only its metrics and baselines. The share
         common.main("<name>", run)
 
 API:
-  main(name, run_fn)                     the CLI (absl): --config (default configs/<name>.py; a preset:
+  main(name, run_fn, check=None)         the CLI (absl): --config (default configs/<name>.py; a preset:
                                          configs/<name>.py:tiny or :full), --config.x=y overrides,
                                          --workdir (default workdirs/<name>), --results_dir (copy for git)
-  run_experiment(name, run_fn, config, workdir, results_dir=None) -> Run     the same, no flags (tests); the
-                                         sampler section is checked before anything trains
+  run_experiment(name, run_fn, config, workdir, results_dir=None, command=None, check=None) -> Run
+                                         the same, no flags (tests); the config is checked before
+                                         anything trains (`checks`; `check`: the experiment's own)
   Run        .config, .task (the config's MT-Diffusion task, built once), .workdir, .report,
              .phase(name) (times a block), .train(name, config, task, hooks)
 
@@ -63,11 +65,12 @@ import jax
 import ml_collections
 import numpy as np
 
-from experiments.evaluation import check_sampler_section
+from experiments.checks import Check, check_experiment_section
 from experiments.reporting import Report, markdown_table
 from experiments.trainer import Trained, train_model
 from mmdiff_jax import tasks
 from mmdiff_jax.training import Task, initialize_distributed
+from mmdiff_jax.training.loop import save_config
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -149,7 +152,7 @@ class Run:
         self.name, self.config, self.task, self.command = name, config, task, command
         self.workdir = pathlib.Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
-        (self.workdir / "config.json").write_text(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
+        save_config(config, self.workdir)
         self.report = Report(name, self.workdir)
         self.timings: dict[str, float] = {}
         self.trained: dict[str, Trained] = {}
@@ -269,13 +272,15 @@ def run_experiment(
     workdir: str | pathlib.Path,
     results_dir: str | pathlib.Path | None = None,
     command: str | None = None,
+    check: Check | None = None,
 ) -> Run:
     """Runs `run_fn(config, run)` in `workdir` and writes its report (the CLI without flags). The config's
-    MT-Diffusion task (`run.task`) is built here, once, and the config checked before anything trains
-    (config_io.ConfigError naming the key)."""
+    MT-Diffusion task (`run.task`) is built here, once, and the whole config checked before anything trains
+    (the experiment section by `checks.check_experiment_section` and `check`; config_io.ConfigError naming
+    the key)."""
     initialize_distributed(config.distributed)  # before the first JAX computation
     task = tasks.make_mt_diffusion_task(config)
-    check_sampler_section(config, task.schedule)
+    check_experiment_section(config, task.schedule, check)
     command = command or f"run_experiment({name!r}, preset={config.get('preset', '')!r})"
     run = Run(name, config, task, workdir, command)
     run_fn(config, run)
@@ -284,7 +289,10 @@ def run_experiment(
 
 
 def main(
-    name: str, run_fn: Callable[[ml_collections.ConfigDict, Run], None], default_config: str | None = None
+    name: str,
+    run_fn: Callable[[ml_collections.ConfigDict, Run], None],
+    default_config: str | None = None,
+    check: Check | None = None,
 ) -> None:
     """`python -m experiments.<name> [--config=...[:preset]] [--config.x=y] [--workdir=...] [--results_dir=...]`."""
     from absl import app, flags
@@ -312,6 +320,6 @@ def main(
             cli.check_directory_flag("results_dir", results_dir.value)
         config = cli.config_value(flags.FLAGS[config_flag.name])
         command = shlex.join(["python", "-m", f"experiments.{name}", *sys.argv[1:]])
-        run_experiment(name, run_fn, config, workdir.value, results_dir.value or None, command)
+        run_experiment(name, run_fn, config, workdir.value, results_dir.value or None, command, check)
 
     cli.run(run_main)  # flag mistakes: one line naming the flag (MMDIFF_DEBUG=1: the traceback)

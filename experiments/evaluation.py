@@ -2,9 +2,8 @@
 
 eval_batches(config, num_examples, batch_size, split=None, **data_options)   first examples, numpy batches
 map_batches(fn, batches, seed, desc)   fn(batch, rng) -> arrays, over batches, concatenated (numpy)
-sampler_options(section), describe_sampler(section), check_sampler_section(config)
-                                       a config sampler section -> `sampling.make_sample_fn` kwargs / words;
-                                       checked before anything trains
+sampler_options(section), describe_sampler(section)
+                                       a config sampler section -> `sampling.make_sample_fn` kwargs / words
 metrics_classifier(config)             the Fashion-MNIST CNN of the feature metrics (cached)
 reference_features(config, num_reference, classifier)   space -> features of the reference images, for
                                        each of config.experiment.feature_spaces ('fmnist_cnn', 'inception_v3')
@@ -28,9 +27,6 @@ from mmdiff_jax.data import embeddings
 from mmdiff_jax.metrics import features as features_lib
 from mmdiff_jax.metrics.distribution import compute_features
 from mmdiff_jax.training import config_io
-
-
-FEATURE_EVALUATORS = ("fid", "precision_recall", "feature_distribution")
 
 
 def eval_batches(
@@ -86,28 +82,6 @@ def sampler_options(section: Mapping[str, Any]) -> dict[str, Any]:
 SAMPLER_KEYS = ("method", "num_steps", "eta", "variant", "spacing", "variance")
 
 
-def check_sampler_section(config: ml_collections.ConfigDict, schedule: Any) -> None:
-    """`config.experiment.sampler` checked against the config's schedule before anything trains (an experiment
-    would otherwise fail after its training, at its first sample): config_io.ConfigError naming the key."""
-    section = config.experiment.get("sampler")
-    if section is None:
-        return
-    unknown = sorted(set(section) - set(SAMPLER_KEYS))
-    if unknown:
-        raise config_io.ConfigError(f"config.experiment.sampler: unknown keys {unknown}; known: {list(SAMPLER_KEYS)}")
-    options = sampler_options(section)
-    try:
-        sampling.check_sampler(
-            schedule,
-            options.get("method", "ddim"),
-            options.get("num_steps"),
-            options.get("variant", "2M"),
-            options.get("spacing", "time_uniform"),
-        )
-    except ValueError as error:
-        raise config_io.ConfigError(f"config.experiment.sampler: {error}") from error
-
-
 def describe_sampler(section: Mapping[str, Any]) -> str:
     """A config sampler section in words (method, steps and the options it uses)."""
     if section["method"] == "ddpm":
@@ -140,16 +114,6 @@ def metrics_classifier(config: ml_collections.ConfigDict) -> features_lib.Classi
     )
 
 
-def _evaluator_spec(spec: Any) -> tuple[str, dict[str, Any]]:
-    if isinstance(spec, str):
-        return spec, {}
-    if isinstance(spec, Mapping):
-        spec = dict(spec)
-        return spec.pop("name"), spec
-    name, kwargs = spec
-    return name, dict(kwargs)
-
-
 def feature_fn(space: str, classifier: features_lib.Classifier) -> features_lib.FeatureFn:
     """The feature network of a feature space: 'fmnist_cnn' (`classifier`), or a registered one such as
     'inception_v3' (its weights from $MMDIFF_INCEPTION_WEIGHTS or the default path; loaded once)."""
@@ -180,29 +144,21 @@ def evaluate_metrics(
     reference_features: Mapping[str, np.ndarray] | None = None,
 ) -> dict[str, float]:
     """`mmdiff_jax.metrics` evaluators from config specs ("name", (name, kwargs) or {"name": ...}) over
-    `batches`. perceptual_fmnist_cnn gets `classifier`; a feature evaluator (fid / precision_recall /
-    feature_distribution) runs in the feature space its spec names (`features`), or else once per feature
-    space of `reference_features` (from `reference_features()`; default: 'fmnist_cnn' alone), against the
-    reference features of that space when there are some ('fmnist_cnn' is `classifier`'s features)."""
+    `batches`, each given the resources it declares (`metrics.evaluator_needs`): `classifier`, and for an
+    evaluator of a feature space (fid / precision_recall / feature_distribution) its network, name and reference
+    features, once per space of `reference_features` (from `reference_features()`; default: 'fmnist_cnn' alone,
+    whose network is `classifier`'s features) or in the one space its spec names (`features`)."""
     references = dict(reference_features or {"fmnist_cnn": None})
     evaluators = []
-    for spec in specs:
-        name, kwargs = _evaluator_spec(spec)
-        if name == "perceptual_fmnist_cnn":
-            kwargs.setdefault("classifier", classifier)
-        if name in FEATURE_EVALUATORS and not callable(kwargs.get("features")):
-            named = kwargs.pop("features", None)
-            spaces = references if named is None else {named: references.get(named)}
-            evaluators += [
-                metrics_lib.make_evaluator(
-                    name,
-                    **kwargs,
-                    features=feature_fn(space, classifier),
-                    feature_name=space,
-                    reference_features=reference,
-                )
-                for space, reference in spaces.items()
-            ]
-        else:
-            evaluators.append(metrics_lib.make_evaluator(name, **kwargs))
+    for name, kwargs in map(metrics_lib.parse_spec, specs):
+        resources = {"classifier": classifier}
+        if "features" not in metrics_lib.evaluator_needs(name) or callable(kwargs.get("features")):
+            evaluators.append(metrics_lib.make_evaluator(name, resources, **kwargs))
+            continue
+        named = kwargs.pop("features", None)
+        for space, reference in (references if named is None else {named: references.get(named)}).items():
+            space_resources = dict(
+                resources, features=feature_fn(space, classifier), feature_name=space, reference_features=reference
+            )
+            evaluators.append(metrics_lib.make_evaluator(name, space_resources, **kwargs))
     return metrics_lib.evaluate(evaluators, batches)

@@ -60,6 +60,25 @@ def method_labels(config: ml_collections.ConfigDict) -> dict[str, str]:
     }
 
 
+RESTORATION_METHODS = (
+    "mt_diffusion",
+    "mt_diffusion_repaint",
+    "sdedit",
+    "ddpm_repaint",
+    "reconstruction",
+    "masked_input",
+)  # config experiment.restoration.methods (`restoration_methods`)
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+    """This experiment's own checks, before anything trains (`checks.check_experiment_section`)."""
+    unknown = sorted(set(config.experiment.restoration.methods) - set(RESTORATION_METHODS))
+    if unknown:
+        raise ValueError(
+            f"config.experiment.restoration.methods: unknown {unknown}; known: {list(RESTORATION_METHODS)}"
+        )
+
+
 def all_methods(config: ml_collections.ConfigDict) -> tuple[str, ...]:
     """The configured restoration methods, the guidance sweep's and, with the ablation, the aggregation-only
     model's."""
@@ -96,11 +115,7 @@ def restoration_methods(config: ml_collections.ConfigDict, models: dict[str, tra
         "reconstruction": lambda: _reconstructor(baselines.make_reconstruct_fn(recon), recon.params, masked),
         "masked_input": lambda: lambda batch, rng: batch[masked],
     }
-    methods = all_methods(config)
-    unknown = sorted(set(methods) - set(makers))
-    if unknown:
-        raise ValueError(f"config.experiment.restoration.methods: unknown {unknown}; known: {sorted(makers)}")
-    return {name: makers[name]() for name in methods}
+    return {name: makers[name]() for name in all_methods(config)}  # known names: `check_config`
 
 
 def _reconstructor(reconstruct, params, masked):
@@ -386,4 +401,4 @@ def run(config: ml_collections.ConfigDict, run: common.Run) -> None:
 
 
 if __name__ == "__main__":
-    common.main(NAME, run)
+    common.main(NAME, run, check=check_config)

@@ -241,6 +241,22 @@ def modality_schedule(
     )
 
 
+def check_schedule(modalities: Sequence[Modality], schedule: DiffusionSchedule) -> None:
+    """ValueError unless `schedule` has one weight row per modality (`modality_schedule` builds it)."""
+    if schedule.num_modalities != len(modalities):
+        raise ValueError(
+            f"the schedule has weights for {schedule.num_modalities} modalities but the model has "
+            f"{len(modalities)} ({[m.name for m in modalities]}): build it with `modalities.modality_schedule`"
+        )
+
+
+def model_variables(params: Any) -> dict[str, Any]:
+    """The Flax variables {'params': ...} from the parameter tree, or the variables dict itself."""
+    if isinstance(params, Mapping) and set(params.keys()) == {"params"}:
+        return dict(params)
+    return {"params": params}
+
+
 def modality_data(modality: Modality, batch: Batch) -> Array:
     """x_i from a batch: the array at `modality.name`; a masked image as [x * mask, mask] (C + 1 channels)."""
     data = batch[modality.name]

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from mmdiff_jax import diffusion, losses
-from mmdiff_jax.modalities import Modality, MTDiffusion, recovery_nll, validate_batch
+from mmdiff_jax.modalities import Modality, MTDiffusion, check_schedule, model_variables, recovery_nll, validate_batch
 from mmdiff_jax.schedules import DiffusionSchedule
 
 Array = jax.Array
@@ -57,13 +57,6 @@ class LossConfig:
         return cls(**values)
 
 
-def _variables(params: Any) -> dict[str, Any]:
-    """Accepts the parameter tree (`variables['params']`) or the full {'params': ...} variables dict."""
-    if isinstance(params, Mapping) and set(params.keys()) == {"params"}:
-        return params
-    return {"params": params}
-
-
 def make_loss_fn(
     model: MTDiffusion, schedule: DiffusionSchedule, loss_config: LossConfig | Mapping[str, Any] | None = None
 ) -> LossFn:
@@ -75,12 +68,7 @@ def make_loss_fn(
     'accuracy/<name>' for categorical heads.
     """
     config = LossConfig.from_any(loss_config)
-    if schedule.num_modalities != len(model.modalities):
-        raise ValueError(
-            f"the schedule has weights for {schedule.num_modalities} modalities but the model has "
-            f"{len(model.modalities)} ({[m.name for m in model.modalities]}): build it with "
-            f"`modalities.modality_schedule`"
-        )
+    check_schedule(model.modalities, schedule)
     with_heads = {m.name: m for m in model.modalities if m.loss != "none"}
     recovery_weights = {name: float(m.loss_weight) for name, m in with_heads.items()}
     categorical = [name for name, m in with_heads.items() if m.loss == "categorical"]
@@ -91,7 +79,7 @@ def make_loss_fn(
     ) -> tuple[Array, dict[str, Array]]:
         """One Monte-Carlo estimate of the simplified bound on `batch`; rng drives t, eps and dropout."""
         batch_size = validate_batch(model.modalities, model.z_shape, batch, primary=model.primary)
-        variables = _variables(params)
+        variables = model_variables(params)
         step_rng, noise_rng, dropout_rng = jax.random.split(rng, 3)
         z_0 = jnp.asarray(batch[model.primary], jnp.float32)
         t = jax.random.randint(step_rng, (batch_size,), 1, num_steps + 1)

@@ -15,7 +15,7 @@ from ml_collections import config_flags
 
 from configs.masked_pretrain import get_config
 from experiments import common, masked_pretrain, reporting, trainer
-from mmdiff_jax.training import cli
+from mmdiff_jax.training import cli, config_io
 from tests.training_helpers import REPO, run_experiment_cli, write_arrays
 
 
@@ -146,18 +146,37 @@ def test_metric_curve_measures_at_its_steps_and_a_resumed_run_keeps_earlier_poin
     assert json.loads((tmp_path / "curve.json").read_text()) == {"2": 20.0, "4": 3.0}
 
 
+def _set(path, value):
+    def mutate(config):
+        *sections, key = path.split(".")
+        section = config.experiment
+        for name in sections:
+            section = section[name]
+        section[key] = value
+
+    return mutate
+
+
 @pytest.mark.parametrize(
-    "key, value, message",
+    "mutate, message",
     [
-        ("method", "dpm", "unknown sampling method 'dpm'"),
-        ("spacing", "uniform", "spacing"),
-        ("num_stepz", 3, r"unknown keys \['num_stepz'\]"),
+        (_set("sampler.method", "dpm"), r"config.experiment.sampler: .*unknown sampling method 'dpm'"),
+        (_set("sampler.spacing", "uniform"), r"config.experiment.sampler: .*spacing"),
+        (_set("sampler.num_stepz", 3), r"config.experiment.sampler: unknown keys \['num_stepz'\]"),
+        (_set("restoration.methods", ("sdedit", "inpaint")), r"restoration.methods: unknown \['inpaint'\]"),
+        (_set("restoration.metrics", ("psnr", "psnrr")), r"config.experiment.restoration.metrics: .*\['psnrr'\]"),
+        (_set("feature_spaces", ("fmnist_cnn", "clip")), r"config.experiment.feature_spaces: unknown \['clip'\]"),
+        (_set("unconditional.num_samples", 6), r"unconditional.num_samples = 6 is not a multiple of .*batch_size = 4"),
+        (_set("curve.num_points", 0), r"config.experiment.curve: num_points \(0\)"),
     ],
 )
-def test_a_bad_sampler_is_refused_before_anything_trains(tmp_path, key, value, message):
+def test_a_bad_experiment_section_is_refused_before_anything_trains(tmp_path, mutate, message):
+    """The whole config is checked before any training (otherwise these fail after it, at evaluation)."""
     config = get_config("tiny")
     config.experiment.sampler.method = "dpm_solver++"
-    config.experiment.sampler[key] = value
-    with pytest.raises(ValueError, match=rf"config.experiment.sampler: .*{message}"):
-        common.run_experiment(masked_pretrain.NAME, masked_pretrain.run, config, tmp_path / "run")
+    mutate(config)
+    with pytest.raises(config_io.ConfigError, match=message):
+        common.run_experiment(
+            masked_pretrain.NAME, masked_pretrain.run, config, tmp_path / "run", check=masked_pretrain.check_config
+        )
     assert not (tmp_path / "run").exists()

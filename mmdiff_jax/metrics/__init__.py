@@ -27,8 +27,11 @@ from mmdiff_jax.metrics import inception
 from mmdiff_jax.metrics import lpips
 from mmdiff_jax.metrics.base import Evaluator
 from mmdiff_jax.metrics.base import MeanEvaluator
+from mmdiff_jax.metrics.base import check_specs
 from mmdiff_jax.metrics.base import evaluate
+from mmdiff_jax.metrics.base import evaluator_needs
 from mmdiff_jax.metrics.base import make_evaluator
 from mmdiff_jax.metrics.base import make_evaluators
+from mmdiff_jax.metrics.base import parse_spec
 from mmdiff_jax.metrics.base import register
 from mmdiff_jax.metrics.base import registered_evaluators

@@ -12,8 +12,13 @@ An experiment lists the metrics it wants in its config, as data:
 
   config.metrics = ["psnr", ("psnr", {"region": "masked"}),
                     {"name": "fid", "features": "fmnist_cnn"}]
-  evaluators = make_evaluators(config.metrics)
+  evaluators = make_evaluators(config.metrics, resources={"classifier": cnn})
   results = evaluate(evaluators, batches)
+
+Dependencies that are objects, not data (a classifier, a feature network and its reference features), are
+injected the same way for every evaluator: each declares the ones it takes (`register(name, needs=...)`,
+keyword arguments of those names) and `make_evaluator` fills them from the caller's `resources` unless the
+spec gives them.
 
 Batch keys (defaults; every evaluator takes its keys as arguments):
   image                [B, H, W, C] float, the reference images, in [-1, 1]
@@ -35,6 +40,7 @@ from typing import Any
 import numpy as np
 
 _REGISTRY: dict[str, Callable[..., "Evaluator"]] = {}
+_NEEDS: dict[str, tuple[str, ...]] = {}
 
 
 class Evaluator(abc.ABC):
@@ -93,13 +99,15 @@ def require(batch: Mapping[str, Any], key: str, evaluator: str) -> Any:
     return batch[key]
 
 
-def register(name: str):
-    """Class decorator: makes an evaluator available to `make_evaluator(name)`."""
+def register(name: str, *, needs: tuple[str, ...] = ()):
+    """Decorator: makes an evaluator factory available to `make_evaluator(name)`; `needs` names the
+    keyword arguments it takes from the caller's `resources` (module docstring)."""
 
     def decorate(factory):
         if name in _REGISTRY:
             raise ValueError(f"evaluator {name!r} is registered twice")
         _REGISTRY[name] = factory
+        _NEEDS[name] = tuple(needs)
         return factory
 
     return decorate
@@ -109,25 +117,43 @@ def registered_evaluators() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def make_evaluator(name: str, **kwargs) -> Evaluator:
-    if name not in _REGISTRY:
-        raise KeyError(f"unknown evaluator {name!r}; registered: {registered_evaluators()}")
+def evaluator_needs(name: str) -> tuple[str, ...]:
+    """The resources evaluator `name` takes (`register(..., needs=)`); KeyError for an unknown name."""
+    check_specs([name])
+    return _NEEDS[name]
+
+
+def parse_spec(spec: Any) -> tuple[str, dict[str, Any]]:
+    """A config entry "name", (name, kwargs) or {"name": ..., **kwargs} as (name, kwargs)."""
+    if isinstance(spec, str):
+        return spec, {}
+    if isinstance(spec, Mapping):
+        kwargs = dict(spec)
+        return kwargs.pop("name"), kwargs
+    name, kwargs = spec
+    return name, dict(kwargs)
+
+
+def check_specs(specs: Iterable[Any]) -> None:
+    """KeyError naming the specs' evaluators that are not registered (before anything is computed)."""
+    unknown = sorted({parse_spec(spec)[0] for spec in specs} - set(_REGISTRY))
+    if unknown:
+        raise KeyError(f"unknown evaluators {unknown}; registered: {registered_evaluators()}")
+
+
+def make_evaluator(name: str, resources: Mapping[str, Any] | None = None, **kwargs) -> Evaluator:
+    """Evaluator `name` built with `kwargs`, its declared needs filled from `resources` where the kwargs
+    do not give them."""
+    check_specs([name])
+    for need in _NEEDS[name]:
+        if need not in kwargs and resources is not None and need in resources:
+            kwargs[need] = resources[need]
     return _REGISTRY[name](**kwargs)
 
 
-def make_evaluators(specs: Iterable[Any]) -> list[Evaluator]:
-    """Evaluators from config entries: "name", (name, kwargs) or {"name": ..., **kwargs}."""
-    evaluators = []
-    for spec in specs:
-        if isinstance(spec, str):
-            evaluators.append(make_evaluator(spec))
-        elif isinstance(spec, Mapping):
-            kwargs = dict(spec)
-            evaluators.append(make_evaluator(kwargs.pop("name"), **kwargs))
-        else:
-            name, kwargs = spec
-            evaluators.append(make_evaluator(name, **dict(kwargs)))
-    return evaluators
+def make_evaluators(specs: Iterable[Any], resources: Mapping[str, Any] | None = None) -> list[Evaluator]:
+    """Evaluators from config entries (`parse_spec`), each given the `resources` it needs."""
+    return [make_evaluator(name, resources, **kwargs) for name, kwargs in map(parse_spec, specs)]
 
 
 def evaluate(evaluators: Iterable[Evaluator], batches: Iterable[Mapping[str, Any]]) -> dict[str, float]:

@@ -225,6 +225,9 @@ class FeatureDistribution(base.Evaluator):
         return results
 
 
-base.register("feature_distribution")(FeatureDistribution)
-base.register("fid")(functools.partial(FeatureDistribution, metrics=("fid",)))
-base.register("precision_recall")(functools.partial(FeatureDistribution, metrics=("precision", "recall")))
+FEATURE_NEEDS = ("features", "feature_name", "reference_features")  # a feature space: network, name, reference set
+base.register("feature_distribution", needs=FEATURE_NEEDS)(FeatureDistribution)
+base.register("fid", needs=FEATURE_NEEDS)(functools.partial(FeatureDistribution, metrics=("fid",)))
+base.register("precision_recall", needs=FEATURE_NEEDS)(
+    functools.partial(FeatureDistribution, metrics=("precision", "recall"))
+)

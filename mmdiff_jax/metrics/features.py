@@ -174,6 +174,11 @@ _FEATURE_NETWORKS: dict[str, Callable[..., FeatureFn]] = {
 }
 
 
+def feature_networks() -> list[str]:
+    """The names `get_feature_fn` knows."""
+    return sorted(_FEATURE_NETWORKS)
+
+
 def get_feature_fn(features: str | FeatureFn, **kwargs) -> FeatureFn:
     """A feature function by registered name, or `features` itself if callable."""
     if callable(features):
@@ -194,7 +199,7 @@ def get_classifier(classifier: str | Classifier | Callable, **kwargs):
     return default_classifier(**kwargs).predict
 
 
-@base.register("perceptual_fmnist_cnn")
+@base.register("perceptual_fmnist_cnn", needs=("classifier",))
 class PerceptualDistance(base.MeanEvaluator):
     """Mean `perceptual_distance` (Fashion-MNIST CNN, uncalibrated; not LPIPS).
 

@@ -20,7 +20,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from mmdiff_jax.modalities import MASK_KEY, Modality, MTDiffusion
+from mmdiff_jax.modalities import MASK_KEY, Modality, MTDiffusion, check_schedule, model_variables
 from mmdiff_jax.sampling.guidance import classifier_free_guidance, classifier_guidance
 from mmdiff_jax.sampling.restoration import known_region_hook
 from mmdiff_jax.sampling.methods import check_sampler, sample_chain
@@ -35,22 +35,6 @@ class Samples(NamedTuple):
     image: Array  # [B, *S], z_0 clipped to [-1, 1] (pixel space: z_0 = x_0)
     z_0: Array  # [B, *S], the sampler's raw output
     outputs: dict[str, dict[str, Array]]  # name -> decoded head output (`decode_heads`), observed ones too
-
-
-def model_variables(params: Any) -> dict[str, Any]:
-    """Accepts the parameter tree or the full {'params': ...} variables dict."""
-    if isinstance(params, Mapping) and set(params.keys()) == {"params"}:
-        return dict(params)
-    return {"params": params}
-
-
-def check_schedule(model: MTDiffusion, schedule: DiffusionSchedule) -> None:
-    if schedule.num_modalities != len(model.modalities):
-        raise ValueError(
-            f"the schedule has weights for {schedule.num_modalities} modalities but the model has "
-            f"{len(model.modalities)} ({[m.name for m in model.modalities]}): build it with "
-            f"`modalities.modality_schedule`"
-        )
 
 
 def observed_batch_size(observed: Observed, batch_size: int | None) -> int:
@@ -232,7 +216,7 @@ def make_sample_fn(
       (needed only when nothing is observed); the scales' values, labels, params and observed values
       are traced.
     """
-    check_schedule(model, schedule)
+    check_schedule(model.modalities, schedule)
     num_steps = check_sampler(schedule, method, num_steps, variant, spacing)
     if repaint is not None:
         check_modality(model, repaint, ("masked_image",), "repaint")

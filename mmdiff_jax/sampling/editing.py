@@ -14,11 +14,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from mmdiff_jax.modalities import MASK_KEY, MTDiffusion
+from mmdiff_jax.modalities import MASK_KEY, MTDiffusion, check_schedule
 from mmdiff_jax.sampling.conditional import (
     Samples,
     check_modality,
-    check_schedule,
     decode_heads,
     head_estimates,
     make_denoise,
@@ -67,7 +66,7 @@ def make_sdedit_fn(
 ):
     """SDEdit: sdedit(params, guide [B, *S], rng) -> Samples, with a model that observes nothing (N = 0);
     `restoration.sdedit_sample` (strength, num_steps: of a full chain from T, eta, clip_denoised)."""
-    check_schedule(model, schedule)
+    check_schedule(model.modalities, schedule)
 
     def sdedit(params, guide, rng) -> Samples:
         output = sdedit_sample(

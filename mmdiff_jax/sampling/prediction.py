@@ -17,7 +17,8 @@ import jax.numpy as jnp
 
 from mmdiff_jax import diffusion
 from mmdiff_jax.modalities import MTDiffusion
-from mmdiff_jax.sampling.conditional import Observed, check_schedule, decode_heads, head_estimates, make_denoise
+from mmdiff_jax.modalities import check_schedule
+from mmdiff_jax.sampling.conditional import Observed, decode_heads, head_estimates, make_denoise
 from mmdiff_jax.schedules import DiffusionSchedule
 
 Array = jax.Array
@@ -36,7 +37,7 @@ def make_predict_fn(
     image: x_0 [B, *S]; t: the noise level in 1..T (traced: no recompilation per level). Jit-compiled
     once per batch shape and observed subset; `sharding` constrains the batch axis of z_t.
     """
-    check_schedule(model, schedule)
+    check_schedule(model.modalities, schedule)
     if num_noise_samples < 1:
         raise ValueError(f"num_noise_samples must be >= 1, got {num_noise_samples}")
 

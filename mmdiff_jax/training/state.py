@@ -66,7 +66,8 @@ def learning_rate_schedule(optim: Mapping[str, Any], total_steps: int) -> optax.
     return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), decay], [warmup])
 
 
-def _decay_mask(params: Any) -> Any:
+def decay_mask(params: Any) -> Any:
+    """True for the leaves weight decay applies to: weights of rank >= 2 (not biases or norm scales)."""
     return jax.tree.map(lambda leaf: leaf.ndim >= 2, params)
 
 
@@ -79,7 +80,7 @@ def make_optimizer(optim: Mapping[str, Any], total_steps: int) -> tuple[optax.Gr
         b2=optim["b2"],
         eps=optim["eps"],
         weight_decay=optim["weight_decay"],
-        mask=_decay_mask,
+        mask=decay_mask,
     )
     if optim["grad_clip_norm"] > 0:
         return optax.chain(optax.clip_by_global_norm(optim["grad_clip_norm"]), adamw), learning_rate
