@@ -33,7 +33,8 @@ RESULTS = REPO / "bench" / "results"
 if str(REPO) not in sys.path:  # run from a checkout without installing
     sys.path.insert(0, str(REPO))
 
-from mmdiff_jax.modalities import Modality, MTDiffusion, modality_schedule  # noqa: E402
+from mmdiff_jax.modalities import Modality, modality_schedule  # noqa: E402
+from mmdiff_jax.models.mt_diffusion import MTDiffusion  # noqa: E402
 from mmdiff_jax.models.unet import unet_preset  # noqa: E402
 from mmdiff_jax.tasks.mt_diffusion import DTYPES  # noqa: E402
 

@@ -32,7 +32,8 @@ import numpy as np
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
-from mmdiff_jax.modalities import Modality, MTDiffusion, init_variables, modality_schedule  # noqa: E402
+from mmdiff_jax.modalities import Modality, modality_schedule  # noqa: E402
+from mmdiff_jax.models.mt_diffusion import MTDiffusion, init_variables  # noqa: E402
 from mmdiff_jax.models.unet import unet_preset  # noqa: E402
 from mmdiff_jax.sampling import make_sample_fn  # noqa: E402
 

@@ -22,7 +22,6 @@ import numpy as np
 
 from experiments.trainer import copy_config
 from mmdiff_jax import metrics as metrics_lib
-from mmdiff_jax import sampling
 from mmdiff_jax.data import embeddings
 from mmdiff_jax.metrics import features as features_lib
 from mmdiff_jax.metrics.distribution import compute_features

@@ -2,9 +2,11 @@
 
 Layers (each imports only the ones above it):
   schedules, diffusion, losses   the pure math (no Flax), docs/design.md sections 1-4
-  models, modalities             Flax Linen networks and the assembled model
+  modalities, models             the modality specs; Flax Linen networks and the assembled MTDiffusion
   data                           TFDS builders and grain input pipelines
-  training, sampling, metrics    loops, samplers and evaluators
+  training                       the trainer (no model code: what it trains comes in as a `Task`)
+  sampling, metrics              samplers and evaluators
+  tasks                          what is trained, built once from a config (MT-Diffusion, the baselines)
 """
 
 __version__ = "0.1.0"

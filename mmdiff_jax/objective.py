@@ -29,7 +29,8 @@ import jax
 import jax.numpy as jnp
 
 from mmdiff_jax import diffusion, losses
-from mmdiff_jax.modalities import Modality, MTDiffusion, check_schedule, model_variables, recovery_nll, validate_batch
+from mmdiff_jax.modalities import Modality, check_schedule, model_variables, recovery_nll, validate_batch
+from mmdiff_jax.models.mt_diffusion import MTDiffusion
 from mmdiff_jax.schedules import DiffusionSchedule
 
 Array = jax.Array

@@ -18,7 +18,8 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "bench"))
 import torch_unet  # noqa: E402
 
 from mmdiff_jax import diffusion, losses  # noqa: E402
-from mmdiff_jax.modalities import Modality, MTDiffusion, init_variables, modality_schedule, recovery_nll  # noqa: E402
+from mmdiff_jax.modalities import Modality, modality_schedule, recovery_nll  # noqa: E402
+from mmdiff_jax.models.mt_diffusion import MTDiffusion, init_variables  # noqa: E402
 from mmdiff_jax.models.unet import unet_preset  # noqa: E402
 
 

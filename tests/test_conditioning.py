@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from mmdiff_jax import diffusion
-from mmdiff_jax.modalities import MASK_KEY, Modality, MTDiffusion, example_batch, init_variables, modality_schedule
+from mmdiff_jax.modalities import MASK_KEY, Modality, modality_schedule
+from mmdiff_jax.models.mt_diffusion import MTDiffusion, example_batch, init_variables
 from mmdiff_jax.models.unet import UNet, unet_preset
 from mmdiff_jax.objective import condition_dropout, make_loss_fn
 from mmdiff_jax.sampling import Prediction, ddim_sample, ddpm_sample, make_sample_fn

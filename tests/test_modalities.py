@@ -5,14 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mmdiff_jax.modalities import (
-    Modality,
-    MTDiffusion,
-    example_batch,
-    init_variables,
-    modality_schedule,
-    validate_batch,
-)
+from mmdiff_jax.modalities import Modality, modality_schedule, validate_batch
+from mmdiff_jax.models.mt_diffusion import MTDiffusion, example_batch, init_variables
 from mmdiff_jax.models.encoders import make_encoder
 from mmdiff_jax.models.unet import unet_preset
 

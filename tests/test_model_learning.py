@@ -16,7 +16,8 @@ import numpy as np
 import optax
 
 from mmdiff_jax import diffusion
-from mmdiff_jax.modalities import Modality, MTDiffusion, init_variables, modality_schedule
+from mmdiff_jax.modalities import Modality, modality_schedule
+from mmdiff_jax.models.mt_diffusion import MTDiffusion, init_variables
 from mmdiff_jax.models.unet import unet_preset
 from mmdiff_jax.objective import make_loss_fn
 from mmdiff_jax.sampling import make_sample_fn

@@ -8,7 +8,8 @@ import numpy as np
 import optax
 import pytest
 
-from mmdiff_jax.modalities import Modality, MTDiffusion, init_variables, modality_schedule
+from mmdiff_jax.modalities import Modality, modality_schedule
+from mmdiff_jax.models.mt_diffusion import MTDiffusion, init_variables
 from mmdiff_jax.models.unet import unet_preset
 from mmdiff_jax.objective import LossConfig, make_loss_fn
 from tests.test_modalities import KEY, MICRO, Z_SHAPE, random_batch

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from mmdiff_jax import diffusion
-from mmdiff_jax.modalities import MASK_KEY, Modality, MTDiffusion, init_variables, modality_schedule
+from mmdiff_jax.modalities import MASK_KEY, Modality, modality_schedule
+from mmdiff_jax.models.mt_diffusion import MTDiffusion, init_variables
 from mmdiff_jax.models.unet import unet_preset
 from mmdiff_jax.sampling import Prediction, ddim_sample, dpm_solver_sample, make_sample_fn, solver_timesteps
 from mmdiff_jax.sampling.dpm_solver import half_log_snr, model_calls

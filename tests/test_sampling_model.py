@@ -12,9 +12,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mmdiff_jax import modalities as modalities_module
+from mmdiff_jax.models import mt_diffusion as mt_diffusion_module
 from mmdiff_jax import schedules
-from mmdiff_jax.modalities import Modality, MTDiffusion, init_variables
+from mmdiff_jax.modalities import Modality
+from mmdiff_jax.models.mt_diffusion import MTDiffusion, init_variables
 from mmdiff_jax.models.encoders import Encoder, rms_normalize
 from mmdiff_jax.models.unet import unet_preset
 from mmdiff_jax.sampling import (
@@ -65,13 +66,13 @@ def random_variables(model):
 
 @pytest.fixture(scope="module")
 def setup():
-    original = modalities_module.make_encoder
+    original = mt_diffusion_module.make_encoder
 
     def make_encoder(kind, z_shape, **options):
         return ProbeEncoder(z_shape, False) if kind == "conv1x1" else original(kind, z_shape, **options)
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(modalities_module, "make_encoder", make_encoder)
+        patch.setattr(mt_diffusion_module, "make_encoder", make_encoder)
         specs = (
             Modality("masked_image", "masked_image", Z_SHAPE, weight_schedule=("bridge", 1.0)),
             Modality("label", "label", (), num_classes=3, weight_schedule=("constant", 0.5)),

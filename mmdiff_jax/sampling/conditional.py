@@ -20,7 +20,8 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from mmdiff_jax.modalities import MASK_KEY, Modality, MTDiffusion, check_schedule, model_variables
+from mmdiff_jax.modalities import MASK_KEY, Modality, check_schedule, model_variables
+from mmdiff_jax.models.mt_diffusion import MTDiffusion
 from mmdiff_jax.sampling.guidance import classifier_free_guidance, classifier_guidance
 from mmdiff_jax.sampling.restoration import known_region_hook
 from mmdiff_jax.sampling.methods import check_sampler, sample_chain

@@ -14,7 +14,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from mmdiff_jax.modalities import MASK_KEY, MTDiffusion, check_schedule
+from mmdiff_jax.modalities import MASK_KEY, check_schedule
+from mmdiff_jax.models.mt_diffusion import MTDiffusion
 from mmdiff_jax.sampling.conditional import (
     Samples,
     check_modality,

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from mmdiff_jax import diffusion
-from mmdiff_jax.modalities import MTDiffusion
+from mmdiff_jax.models.mt_diffusion import MTDiffusion
 from mmdiff_jax.modalities import check_schedule
 from mmdiff_jax.sampling.conditional import Observed, decode_heads, head_estimates, make_denoise
 from mmdiff_jax.schedules import DiffusionSchedule

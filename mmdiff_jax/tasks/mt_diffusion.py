@@ -23,7 +23,8 @@ import ml_collections
 
 from mmdiff_jax import data as data_lib
 from mmdiff_jax import objective
-from mmdiff_jax.modalities import MASK_KEY, Modality, MTDiffusion, init_variables, modality_schedule
+from mmdiff_jax.modalities import MASK_KEY, Modality, modality_schedule
+from mmdiff_jax.models.mt_diffusion import MTDiffusion, init_variables
 from mmdiff_jax.models.unet import UNetConfig
 from mmdiff_jax.tasks import sample_grids
 from mmdiff_jax.training import config_io
@@ -149,7 +150,7 @@ def model_signature(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 
 def params_init_fn(model: MTDiffusion):
-    """rng -> the parameters of an MTDiffusion model (`modalities.init_variables`; pure)."""
+    """rng -> the parameters of an MTDiffusion model (`models.mt_diffusion.init_variables`; pure)."""
     return lambda rng: init_variables(model, rng)["params"]
 
 

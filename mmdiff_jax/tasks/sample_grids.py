@@ -26,7 +26,8 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 
 from mmdiff_jax import diffusion
-from mmdiff_jax.modalities import MASK_KEY, MTDiffusion, modality_data
+from mmdiff_jax.modalities import MASK_KEY, modality_data
+from mmdiff_jax.models.mt_diffusion import MTDiffusion
 from mmdiff_jax.training import mesh as mesh_lib
 from mmdiff_jax.training.task import DrawFn
 
