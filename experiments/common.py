@@ -8,7 +8,9 @@ plus experiments/<name>.py, which adds only its metrics and baselines. The share
   evaluation  eval_batches, map_batches, the sampler section, the metrics' classifier and evaluators
   reporting   Report, markdown tables, labelled image grids
   checks      the experiment section, checked before anything trains
+  machine     the hardware, git commit and load a run reports
   conditioning, baselines   the conditioned model against its ablations; the baselines' configs and samplers
+  restoration the restoration methods masked_pretrain compares
 
     from experiments import common, evaluation, reporting
     from mmdiff_jax import sampling
@@ -48,99 +50,23 @@ resumes every model from its latest checkpoint; finished models are only restore
 from __future__ import annotations
 
 import contextlib
-import os
 import pathlib
-import platform
 import resource
 import shlex
 import shutil
-import subprocess
 import sys
-import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
 
-import jax
 import ml_collections
-import numpy as np
 
+from experiments import machine
 from experiments.checks import Check, check_experiment_section
 from experiments.reporting import Report, markdown_table
 from experiments.trainer import Trained, train_model
 from mmdiff_jax import tasks
 from mmdiff_jax.training import Task, initialize_distributed
 from mmdiff_jax.training.loop import save_config
-
-REPO = pathlib.Path(__file__).resolve().parents[1]
-
-
-def hardware() -> dict[str, Any]:
-    """CPU model, cores, memory, JAX backend and devices of this process."""
-    info: dict[str, Any] = {
-        "cpu_count": os.cpu_count(),
-        "python": platform.python_version(),
-        "jax": jax.__version__,
-        "backend": jax.default_backend(),
-        "devices": [str(d.device_kind) for d in jax.devices()],
-    }
-    with contextlib.suppress(OSError):
-        info["usable_cores"] = len(os.sched_getaffinity(0))
-    with contextlib.suppress(OSError, StopIteration):
-        text = pathlib.Path("/proc/cpuinfo").read_text()
-        info["cpu"] = next(line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name"))
-    with contextlib.suppress(OSError, StopIteration):
-        text = pathlib.Path("/proc/meminfo").read_text()
-        kib = int(next(line.split()[1] for line in text.splitlines() if line.startswith("MemTotal")))
-        info["memory_gib"] = round(kib / 2**20, 1)
-    return info
-
-
-def _git_commit() -> str:
-    with contextlib.suppress(OSError, subprocess.SubprocessError):
-        return subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10
-        ).stdout.strip()
-    return ""
-
-
-class _LoadMonitor:
-    """Samples the 1-minute load average every `interval` s in a daemon thread (other users' work shows)."""
-
-    def __init__(self, interval: float = 10.0):
-        self.samples = [os.getloadavg()[0]]
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(interval,), daemon=True)
-        self._thread.start()
-
-    def _run(self, interval):
-        while not self._stop.wait(interval):
-            self.samples.append(os.getloadavg()[0])
-
-    def stop(self) -> dict[str, float]:
-        self._stop.set()
-        self.samples.append(os.getloadavg()[0])
-        return {
-            "start": self.samples[0],
-            "end": self.samples[-1],
-            "mean": float(np.mean(self.samples)),
-            "max": float(np.max(self.samples)),
-        }
-
-
-def load_sentence(load: Mapping[str, float], cores: int) -> str:
-    """The report's line on machine load: whether other jobs shared the cores (the run alone loads about
-    `cores`: XLA runs one thread per core; the 1-minute average lags, so the mean decides)."""
-    shared = load["mean"] > cores + 0.5
-    verdict = (
-        "other jobs shared the cores, so an idle machine runs faster"
-        if shared
-        else "about what this run alone puts on the cores"
-    )
-    return (
-        f"Machine load (1-min load average, sampled every 10 s, this run included): mean {load['mean']:.1f}, "
-        f"max {load['max']:.1f}, at start {load['start']:.1f}: {verdict}."
-    )
 
 
 class Run:
@@ -156,7 +82,7 @@ class Run:
         self.report = Report(name, self.workdir)
         self.timings: dict[str, float] = {}
         self.trained: dict[str, Trained] = {}
-        self._start, self._monitor = time.perf_counter(), _LoadMonitor()
+        self._start, self._monitor = time.perf_counter(), machine.LoadMonitor()
 
     @contextlib.contextmanager
     def phase(self, name: str):
@@ -221,7 +147,7 @@ class Run:
         usage = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
         cpu = sum(u.ru_utime + u.ru_stime for u in usage)
         load = self._monitor.stop()
-        info = hardware()
+        info = machine.hardware()
         run_info = {
             "command": self.command,
             "preset": self.config.get("preset", ""),
@@ -230,7 +156,7 @@ class Run:
             "phases_seconds": self.timings,
             "load_average_1min": load,
             "hardware": info,
-            "git_commit": _git_commit(),
+            "git_commit": machine.git_commit(),
             "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         }
         training = self._training_table()
@@ -242,7 +168,7 @@ class Run:
             f"Wall time: **{wall / 60:.1f} min** on {cores} {info['backend'].upper()} core(s) "
             f"({info.get('cpu', 'unknown CPU')}, {info.get('memory_gib', '?')} GiB); process CPU time "
             f"{cpu / 60:.1f} min. Phases (min): {phases}.",
-            load_sentence(load, cores),
+            machine.load_sentence(load, cores),
         ]
         footer = training + [
             f"Config preset `{run_info['preset'] or 'default'}`; full config in the workdir's "
@@ -303,7 +229,7 @@ def main(
     with cli.defining_flags():  # a default config file is parsed, with the --config.x=y overrides, right here
         config_flag = config_flags.DEFINE_config_file(
             "config",
-            str(default_config or REPO / "configs" / f"{name}.py"),
+            str(default_config or machine.REPO / "configs" / f"{name}.py"),
             "Experiment config (a get_config(preset) module; FILE:tiny / FILE:full pick a preset).",
             lock_config=True,
         )

@@ -28,11 +28,11 @@ metrics.json and report.md (see experiments.common).
 
 from __future__ import annotations
 
-import jax
 import ml_collections
 import numpy as np
 
-from experiments import baselines, common, conditioning, evaluation, reporting, trainer
+from experiments import baselines, common, conditioning, evaluation, reporting
+from experiments import restoration as restoration_lib
 from mmdiff_jax import sampling, tasks
 from mmdiff_jax.modalities import MASK_KEY
 
@@ -41,105 +41,11 @@ LPIPS_PROXY = "LPIPS-proxy (perceptual distance on Fashion-MNIST CNN features, n
 FID_PROXY = "FID-proxy (Fashion-MNIST CNN features)"
 
 
-def cfg_method(scale: float) -> str:
-    return f"mt_diffusion_cfg{scale:g}"
-
-
-def method_labels(config: ml_collections.ConfigDict) -> dict[str, str]:
-    strength = config.experiment.restoration.sdedit_strength
-    return {
-        "mt_diffusion": "MT-Diffusion (masked image observed)",
-        "mt_diffusion_repaint": "MT-Diffusion + RePaint",
-        **{cfg_method(s): f"MT-Diffusion, guidance s = {s:g}" for s in config.experiment.restoration.cfg_scales},
-        "aggregation_only": "ablation: aggregation-only MT-Diffusion",
-        "aggregation_only_repaint": "ablation: aggregation-only + RePaint",
-        "sdedit": f"SDEdit, plain DDPM (t0 = {strength:g} T)",
-        "ddpm_repaint": "plain DDPM + RePaint",
-        "reconstruction": "reconstruction-only U-Net (one pass)",
-        "masked_input": "masked input (hidden = grey)",
-    }
-
-
-RESTORATION_METHODS = (
-    "mt_diffusion",
-    "mt_diffusion_repaint",
-    "sdedit",
-    "ddpm_repaint",
-    "reconstruction",
-    "masked_input",
-)  # config experiment.restoration.methods (`restoration_methods`)
-
-
-def check_config(config: ml_collections.ConfigDict) -> None:
-    """This experiment's own checks, before anything trains (`checks.check_experiment_section`)."""
-    unknown = sorted(set(config.experiment.restoration.methods) - set(RESTORATION_METHODS))
-    if unknown:
-        raise ValueError(
-            f"config.experiment.restoration.methods: unknown {unknown}; known: {list(RESTORATION_METHODS)}"
-        )
-
-
-def all_methods(config: ml_collections.ConfigDict) -> tuple[str, ...]:
-    """The configured restoration methods, the guidance sweep's and, with the ablation, the aggregation-only
-    model's."""
-    experiment = config.experiment
-    methods = tuple(experiment.restoration.methods) + tuple(cfg_method(s) for s in experiment.restoration.cfg_scales)
-    if experiment.aggregation_only_ablation:
-        methods += ("aggregation_only", "aggregation_only_repaint")
-    return methods
-
-
-def restoration_methods(config: ml_collections.ConfigDict, models: dict[str, trainer.Trained]) -> dict:
-    """name -> fn(batch, rng) -> restored images [B, H, W, C], for the configured methods."""
-    sampler = evaluation.sampler_options(config.experiment.sampler)
-    mt, ddpm, recon = models["mt_diffusion"], models["plain_ddpm"], models["reconstruction"]
-    masked = tasks.modality_name(config, "masked_image")
-
-    def restorer(trained, repaint, observe=True, **call_options):
-        restore = sampling.make_restore_fn(
-            trained.model, trained.schedule, masked if observe else None, repaint=repaint, **sampler
-        )
-        return lambda batch, rng: restore(trained.params, batch[masked], batch[MASK_KEY], rng, **call_options).image
-
-    makers = {
-        "mt_diffusion": lambda: restorer(mt, False),
-        "mt_diffusion_repaint": lambda: restorer(mt, True),
-        **{
-            cfg_method(s): (lambda s=s: restorer(mt, False, cfg_scales=s))
-            for s in config.experiment.restoration.cfg_scales
-        },
-        "aggregation_only": lambda: restorer(models["aggregation_only"], False),
-        "aggregation_only_repaint": lambda: restorer(models["aggregation_only"], True),
-        "sdedit": lambda: _sdedit(config, ddpm, masked),
-        "ddpm_repaint": lambda: restorer(ddpm, True, observe=False),
-        "reconstruction": lambda: _reconstructor(baselines.make_reconstruct_fn(recon), recon.params, masked),
-        "masked_input": lambda: lambda batch, rng: batch[masked],
-    }
-    return {name: makers[name]() for name in all_methods(config)}  # known names: `check_config`
-
-
-def _reconstructor(reconstruct, params, masked):
-    return lambda batch, rng: reconstruct(params, batch[masked], batch[MASK_KEY])
-
-
-def _sdedit(config, ddpm: trainer.Trained, masked: str):
-    section = config.experiment.sampler
-    num_steps = ddpm.schedule.num_steps if section.method == "ddpm" else section.num_steps
-    sdedit = sampling.make_sdedit_fn(
-        ddpm.model,
-        ddpm.schedule,
-        strength=config.experiment.restoration.sdedit_strength,
-        num_steps=num_steps,
-        eta=section.get("eta", 1.0),
-    )
-    return lambda batch, rng: sdedit(ddpm.params, batch[masked], rng).image
-
-
 def evaluate_restoration(config, run: common.Run, models, classifier) -> dict:
     """metrics[ratio][method] and one grid per ratio (the largest ratio's is published)."""
     section, experiment = config.experiment.restoration, config.experiment
-    methods = restoration_methods(config, models)
-    labels = method_labels(config)
+    methods = restoration_lib.restoration_methods(config, models)
+    labels = restoration_lib.method_labels(config)
     results, count = {}, experiment.grid_images
     for ratio in section.mask_ratios:
         batches = evaluation.eval_batches(
@@ -226,9 +132,9 @@ def evaluate_unconditional(config, run: common.Run, models, classifier) -> dict:
 
 def write_report(config, run: common.Run, restoration: dict, unconditional: dict, curves: dict) -> None:
     experiment, report = config.experiment, run.report
-    labels = method_labels(config)
+    labels = restoration_lib.method_labels(config)
     ratios = [str(r) for r in experiment.restoration.mask_ratios]
-    methods = list(all_methods(config))
+    methods = list(restoration_lib.all_methods(config))
     modality = config.model.modalities[tasks.modality_name(config, "masked_image")]
     low, high = config.data.options.mask_ratio
     report.text(
@@ -342,29 +248,6 @@ def _findings(restoration, unconditional, ratios, methods, labels) -> list[str]:
     return lines
 
 
-def restoration_metric(task, config, batch):
-    """fn(params) -> PSNR (dB) on the hidden pixels of `batch` for the MT-Diffusion `task` (its config `config`;
-    the masked image observed, no re-imposition;
-    guidance `experiment.curve.cfg_scale` if the masked image is conditioned): the curve's metric
-    (`conditioning.train_with_curve`)."""
-    masked = tasks.modality_name(config, "masked_image")
-    restore = sampling.make_restore_fn(
-        task.model, task.schedule, masked, **evaluation.sampler_options(config.experiment.sampler)
-    )
-    cfg_scale = config.experiment.curve.cfg_scale if task.model.conditioned_modalities else None
-    options = conditioning.cfg_options(cfg_scale)
-    truth, mask = batch[config.model.primary], batch[MASK_KEY]
-
-    def metric(params):
-        restored = restore(params, batch[masked], mask, jax.random.key(config.experiment.seed), **options).image
-        restored = mask * truth + (1.0 - mask) * np.asarray(restored)
-        return evaluation.evaluate_metrics(
-            (("psnr", {"region": "masked"}),), [{"image": truth, "sample": restored, "mask": mask}], None
-        )["psnr_masked"]
-
-    return metric
-
-
 def run(config: ml_collections.ConfigDict, run: common.Run) -> None:
     section = config.experiment.curve
     batch = evaluation.eval_batches(
@@ -375,7 +258,10 @@ def run(config: ml_collections.ConfigDict, run: common.Run) -> None:
         transform_seed=config.experiment.seed,
     )[0]
     models, curves = conditioning.train_with_curve(
-        run, config, "restoration", lambda task, model_config: restoration_metric(task, model_config, batch)
+        run,
+        config,
+        "restoration",
+        lambda task, model_config: restoration_lib.restoration_metric(task, model_config, batch),
     )
     plain = baselines.plain_ddpm_config(config)
     models["plain_ddpm"] = run.train("plain_ddpm", plain, tasks.make_mt_diffusion_task(plain, name="plain_ddpm"))
@@ -386,7 +272,7 @@ def run(config: ml_collections.ConfigDict, run: common.Run) -> None:
     unconditional = evaluate_unconditional(config, run, models, classifier)
     run.report.metrics.update(
         setup={
-            "labels": method_labels(config),
+            "labels": restoration_lib.method_labels(config),
             "sampler": dict(config.experiment.sampler),
             "lpips_proxy": LPIPS_PROXY,
             "fid_proxy": FID_PROXY,
@@ -401,4 +287,4 @@ def run(config: ml_collections.ConfigDict, run: common.Run) -> None:
 
 
 if __name__ == "__main__":
-    common.main(NAME, run, check=check_config)
+    common.main(NAME, run, check=restoration_lib.check_config)

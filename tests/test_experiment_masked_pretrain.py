@@ -14,7 +14,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from configs.masked_pretrain import get_config
-from experiments import common, masked_pretrain, reporting, trainer
+from experiments import common, machine, masked_pretrain, reporting, restoration, trainer
 from mmdiff_jax.training import cli, config_io
 from tests.training_helpers import REPO, run_experiment_cli, write_arrays
 
@@ -128,8 +128,8 @@ def test_labelled_grid_shapes():
 
 
 def test_load_sentence_says_when_other_jobs_shared_the_cores():
-    quiet = common.load_sentence({"mean": 1.6, "max": 2.2, "start": 0.9}, cores=2)
-    busy = common.load_sentence({"mean": 4.8, "max": 9.0, "start": 5.1}, cores=2)
+    quiet = machine.load_sentence({"mean": 1.6, "max": 2.2, "start": 0.9}, cores=2)
+    busy = machine.load_sentence({"mean": 4.8, "max": 9.0, "start": 5.1}, cores=2)
     assert "mean 1.6, max 2.2, at start 0.9: about what this run alone puts on the cores." in quiet
     assert busy.endswith("other jobs shared the cores, so an idle machine runs faster.")
 
@@ -177,6 +177,6 @@ def test_a_bad_experiment_section_is_refused_before_anything_trains(tmp_path, mu
     mutate(config)
     with pytest.raises(config_io.ConfigError, match=message):
         common.run_experiment(
-            masked_pretrain.NAME, masked_pretrain.run, config, tmp_path / "run", check=masked_pretrain.check_config
+            masked_pretrain.NAME, masked_pretrain.run, config, tmp_path / "run", check=restoration.check_config
         )
     assert not (tmp_path / "run").exists()
