@@ -1,6 +1,9 @@
 """Config validation (before any compilation), the optimizer schedule, writers: all fast, no training."""
 
 import copy
+import os
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -186,3 +189,28 @@ def test_overriding_one_config_key_changes_no_other(name):
             after = config_io._flatten(config.to_dict())
             changed = [k for k in flat if after[k] != flat[k]]
             assert changed == [key], f"configs/{name}.py preset {preset!r}: setting {key} also changed {changed}"
+
+
+def test_the_trainer_imports_no_model_code():
+    """`training/` takes what it trains as a Task: importing it (and running its checks) loads no network,
+    modality, objective, sampler or task module; `mmdiff_jax.tasks` brings them."""
+    script = (
+        "import sys\n"
+        "import mmdiff_jax.training\n"
+        "model_code = ('mmdiff_jax.models', 'mmdiff_jax.modalities', 'mmdiff_jax.objective', 'mmdiff_jax.sampling',\n"
+        "              'mmdiff_jax.tasks')\n"
+        "loaded = sorted(m for m in sys.modules if m.startswith(model_code))\n"
+        "assert not loaded, loaded\n"
+        "import mmdiff_jax.tasks\n"
+        "assert 'mmdiff_jax.models.mt_diffusion' in sys.modules\n"
+        "print('ok')\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        env=dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(helpers.REPO)),
+        cwd=helpers.REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]
