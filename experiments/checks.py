@@ -18,7 +18,7 @@ from experiments.evaluation import SAMPLER_KEYS, sampler_options
 from mmdiff_jax import metrics as metrics_lib
 from mmdiff_jax import sampling
 from mmdiff_jax.metrics import features as features_lib
-from mmdiff_jax.training.config_io import ConfigError
+from mmdiff_jax.training.config_io import ConfigError, config_errors
 
 Check = Callable[[ml_collections.ConfigDict], None]
 
@@ -79,9 +79,5 @@ def check_experiment_section(config: ml_collections.ConfigDict, schedule: Any, c
             "must be >= 1"
         )
     if check is not None:
-        try:
+        with config_errors():
             check(config)
-        except ConfigError:
-            raise
-        except ValueError as error:
-            raise ConfigError(str(error)) from error

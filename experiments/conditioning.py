@@ -39,8 +39,7 @@ def train_with_curve(
 ) -> tuple[dict[str, trainer.Trained], dict[str, dict[int, float]]]:
     """Trains the conditioned model (`run.task`, the config's) and (with `experiment.aggregation_only_ablation`)
     its aggregation-only ablation, same budget and seed. make_metric(task, model_config) -> fn(ema_params) ->
-    float is measured at
-    `experiment.curve.num_points` evenly spaced steps (`trainer.MetricCurve`, kept in
+    float is measured at `experiment.curve.num_points` evenly spaced steps (`trainer.MetricCurve`, kept in
     workdir/<model>/<metric>_curve.json so a resumed run keeps its earlier points).
 
     Returns (name -> Trained, name -> {step: value}) for 'mt_diffusion' and, if trained, 'aggregation_only'.

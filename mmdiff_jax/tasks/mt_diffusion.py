@@ -168,7 +168,7 @@ def make_mt_diffusion_task(config: ml_collections.ConfigDict, name: str = "mt_di
     Raises config_io.ConfigError naming the key: unknown or missing keys of the task's sections, an invalid
     modality, U-Net or schedule, a dataset without the model's inputs, an unknown sample kind.
     """
-    try:
+    with config_io.config_errors():
         config_io.check_known_keys(config, task_sections())
         model = build_model(config)
         schedule = build_schedule(config, model.modalities)
@@ -176,10 +176,6 @@ def make_mt_diffusion_task(config: ml_collections.ConfigDict, name: str = "mt_di
         check_data_fits_model(config, model)
         kinds = tuple(config.sample.kinds)
         sample_grids.check_kinds(kinds)
-    except config_io.ConfigError:
-        raise
-    except ValueError as error:
-        raise config_io.ConfigError(str(error)) from error
     return Task(
         name=name,
         init_params=params_init_fn(model),

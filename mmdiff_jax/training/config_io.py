@@ -11,7 +11,8 @@ settings there).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import jax
@@ -180,18 +181,25 @@ class ConfigError(ValueError):
     """A config the trainer cannot use; the message names the key (the command line reports it in one line)."""
 
 
+@contextlib.contextmanager
+def config_errors() -> Iterator[None]:
+    """Around config checks: a ValueError raised inside becomes a ConfigError (same message)."""
+    try:
+        yield
+    except ConfigError:
+        raise
+    except ValueError as error:
+        raise ConfigError(str(error)) from error
+
+
 PRNG_IMPLS = ("threefry2x32", "rbg")
 
 
 def validate_config(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
     """The trainer's checks (its sections; a task checks its own when it is built), none of which compiles.
     Run after `jax.distributed.initialize`. Raises ConfigError (a ValueError) naming the key."""
-    try:
+    with config_errors():
         _validate_config(config, num_devices)
-    except ConfigError:
-        raise
-    except ValueError as error:
-        raise ConfigError(str(error)) from error
 
 
 def _validate_config(config: ml_collections.ConfigDict, num_devices: int | None) -> None:
