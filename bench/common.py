@@ -37,6 +37,7 @@ from mmdiff_jax.modalities import Modality, modality_schedule  # noqa: E402
 from mmdiff_jax.models.mt_diffusion import MTDiffusion  # noqa: E402
 from mmdiff_jax.models.unet import unet_preset  # noqa: E402
 from mmdiff_jax.tasks.mt_diffusion import DTYPES  # noqa: E402
+from mmdiff_jax.training.state import count_params  # noqa: E402
 
 # The benchmarked setups: the primary image plus one class label (table encoder, 'bump' weights, MLP head
 # on the bottleneck), T = 1000 linear betas. Batch sizes are per backend: CPU ones keep a step near a second.
@@ -77,10 +78,6 @@ def make_batch(name: str, batch_size: int, seed: int = 0) -> dict[str, np.ndarra
         "image": rng.uniform(-1, 1, (batch_size,) + spec["z_shape"]).astype(np.float32),
         "label": rng.integers(0, spec["num_classes"], batch_size).astype(np.int32),
     }
-
-
-def count_params(tree: Any) -> int:
-    return int(sum(np.prod(leaf.shape) for leaf in jax.tree.leaves(tree)))
 
 
 # Statistics and timing.

@@ -20,6 +20,7 @@ from typing import Any
 
 import jax
 import ml_collections
+import orbax.checkpoint as ocp
 
 from mmdiff_jax.training import Task, train_and_evaluate
 from mmdiff_jax.training.state import count_params
@@ -59,10 +60,9 @@ class Trained:
 
 
 def latest_checkpoint_step(workdir: pathlib.Path) -> int | None:
-    """The largest finished step directory in workdir/checkpoints, or None."""
+    """The largest finalized checkpoint step in workdir/checkpoints (Orbax's listing), or None."""
     directory = pathlib.Path(workdir) / "checkpoints"
-    steps = [int(p.name) for p in directory.iterdir() if p.name.isdigit()] if directory.is_dir() else []
-    return max(steps, default=None)
+    return max(ocp.utils.checkpoint_steps(directory), default=None) if directory.is_dir() else None
 
 
 def train_model(
