@@ -282,6 +282,7 @@ def training_loss(
     aggregation_weight: float = 1.0,
     recovery_weights: Mapping[str, float] | None = None,
     reduction: str = "mean",
+    prediction: str = "eps",
 ) -> tuple[Array, dict[str, Array]]:
     """eps-MSE + weighted aggregation-matching MSE + sum_i lambda_i L2_i, and per-term metrics.
 
@@ -297,12 +298,18 @@ def training_loss(
       recovery_nll: name -> [B] NLL of each modality head (L2); every name needs a `recovery_weights` entry.
       reduction: 'mean' (the batch mean) or 'none' (the loss per example, [B], for callers that weight
         examples themselves; its batch mean is the 'mean' loss up to float rounding).
+      prediction: what the denoiser predicts: 'eps' (the default), or 'v' / 'z_0', for which `eps` and
+        `eps_prediction` are that target (`diffusion.prediction_target`) and the network's output, their MSE
+        the first term (weighted by `eps_weight`), reported as '<prediction>_mse'.
     Returns:
-      (loss: scalar or [B], metrics) with metrics 'loss', 'eps_mse', 'aggregation_mse' and 'recovery/<name>',
+      (loss: scalar or [B], metrics) with metrics 'loss', 'eps_mse' (or 'v_mse', 'z_0_mse'), 'aggregation_mse'
+      and 'recovery/<name>',
       batch means whatever the reduction.
     """
     if reduction not in ("mean", "none"):
         raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
+    if prediction not in diffusion.PREDICTIONS:
+        raise ValueError(f"unknown prediction target {prediction!r}; known: {diffusion.PREDICTIONS}")
     recovery_nll = dict(recovery_nll or {})
     recovery_weights = dict(recovery_weights or {})
     missing = sorted(set(recovery_nll) - set(recovery_weights))
@@ -321,13 +328,13 @@ def training_loss(
     difference = None if encodings is None else estimated_encodings.astype(float) - encodings
     aggregation_error = diffusion.aggregation(schedule, eps, t, encodings=difference)
     per_example = {
-        "eps_mse": _mean_per_example(jnp.square(eps_prediction.astype(float) - eps)),
+        f"{prediction}_mse": _mean_per_example(jnp.square(eps_prediction.astype(float) - eps)),
         "aggregation_mse": _mean_per_example(jnp.square(aggregation_error / eps_coefficient)),
         **{f"recovery/{name}": nll for name, nll in recovery_nll.items()},
     }
 
     def weighted_sum(terms):
-        total = eps_weight * terms["eps_mse"] + aggregation_weight * terms["aggregation_mse"]
+        total = eps_weight * terms[f"{prediction}_mse"] + aggregation_weight * terms["aggregation_mse"]
         for name in sorted(recovery_nll):
             total = total + recovery_weights[name] * terms[f"recovery/{name}"]
         return total

@@ -5,6 +5,8 @@ One step of the simplified multi-modal bound (docs/design.md section 4), for a b
   z_t = sqrt(abar_t) z_0 + sum_i lambda_t^(i) e_i + sqrt(1 - abar_t) eps      (`diffusion.marginal_sample`)
   loss = eps_weight * eps_mse + aggregation_weight * aggregation_mse + sum_i lambda_i L2_i
                                                                                (`losses.training_loss`)
+where eps_mse is || eps_theta - eps ||^2, or for a model predicting v or z_0 (`MTDiffusion.prediction`)
+the MSE of that target (`diffusion.prediction_target`), reported as 'v_mse' / 'z_0_mse'.
 with L2_i = -log p_theta(x_i | z_t) through head D_i (`modalities.recovery_nll`). Gradients reach the
 encoders through z_t (via m_t) and through the aggregation term, as in the bound.
 
@@ -98,14 +100,15 @@ def make_loss_fn(
         loss, metrics = losses.training_loss(
             schedule,
             t,
-            eps,
-            output.eps,
+            diffusion.prediction_target(schedule, z_0, t, eps, model.prediction),
+            output.prediction,
             nll,
             encodings=output.encodings,
             estimated_encodings=output.estimated_encodings,
             eps_weight=config.eps_weight,
             aggregation_weight=config.aggregation_weight,
             recovery_weights=recovery_weights,
+            prediction=model.prediction,
         )
         for name in categorical:  # like L2, over the examples where the denoiser did not see the target
             correct = (jnp.argmax(output.heads[name], axis=-1) == batch[name]).astype(jnp.float32)

@@ -68,7 +68,7 @@ def test_same_outputs_and_loss_given_the_same_weights(resblock_updown):
             schedule,
             t,
             eps,
-            output.eps,
+            output.prediction,
             recovery_nll(model.modalities, output.heads, batch),
             encodings=output.encodings,
             estimated_encodings=output.estimated_encodings,
@@ -92,7 +92,7 @@ def test_same_outputs_and_loss_given_the_same_weights(resblock_updown):
         )
 
     close = lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=2e-4)  # noqa: E731
-    close(eps_t.numpy().transpose(0, 2, 3, 1), output.eps)
+    close(eps_t.numpy().transpose(0, 2, 3, 1), output.prediction)
     close(logits_t.numpy(), output.heads["label"])
     close(encoding_t.numpy().transpose(0, 2, 3, 1), output.encodings[0])
     close(estimated_t.numpy().transpose(0, 2, 3, 1), output.estimated_encodings[0])

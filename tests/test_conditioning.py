@@ -131,7 +131,7 @@ def test_cross_attention_tokens_reach_the_unet_and_the_null_tokens_otherwise():
     np.testing.assert_array_equal(hidden, jnp.broadcast_to(nulls, hidden.shape))
     np.testing.assert_array_equal(seen[:, 4], params["conditioners_label"]["table"]["embedding"][batch["label"]])
     assert not np.allclose(seen[:, :4], hidden[:, :4])
-    eps = jax.jit(lambda observed: model.apply(variables, batch["image"], 3, observed, method=model.predict).eps)
+    eps = jax.jit(lambda observed: model.apply(variables, batch["image"], 3, observed, method=model.predict).prediction)
     eps_seen, eps_hidden = eps(observed), eps({"label": batch["label"]})
     assert float(jnp.max(jnp.abs(eps_seen - eps_hidden))) > 1e-4  # the masked image's tokens move eps
 
@@ -204,7 +204,7 @@ def test_guidance_end_points_equal_the_unguided_samplers():
 
     def unconditioned(z_t, t):
         output = model.apply(variables, z_t, t, observed, present=hidden, method=model.predict)
-        return Prediction(output.eps, output.estimated_encodings, output.heads)
+        return Prediction(output.prediction, output.estimated_encodings, output.heads)
 
     expected = jax.jit(
         lambda: ddim_sample(unconditioned, schedule, rng, (3,) + SHAPE, num_steps=6, eta=1.0, clip_denoised=True).z_0

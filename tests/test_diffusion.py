@@ -148,6 +148,39 @@ def test_z0_and_eps_conversions_invert_the_marginal():
     )
 
 
+@pytest.mark.parametrize("kind", diffusion.PREDICTIONS)
+def test_prediction_targets_convert_exactly_into_each_other(kind):
+    """For z_t drawn from the marginal (with encodings): the target of each kind, read back as eps, is the eps
+    that drew z_t; eps -> target -> eps round-trips; v is sqrt(abar) eps - sqrt(1 - abar) z_0 (float64)."""
+    rng = np.random.default_rng(4)
+    z_0, eps = rng.standard_normal((2, 4, 2, 2, 1))
+    encodings = rng.standard_normal((2, 4, 2, 2, 1))
+    t = np.array([1, 10, 25, 50])
+    with jax.enable_x64(True):
+        schedule = random_schedule(2, False)  # built in float64 under x64
+        z_t = diffusion.marginal_sample(schedule, z_0, t, eps, encodings=encodings)
+        target = diffusion.prediction_target(schedule, z_0, t, eps, kind)
+        back = diffusion.eps_from_prediction(schedule, z_t, t, target, kind, encodings=encodings)
+        np.testing.assert_allclose(back, eps, rtol=1e-9, atol=1e-9)
+        forward = diffusion.prediction_from_eps(schedule, z_t, t, eps, kind, encodings=encodings)
+        np.testing.assert_allclose(forward, target, rtol=1e-9, atol=1e-9)
+        other = rng.standard_normal(eps.shape)  # any eps, not only the one that drew z_t
+        round_trip = diffusion.eps_from_prediction(
+            schedule,
+            z_t,
+            t,
+            diffusion.prediction_from_eps(schedule, z_t, t, other, kind, encodings=encodings),
+            kind,
+            encodings=encodings,
+        )
+        np.testing.assert_allclose(round_trip, other, rtol=1e-9, atol=1e-9)
+    if kind == "v":
+        alpha_bar = np.asarray(schedule.alpha_bar)[t][:, None, None, None]
+        np.testing.assert_allclose(target, np.sqrt(alpha_bar) * eps - np.sqrt(1 - alpha_bar) * z_0, rtol=1e-12)
+    with pytest.raises(ValueError, match="unknown prediction target 'x'"):
+        diffusion.prediction_target(schedule, z_0, t, eps, "x")
+
+
 def test_with_no_auxiliary_modality_everything_is_textbook_ddpm():
     """N = 0: compare with Ho et al. (2020) written out here in float64."""
     schedule = schedules.make_schedule("linear", 200)

@@ -53,7 +53,7 @@ def test_each_setting_runs_init_and_apply_under_jit(setting):
         return output, predicted, model.apply(variables, batch, method=model.encode)
 
     output, predicted, encodings = run(variables, batch)
-    assert output.eps.shape == (2,) + Z_SHAPE and output.eps.dtype == jnp.float32
+    assert output.prediction.shape == (2,) + Z_SHAPE and output.prediction.dtype == jnp.float32
     assert {name: head.shape for name, head in output.heads.items()} == {setting: (2,) + HEAD_SHAPES[setting]}
     assert output.encodings.shape == output.estimated_encodings.shape == (1, 2) + Z_SHAPE
     np.testing.assert_allclose(output.encodings, encodings, atol=1e-6)
@@ -147,7 +147,7 @@ def test_all_kinds_output_shapes_with_an_auxiliary_image_and_bf16():
     for name in output.heads:
         assert outputs[jnp.bfloat16].heads[name].dtype == jnp.float32
         np.testing.assert_allclose(outputs[jnp.bfloat16].heads[name], output.heads[name], atol=0.1, rtol=0.1)
-    assert outputs[jnp.bfloat16].eps.dtype == jnp.float32
+    assert outputs[jnp.bfloat16].prediction.dtype == jnp.float32
 
 
 @pytest.mark.parametrize(

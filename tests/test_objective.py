@@ -71,6 +71,27 @@ def test_loss_and_gradients_under_jit(setup):
     assert float(run(params, batch, jax.random.fold_in(KEY, 1))[0]) != float(loss)
 
 
+def test_v_and_z0_predictions_train_on_their_targets(setup):
+    """A fresh model outputs exactly 0 (zero-initialised output conv), so the first term is the mean square of
+    the target: mean(z_0^2) for 'z_0'; for 'v' that of sqrt(abar_t) eps - sqrt(1 - abar_t) z_0 at the t and eps
+    the loss draws (t, eps from the first two of split(rng, 3))."""
+    model, schedule, params, batch = setup
+    z_0 = np.asarray(batch["image"], np.float64)
+    step_rng, noise_rng, _ = jax.random.split(KEY, 3)
+    t = np.asarray(jax.random.randint(step_rng, (z_0.shape[0],), 1, schedule.num_steps + 1))
+    eps = np.asarray(jax.random.normal(noise_rng, z_0.shape, jnp.float32), np.float64)
+    alpha_bar = np.asarray(schedule.alpha_bar, np.float64)[t][:, None, None, None]
+    v = np.sqrt(alpha_bar) * eps - np.sqrt(1.0 - alpha_bar) * z_0
+    for prediction, expected in (("z_0", np.mean(z_0**2)), ("v", np.mean(v**2))):
+        loss_fn = make_loss_fn(model.clone(prediction=prediction), schedule)
+        loss, metrics = jax.jit(loss_fn)(params, batch, KEY)
+        assert "eps_mse" not in metrics
+        np.testing.assert_allclose(metrics[f"{prediction}_mse"], expected, rtol=1e-5)
+        assert np.isfinite(float(loss))
+    with pytest.raises(ValueError, match="unknown prediction target 'x0'"):
+        model.clone(prediction="x0")
+
+
 def test_without_auxiliary_modalities_it_is_plain_ddpm():
     model = MTDiffusion(MICRO, (), Z_SHAPE)
     schedule = modality_schedule("cosine", 50, ())

@@ -107,11 +107,13 @@ def setup():
         )
 
 
-def independent_chain(setup, masked_image_observed=True):
+def independent_chain(setup, masked_image_observed=True, prediction="eps"):
     """DDIM eta = 0 written out from docs/design.md with ehat stated independently of the sampler: the probe's
     E(x) for the observed masked image (or E(D(h)) if not observed), E(D(h)) for the label (softmax
     expectation of the normalised table) and the segmentation (normalised conv of the head's softmax), and
-    the source image itself (identity encoder, always observed)."""
+    the source image itself (identity encoder, always observed). `prediction`: what the network's output is
+    read as (v: eps = sqrt(abar_t) v + sqrt(1 - abar_t) (z_t - m_t); z_0: eps = (z_t - m_t - sqrt(abar_t) z_0)
+    / sqrt(1 - abar_t))."""
     model, schedule, variables = setup["model"], setup["schedule"], setup["variables"]
     network = jax.jit(lambda z, t: model.apply(variables, z, t, {"source": setup["source"]}, method=model.predict))
     segmentation_conv = variables["params"]["encoders_segmentation"]["conv"]
@@ -134,7 +136,7 @@ def independent_chain(setup, masked_image_observed=True):
             predicted = np.asarray(output.heads["masked_image"])
             masked = probe(predicted[..., :1], predicted[..., 1:])
         encodings = [masked, label.reshape((BATCH,) + Z_SHAPE), np.asarray(segmentation), setup["source"]]
-        return np.asarray(output.eps, np.float64), [np.asarray(e, np.float64) for e in encodings], output.heads
+        return np.asarray(output.prediction, np.float64), [np.asarray(e, np.float64) for e in encodings], output.heads
 
     def m(t, encodings):
         return sum(lambda_[i, t] * encodings[i] for i in range(4))
@@ -143,7 +145,13 @@ def independent_chain(setup, masked_image_observed=True):
     z = noise + m(NUM_STEPS, encodings_and_eps(noise, NUM_STEPS)[1])  # prior mean m_T with ehat
     steps = list(respace(NUM_STEPS, 4)) + [0]
     for t, s in zip(steps[:-1], steps[1:]):
-        eps, encodings, heads = encodings_and_eps(z, t)
+        output, encodings, heads = encodings_and_eps(z, t)
+        u_t = z - m(t, encodings)
+        eps = {
+            "eps": output,
+            "v": np.sqrt(alpha_bar[t]) * output + np.sqrt(one_minus[t]) * u_t,
+            "z_0": (u_t - np.sqrt(alpha_bar[t]) * output) / np.sqrt(one_minus[t]),
+        }[prediction]
         z_0 = (z - m(t, encodings) - np.sqrt(one_minus[t]) * eps) / np.sqrt(alpha_bar[t])
         z = np.sqrt(alpha_bar[s]) * z_0 + np.sqrt(one_minus[s]) * eps + m(s, encodings)
     return z, heads
@@ -168,6 +176,19 @@ def test_observed_modalities_enter_the_prior_and_reverse_means_as_specified(setu
     again = setup["ddim"](setup["variables"], jax.random.key(6), setup["observed"], prior_noise=setup["prior_noise"])
     np.testing.assert_array_equal(again.z_0, samples.z_0)
     assert setup["ddim"]._cache_size() == 1
+
+
+@pytest.mark.parametrize("prediction", ["v", "z_0"])
+def test_a_model_predicting_v_or_z0_samples_through_its_eps(setup, prediction):
+    """The same network read as a v- or z_0-predictor: the sampler converts its output to eps with the step's
+    ehat in m_t, exactly as the chain written out independently."""
+    model = setup["model"].clone(prediction=prediction)
+    sample = make_sample_fn(model, setup["schedule"], method="ddim", num_steps=4, eta=0.0, clip_denoised=False)
+    samples = sample(setup["variables"], jax.random.key(5), setup["observed"], prior_noise=setup["prior_noise"])
+    expected, _ = independent_chain(setup, prediction=prediction)
+    np.testing.assert_allclose(samples.z_0, expected, atol=2e-4, rtol=1e-4)
+    as_eps, _ = independent_chain(setup)
+    assert np.abs(as_eps - expected).mean() > 0.05  # the reading matters
 
 
 def test_transition_observes_the_source_image(setup):

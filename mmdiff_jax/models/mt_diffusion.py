@@ -22,6 +22,7 @@ from mmdiff_jax.modalities import (
     modality_data,
     validate_batch,
 )
+from mmdiff_jax.diffusion import PREDICTIONS
 from mmdiff_jax.models.conditioning import EmbeddingCondition, TokenCondition, spatial_condition
 from mmdiff_jax.models.decoders import make_head
 from mmdiff_jax.models.encoders import make_encoder
@@ -31,7 +32,7 @@ Array = jax.Array
 
 
 class ModelOutput(NamedTuple):
-    eps: Array  # [B, *S] float32, eps_theta(z_t, t)
+    prediction: Array  # [B, *S] float32, the denoiser's output: eps_theta, v_theta or z0_theta (`prediction`)
     heads: dict[str, Array]  # name -> D_i(h), float32: logits [B, K] / [B, H, W, K], or a mean of x_i
     encodings: Array | None  # [N, B, *S], e_i = E_i(x_i) from the batch (None from `predict`)
     estimated_encodings: Array  # [N, B, *S], ehat_i
@@ -42,7 +43,9 @@ class MTDiffusion(nn.Module):
 
     Fields: `unet` (backbone size), `modalities` (the N auxiliary specs, in stack order), `z_shape`
     (H, W, C), `primary` (batch key of x_0), `dtype` (compute dtype of backbone and heads; params stay
-    float32, every output is float32). Everything is checked when the module is constructed.
+    float32, every output is float32), `prediction` (what the U-Net outputs: 'eps', 'v' or 'z_0', of
+    u_t = z_t - m_t; `diffusion.eps_from_prediction` converts). Everything is checked when the module is
+    constructed.
     """
 
     unet: UNetConfig
@@ -50,11 +53,14 @@ class MTDiffusion(nn.Module):
     z_shape: tuple[int, int, int]
     primary: str = "image"
     dtype: Any = jnp.float32
+    prediction: str = "eps"
 
     def __post_init__(self):
         object.__setattr__(self, "modalities", tuple(self.modalities))
         object.__setattr__(self, "z_shape", tuple(int(size) for size in self.z_shape))
         check_modalities(self.modalities, self.z_shape, self.primary)
+        if self.prediction not in PREDICTIONS:
+            raise ValueError(f"unknown prediction target {self.prediction!r}; known: {PREDICTIONS}")
         self.unet.validate(self.z_shape[:2])
         super().__post_init__()
 
@@ -181,7 +187,7 @@ class MTDiffusion(nn.Module):
         present = self._present(present, batch_size, visible=())
         # Modalities without a head are always observed: ehat_i = e_i.
         known = {m.name: encodings[i] for i, m in enumerate(self.modalities) if m.head == "none"}
-        eps, heads, estimated = self._denoise(z_t, t, known, present, batch, train=train)
+        prediction, heads, estimated = self._denoise(z_t, t, known, present, batch, train=train)
         if present:
             estimated = jnp.stack(
                 [
@@ -191,12 +197,12 @@ class MTDiffusion(nn.Module):
                     for i, m in enumerate(self.modalities)
                 ]
             )
-        return ModelOutput(eps, heads, encodings, estimated)
+        return ModelOutput(prediction, heads, encodings, estimated)
 
     def predict(
         self, z_t: Array, t: Array, observed: Batch, *, train: bool = False, present: Mapping[str, Array] | None = None
     ) -> ModelOutput:
-        """Sampling forward pass: z_t [B, *S], t [B] or [] in 1..T -> eps, heads and ehat.
+        """Sampling forward pass: z_t [B, *S], t [B] or [] in 1..T -> the prediction, heads and ehat.
 
         ehat_i = E_i(x_i) for observed modalities (whether or not the denoiser sees them), E_i(D_i(h)) for
         the rest. `observed` maps modality names to data in batch form (plus 'mask' with a masked image);
@@ -223,8 +229,8 @@ class MTDiffusion(nn.Module):
         known = {
             m.name: self.encoders[m.name](modality_data(m, observed)) for m in self.modalities if m.name in observed
         }
-        eps, heads, estimated = self._denoise(z_t, t, known, present, observed, train=train)
-        return ModelOutput(eps, heads, None, estimated)
+        prediction, heads, estimated = self._denoise(z_t, t, known, present, observed, train=train)
+        return ModelOutput(prediction, heads, None, estimated)
 
 
 def example_batch(model: MTDiffusion, batch_size: int = 1) -> dict[str, Array]:

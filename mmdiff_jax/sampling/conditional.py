@@ -20,6 +20,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from mmdiff_jax import diffusion
 from mmdiff_jax.modalities import MASK_KEY, Modality, check_schedule, model_variables
 from mmdiff_jax.models.mt_diffusion import MTDiffusion
 from mmdiff_jax.sampling.guidance import classifier_free_guidance, classifier_guidance
@@ -92,8 +93,13 @@ def guidance_passes(
     return [base] + [base | {name} for name in names], scales
 
 
-def make_denoise(model: MTDiffusion, variables: Any, observed: Observed, cfg_scales: CfgScales = None) -> Denoise:
+def make_denoise(
+    model: MTDiffusion, schedule: DiffusionSchedule, variables: Any, observed: Observed, cfg_scales: CfgScales = None
+) -> Denoise:
     """denoise(z_t, t) -> Prediction(eps, ehat, heads) through `MTDiffusion.predict` (eval mode).
+
+    eps is the model's output converted from its `prediction` target ('v', 'z_0') where it predicts another
+    (`diffusion.eps_from_prediction`, with its own ehat in m_t), before guidance combines passes.
 
     ehat_i = E_i(x_i) for the modalities in `observed`, E_i(D_i(h)) for the others; aux = the heads'
     raw outputs (logits or means), name -> array. The denoiser sees every observed conditioned modality;
@@ -105,7 +111,10 @@ def make_denoise(model: MTDiffusion, variables: Any, observed: Observed, cfg_sca
 
     def predict(z_t, t, observed_data, present=None):
         output = model.apply(variables, z_t, t, dict(observed_data), train=False, present=present, method=model.predict)
-        return Prediction(output.eps, output.estimated_encodings, output.heads)
+        eps = diffusion.eps_from_prediction(
+            schedule, z_t, t, output.prediction, model.prediction, encodings=output.estimated_encodings
+        )
+        return Prediction(eps, output.estimated_encodings, output.heads)
 
     if passes is None:
         return lambda z_t, t: predict(z_t, t, observed)
@@ -238,7 +247,7 @@ def make_sample_fn(
     ) -> Samples:
         observed = dict(observed or {})
         shape = (observed_batch_size(observed, batch_size),) + model.z_shape
-        denoise = make_denoise(model, params, observed, cfg_scales)
+        denoise = make_denoise(model, schedule, params, observed, cfg_scales)
         if guidance is not None:
             if guidance_labels is None:
                 raise ValueError(f"guidance by {guidance!r} needs guidance_labels [B]")

@@ -71,7 +71,7 @@ def make_sdedit_fn(
 
     def sdedit(params, guide, rng) -> Samples:
         output = sdedit_sample(
-            make_denoise(model, params, {}),
+            make_denoise(model, schedule, params, {}),
             schedule,
             rng,
             guide,

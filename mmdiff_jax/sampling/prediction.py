@@ -51,7 +51,7 @@ def make_predict_fn(
         image = jnp.asarray(image, jnp.float32)
         if image.shape[1:] != tuple(model.z_shape):
             raise ValueError(f"image must have shape [B, *{model.z_shape}], got {image.shape}")
-        denoise = make_denoise(model, params, observed)
+        denoise = make_denoise(model, schedule, params, observed)
         steps = jnp.full(image.shape[:1], t, jnp.int32)
 
         def estimate(key):

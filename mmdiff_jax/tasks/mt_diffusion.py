@@ -43,6 +43,7 @@ def task_sections() -> ml_collections.ConfigDict:
         z_shape=(32, 32, 1),  # (H, W, C) of the primary modality x_0 = z_0
         primary="image",  # batch key of x_0
         dtype="float32",  # compute dtype of the network: float32 | bfloat16 (params stay float32)
+        prediction="eps",  # what the U-Net predicts: eps | v | z_0 (mmdiff_jax.diffusion.PREDICTIONS)
         modalities={},  # name (batch key) -> mmdiff_jax.modalities.Modality fields (kind, shape, ...)
     )
     config.diffusion = dict(noise_schedule="linear", num_steps=1000, modality_normalized=False)
@@ -106,6 +107,7 @@ def build_model(config: ml_collections.ConfigDict) -> MTDiffusion:
         z_shape=tuple(config.model.z_shape),
         primary=config.model.primary,
         dtype=compute_dtype(config),
+        prediction=config.model.prediction,
     )
 
 
@@ -144,8 +146,11 @@ def unet_signature(unet: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def model_signature(config: ml_collections.ConfigDict) -> dict[str, Any]:
-    """What a checkpoint must agree on to be restored: the model and diffusion sections, JSON-normalised."""
+    """What a checkpoint must agree on to be restored: the model and diffusion sections, JSON-normalised.
+    `model.prediction` at its default 'eps' is left out, so checkpoints saved before the key existed restore."""
     model = {**config.model.to_dict(), "unet": unet_signature(config.model.unet)}
+    if model.get("prediction") == "eps":
+        del model["prediction"]
     return json.loads(json.dumps({"model": model, "diffusion": config.diffusion.to_dict()}))
 
 
