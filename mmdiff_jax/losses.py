@@ -268,6 +268,25 @@ def variational_bound(
 
 # The simplified training loss.
 
+TIME_WEIGHTINGS = ("uniform", "min_snr")
+
+
+def time_weight(
+    schedule: DiffusionSchedule, t: Array, prediction: str = "eps", weighting: str = "uniform", gamma: float = 5.0
+) -> Array:
+    """Per-example weight [B] of the prediction term at steps t [B]: 1 ('uniform'), or min-SNR-gamma
+    (Hang et al. 2023), min(SNR_t, gamma) / SNR_t for eps, / (SNR_t + 1) for v and / 1 for z_0 targets, with
+    SNR_t = abar_t / (1 - abar_t): each is the z_0-MSE weighted by min(SNR_t, gamma)."""
+    if weighting not in TIME_WEIGHTINGS:
+        raise ValueError(f"unknown time weighting {weighting!r}; known: {TIME_WEIGHTINGS}")
+    if weighting == "uniform":
+        return jnp.ones(jnp.shape(t))
+    if not gamma > 0:
+        raise ValueError(f"min_snr_gamma must be > 0, got {gamma}")
+    snr = diffusion.lookup(schedule.alpha_bar, t) / diffusion.lookup(schedule.one_minus_alpha_bar, t)
+    target_weight = {"eps": snr, "v": snr + 1.0, "z_0": jnp.ones_like(snr)}[prediction]
+    return jnp.minimum(snr, gamma) / target_weight
+
 
 def training_loss(
     schedule: DiffusionSchedule,
@@ -283,6 +302,8 @@ def training_loss(
     recovery_weights: Mapping[str, float] | None = None,
     reduction: str = "mean",
     prediction: str = "eps",
+    time_weighting: str = "uniform",
+    min_snr_gamma: float = 5.0,
 ) -> tuple[Array, dict[str, Array]]:
     """eps-MSE + weighted aggregation-matching MSE + sum_i lambda_i L2_i, and per-term metrics.
 
@@ -301,6 +322,9 @@ def training_loss(
       prediction: what the denoiser predicts: 'eps' (the default), or 'v' / 'z_0', for which `eps` and
         `eps_prediction` are that target (`diffusion.prediction_target`) and the network's output, their MSE
         the first term (weighted by `eps_weight`), reported as '<prediction>_mse'.
+      time_weighting: 'uniform' (DDPM's L_simple) or 'min_snr' (`time_weight` with `min_snr_gamma`): the
+        prediction term of each example weighted by its step; the loss then sums '<prediction>_mse_weighted'
+        (also reported) where the unweighted '<prediction>_mse' stands otherwise.
     Returns:
       (loss: scalar or [B], metrics) with metrics 'loss', 'eps_mse' (or 'v_mse', 'z_0_mse'), 'aggregation_mse'
       and 'recovery/<name>',
@@ -327,14 +351,19 @@ def training_loss(
     eps_coefficient = beta / (jnp.sqrt(alpha) * jnp.sqrt(diffusion.at_step(schedule.one_minus_alpha_bar, t, eps)))
     difference = None if encodings is None else estimated_encodings.astype(float) - encodings
     aggregation_error = diffusion.aggregation(schedule, eps, t, encodings=difference)
+    first = f"{prediction}_mse"
     per_example = {
-        f"{prediction}_mse": _mean_per_example(jnp.square(eps_prediction.astype(float) - eps)),
+        first: _mean_per_example(jnp.square(eps_prediction.astype(float) - eps)),
         "aggregation_mse": _mean_per_example(jnp.square(aggregation_error / eps_coefficient)),
         **{f"recovery/{name}": nll for name, nll in recovery_nll.items()},
     }
+    weight = time_weight(schedule, t, prediction, time_weighting, min_snr_gamma)
+    if time_weighting != "uniform":
+        first = f"{prediction}_mse_weighted"
+        per_example[first] = weight * per_example[f"{prediction}_mse"]
 
     def weighted_sum(terms):
-        total = eps_weight * terms[f"{prediction}_mse"] + aggregation_weight * terms["aggregation_mse"]
+        total = eps_weight * terms[first] + aggregation_weight * terms["aggregation_mse"]
         for name in sorted(recovery_nll):
             total = total + recovery_weights[name] * terms[f"recovery/{name}"]
         return total

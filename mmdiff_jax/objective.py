@@ -46,6 +46,16 @@ class LossConfig:
 
     eps_weight: float = 1.0
     aggregation_weight: float = 1.0
+    time_weighting: str = "uniform"  # or 'min_snr' (losses.time_weight)
+    min_snr_gamma: float = 5.0
+
+    def __post_init__(self):
+        if self.time_weighting not in losses.TIME_WEIGHTINGS:
+            raise ValueError(
+                f"config.loss.time_weighting: unknown {self.time_weighting!r}; known: {losses.TIME_WEIGHTINGS}"
+            )
+        if not self.min_snr_gamma > 0:
+            raise ValueError(f"config.loss.min_snr_gamma must be > 0, got {self.min_snr_gamma}")
 
     @classmethod
     def from_any(cls, config: LossConfig | Mapping[str, Any] | None) -> LossConfig:
@@ -109,6 +119,8 @@ def make_loss_fn(
             aggregation_weight=config.aggregation_weight,
             recovery_weights=recovery_weights,
             prediction=model.prediction,
+            time_weighting=config.time_weighting,
+            min_snr_gamma=config.min_snr_gamma,
         )
         for name in categorical:  # like L2, over the examples where the denoiser did not see the target
             correct = (jnp.argmax(output.heads[name], axis=-1) == batch[name]).astype(jnp.float32)

@@ -252,6 +252,32 @@ def test_training_loss_reduces_to_ddpm_simple_loss_with_no_modality():
         estimated_encodings=jnp.zeros((0, *eps.shape)),
     )
     np.testing.assert_allclose(loss, np.mean((0.2 * np.asarray(eps)) ** 2), rtol=1e-5)
+    without_stacks, _ = losses.training_loss(plain, jnp.array([1, 2, 3, 4]), eps, eps_theta)  # N = 0: None
+    np.testing.assert_array_equal(without_stacks, loss)
+
+
+@pytest.mark.parametrize("prediction", ["eps", "v", "z_0"])
+def test_min_snr_weighting_weighs_each_example_by_its_step(schedule, prediction):
+    """Every example's prediction MSE is 0.25; min-SNR-5 weighs it by min(SNR_t, 5) / SNR_t (eps), / (SNR_t + 1)
+    (v) or by min(SNR_t, 5) (z_0), SNR_t = abar_t / (1 - abar_t), so the term is the mean of those weights x 0.25."""
+    _, eps, encodings = random_inputs(12)
+    t = jnp.array([1, 5, 50, 100])
+    target, output = eps, eps + 0.5
+    options = dict(encodings=encodings, estimated_encodings=encodings, prediction=prediction)
+    uniform, metrics = losses.training_loss(schedule, t, target, output, **options)
+    weighted, weighted_metrics = losses.training_loss(
+        schedule, t, target, output, **options, time_weighting="min_snr", min_snr_gamma=5.0
+    )
+    alpha_bar = np.asarray(schedule.alpha_bar, np.float64)[np.asarray(t)]
+    snr = alpha_bar / (1.0 - alpha_bar)
+    weights = np.minimum(snr, 5.0) / {"eps": snr, "v": snr + 1.0, "z_0": np.ones_like(snr)}[prediction]
+    np.testing.assert_allclose(uniform, 0.25, rtol=1e-5)
+    np.testing.assert_allclose(weighted, 0.25 * np.mean(weights), rtol=1e-4)
+    np.testing.assert_allclose(weighted_metrics[f"{prediction}_mse"], metrics[f"{prediction}_mse"], rtol=1e-6)
+    np.testing.assert_allclose(weighted_metrics[f"{prediction}_mse_weighted"], weighted, rtol=1e-6)
+    assert not np.allclose(weights, 1.0)  # the schedule's SNR spans gamma: the weighting changes the loss
+    with pytest.raises(ValueError, match="unknown time weighting"):
+        losses.training_loss(schedule, t, target, output, **options, time_weighting="snr")
 
 
 def test_losses_work_under_jit_vmap_and_grad(schedule):

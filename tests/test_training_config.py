@@ -61,6 +61,8 @@ def test_default_and_tiny_configs_validate(config):
         ),
         (lambda c: c.model.modalities.masked_image.__setitem__("shape", (16, 16, 1)), "does not match z's shape"),
         (lambda c: c.optim.__setitem__("schedule", "exponential"), "optim.schedule must be one of"),
+        (lambda c: c.loss.__setitem__("time_weighting", "snr"), r"config.loss.time_weighting: unknown 'snr'"),
+        (lambda c: c.model.__setitem__("prediction", "x0"), r"unknown prediction target 'x0'"),
         (lambda c: c.train.__setitem__("best_mode", "best"), "best_mode must be 'min' or 'max'"),
         (lambda c: c.__setitem__("prng_impl", "philox"), r"config.prng_impl must be one of \('threefry2x32', 'rbg'\)"),
     ],

@@ -47,7 +47,12 @@ def task_sections() -> ml_collections.ConfigDict:
         modalities={},  # name (batch key) -> mmdiff_jax.modalities.Modality fields (kind, shape, ...)
     )
     config.diffusion = dict(noise_schedule="linear", num_steps=1000, modality_normalized=False)
-    config.loss = dict(eps_weight=1.0, aggregation_weight=1.0)  # recovery weights: Modality.loss_weight
+    config.loss = dict(  # objective.LossConfig; each recovery weight is its Modality.loss_weight
+        eps_weight=1.0,
+        aggregation_weight=1.0,
+        time_weighting="uniform",  # uniform | min_snr (mmdiff_jax.losses.time_weight)
+        min_snr_gamma=5.0,
+    )
     return config
 
 
