@@ -37,7 +37,7 @@ sys.path.insert(0, str(REPO))
 from bench import common as bench_common  # noqa: E402
 from configs.masked_pretrain import get_config  # noqa: E402
 from experiments import evaluation, trainer  # noqa: E402
-from mmdiff_jax import sampling  # noqa: E402
+from mmdiff_jax import sampling, tasks  # noqa: E402
 from mmdiff_jax.sampling import dpm_solver  # noqa: E402
 from mmdiff_jax.modalities import MASK_KEY  # noqa: E402
 from mmdiff_jax.training import writers  # noqa: E402
@@ -95,7 +95,8 @@ def main(argv=None) -> None:
             f"{run_dir} holds no finished masked_pretrain model ({config.train.steps} steps); run "
             f"python -m experiments.masked_pretrain --workdir {args.workdir} first"
         )
-    trained = trainer.train_model("mt_diffusion", config, run_dir)  # restores the finished run
+    task = tasks.make_mt_diffusion_task(config)
+    trained = trainer.train_model("mt_diffusion", config, run_dir, task)  # restores the finished run
     model, schedule, params = trained.model, trained.schedule, trained.params
     classifier = evaluation.metrics_classifier(config)
     section = config.experiment.unconditional
@@ -148,7 +149,7 @@ def main(argv=None) -> None:
     rng = jax.random.key(0)
     z = jax.random.normal(rng, (args.batch_size,) + model.z_shape)
     t = jnp.full((args.batch_size,), 500, jnp.int32)
-    forward = jax.jit(lambda params, z, t: model.apply({"params": params}, z, t, {}, method=model.predict).eps)
+    forward = jax.jit(lambda params, z, t: model.apply({"params": params}, z, t, {}, method=model.predict).prediction)
     forward_s = median_seconds(lambda: forward(params, z, t), args.repeats)
     overhead = []
     for name in args.samplers:
