@@ -102,7 +102,7 @@ def main(argv=None) -> None:
     section = config.experiment.unconditional
     reference = evaluation.reference_features(config, section.num_reference, classifier)
     restoration = config.experiment.restoration
-    masked = next(name for name, spec in config.model.modalities.items() if spec["kind"] == "masked_image")
+    masked = tasks.modality_name(config, "masked_image")
     restore_batches = evaluation.eval_batches(
         config, args.num_restore, args.num_restore, mask_ratio=args.mask_ratio, transform_seed=args.seed
     )
