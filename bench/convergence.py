@@ -94,13 +94,7 @@ def main(argv=None) -> None:
     section = base.experiment.unconditional
     reference = evaluation.reference_features(base, section.num_reference, classifier)
     curve = base.experiment.curve
-    curve_batch = evaluation.eval_batches(
-        base,
-        curve.num_samples,
-        curve.num_samples,
-        mask_ratio=float(curve.mask_ratio),
-        transform_seed=base.experiment.seed,
-    )[0]
+    curve_batch = restoration.curve_batch(base)
     steps = trainer.curve_steps(args.steps, args.points)
     sample_key = jax.random.key(base.experiment.seed)
 

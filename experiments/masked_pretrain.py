@@ -249,14 +249,7 @@ def _findings(restoration, unconditional, ratios, methods, labels) -> list[str]:
 
 
 def run(config: ml_collections.ConfigDict, run: common.Run) -> None:
-    section = config.experiment.curve
-    batch = evaluation.eval_batches(
-        config,
-        section.num_samples,
-        section.num_samples,
-        mask_ratio=float(section.mask_ratio),
-        transform_seed=config.experiment.seed,
-    )[0]
+    batch = restoration_lib.curve_batch(config)
     models, curves = conditioning.train_with_curve(
         run,
         config,

@@ -5,6 +5,7 @@ RESTORATION_METHODS, check_config(config)   the names of config experiment.resto
 all_methods(config), method_labels(config)  the methods a run evaluates (with the guidance sweep and the
                                             ablation) and their labels in the report
 restoration_methods(config, models)         name -> fn(batch, rng) -> restored images [B, H, W, C]
+curve_batch(config)                         the test batch the curve restores (experiment.curve)
 restoration_metric(task, config, batch)     fn(params) -> PSNR on the hidden pixels (the curve's metric)
 """
 
@@ -111,6 +112,19 @@ def _sdedit(config, ddpm: trainer.Trained, masked: str):
         eta=section.get("eta", 1.0),
     )
     return lambda batch, rng: sdedit(ddpm.params, batch[masked], rng).image
+
+
+def curve_batch(config: ml_collections.ConfigDict) -> dict[str, np.ndarray]:
+    """`experiment.curve.num_samples` test images with masks at `curve.mask_ratio` (transform seed
+    `experiment.seed`): what the restoration curve measures."""
+    section = config.experiment.curve
+    return evaluation.eval_batches(
+        config,
+        section.num_samples,
+        section.num_samples,
+        mask_ratio=float(section.mask_ratio),
+        transform_seed=config.experiment.seed,
+    )[0]
 
 
 def restoration_metric(task, config, batch):
