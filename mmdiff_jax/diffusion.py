@@ -192,60 +192,6 @@ def eps_from_z0(
     return (u_t - signal_scale * z_0) / jnp.sqrt(at_step(schedule.one_minus_alpha_bar, t, z_t))
 
 
-# Prediction targets: what the denoiser outputs. All refer to u_t = z_t - m_t = sqrt(abar_t) z_0 + sqrt(1 - abar_t)
-# eps, the plain DDPM chain inside the multi-modal one, so each converts exactly into the others given z_t and
-# the encodings: eps; z_0; v = sqrt(abar_t) eps - sqrt(1 - abar_t) z_0 (Salimans & Ho 2022, "velocity"), from
-# which eps = sqrt(abar_t) v + sqrt(1 - abar_t) u_t and z_0 = sqrt(abar_t) u_t - sqrt(1 - abar_t) v.
-
-PREDICTIONS = ("eps", "v", "z_0")
-
-
-def _check_prediction(kind: str) -> None:
-    if kind not in PREDICTIONS:
-        raise ValueError(f"unknown prediction target {kind!r}; known: {PREDICTIONS}")
-
-
-def prediction_target(schedule: DiffusionSchedule, z_0: Array, t: Array, eps: Array, kind: str) -> Array:
-    """What a denoiser predicting `kind` ('eps', 'v' or 'z_0') learns at (z_0, t, eps); t in 0..T."""
-    _check_prediction(kind)
-    if kind == "eps":
-        return eps
-    if kind == "z_0":
-        return z_0
-    alpha_bar = at_step(schedule.alpha_bar, t, z_0)
-    return jnp.sqrt(alpha_bar) * eps - jnp.sqrt(at_step(schedule.one_minus_alpha_bar, t, z_0)) * z_0
-
-
-def eps_from_prediction(
-    schedule: DiffusionSchedule, z_t: Array, t: Array, prediction: Array, kind: str, *, encodings: Array | None = None
-) -> Array:
-    """eps from a denoiser's output of kind `kind` at z_t (module comment above); t in 1..T."""
-    _check_prediction(kind)
-    if kind == "eps":
-        return prediction
-    if kind == "z_0":
-        return eps_from_z0(schedule, z_t, t, prediction, encodings=encodings)
-    t = check_steps(t, schedule.num_steps, first=1)
-    u_t = z_t - encoding_mean(schedule, z_t, t, encodings=encodings)
-    alpha_bar, one_minus = at_step(schedule.alpha_bar, t, z_t), at_step(schedule.one_minus_alpha_bar, t, z_t)
-    return jnp.sqrt(alpha_bar) * prediction + jnp.sqrt(one_minus) * u_t
-
-
-def prediction_from_eps(
-    schedule: DiffusionSchedule, z_t: Array, t: Array, eps: Array, kind: str, *, encodings: Array | None = None
-) -> Array:
-    """The output of kind `kind` that `eps_from_prediction` maps to eps (its inverse); t in 1..T."""
-    _check_prediction(kind)
-    if kind == "eps":
-        return eps
-    if kind == "z_0":
-        return z0_from_eps(schedule, z_t, t, eps, encodings=encodings)
-    t = check_steps(t, schedule.num_steps, first=1)
-    u_t = z_t - encoding_mean(schedule, z_t, t, encodings=encodings)
-    alpha_bar, one_minus = at_step(schedule.alpha_bar, t, z_t), at_step(schedule.one_minus_alpha_bar, t, z_t)
-    return (eps - jnp.sqrt(one_minus) * u_t) / jnp.sqrt(alpha_bar)
-
-
 # Posterior q(z_{t-1} | z_t, z_0, X).
 
 

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 from jax.scipy.special import log_ndtr, ndtr
 
-from mmdiff_jax import diffusion
+from mmdiff_jax import diffusion, targets
 from mmdiff_jax.schedules import DiffusionSchedule
 
 Array = jax.Array
@@ -268,25 +268,6 @@ def variational_bound(
 
 # The simplified training loss.
 
-TIME_WEIGHTINGS = ("uniform", "min_snr")
-
-
-def time_weight(
-    schedule: DiffusionSchedule, t: Array, prediction: str = "eps", weighting: str = "uniform", gamma: float = 5.0
-) -> Array:
-    """Per-example weight [B] of the prediction term at steps t [B]: 1 ('uniform'), or min-SNR-gamma
-    (Hang et al. 2023), min(SNR_t, gamma) / SNR_t for eps, / (SNR_t + 1) for v and / 1 for z_0 targets, with
-    SNR_t = abar_t / (1 - abar_t): each is the z_0-MSE weighted by min(SNR_t, gamma)."""
-    if weighting not in TIME_WEIGHTINGS:
-        raise ValueError(f"unknown time weighting {weighting!r}; known: {TIME_WEIGHTINGS}")
-    if weighting == "uniform":
-        return jnp.ones(jnp.shape(t))
-    if not gamma > 0:
-        raise ValueError(f"min_snr_gamma must be > 0, got {gamma}")
-    snr = diffusion.lookup(schedule.alpha_bar, t) / diffusion.lookup(schedule.one_minus_alpha_bar, t)
-    target_weight = {"eps": snr, "v": snr + 1.0, "z_0": jnp.ones_like(snr)}[prediction]
-    return jnp.minimum(snr, gamma) / target_weight
-
 
 def training_loss(
     schedule: DiffusionSchedule,
@@ -320,9 +301,9 @@ def training_loss(
       reduction: 'mean' (the batch mean) or 'none' (the loss per example, [B], for callers that weight
         examples themselves; its batch mean is the 'mean' loss up to float rounding).
       prediction: what the denoiser predicts: 'eps' (the default), or 'v' / 'z_0', for which `eps` and
-        `eps_prediction` are that target (`diffusion.prediction_target`) and the network's output, their MSE
+        `eps_prediction` are that target (`targets.prediction_target`) and the network's output, their MSE
         the first term (weighted by `eps_weight`), reported as '<prediction>_mse'.
-      time_weighting: 'uniform' (DDPM's L_simple) or 'min_snr' (`time_weight` with `min_snr_gamma`): the
+      time_weighting: 'uniform' (DDPM's L_simple) or 'min_snr' (`targets.time_weight` with `min_snr_gamma`): the
         prediction term of each example weighted by its step; the loss then sums '<prediction>_mse_weighted'
         (also reported) where the unweighted '<prediction>_mse' stands otherwise.
     Returns:
@@ -332,8 +313,7 @@ def training_loss(
     """
     if reduction not in ("mean", "none"):
         raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
-    if prediction not in diffusion.PREDICTIONS:
-        raise ValueError(f"unknown prediction target {prediction!r}; known: {diffusion.PREDICTIONS}")
+    targets.check_prediction(prediction)
     recovery_nll = dict(recovery_nll or {})
     recovery_weights = dict(recovery_weights or {})
     missing = sorted(set(recovery_nll) - set(recovery_weights))
@@ -357,7 +337,7 @@ def training_loss(
         "aggregation_mse": _mean_per_example(jnp.square(aggregation_error / eps_coefficient)),
         **{f"recovery/{name}": nll for name, nll in recovery_nll.items()},
     }
-    weight = time_weight(schedule, t, prediction, time_weighting, min_snr_gamma)
+    weight = targets.time_weight(schedule, t, prediction, time_weighting, min_snr_gamma)
     if time_weighting != "uniform":
         first = f"{prediction}_mse_weighted"
         per_example[first] = weight * per_example[f"{prediction}_mse"]

@@ -6,7 +6,7 @@ One step of the simplified multi-modal bound (docs/design.md section 4), for a b
   loss = eps_weight * eps_mse + aggregation_weight * aggregation_mse + sum_i lambda_i L2_i
                                                                                (`losses.training_loss`)
 where eps_mse is || eps_theta - eps ||^2, or for a model predicting v or z_0 (`MTDiffusion.prediction`)
-the MSE of that target (`diffusion.prediction_target`), reported as 'v_mse' / 'z_0_mse'.
+the MSE of that target (`targets.prediction_target`), reported as 'v_mse' / 'z_0_mse'.
 with L2_i = -log p_theta(x_i | z_t) through head D_i (`modalities.recovery_nll`). Gradients reach the
 encoders through z_t (via m_t) and through the aggregation term, as in the bound.
 
@@ -30,7 +30,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from mmdiff_jax import diffusion, losses
+from mmdiff_jax import diffusion, losses, targets
 from mmdiff_jax.modalities import Modality, check_schedule, model_variables, recovery_nll, validate_batch
 from mmdiff_jax.models.mt_diffusion import MTDiffusion
 from mmdiff_jax.schedules import DiffusionSchedule
@@ -46,13 +46,13 @@ class LossConfig:
 
     eps_weight: float = 1.0
     aggregation_weight: float = 1.0
-    time_weighting: str = "uniform"  # or 'min_snr' (losses.time_weight)
+    time_weighting: str = "uniform"  # or 'min_snr' (targets.time_weight)
     min_snr_gamma: float = 5.0
 
     def __post_init__(self):
-        if self.time_weighting not in losses.TIME_WEIGHTINGS:
+        if self.time_weighting not in targets.TIME_WEIGHTINGS:
             raise ValueError(
-                f"config.loss.time_weighting: unknown {self.time_weighting!r}; known: {losses.TIME_WEIGHTINGS}"
+                f"config.loss.time_weighting: unknown {self.time_weighting!r}; known: {targets.TIME_WEIGHTINGS}"
             )
         if not self.min_snr_gamma > 0:
             raise ValueError(f"config.loss.min_snr_gamma must be > 0, got {self.min_snr_gamma}")
@@ -110,7 +110,7 @@ def make_loss_fn(
         loss, metrics = losses.training_loss(
             schedule,
             t,
-            diffusion.prediction_target(schedule, z_0, t, eps, model.prediction),
+            targets.prediction_target(schedule, z_0, t, eps, model.prediction),
             output.prediction,
             nll,
             encodings=output.encodings,

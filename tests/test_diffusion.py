@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mmdiff_jax import diffusion, schedules
+from mmdiff_jax import diffusion, schedules, targets
 
 NUM_STEPS = 50
 
@@ -148,7 +148,7 @@ def test_z0_and_eps_conversions_invert_the_marginal():
     )
 
 
-@pytest.mark.parametrize("kind", diffusion.PREDICTIONS)
+@pytest.mark.parametrize("kind", targets.PREDICTIONS)
 def test_prediction_targets_convert_exactly_into_each_other(kind):
     """For z_t drawn from the marginal (with encodings): the target of each kind, read back as eps, is the eps
     that drew z_t; eps -> target -> eps round-trips; v is sqrt(abar) eps - sqrt(1 - abar) z_0 (float64)."""
@@ -159,17 +159,17 @@ def test_prediction_targets_convert_exactly_into_each_other(kind):
     with jax.enable_x64(True):
         schedule = random_schedule(2, False)  # built in float64 under x64
         z_t = diffusion.marginal_sample(schedule, z_0, t, eps, encodings=encodings)
-        target = diffusion.prediction_target(schedule, z_0, t, eps, kind)
-        back = diffusion.eps_from_prediction(schedule, z_t, t, target, kind, encodings=encodings)
+        target = targets.prediction_target(schedule, z_0, t, eps, kind)
+        back = targets.eps_from_prediction(schedule, z_t, t, target, kind, encodings=encodings)
         np.testing.assert_allclose(back, eps, rtol=1e-9, atol=1e-9)
-        forward = diffusion.prediction_from_eps(schedule, z_t, t, eps, kind, encodings=encodings)
+        forward = targets.prediction_from_eps(schedule, z_t, t, eps, kind, encodings=encodings)
         np.testing.assert_allclose(forward, target, rtol=1e-9, atol=1e-9)
         other = rng.standard_normal(eps.shape)  # any eps, not only the one that drew z_t
-        round_trip = diffusion.eps_from_prediction(
+        round_trip = targets.eps_from_prediction(
             schedule,
             z_t,
             t,
-            diffusion.prediction_from_eps(schedule, z_t, t, other, kind, encodings=encodings),
+            targets.prediction_from_eps(schedule, z_t, t, other, kind, encodings=encodings),
             kind,
             encodings=encodings,
         )
@@ -178,7 +178,7 @@ def test_prediction_targets_convert_exactly_into_each_other(kind):
         alpha_bar = np.asarray(schedule.alpha_bar)[t][:, None, None, None]
         np.testing.assert_allclose(target, np.sqrt(alpha_bar) * eps - np.sqrt(1 - alpha_bar) * z_0, rtol=1e-12)
     with pytest.raises(ValueError, match="unknown prediction target 'x'"):
-        diffusion.prediction_target(schedule, z_0, t, eps, "x")
+        targets.prediction_target(schedule, z_0, t, eps, "x")
 
 
 def test_with_no_auxiliary_modality_everything_is_textbook_ddpm():

@@ -22,7 +22,7 @@ from mmdiff_jax.modalities import (
     modality_data,
     validate_batch,
 )
-from mmdiff_jax.diffusion import PREDICTIONS
+from mmdiff_jax.targets import PREDICTIONS
 from mmdiff_jax.models.conditioning import EmbeddingCondition, TokenCondition, spatial_condition
 from mmdiff_jax.models.decoders import make_head
 from mmdiff_jax.models.encoders import make_encoder
@@ -44,7 +44,7 @@ class MTDiffusion(nn.Module):
     Fields: `unet` (backbone size), `modalities` (the N auxiliary specs, in stack order), `z_shape`
     (H, W, C), `primary` (batch key of x_0), `dtype` (compute dtype of backbone and heads; params stay
     float32, every output is float32), `prediction` (what the U-Net outputs: 'eps', 'v' or 'z_0', of
-    u_t = z_t - m_t; `diffusion.eps_from_prediction` converts). Everything is checked when the module is
+    u_t = z_t - m_t; `targets.eps_from_prediction` converts). Everything is checked when the module is
     constructed.
     """
 

@@ -20,7 +20,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from mmdiff_jax import diffusion
+from mmdiff_jax import targets
 from mmdiff_jax.modalities import MASK_KEY, Modality, check_schedule, model_variables
 from mmdiff_jax.models.mt_diffusion import MTDiffusion
 from mmdiff_jax.sampling.guidance import classifier_free_guidance, classifier_guidance
@@ -99,7 +99,7 @@ def make_denoise(
     """denoise(z_t, t) -> Prediction(eps, ehat, heads) through `MTDiffusion.predict` (eval mode).
 
     eps is the model's output converted from its `prediction` target ('v', 'z_0') where it predicts another
-    (`diffusion.eps_from_prediction`, with its own ehat in m_t), before guidance combines passes.
+    (`targets.eps_from_prediction`, with its own ehat in m_t), before guidance combines passes.
 
     ehat_i = E_i(x_i) for the modalities in `observed`, E_i(D_i(h)) for the others; aux = the heads'
     raw outputs (logits or means), name -> array. The denoiser sees every observed conditioned modality;
@@ -111,7 +111,7 @@ def make_denoise(
 
     def predict(z_t, t, observed_data, present=None):
         output = model.apply(variables, z_t, t, dict(observed_data), train=False, present=present, method=model.predict)
-        eps = diffusion.eps_from_prediction(
+        eps = targets.eps_from_prediction(
             schedule, z_t, t, output.prediction, model.prediction, encodings=output.estimated_encodings
         )
         return Prediction(eps, output.estimated_encodings, output.heads)

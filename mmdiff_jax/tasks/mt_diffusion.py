@@ -43,14 +43,14 @@ def task_sections() -> ml_collections.ConfigDict:
         z_shape=(32, 32, 1),  # (H, W, C) of the primary modality x_0 = z_0
         primary="image",  # batch key of x_0
         dtype="float32",  # compute dtype of the network: float32 | bfloat16 (params stay float32)
-        prediction="eps",  # what the U-Net predicts: eps | v | z_0 (mmdiff_jax.diffusion.PREDICTIONS)
+        prediction="eps",  # what the U-Net predicts: eps | v | z_0 (mmdiff_jax.targets.PREDICTIONS)
         modalities={},  # name (batch key) -> mmdiff_jax.modalities.Modality fields (kind, shape, ...)
     )
     config.diffusion = dict(noise_schedule="linear", num_steps=1000, modality_normalized=False)
     config.loss = dict(  # objective.LossConfig; each recovery weight is its Modality.loss_weight
         eps_weight=1.0,
         aggregation_weight=1.0,
-        time_weighting="uniform",  # uniform | min_snr (mmdiff_jax.losses.time_weight)
+        time_weighting="uniform",  # uniform | min_snr (mmdiff_jax.targets.time_weight)
         min_snr_gamma=5.0,
     )
     return config

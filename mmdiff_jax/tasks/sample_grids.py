@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
-from mmdiff_jax import diffusion
+from mmdiff_jax import diffusion, targets
 from mmdiff_jax.modalities import MASK_KEY, modality_data
 from mmdiff_jax.models.mt_diffusion import MTDiffusion
 from mmdiff_jax.training import mesh as mesh_lib
@@ -82,7 +82,7 @@ def one_step_x0(model: MTDiffusion, schedule: Any, sample_config: Mapping[str, A
             eps = jax.random.normal(jax.random.fold_in(rng, t_value), z_0.shape)
             z_t = diffusion.marginal_sample(schedule, z_0, t, eps, encodings=encodings)
             output = model.apply(variables, batch, z_t, t, train=False)
-            eps_hat = diffusion.eps_from_prediction(
+            eps_hat = targets.eps_from_prediction(
                 schedule, z_t, t, output.prediction, model.prediction, encodings=encodings
             )
             x0_hat = diffusion.z0_from_eps(schedule, z_t, t, eps_hat, encodings=encodings)
