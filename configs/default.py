@@ -87,5 +87,5 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
         config.sample.kinds = ("one_step_x0",)
         config.sample.num_images = 4
         config.sample.noise_levels = (0.5,)
-        config.sample.sampler_steps = 5
+        config.sample.sampler.num_steps = 5
     return config

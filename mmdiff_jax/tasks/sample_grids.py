@@ -11,7 +11,7 @@ Built in:
                x0_hat = (z_t - m_t - sqrt(1 - abar_t) eps_theta(z_t, t)) / sqrt(abar_t), all modalities
                observed. A denoising preview, not a sample from the reverse process.
   ddim_joint   N samples of the reverse process with nothing observed (`mmdiff_jax.sampling`, DDIM with
-               `sample.sampler_steps` steps, eta `sample.sampler_eta`): one row.
+               `sample.sampler.num_steps` steps, eta `sample.sampler.eta`): one row.
   ddim_conditional  per image-like modality i: rows x_0 | x_i (observed) | a DDIM sample given x_i.
 Other kinds are added with `register_sample_kind`.
 """
@@ -99,8 +99,8 @@ def _ddim(model: MTDiffusion, schedule: Any, sample_config: Mapping[str, Any]):
         model,
         schedule,
         method="ddim",
-        num_steps=min(sample_config["sampler_steps"], schedule.num_steps),
-        eta=sample_config["sampler_eta"],
+        num_steps=min(sample_config["sampler"]["num_steps"], schedule.num_steps),
+        eta=sample_config["sampler"]["eta"],
     )
 
 

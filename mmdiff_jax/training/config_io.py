@@ -82,8 +82,7 @@ def base_config() -> ml_collections.ConfigDict:
         kinds=("one_step_x0",),  # read by the task (mmdiff_jax.tasks.sample_grids.SAMPLE_KINDS)
         num_images=8,
         noise_levels=(0.25, 0.5, 0.75),  # t / T for the one-step predictions
-        sampler_steps=50,
-        sampler_eta=0.0,  # DDIM kinds
+        sampler=dict(num_steps=50, eta=0.0),  # the DDIM kinds' sampler, spelled as experiment.sampler
     )
     config.mesh = dict(
         shape=(-1, 1),  # (data, fsdp); one entry may be -1
