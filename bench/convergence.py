@@ -12,7 +12,7 @@ measures, on the EMA parameters, with the config's sampler (DPM-Solver++ 2M, 15 
                 Fashion-MNIST CNN features; the same prior noise for every recipe and point
   PSNR hidden   restoration of the config's curve batch (mask ratio 0.5, 96 test images, guidance 2), the
                 masked image observed, no re-imposition (`experiments.restoration.restoration_metric`)
-Recipes: 'eps' (today's default: eps target, uniform t), 'v' (v target), 'eps_min_snr' / 'v_min_snr' (the same
+Recipes: 'eps' (the library default: eps target, uniform t), 'v' (v target), 'eps_min_snr' / 'v_min_snr' (the same
 with min-SNR-5 weighting; docs/design.md section 3d). Training time: wall seconds since the recipe's start
 (its compilation included), the measurements excluded; warmup is capped at half of --steps.
 Prints a table, writes bench/results/convergence_<host>.json and .png (both metrics against training
@@ -45,7 +45,7 @@ RECIPES = {  # name -> (model.prediction, loss.time_weighting)
     "v_min_snr": ("v", "min_snr"),
 }
 LABELS = {
-    "eps": "eps, uniform t (default)",
+    "eps": "eps, uniform t",
     "v": "v, uniform t",
     "eps_min_snr": "eps, min-SNR-5",
     "v_min_snr": "v, min-SNR-5",

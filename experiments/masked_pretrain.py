@@ -145,7 +145,13 @@ def write_report(config, run: common.Run, restoration: dict, unconditional: dict
         "plain DDPM (no auxiliary modality) and a reconstruction-only U-Net, all with the same U-Net, steps, batch, "
         "optimizer and EMA. One MT-Diffusion model serves every mask ratio and unconditional generation. "
         f"Sampler for every diffusion model: {evaluation.describe_sampler(experiment.sampler)}, z_0 estimates "
-        f"clipped to [-1, 1]; EMA parameters."
+        f"clipped to [-1, 1]; EMA parameters. Denoisers predict {config.model.prediction} (uniform t: "
+        f"`model.prediction`), {config.train.steps} steps"
+        + (
+            ", the recipe bench/convergence.py found fastest on this report's own metrics (FID-proxy, PSNR hidden)."
+            if config.model.prediction != "eps"
+            else "."
+        )
     )
     columns = ["method"] + [f"PSNR hidden, r={r} ↑" for r in ratios] + [f"LPIPS-proxy, r={r} ↓" for r in ratios]
     rows = [

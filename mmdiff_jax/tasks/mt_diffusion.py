@@ -164,12 +164,13 @@ def params_init_fn(model: MTDiffusion):
     return lambda rng: init_variables(model, rng)["params"]
 
 
-def describe_loss(modalities: tuple[Modality, ...]) -> str:
-    """The training loss in words ("eps-MSE" for plain DDPM, N = 0)."""
+def describe_loss(modalities: tuple[Modality, ...], prediction: str = "eps", time_weighting: str = "uniform") -> str:
+    """The training loss in words ("eps-MSE" for plain DDPM with the eps target, N = 0)."""
+    first = f"{prediction}-MSE" + (" (min-SNR weighted)" if time_weighting == "min_snr" else "")
     if not modalities:
-        return "eps-MSE"
+        return first
     recovered = [m.name for m in modalities if m.loss in ("categorical", "gaussian")]
-    return "eps-MSE + aggregation MSE" + (f" + NLL of {', '.join(recovered)}" if recovered else "")
+    return f"{first} + aggregation MSE" + (f" + NLL of {', '.join(recovered)}" if recovered else "")
 
 
 def make_mt_diffusion_task(config: ml_collections.ConfigDict, name: str = "mt_diffusion") -> Task:
@@ -196,5 +197,5 @@ def make_mt_diffusion_task(config: ml_collections.ConfigDict, name: str = "mt_di
         make_sample_fns=functools.partial(
             sample_grids.make_sample_fns, kinds, model, schedule, config.sample.to_dict()
         ),
-        loss_description=describe_loss(model.modalities),
+        loss_description=describe_loss(model.modalities, model.prediction, config.loss.time_weighting),
     )
