@@ -337,9 +337,9 @@ def training_loss(
         "aggregation_mse": _mean_per_example(jnp.square(aggregation_error / eps_coefficient)),
         **{f"recovery/{name}": nll for name, nll in recovery_nll.items()},
     }
-    weight = targets.time_weight(schedule, t, prediction, time_weighting, min_snr_gamma)
-    if time_weighting != "uniform":
+    if time_weighting != "uniform":  # an unknown weighting raises in `time_weight`
         first = f"{prediction}_mse_weighted"
+        weight = targets.time_weight(schedule, t, prediction, time_weighting, min_snr_gamma)
         per_example[first] = weight * per_example[f"{prediction}_mse"]
 
     def weighted_sum(terms):

@@ -26,7 +26,7 @@ from mmdiff_jax.models.mt_diffusion import MTDiffusion
 from mmdiff_jax.sampling.guidance import classifier_free_guidance, classifier_guidance
 from mmdiff_jax.sampling.restoration import known_region_hook
 from mmdiff_jax.sampling.methods import check_sampler, sample_chain
-from mmdiff_jax.sampling.samplers import Denoise, Prediction
+from mmdiff_jax.sampling.samplers import Denoise, Prediction, SamplerOutput
 from mmdiff_jax.schedules import DiffusionSchedule
 
 Array = jax.Array
@@ -174,6 +174,13 @@ def decode_heads(modalities: Sequence[Modality], estimates: Mapping[str, Array])
     return decoded
 
 
+def decode_samples(model: MTDiffusion, output: SamplerOutput) -> Samples:
+    """A chain's output as `Samples`: z_0 clipped to [-1, 1] as the image, and every head decoded from the
+    last model call."""
+    outputs = decode_heads(model.modalities, head_estimates(model.modalities, output.aux))
+    return Samples(jnp.clip(output.z_0, -1.0, 1.0), output.z_0, outputs)
+
+
 def check_modality(model: MTDiffusion, name: str, kinds: tuple[str, ...], role: str) -> Modality:
     """The model's modality `name`; ValueError naming `role` unless its kind is one of `kinds` (and, for the
     role 'guidance', it has a head)."""
@@ -282,7 +289,6 @@ def make_sample_fn(
             step_hook=hook,
             sharding=sharding,
         )
-        outputs = decode_heads(model.modalities, head_estimates(model.modalities, output.aux))
-        return Samples(jnp.clip(output.z_0, -1.0, 1.0), output.z_0, outputs)
+        return decode_samples(model, output)
 
     return jax.jit(sample, static_argnames=("batch_size",))

@@ -12,15 +12,13 @@ to [-1, 1], raw z_0, decoded heads), built on `make_sample_fn` and the pure `res
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 
 from mmdiff_jax.modalities import MASK_KEY, check_schedule
 from mmdiff_jax.models.mt_diffusion import MTDiffusion
 from mmdiff_jax.sampling.conditional import (
     Samples,
     check_modality,
-    decode_heads,
-    head_estimates,
+    decode_samples,
     make_denoise,
     make_sample_fn,
 )
@@ -80,8 +78,7 @@ def make_sdedit_fn(
             eta=eta,
             clip_denoised=clip_denoised,
         )
-        outputs = decode_heads(model.modalities, head_estimates(model.modalities, output.aux))
-        return Samples(jnp.clip(output.z_0, -1.0, 1.0), output.z_0, outputs)
+        return decode_samples(model, output)
 
     return jax.jit(sdedit)
 
