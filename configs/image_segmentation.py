@@ -67,6 +67,10 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
     # 1000 steps (was 250 for the aggregation-only model): conditioning is learned over 800-1600 steps on this
     # U-Net (issue 14's prototype); the report's curve shows where it stands.
     config.train.steps = 1000
+    # Recipe: eps-prediction, uniform t (the library's default). bench/convergence.py found v-prediction about
+    # twice as fast on the masked_pretrain model (configs/masked_pretrain.py); it was not measured on this
+    # model's conditional metric, so this default and its committed report stay eps (try
+    # `--config.model.prediction=v`).
 
     config.experiment = dict(
         # DPM-Solver++ 2M, 15 steps (docs/design.md section 3c), z_0 estimates clipped to [-1, 1]: on the

@@ -6,6 +6,8 @@
   aggregation_only_config(config)   every modality's condition path 'none' (the ablation)
   make_reconstruct_fn(trained)      reconstruct(params, masked_image, mask) -> image, of the reconstruction
                                     task (the U-Net predicting the image from [x * mask, mask] in one pass)
+  make_sdedit(config, ddpm, strength)   fn(guide, rng) -> images: SDEdit with a trained plain DDPM, the
+                                    experiment's sampler steps
 
 The sampling baselines (SDEdit, RePaint with plain DDPM) are `sampling.make_sdedit_fn` and
 `sampling.make_restore_fn(..., masked=None)`.
@@ -18,6 +20,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from experiments import trainer
+from mmdiff_jax import sampling
 
 
 def plain_ddpm_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -46,3 +49,18 @@ def make_reconstruct_fn(trained: trainer.Trained):
         return jnp.clip(model.apply({"params": params}, masked_image, mask, train=False), -1.0, 1.0)
 
     return jax.jit(reconstruct)
+
+
+def make_sdedit(config: ml_collections.ConfigDict, ddpm: trainer.Trained, strength: float):
+    """fn(guide [B, *S], rng) -> images [B, *S]: SDEdit (`sampling.make_sdedit_fn`) with the trained plain DDPM
+    `ddpm` from `guide` noised to t0 = strength * T, with `config.experiment.sampler`'s number of steps (all T for
+    'ddpm') and eta."""
+    section = config.experiment.sampler
+    sdedit = sampling.make_sdedit_fn(
+        ddpm.model,
+        ddpm.schedule,
+        strength=strength,
+        num_steps=ddpm.schedule.num_steps if section.method == "ddpm" else section.num_steps,
+        eta=section.get("eta", 1.0),
+    )
+    return lambda guide, rng: sdedit(ddpm.params, guide, rng).image

@@ -40,7 +40,8 @@ def train_with_curve(
     """Trains the conditioned model (`run.task`, the config's) and (with `experiment.aggregation_only_ablation`)
     its aggregation-only ablation, same budget and seed. make_metric(task, model_config) -> fn(ema_params) ->
     float is measured at `experiment.curve.num_points` evenly spaced steps (`trainer.MetricCurve`, kept in
-    workdir/<model>/<metric>_curve.json so a resumed run keeps its earlier points).
+    workdir/<model>/<metric>_curve.json with the curve and sampler sections, so a resumed run keeps its earlier
+    points, and a run with other settings does not report them).
 
     Returns (name -> Trained, name -> {step: value}) for 'mt_diffusion' and, if trained, 'aggregation_only'.
     """
@@ -52,7 +53,8 @@ def train_with_curve(
     steps = trainer.curve_steps(config.train.steps, config.experiment.curve.num_points)
     for name, (model_config, task) in configs.items():
         path = run.workdir / name / f"{metric}_curve.json"
-        curve = trainer.MetricCurve(path, steps, make_metric(task, model_config))
+        settings = {"metric": metric, **{key: model_config.experiment[key].to_dict() for key in ("curve", "sampler")}}
+        curve = trainer.MetricCurve(path, steps, make_metric(task, model_config), settings)
         models[name] = run.train(name, model_config, task, hooks=[curve])
         curves[name] = curve.points
     return models, curves
@@ -139,6 +141,7 @@ def report_curve(
 ) -> None:
     """A table (model x step) and a PNG (`<metric>_curve`) of `what` (e.g. 'label -> image agreement')
     against training steps; `section` is `experiment.curve` (num_samples, cfg_scale)."""
+    curves = {name: points for name, points in curves.items() if points}  # none: measured with other settings
     if not curves:
         return
     steps = sorted({step for points in curves.values() for step in points})

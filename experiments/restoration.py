@@ -102,16 +102,8 @@ def _reconstructor(reconstruct, params, masked):
 
 
 def _sdedit(config, ddpm: trainer.Trained, masked: str):
-    section = config.experiment.sampler
-    num_steps = ddpm.schedule.num_steps if section.method == "ddpm" else section.num_steps
-    sdedit = sampling.make_sdedit_fn(
-        ddpm.model,
-        ddpm.schedule,
-        strength=config.experiment.restoration.sdedit_strength,
-        num_steps=num_steps,
-        eta=section.get("eta", 1.0),
-    )
-    return lambda batch, rng: sdedit(ddpm.params, batch[masked], rng).image
+    sdedit = baselines.make_sdedit(config, ddpm, config.experiment.restoration.sdedit_strength)
+    return lambda batch, rng: sdedit(batch[masked], rng)
 
 
 def curve_batch(config: ml_collections.ConfigDict) -> dict[str, np.ndarray]:

@@ -4,8 +4,8 @@
   train_model(name, config, workdir, task, hooks=()) -> Trained
   Trained          name, task (.model, .schedule: None for non-diffusion baselines), params (EMA), config,
                    workdir, num_params, steps, train_seconds, resumed_from (checkpoint step found before, or None)
-  MetricCurve(path, steps, metric_fn)   a training hook: metric_fn(ema_params) at `steps`, kept in path
-                   (resumable); curve_steps(total, num_points) spaces the steps
+  MetricCurve(path, steps, metric_fn, settings)   a training hook: metric_fn(ema_params) at `steps`, kept
+                   in path with its settings (resumable); curve_steps(total, num_points) spaces the steps
   copy_config(config)   an unlocked copy, to derive a baseline's config
 """
 
@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import pathlib
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -100,20 +101,39 @@ def curve_steps(total_steps: int, num_points: int) -> list[int]:
 
 class MetricCurve:
     """A metric of the EMA params against training steps: a `train_and_evaluate` hook that calls
-    metric_fn(ema_params) -> float at `steps` and keeps the points in `path` (JSON, step -> value), so a resumed
-    or restored run keeps those measured before it stopped. `points`: step -> value."""
+    metric_fn(ema_params) -> float at `steps` and keeps the points in `path` (JSON: the `settings` it was
+    measured with, step -> value), so a resumed or restored run keeps those measured before it stopped. Points
+    saved with other settings (another sampler, say) are dropped with a warning, never reported as this
+    run's. `points`: step -> value."""
 
-    def __init__(self, path: str | pathlib.Path, steps: Iterable[int], metric_fn: Callable[[Any], float]):
+    def __init__(
+        self,
+        path: str | pathlib.Path,
+        steps: Iterable[int],
+        metric_fn: Callable[[Any], float],
+        settings: Mapping[str, Any] | None = None,
+    ):
         self.path, self.steps, self.metric_fn = pathlib.Path(path), set(steps), metric_fn
-        saved = json.loads(self.path.read_text()) if self.path.exists() else {}
-        self.points: dict[int, float] = {int(step): value for step, value in saved.items()}
+        self.settings = json.loads(json.dumps(dict(settings or {})))  # JSON-normalised, as saved
+        saved = json.loads(self.path.read_text()) if self.path.exists() else {"settings": self.settings, "points": {}}
+        if saved.get("settings") != self.settings:
+            logging.warning(
+                "%s: its points were measured with other settings (%s, now %s); they are dropped, and a model "
+                "restored without training has no curve",
+                self.path,
+                saved.get("settings", "not recorded"),
+                self.settings,
+            )
+            saved = {"points": {}}
+        self.points: dict[int, float] = {int(step): value for step, value in saved["points"].items()}
 
     def __call__(self, step: int, state: Any, metrics: Any) -> None:
         del metrics
         if step in self.steps:
             self.points[step] = float(self.metric_fn(state.ema_params))
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.path.write_text(json.dumps({str(k): v for k, v in sorted(self.points.items())}, indent=1) + "\n")
+            points = {str(k): v for k, v in sorted(self.points.items())}
+            self.path.write_text(json.dumps({"settings": self.settings, "points": points}, indent=1) + "\n")
 
 
 def copy_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

@@ -267,12 +267,14 @@ def reverse_log_variance(
                    t = 1 data term differs from 'large'; use it for bits/dim comparable with ADM's likelihoods.
     `interpolation` v in [0, 1] gives ADM's learned variance, log sigma^2 = v log beta_t + (1 - v) log beta~_t,
     beta~ clipped as in 'small' and beta_1 unclipped (as guided-diffusion's learned range); it overrides `kind`.
+    Its shape is t.shape, or t.shape followed by more axes (per element, e.g. [B, *S] for t [B]).
     """
     t = check_steps(t, schedule.num_steps, first=1)
     clipped = jnp.where(t == 1, min(2, schedule.num_steps), t)  # beta~_1 = 0 -> beta~_2
     small = jnp.log(posterior_variance(schedule, clipped))
     large = jnp.log(lookup(schedule.beta, t))
     if interpolation is not None:
+        large, small = expand_to(large, interpolation), expand_to(small, interpolation)
         return interpolation * large + (1.0 - interpolation) * small
     if kind == "large":
         return large

@@ -5,7 +5,10 @@
   L2 recovery:   sum_i -log p_theta(x_i | z_t) through the heads D_i          `categorical_nll`, `gaussian_nll`
   L3 data:       -log p(z_0 | z_1), discretized Gaussian for 8-bit images     `data_nll`
 
-All terms are in nats. Inputs carry one leading batch axis ([B, *S] as in `diffusion`, encodings
+A learned reverse variance (ADM) is trained by `variance_vlb`, the bound's term at one t on the frozen mean,
+added to the simplified loss by `training_loss(vlb=...)` (the hybrid loss).
+
+All terms are in nats (`variance_vlb`: bits per dimension, as ADM). Inputs carry one leading batch axis ([B, *S] as in `diffusion`, encodings
 [N, B, *S]) and each term returns one value per example, [B]; `jax.vmap` adds further leading axes.
 Computation is in JAX's default float dtype (float64 under x64; lower-precision model outputs are upcast).
 Steps follow `diffusion`'s rules: concrete out-of-range steps raise a ValueError, traced ones give NaN.
@@ -164,16 +167,19 @@ def data_nll(
     *,
     encodings: Array | None = None,
     variance_kind: str = "small",
+    variance_interpolation: Array | None = None,
     discretized: bool = True,
 ) -> Array:
     """L3 = -log p_theta(z_0 | z_1), [B]: mean mu_theta(z_1, 1), variance sigma_1^2.
 
     z_1, z_0, eps_prediction: [B, *S]; encodings: [N, B, *S], the reverse mean's ehat_i (None: N = 0).
+    `variance_interpolation` [B, *S]: a learned variance (`diffusion.reverse_log_variance`), else `variance_kind`.
     `discretized` treats z_0 as an 8-bit image in [-1, 1] (pixel space); otherwise a Gaussian density.
     """
     t = jnp.ones(z_0.shape[:1], jnp.int32)
     mean = diffusion.reverse_mean(schedule, z_1, t, eps_prediction, encodings=encodings)
-    log_scale = 0.5 * diffusion.expand_to(diffusion.reverse_log_variance(schedule, t, variance_kind), z_0)
+    log_variance = diffusion.reverse_log_variance(schedule, t, variance_kind, variance_interpolation)
+    log_scale = 0.5 * diffusion.expand_to(log_variance, z_0)
     if discretized:
         return discretized_gaussian_nll(z_0, mean, log_scale)
     return gaussian_nll(mean, z_0, log_scale)
@@ -188,6 +194,7 @@ class DenoiserOutput(NamedTuple):
     eps_prediction: Array  # [B, *S]
     estimated_encodings: Array  # [N, B, *S], ehat_i
     recovery_nll: Array  # [B], sum_i -log p_theta(x_i | z_t) over the modalities with heads
+    variance_interpolation: Array | None = None  # [B, *S], a learned reverse variance (else `variance_kind`)
 
 
 class BoundTerms(NamedTuple):
@@ -241,6 +248,7 @@ def variational_bound(
             encodings=encodings,
             estimated_encodings=output.estimated_encodings,
             variance_kind=variance_kind,
+            variance_interpolation=output.variance_interpolation,
         )
         diffusion_term = (num_steps - 1) * kl
     else:
@@ -258,12 +266,68 @@ def variational_bound(
         data_output.eps_prediction,
         encodings=data_output.estimated_encodings,
         variance_kind=variance_kind,
+        variance_interpolation=data_output.variance_interpolation,
         discretized=discretized,
     )
 
     total = prior + diffusion_term + output.recovery_nll + data
     dimensions = math.prod(z_0.shape[1:])
     return BoundTerms(prior, diffusion_term, output.recovery_nll, data, total, total / (dimensions * math.log(2.0)))
+
+
+# The learned variance's term of ADM's hybrid loss.
+
+
+def variance_vlb(
+    schedule: DiffusionSchedule,
+    z_t: Array,
+    t: Array,
+    z_0: Array,
+    eps_prediction: Array,
+    variance_interpolation: Array,
+    *,
+    encodings: Array | None = None,
+    estimated_encodings: Array | None = None,
+    discretized: bool = True,
+) -> Array:
+    """The bound's term at step t, L_t in bits per dimension of z_0, [B], that trains a learned variance.
+
+    L_t = KL( q(z_{t-1} | z_t, z_0, X) || p_theta(z_{t-1} | z_t) ) for t >= 2 (`posterior_kl`) and
+    -log p_theta(z_0 | z_1) at t = 1 (`data_nll`), averaged over the dimensions and in bits, with the reverse
+    variance from `variance_interpolation` [B, *S] and the reverse mean from stop_gradient(eps_prediction) and
+    stop_gradient(estimated_encodings): only the variance learns from it, the mean keeps learning from
+    L_simple (Nichol & Dhariwal 2021, section 3.1; ADM's `_vb_terms_bpd` on the frozen mean). The hybrid loss
+    is L_simple + lambda L_vlb with L_vlb = T E_t[L_t] (`training_loss`'s `vlb`, `vlb_weight` = lambda).
+
+    t: [B] in 1..T; z_t, z_0, eps_prediction: [B, *S] (eps_theta, converted from another target first);
+    encodings, estimated_encodings: [N, B, *S] or None (N = 0).
+    """
+    t = diffusion.check_steps(t, schedule.num_steps, first=1)
+    eps_prediction = jax.lax.stop_gradient(eps_prediction)
+    if estimated_encodings is not None:
+        estimated_encodings = jax.lax.stop_gradient(estimated_encodings)
+    data = data_nll(
+        schedule,
+        z_t,
+        z_0,
+        eps_prediction,
+        encodings=estimated_encodings,
+        variance_interpolation=variance_interpolation,
+        discretized=discretized,
+    )
+    if schedule.num_steps >= 2:  # t = 1 examples take the data term; their KL (at t = 2) is discarded
+        kl = posterior_kl(
+            schedule,
+            z_t,
+            jnp.maximum(t, 2),
+            z_0,
+            eps_prediction,
+            encodings=encodings,
+            estimated_encodings=estimated_encodings,
+            variance_interpolation=variance_interpolation,
+        )
+        data = jnp.where(t == 1, data, kl)
+    return data / (math.prod(z_0.shape[1:]) * math.log(2.0))
 
 
 # The simplified training loss.
@@ -285,8 +349,10 @@ def training_loss(
     prediction: str = "eps",
     time_weighting: str = "uniform",
     min_snr_gamma: float = 5.0,
+    vlb: Array | None = None,
+    vlb_weight: float = 0.001,
 ) -> tuple[Array, dict[str, Array]]:
-    """eps-MSE + weighted aggregation-matching MSE + sum_i lambda_i L2_i, and per-term metrics.
+    """eps-MSE + weighted aggregation-matching MSE + sum_i lambda_i L2_i (+ lambda T L_t), and per-term metrics.
 
     The L1 term is || c_t (eps_theta - eps) + sum_i w_t^(i) (ehat_i - e_i) ||^2 / (2 sigma_t^2) with
     c_t = beta_t / (sqrt(alpha_t) sqrt(1 - abar_t)). As DDPM's L_simple drops the factor c_t^2 / (2 sigma_t^2)
@@ -306,10 +372,11 @@ def training_loss(
       time_weighting: 'uniform' (DDPM's L_simple) or 'min_snr' (`targets.time_weight` with `min_snr_gamma`): the
         prediction term of each example weighted by its step; the loss then sums '<prediction>_mse_weighted'
         (also reported) where the unweighted '<prediction>_mse' stands otherwise.
+      vlb: [B], `variance_vlb` at t (bits per dimension) for a model with a learned variance: ADM's hybrid loss
+        adds `vlb_weight` * T * vlb (lambda L_vlb with L_vlb = T E_t[L_t]; ADM: lambda = 0.001), reported as 'vlb'.
     Returns:
       (loss: scalar or [B], metrics) with metrics 'loss', 'eps_mse' (or 'v_mse', 'z_0_mse'), 'aggregation_mse'
-      and 'recovery/<name>',
-      batch means whatever the reduction.
+      and 'recovery/<name>' (and 'vlb'), batch means whatever the reduction.
     """
     if reduction not in ("mean", "none"):
         raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
@@ -325,6 +392,8 @@ def training_loss(
         raise ValueError("encodings and estimated_encodings are given together (both None: N = 0)")
     if encodings is not None and estimated_encodings.shape != encodings.shape:
         raise ValueError(f"estimated_encodings shape {estimated_encodings.shape} != encodings shape {encodings.shape}")
+    if vlb is not None and jnp.shape(vlb) != t.shape:
+        raise ValueError(f"vlb must have one value per example, shape {t.shape}, got {jnp.shape(vlb)}")
 
     t = diffusion.check_steps(t, schedule.num_steps, first=1)
     beta, alpha = diffusion.at_step(schedule.beta, t, eps), diffusion.at_step(schedule.alpha, t, eps)
@@ -336,6 +405,7 @@ def training_loss(
         first: _mean_per_example(jnp.square(eps_prediction.astype(float) - eps)),
         "aggregation_mse": _mean_per_example(jnp.square(aggregation_error / eps_coefficient)),
         **{f"recovery/{name}": nll for name, nll in recovery_nll.items()},
+        **({} if vlb is None else {"vlb": vlb}),
     }
     if time_weighting != "uniform":  # an unknown weighting raises in `time_weight`
         first = f"{prediction}_mse_weighted"
@@ -344,6 +414,8 @@ def training_loss(
 
     def weighted_sum(terms):
         total = eps_weight * terms[first] + aggregation_weight * terms["aggregation_mse"]
+        if vlb is not None:
+            total = total + vlb_weight * schedule.num_steps * terms["vlb"]
         for name in sorted(recovery_nll):
             total = total + recovery_weights[name] * terms[f"recovery/{name}"]
         return total

@@ -6,9 +6,11 @@ One step of the simplified multi-modal bound (docs/design.md section 4), for a b
   loss = eps_weight * eps_mse + aggregation_weight * aggregation_mse + sum_i lambda_i L2_i
                                                                                (`losses.training_loss`)
 where eps_mse is || eps_theta - eps ||^2, or for a model predicting v or z_0 (`MTDiffusion.prediction`)
-the MSE of that target (`targets.prediction_target`), reported as 'v_mse' / 'z_0_mse'.
+the MSE of that target (`targets.prediction_target`), reported as 'v_mse' / 'z_0_mse',
 with L2_i = -log p_theta(x_i | z_t) through head D_i (`modalities.recovery_nll`). Gradients reach the
-encoders through z_t (via m_t) and through the aggregation term, as in the bound.
+encoders through z_t (via m_t) and through the aggregation term, as in the bound. A model with a learned
+variance (`MTDiffusion.learn_variance`) adds ADM's lambda T L_t (`losses.variance_vlb`, the mean frozen;
+`LossConfig.vlb_weight` = lambda), reported as 'vlb' (bits per dimension).
 
 Condition dropout (docs/design.md section 3b): each conditioned modality i (`Modality.condition` other
 than 'none') is shown to the denoiser independently per example with probability 1 - p_uncond_i; where
@@ -48,6 +50,7 @@ class LossConfig:
     aggregation_weight: float = 1.0
     time_weighting: str = "uniform"  # or 'min_snr' (targets.time_weight)
     min_snr_gamma: float = 5.0
+    vlb_weight: float = 0.001  # lambda of ADM's hybrid loss, for a model with `learn_variance` (else unused)
 
     def __post_init__(self):
         if self.time_weighting not in targets.TIME_WEIGHTINGS:
@@ -56,6 +59,8 @@ class LossConfig:
             )
         if not self.min_snr_gamma > 0:
             raise ValueError(f"config.loss.min_snr_gamma must be > 0, got {self.min_snr_gamma}")
+        if not self.vlb_weight >= 0:
+            raise ValueError(f"config.loss.vlb_weight must be >= 0, got {self.vlb_weight}")
 
     @classmethod
     def from_any(cls, config: LossConfig | Mapping[str, Any] | None) -> LossConfig:
@@ -107,6 +112,21 @@ def make_loss_fn(
                 hidden = 1.0 - shown.astype(jnp.float32)
                 fraction = jnp.mean(hidden)
                 nll[name] = jnp.where(fraction > 0, nll[name] * hidden / jnp.maximum(fraction, 1e-12), 0.0)
+        vlb = None
+        if model.learn_variance:  # ADM's hybrid loss: L_t on the frozen mean trains the variance
+            eps_prediction = targets.eps_from_prediction(
+                schedule, z_t, t, output.prediction, model.prediction, encodings=output.estimated_encodings
+            )
+            vlb = losses.variance_vlb(
+                schedule,
+                z_t,
+                t,
+                z_0,
+                eps_prediction,
+                output.variance_interpolation,
+                encodings=output.encodings,
+                estimated_encodings=output.estimated_encodings,
+            )
         loss, metrics = losses.training_loss(
             schedule,
             t,
@@ -121,6 +141,8 @@ def make_loss_fn(
             prediction=model.prediction,
             time_weighting=config.time_weighting,
             min_snr_gamma=config.min_snr_gamma,
+            vlb=vlb,
+            vlb_weight=config.vlb_weight,
         )
         for name in categorical:  # like L2, over the examples where the denoiser did not see the target
             correct = (jnp.argmax(output.heads[name], axis=-1) == batch[name]).astype(jnp.float32)

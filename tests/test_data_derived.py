@@ -21,6 +21,7 @@ def first_batch(name, arrays, batch_size=32, **options):
         ("fashion_mnist_masked", {"mask_kind": "patch"}),
         ("fashion_mnist_masked", {"mask_kind": "pixel", "image_size": 28}),
         ("fashion_mnist_scenes", {}),
+        ("fashion_mnist_lowres", {"image_size": 28}),
     ],
 )
 def test_batches_match_spec(name, options, synthetic_arrays):  # noqa: F811
@@ -120,3 +121,14 @@ def test_scene_object_count_options(synthetic_arrays):  # noqa: F811
     assert all(len(np.unique(s)) == 2 for s in batch["segmentation"])
     with pytest.raises(ValueError, match="min_objects"):
         first_batch("fashion_mnist_scenes", synthetic_arrays, min_objects=3, max_objects=2)
+
+
+def test_low_resolution_is_the_block_means_repeated(synthetic_arrays):  # noqa: F811
+    batch = first_batch("fashion_mnist_lowres", synthetic_arrays, image_size=28, factor=4)
+    image, source = batch["image"], batch["low_resolution"]
+    blocks = image.reshape(-1, 7, 4, 7, 4, 1).mean(axis=(2, 4))
+    np.testing.assert_allclose(source[:, ::4, ::4], blocks, rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(source, np.repeat(np.repeat(source[:, ::4, ::4], 4, axis=1), 4, axis=2))
+    assert np.abs(source - image).mean() > 0.01  # detail is lost
+    with pytest.raises(ValueError, match="factor 3 must"):
+        derived.LowResolution(28, 3)

@@ -143,7 +143,10 @@ def test_metric_curve_measures_at_its_steps_and_a_resumed_run_keeps_earlier_poin
     resumed = trainer.MetricCurve(tmp_path / "curve.json", [2, 4], lambda params: params)
     resumed(4, types.SimpleNamespace(ema_params=3.0), {})
     assert resumed.points == {2: 20.0, 4: 3.0}
-    assert json.loads((tmp_path / "curve.json").read_text()) == {"2": 20.0, "4": 3.0}
+    assert json.loads((tmp_path / "curve.json").read_text()) == {"settings": {}, "points": {"2": 20.0, "4": 3.0}}
+    # Points measured with other settings (another sampler, say) are not this run's: dropped.
+    other = trainer.MetricCurve(tmp_path / "curve.json", [2, 4], lambda params: params, {"sampler": "ddim"})
+    assert other.points == {}
 
 
 def _set(path, value):

@@ -89,7 +89,7 @@ def test_joint_image_label_tiny(tmp_path):
         "aggregation_only": ["2", "3"],
     }
     assert (
-        json.loads((tmp_path / "run" / "mt_diffusion" / "label_to_image_curve.json").read_text())
+        json.loads((tmp_path / "run" / "mt_diffusion" / "label_to_image_curve.json").read_text())["points"]
         == metrics["curves"]["mt_diffusion"]
     )
     assert (tmp_path / "results" / "grids" / "label_to_image_curve.png").is_file()
@@ -187,3 +187,36 @@ def test_image_embedding_tiny(tmp_path):
         "mt_diffusion": ["2", "3"],
         "aggregation_only": ["2", "3"],
     }
+
+
+def test_image_transition_tiny(tmp_path):
+    run_experiment_cli("image_transition", tmp_path, _arrays(tmp_path))
+    models = {"mt_diffusion": 3, "no_bridge": 3, "plain_ddpm": 3, "bridge_only": 3}
+    metrics = _check_outputs(
+        tmp_path / "run",
+        tmp_path / "results",
+        "transition",
+        ("Low resolution -> image", "PSNR", "LPIPS-proxy", "FID-proxy", "bridge only", "SDEdit from the source"),
+        models,
+    )
+    scores = metrics["transition"]
+    assert set(scores) == {
+        "mt_diffusion",
+        "mt_diffusion_cfg2",
+        "no_bridge",
+        "bridge_only",
+        "sdedit",
+        "low_resolution",
+        "real_test_images",
+    }
+    assert _finite(scores)
+    # The three models differ only where the issue says: the bridge's weights and the denoiser's view of the source.
+    configs = {
+        name: json.loads((tmp_path / "run" / name / "config.json").read_text())["model"]["modalities"]
+        for name in ("mt_diffusion", "no_bridge", "bridge_only", "plain_ddpm")
+    }
+    assert configs["mt_diffusion"]["low_resolution"]["weight_schedule"] == ["bridge", 1.0]
+    assert configs["no_bridge"]["low_resolution"]["weight_schedule"] == ["zero", 0.0]
+    assert configs["no_bridge"]["low_resolution"]["condition"] == "concat"
+    assert configs["bridge_only"]["low_resolution"]["condition"] == "none"
+    assert configs["plain_ddpm"] == {}

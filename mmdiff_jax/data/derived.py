@@ -26,6 +26,10 @@ Shapes per example (S = image_size):
                            segmentation [S, S] int32 (0 = background,
                            Fashion-MNIST class c -> c + 1, 11 classes)
   fashion_mnist_embedding: image [S, S, 1], embedding [D] float32
+  fashion_mnist_lowres:    image, low_resolution [S, S, 1] float32: the image
+                           average-pooled over factor x factor blocks and
+                           upsampled back by repetition (the source of the
+                           image-transition experiment; a right answer exists)
 """
 
 from __future__ import annotations
@@ -220,3 +224,28 @@ class ImageEmbedding:
             "image": to_signed_unit(pad_to(example["image"], self.image_size)),
             "embedding": self.embeddings[index % len(self.embeddings)],
         }
+
+
+def low_resolution(image: np.ndarray, factor: int) -> np.ndarray:
+    """[S, S, C] -> the mean over each factor x factor block, repeated back to [S, S, C]; factor divides S."""
+    size, channels = image.shape[0], image.shape[-1]
+    if size % factor:
+        raise ValueError(f"factor {factor} must divide image_size {size}")
+    blocks = image.reshape(size // factor, factor, size // factor, factor, channels).mean(axis=(1, 3))
+    return np.repeat(np.repeat(blocks, factor, axis=0), factor, axis=1).astype(image.dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class LowResolution:
+    """fashion_mnist_lowres: image [S, S, 1] and its `low_resolution(image, factor)` version."""
+
+    image_size: int = 32
+    factor: int = 4
+
+    def __post_init__(self):
+        if self.factor < 1 or self.image_size % self.factor:
+            raise ValueError(f"factor {self.factor} must be >= 1 and divide image_size {self.image_size}")
+
+    def __call__(self, example: dict[str, Any]) -> dict[str, np.ndarray]:
+        image = to_signed_unit(pad_to(example["image"], self.image_size))
+        return {"image": image, "low_resolution": low_resolution(image, self.factor)}

@@ -54,6 +54,7 @@ FASHION_MNIST_SETS = (
     "fashion_mnist_masked",
     "fashion_mnist_scenes",
     "fashion_mnist_embedding",
+    "fashion_mnist_lowres",
 )
 KNOWN_DATASETS = FASHION_MNIST_SETS + tuple(tfds_sets.TFDS_SETS)
 _FASHION_OPTIONS = {
@@ -66,6 +67,7 @@ _FASHION_OPTIONS = {
         "foreground_threshold": 10,
     },
     "fashion_mnist_embedding": {"image_size": 32, "embedding_path": None},
+    "fashion_mnist_lowres": {"image_size": 32, "factor": 4},
 }
 # Options every Fashion-MNIST set takes: the IDX directory, an in-memory
 # stand-in for the split ({"image": [N, 28, 28, 1] uint8, "label": [N]}, for
@@ -110,6 +112,8 @@ def dataset_spec(name: str, **options) -> DatasetSpec:
             return DatasetSpec({"image": image, "label": ((), int32)}, {"label": fashion_mnist.NUM_CLASSES})
         if name == "fashion_mnist_masked":
             return DatasetSpec({"image": image, "masked_image": image, "mask": image}, {})
+        if name == "fashion_mnist_lowres":
+            return DatasetSpec({"image": image, "low_resolution": image}, {})
         if name == "fashion_mnist_scenes":
             return DatasetSpec(
                 {"image": image, "segmentation": ((size, size), int32)},
@@ -237,6 +241,8 @@ def _fashion_map_dataset(name, split, seed, data_dir, options):
     transform_seed = seed if options["transform_seed"] is None else options["transform_seed"]
     if name == "fashion_mnist":
         return items.map(derived.ImageLabel(size))
+    if name == "fashion_mnist_lowres":
+        return items.map(derived.LowResolution(size, options["factor"]))
     if name == "fashion_mnist_masked":
         return items.random_map(
             derived.MaskedImage(size, options["mask_kind"], options["mask_ratio"], options["patch_size"]),

@@ -36,6 +36,9 @@ class ModelOutput(NamedTuple):
     heads: dict[str, Array]  # name -> D_i(h), float32: logits [B, K] / [B, H, W, K], or a mean of x_i
     encodings: Array | None  # [N, B, *S], e_i = E_i(x_i) from the batch (None from `predict`)
     estimated_encodings: Array  # [N, B, *S], ehat_i
+    # [B, *S] float32, ADM's learned variance: log sigma_t^2 = v log beta_t + (1 - v) log beta~_t
+    # (`diffusion.reverse_log_variance`); None unless `learn_variance`.
+    variance_interpolation: Array | None = None
 
 
 class MTDiffusion(nn.Module):
@@ -44,8 +47,10 @@ class MTDiffusion(nn.Module):
     Fields: `unet` (backbone size), `modalities` (the N auxiliary specs, in stack order), `z_shape`
     (H, W, C), `primary` (batch key of x_0), `dtype` (compute dtype of backbone and heads; params stay
     float32, every output is float32), `prediction` (what the U-Net outputs: 'eps', 'v' or 'z_0', of
-    u_t = z_t - m_t; `targets.eps_from_prediction` converts). Everything is checked when the module is
-    constructed.
+    u_t = z_t - m_t; `targets.eps_from_prediction` converts), `learn_variance` (ADM's learned variance,
+    Nichol & Dhariwal 2021: the U-Net has C more output channels, read as v = (out + 1) / 2, the interpolation
+    of `diffusion.reverse_log_variance`; trained by the hybrid loss, docs/design.md section 3d). Everything is
+    checked when the module is constructed.
     """
 
     unet: UNetConfig
@@ -54,6 +59,7 @@ class MTDiffusion(nn.Module):
     primary: str = "image"
     dtype: Any = jnp.float32
     prediction: str = "eps"
+    learn_variance: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "modalities", tuple(self.modalities))
@@ -65,7 +71,10 @@ class MTDiffusion(nn.Module):
         super().__post_init__()
 
     def setup(self):
-        self.backbone = UNet(self.unet, out_channels=self.z_shape[-1], dtype=self.dtype)
+        channels = self.z_shape[-1]
+        self.backbone = UNet(
+            self.unet, out_channels=2 * channels if self.learn_variance else channels, dtype=self.dtype
+        )
         self.encoders = {
             m.name: make_encoder(
                 m.encoder,
@@ -152,8 +161,9 @@ class MTDiffusion(nn.Module):
         *,
         train: bool,
     ):
-        """eps, heads and ehat (ehat_i = known[name] where given, else E_i(D_i(h))); the denoiser sees the
-        conditioned modalities of `source` where `present` (docs/design.md section 3b)."""
+        """The prediction, heads, ehat (ehat_i = known[name] where given, else E_i(D_i(h))) and the variance
+        interpolation (None unless `learn_variance`); the denoiser sees the conditioned modalities of `source`
+        where `present` (docs/design.md section 3b)."""
         if tuple(z_t.shape[1:]) != self.z_shape:
             raise ValueError(f"z_t must have shape [B, *{self.z_shape}], got {tuple(z_t.shape)}")
         t = jnp.broadcast_to(jnp.asarray(t, jnp.int32), z_t.shape[:1])
@@ -172,7 +182,11 @@ class MTDiffusion(nn.Module):
                 raise ValueError(f"modality {m.name!r} has no head (head 'none'): it must be observed")
             else:
                 estimated.append(self.encoders[m.name].from_prediction(heads[m.name]))
-        return output.output.astype(jnp.float32), heads, self._stack(estimated, z_t.shape[0])
+        prediction, interpolation = output.output.astype(jnp.float32), None
+        if self.learn_variance:
+            prediction, raw = jnp.split(prediction, 2, axis=-1)
+            interpolation = (raw + 1.0) / 2.0  # ADM: the raw output in [-1, 1] maps to v in [0, 1]
+        return prediction, heads, self._stack(estimated, z_t.shape[0]), interpolation
 
     def __call__(
         self, batch: Batch, z_t: Array, t: Array, *, train: bool, present: Mapping[str, Array] | None = None
@@ -187,7 +201,7 @@ class MTDiffusion(nn.Module):
         present = self._present(present, batch_size, visible=())
         # Modalities without a head are always observed: ehat_i = e_i.
         known = {m.name: encodings[i] for i, m in enumerate(self.modalities) if m.head == "none"}
-        prediction, heads, estimated = self._denoise(z_t, t, known, present, batch, train=train)
+        prediction, heads, estimated, interpolation = self._denoise(z_t, t, known, present, batch, train=train)
         if present:
             estimated = jnp.stack(
                 [
@@ -197,7 +211,7 @@ class MTDiffusion(nn.Module):
                     for i, m in enumerate(self.modalities)
                 ]
             )
-        return ModelOutput(prediction, heads, encodings, estimated)
+        return ModelOutput(prediction, heads, encodings, estimated, interpolation)
 
     def predict(
         self, z_t: Array, t: Array, observed: Batch, *, train: bool = False, present: Mapping[str, Array] | None = None
@@ -229,8 +243,8 @@ class MTDiffusion(nn.Module):
         known = {
             m.name: self.encoders[m.name](modality_data(m, observed)) for m in self.modalities if m.name in observed
         }
-        prediction, heads, estimated = self._denoise(z_t, t, known, present, observed, train=train)
-        return ModelOutput(prediction, heads, None, estimated)
+        prediction, heads, estimated, interpolation = self._denoise(z_t, t, known, present, observed, train=train)
+        return ModelOutput(prediction, heads, None, estimated, interpolation)
 
 
 def example_batch(model: MTDiffusion, batch_size: int = 1) -> dict[str, Array]:

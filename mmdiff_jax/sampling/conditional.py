@@ -96,7 +96,7 @@ def guidance_passes(
 def make_denoise(
     model: MTDiffusion, schedule: DiffusionSchedule, variables: Any, observed: Observed, cfg_scales: CfgScales = None
 ) -> Denoise:
-    """denoise(z_t, t) -> Prediction(eps, ehat, heads) through `MTDiffusion.predict` (eval mode).
+    """denoise(z_t, t) -> Prediction(eps, ehat, heads, learned variance) through `MTDiffusion.predict` (eval mode).
 
     eps is the model's output converted from its `prediction` target ('v', 'z_0') where it predicts another
     (`targets.eps_from_prediction`, with its own ehat in m_t), before guidance combines passes.
@@ -114,7 +114,7 @@ def make_denoise(
         eps = targets.eps_from_prediction(
             schedule, z_t, t, output.prediction, model.prediction, encodings=output.estimated_encodings
         )
-        return Prediction(eps, output.estimated_encodings, output.heads)
+        return Prediction(eps, output.estimated_encodings, output.heads, output.variance_interpolation)
 
     if passes is None:
         return lambda z_t, t: predict(z_t, t, observed)
@@ -136,7 +136,12 @@ def make_denoise(
                 x.reshape(x.shape[:axis] + (count, batch) + x.shape[axis + 1 :]), axis, 0
             )
         )
-        stacked = Prediction(split(output.eps), split(output.estimated_encodings, 1), jax.tree.map(split, output.aux))
+        stacked = Prediction(
+            split(output.eps),
+            split(output.estimated_encodings, 1),
+            jax.tree.map(split, output.aux),
+            None if output.variance_interpolation is None else split(output.variance_interpolation),
+        )
         return classifier_free_guidance(stacked, scales)
 
     return guided

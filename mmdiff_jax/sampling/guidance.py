@@ -29,7 +29,8 @@ Array = jax.Array
 
 
 def classifier_free_guidance(passes: Prediction, scales: Array) -> Prediction:
-    """P_0 + sum_k s_k (P_k - P_0) over every leaf.
+    """P_0 + sum_k s_k (P_k - P_0) over every leaf but a learned variance, which is the mean of the conditional
+    passes' (k >= 1: with one, GLIDE's choice; a guided combination could leave [0, 1]).
 
     Args:
       passes: a Prediction whose leaves carry a leading pass axis of size K + 1 (pass 0: the base).
@@ -47,7 +48,9 @@ def classifier_free_guidance(passes: Prediction, scales: Array) -> Prediction:
     num_passes = jax.tree.leaves(passes)[0].shape[0]
     if scales.shape != (num_passes - 1,):
         raise ValueError(f"{num_passes} passes need {num_passes - 1} scales, got shape {scales.shape}")
-    return jax.tree.map(combine, passes)
+    variance = passes.variance_interpolation
+    combined = jax.tree.map(combine, passes._replace(variance_interpolation=None))
+    return combined._replace(variance_interpolation=None if variance is None else jnp.mean(variance[1:], axis=0))
 
 
 def classifier_guidance(

@@ -61,6 +61,9 @@ class Prediction(NamedTuple):
     eps: Array  # [B, *S]
     estimated_encodings: Array | None = None  # [N, B, *S], ehat_i; None for a model with N = 0
     aux: Any = None  # any pytree (e.g. the heads' outputs); the samplers return the last one
+    # [B, *S], a learned reverse variance (`diffusion.reverse_log_variance`'s interpolation): DDPM steps use it
+    # in place of their fixed `variance`; DDIM and DPM-Solver do not read a variance.
+    variance_interpolation: Array | None = None
 
 
 class SamplerOutput(NamedTuple):
@@ -123,11 +126,14 @@ def ddpm_step(
     variance: str = "small",
     clip_denoised: bool = False,
 ) -> Array:
-    """One ancestral step t -> t - 1 (t [B] or [] in 1..T): mu_theta + sigma_t noise, no noise where t = 1."""
+    """One ancestral step t -> t - 1 (t [B] or [] in 1..T): mu_theta + sigma_t noise, no noise where t = 1.
+
+    sigma_t^2: the prediction's learned variance where it has one, else `variance` ('small' or 'large')."""
     eps = _clip_prediction(schedule, z_t, t, prediction) if clip_denoised else prediction.eps
     mean = diffusion.reverse_mean(schedule, z_t, t, eps, encodings=prediction.estimated_encodings)
-    scale = jnp.where(t > 1, jnp.exp(0.5 * diffusion.reverse_log_variance(schedule, t, variance)), 0.0)
-    return mean + diffusion.expand_to(scale, z_t) * noise
+    log_variance = diffusion.reverse_log_variance(schedule, t, variance, prediction.variance_interpolation)
+    scale = jnp.exp(0.5 * diffusion.expand_to(log_variance, z_t))
+    return mean + jnp.where(diffusion.expand_to(t > 1, z_t), scale, 0.0) * noise
 
 
 def _log_alpha_bar(schedule: DiffusionSchedule) -> Array:

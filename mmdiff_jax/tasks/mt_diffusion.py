@@ -44,6 +44,7 @@ def task_sections() -> ml_collections.ConfigDict:
         primary="image",  # batch key of x_0
         dtype="float32",  # compute dtype of the network: float32 | bfloat16 (params stay float32)
         prediction="eps",  # what the U-Net predicts: eps | v | z_0 (mmdiff_jax.targets.PREDICTIONS)
+        learn_variance=False,  # ADM's learned reverse variance, trained by the hybrid loss (loss.vlb_weight)
         modalities={},  # name (batch key) -> mmdiff_jax.modalities.Modality fields (kind, shape, ...)
     )
     config.diffusion = dict(noise_schedule="linear", num_steps=1000, modality_normalized=False)
@@ -52,6 +53,7 @@ def task_sections() -> ml_collections.ConfigDict:
         aggregation_weight=1.0,
         time_weighting="uniform",  # uniform | min_snr (mmdiff_jax.targets.time_weight)
         min_snr_gamma=5.0,
+        vlb_weight=0.001,  # lambda of ADM's hybrid loss L_simple + lambda L_vlb (model.learn_variance only)
     )
     return config
 
@@ -113,6 +115,7 @@ def build_model(config: ml_collections.ConfigDict) -> MTDiffusion:
         primary=config.model.primary,
         dtype=compute_dtype(config),
         prediction=config.model.prediction,
+        learn_variance=bool(config.model.learn_variance),
     )
 
 
@@ -152,10 +155,12 @@ def unet_signature(unet: Mapping[str, Any]) -> dict[str, Any]:
 
 def model_signature(config: ml_collections.ConfigDict) -> dict[str, Any]:
     """What a checkpoint must agree on to be restored: the model and diffusion sections, JSON-normalised.
-    `model.prediction` at its default 'eps' is left out, so checkpoints saved before the key existed restore."""
+    Keys added later are left out at their defaults (`model.prediction` 'eps', `model.learn_variance` False),
+    so checkpoints saved before they existed restore."""
     model = {**config.model.to_dict(), "unet": unet_signature(config.model.unet)}
-    if model.get("prediction") == "eps":
-        del model["prediction"]
+    for key, default in (("prediction", "eps"), ("learn_variance", False)):
+        if model.get(key) == default:
+            del model[key]
     return json.loads(json.dumps({"model": model, "diffusion": config.diffusion.to_dict()}))
 
 
@@ -164,13 +169,19 @@ def params_init_fn(model: MTDiffusion):
     return lambda rng: init_variables(model, rng)["params"]
 
 
-def describe_loss(modalities: tuple[Modality, ...], prediction: str = "eps", time_weighting: str = "uniform") -> str:
+def describe_loss(
+    modalities: tuple[Modality, ...],
+    prediction: str = "eps",
+    time_weighting: str = "uniform",
+    learn_variance: bool = False,
+) -> str:
     """The training loss in words ("eps-MSE" for plain DDPM with the eps target, N = 0)."""
     first = f"{prediction}-MSE" + (" (min-SNR weighted)" if time_weighting == "min_snr" else "")
+    last = " + lambda L_vlb (learned variance)" if learn_variance else ""
     if not modalities:
-        return first
+        return first + last
     recovered = [m.name for m in modalities if m.loss in ("categorical", "gaussian")]
-    return f"{first} + aggregation MSE" + (f" + NLL of {', '.join(recovered)}" if recovered else "")
+    return f"{first} + aggregation MSE" + (f" + NLL of {', '.join(recovered)}" if recovered else "") + last
 
 
 def make_mt_diffusion_task(config: ml_collections.ConfigDict, name: str = "mt_diffusion") -> Task:
@@ -197,5 +208,7 @@ def make_mt_diffusion_task(config: ml_collections.ConfigDict, name: str = "mt_di
         make_sample_fns=functools.partial(
             sample_grids.make_sample_fns, kinds, model, schedule, config.sample.to_dict()
         ),
-        loss_description=describe_loss(model.modalities, model.prediction, config.loss.time_weighting),
+        loss_description=describe_loss(
+            model.modalities, model.prediction, config.loss.time_weighting, model.learn_variance
+        ),
     )
