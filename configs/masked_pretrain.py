@@ -20,7 +20,7 @@ stronger but the one-step estimates worse: eps_theta sees only z_t, so where it 
 the image, the observed e subtracted in the sampler leaves an error lambda_t (E[e | z_t] - e) / sqrt(abar_t) in
 the z_0 estimate.
 
-Run (the CPU default, baselines and evaluation included: 39.2 min measured on 2 CPU cores, mean load 1.8;
+Run (the CPU default, baselines and evaluation included: 24.1 min measured on 2 CPU cores, mean load 1.6;
 writes workdirs/masked_pretrain):
   python -m experiments.masked_pretrain
 Real numbers (a 7.7M-parameter U-Net trained 100k steps; one accelerator):
