@@ -12,7 +12,8 @@ Trains, at the same budget (steps, batch, optimizer, EMA) and backbone:
                           class path (condition 'embedding', hidden with probability p_uncond: docs/design.md 3b)
   aggregation_only        (with experiment.aggregation_only_ablation) the same with condition 'none': the label
                           enters through the aggregation only
-  class_conditional_ddpm  the U-Net with ADM's class embedding (`UNetConfig.num_classes`), eps-MSE on (x, y)
+  class_conditional_ddpm  the U-Net with ADM's class embedding (`UNetConfig.num_classes`), the MSE of the config's
+                          prediction target (`model.prediction`) on (x, y)
   classifier              the same U-Net (t = 0) with the same MLP head on its bottleneck, cross-entropy on clean images
 Then measures (config section `experiment`), with the project's Fashion-MNIST CNN as the independent judge:
   joint         label agreement of joint samples (generated label vs the CNN's class of the generated image),
@@ -35,7 +36,7 @@ import ml_collections
 import numpy as np
 
 from experiments import common, conditioning, evaluation, reporting, trainer
-from mmdiff_jax import sampling, tasks
+from mmdiff_jax import sampling, targets, tasks
 from mmdiff_jax.data.fashion_mnist import CLASS_NAMES
 from mmdiff_jax.metrics import agreement
 
@@ -48,12 +49,12 @@ Array = jax.Array
 def make_class_conditional_sample_fn(trained: trainer.Trained, section):
     """sample(params, labels [B], rng) -> images [B, H, W, C] in [-1, 1] by the config's sampler."""
     options = evaluation.sampler_options(section)
-    model, schedule = trained.model, trained.schedule
+    model, schedule, prediction = trained.model, trained.schedule, trained.config.model.prediction
 
     def sample(params, labels, rng):
         def denoise(z_t, t):
-            eps = model.apply({"params": params}, z_t, t, labels)
-            return sampling.Prediction(eps)
+            output = model.apply({"params": params}, z_t, t, labels)
+            return sampling.Prediction(targets.eps_from_prediction(schedule, z_t, t, output, prediction))
 
         shape = labels.shape[:1] + tuple(trained.config.model.z_shape)
         return jnp.clip(

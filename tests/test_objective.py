@@ -132,3 +132,29 @@ def test_unet_preset_default_fits_32x32_fashion_mnist():
     count = sum(x.size for x in jax.tree.leaves(shapes))
     print(f"\n'default' image+label model parameters: {count:,}")
     assert 1e6 < count < 2e7
+
+
+def test_the_class_conditional_baseline_trains_on_the_configs_prediction_target():
+    """The joint_image_label baseline regresses `model.prediction`'s target (its fresh U-Net outputs 0, so the
+    loss is the target's mean square), says so in its loss, and keys its checkpoint on it unless it is eps."""
+    from configs.joint_image_label import get_config
+    from mmdiff_jax import tasks
+
+    config = get_config("tiny")
+    eps_task = tasks.make_class_conditional_ddpm_task(config)
+    config.model.prediction = "v"
+    task = tasks.make_class_conditional_ddpm_task(config)
+    assert (eps_task.loss_description, task.loss_description) == ("eps-MSE", "v-MSE")
+    assert "prediction" not in eps_task.signature["class_conditional_ddpm"]
+    assert task.signature["class_conditional_ddpm"]["prediction"] == "v"
+    params = jax.jit(task.init_params)(KEY)
+    rng = np.random.default_rng(0)
+    batch = {"image": rng.uniform(-1, 1, (4, 28, 28, 1)).astype(np.float32), "label": np.arange(4, dtype=np.int32)}
+    loss, metrics = jax.jit(task.loss_fn)(params, batch, KEY)
+    t_key, noise_key, _ = jax.random.split(KEY, 3)
+    t = np.asarray(jax.random.randint(t_key, (4,), 1, task.schedule.num_steps + 1))
+    eps = np.asarray(jax.random.normal(noise_key, batch["image"].shape), np.float64)
+    alpha_bar = np.asarray(task.schedule.alpha_bar, np.float64)[t][:, None, None, None]
+    v = np.sqrt(alpha_bar) * eps - np.sqrt(1.0 - alpha_bar) * batch["image"]
+    np.testing.assert_allclose(metrics["v_mse"], np.mean(v**2), rtol=1e-5)
+    np.testing.assert_allclose(loss, metrics["v_mse"])

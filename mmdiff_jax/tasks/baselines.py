@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from mmdiff_jax import diffusion
+from mmdiff_jax import diffusion, targets
 from mmdiff_jax.data.fashion_mnist import CLASS_NAMES
 from mmdiff_jax.modalities import MASK_KEY, modality_schedule
 from mmdiff_jax.models.decoders import make_head
@@ -108,13 +108,19 @@ def make_reconstruction_task(config: ml_collections.ConfigDict) -> Task:
 
 
 def make_class_conditional_ddpm_task(config: ml_collections.ConfigDict) -> Task:
-    """`ClassConditionalDenoiser` trained by eps-MSE with t ~ U{1..T},
-    z_t = sqrt(abar_t) x + sqrt(1 - abar_t) eps, on the config's label modality; its schedule is the
-    config's diffusion schedule with no auxiliary modality."""
+    """`ClassConditionalDenoiser` trained by the MSE of the config's prediction target (`model.prediction`:
+    eps, v or z_0, `targets.prediction_target`) with t ~ U{1..T}, z_t = sqrt(abar_t) x + sqrt(1 - abar_t) eps,
+    on the config's label modality; its schedule is the config's diffusion schedule with no auxiliary
+    modality. A learned variance (`model.learn_variance`) is not built for it: its reverse variance is fixed
+    (the report's training table names each model's loss)."""
     height, width, channels = config.model.z_shape
     model = ClassConditionalDenoiser(unet_config(config, num_classes=len(CLASS_NAMES)), channels, compute_dtype(config))
     schedule = modality_schedule(config.diffusion.noise_schedule, config.diffusion.num_steps, ())
     primary, label = config.model.primary, modality_name(config, "label")
+    prediction = config.model.prediction
+    targets.check_prediction(prediction)
+    # The target joins the signature unless it is eps, so checkpoints saved before it existed restore.
+    target = {} if prediction == "eps" else {"prediction": prediction}
 
     def loss_fn(params, batch, rng, train: bool = True):
         image = jnp.asarray(batch[primary], jnp.float32)
@@ -122,19 +128,19 @@ def make_class_conditional_ddpm_task(config: ml_collections.ConfigDict) -> Task:
         t = jax.random.randint(t_key, image.shape[:1], 1, schedule.num_steps + 1)
         noise = jax.random.normal(noise_key, image.shape)
         z_t = diffusion.marginal_sample(schedule, image, t, noise)
-        eps = model.apply({"params": params}, z_t, t, batch[label], train=train, rngs={"dropout": dropout_key})
-        mse = jnp.mean((eps - noise) ** 2)
-        return mse, {"eps_mse": mse}
+        output = model.apply({"params": params}, z_t, t, batch[label], train=train, rngs={"dropout": dropout_key})
+        mse = jnp.mean((output - targets.prediction_target(schedule, image, t, noise, prediction)) ** 2)
+        return mse, {f"{prediction}_mse": mse}
 
     example = (jnp.zeros((1, height, width, channels)), jnp.ones((1,), jnp.int32), jnp.zeros((1,), jnp.int32))
     return Task(
         name="class_conditional_ddpm",
         init_params=lambda rng: model.init(rng, *example)["params"],
         loss_fn=loss_fn,
-        signature={"class_conditional_ddpm": _signature(config, diffusion=dict(config.diffusion))},
+        signature={"class_conditional_ddpm": _signature(config, diffusion=dict(config.diffusion), **target)},
         model=model,
         schedule=schedule,
-        loss_description="eps-MSE",
+        loss_description=f"{prediction}-MSE",
     )
 
 
@@ -143,6 +149,10 @@ def make_classifier_task(config: ml_collections.ConfigDict) -> Task:
     (its head's hidden width is the label modality's `head_hidden`, else the U-Net's base channels)."""
     height, width, channels = config.model.z_shape
     primary, label = config.model.primary, modality_name(config, "label")
+    prediction = config.model.prediction
+    targets.check_prediction(prediction)
+    # The target joins the signature unless it is eps, so checkpoints saved before it existed restore.
+    target = {} if prediction == "eps" else {"prediction": prediction}
     hidden = config.model.modalities[label].get("head_hidden", 0) or config.model.unet.base_channels
     model = BackboneClassifier(unet_config(config), channels, len(CLASS_NAMES), hidden, compute_dtype(config))
 
