@@ -8,8 +8,9 @@
 A learned reverse variance (ADM) is trained by `variance_vlb`, the bound's term at one t on the frozen mean,
 added to the simplified loss by `training_loss(vlb=...)` (the hybrid loss).
 
-All terms are in nats (`variance_vlb`: bits per dimension, as ADM). Inputs carry one leading batch axis ([B, *S] as in `diffusion`, encodings
-[N, B, *S]) and each term returns one value per example, [B]; `jax.vmap` adds further leading axes.
+All terms are in nats (`variance_vlb`: bits per dimension, as ADM). Inputs carry one leading batch axis
+([B, *S] as in `diffusion`, encodings [N, B, *S]) and each term returns one value per example, [B];
+`jax.vmap` adds further leading axes.
 Computation is in JAX's default float dtype (float64 under x64; lower-precision model outputs are upcast).
 Steps follow `diffusion`'s rules: concrete out-of-range steps raise a ValueError, traced ones give NaN.
 Arguments follow `diffusion`'s convention: (schedule, z, t, *operands, encodings=..., estimated_encodings=...).
@@ -392,10 +393,10 @@ def training_loss(
         raise ValueError("encodings and estimated_encodings are given together (both None: N = 0)")
     if encodings is not None and estimated_encodings.shape != encodings.shape:
         raise ValueError(f"estimated_encodings shape {estimated_encodings.shape} != encodings shape {encodings.shape}")
-    if vlb is not None and jnp.shape(vlb) != t.shape:
-        raise ValueError(f"vlb must have one value per example, shape {t.shape}, got {jnp.shape(vlb)}")
 
     t = diffusion.check_steps(t, schedule.num_steps, first=1)
+    if vlb is not None and jnp.shape(vlb) != jnp.shape(t):
+        raise ValueError(f"vlb must have one value per example, shape {jnp.shape(t)}, got {jnp.shape(vlb)}")
     beta, alpha = diffusion.at_step(schedule.beta, t, eps), diffusion.at_step(schedule.alpha, t, eps)
     eps_coefficient = beta / (jnp.sqrt(alpha) * jnp.sqrt(diffusion.at_step(schedule.one_minus_alpha_bar, t, eps)))
     difference = None if encodings is None else estimated_encodings.astype(float) - encodings
