@@ -21,6 +21,7 @@ import ml_collections
 import numpy as np
 
 from experiments import baselines, common, evaluation, reporting, trainer
+from experiments.conditioning import guidance_key
 from mmdiff_jax import sampling, tasks
 
 NAME = "image_transition"
@@ -36,16 +37,12 @@ def no_bridge_config(config: ml_collections.ConfigDict) -> ml_collections.Config
     return plain
 
 
-def cfg_method(scale: float) -> str:
-    return f"mt_diffusion_cfg{scale:g}"
-
-
 def method_labels(config: ml_collections.ConfigDict) -> dict[str, str]:
     section = config.experiment.transition
     gamma = config.model.modalities[tasks.modality_name(config, "image")].weight_schedule[1]
     return {
         "mt_diffusion": f"MT-Diffusion: bridge (height {gamma:g}) + source seen",
-        **{cfg_method(s): f"MT-Diffusion, guidance s = {s:g}" for s in section.cfg_scales},
+        **{guidance_key("mt_diffusion", s): f"MT-Diffusion, guidance s = {s:g}" for s in section.cfg_scales},
         "no_bridge": "conditioned on the source, no bridge",
         "bridge_only": "ablation: bridge only (the paper's form)",
         "sdedit": f"SDEdit from the source, plain DDPM (t0 = {section.sdedit_strength:g} T)",
@@ -75,7 +72,7 @@ def transition_methods(config: ml_collections.ConfigDict, models: dict[str, trai
     sdedit = baselines.make_sdedit(config, models["plain_ddpm"], section.sdedit_strength)
     methods = {"mt_diffusion": translator(models["mt_diffusion"])}
     for scale in section.cfg_scales:
-        methods[cfg_method(scale)] = translator(models["mt_diffusion"], cfg_scales=scale)
+        methods[guidance_key("mt_diffusion", scale)] = translator(models["mt_diffusion"], cfg_scales=scale)
     methods["no_bridge"] = translator(models["no_bridge"])
     if "bridge_only" in models:
         methods["bridge_only"] = translator(models["bridge_only"])
@@ -99,9 +96,8 @@ def evaluate(config: ml_collections.ConfigDict, run: common.Run, models, classif
     for name, translate in transition_methods(config, models).items():
         with run.phase(f"transition: {name}"):
             outputs = np.asarray(evaluation.map_batches(translate, batches, seed=experiment.seed, desc=name))
-        results[name] = evaluation.evaluate_metrics(section.metrics, [{"image": truth, "sample": outputs}], classifier)
-        results[name].update(
-            evaluation.evaluate_metrics(("fid",), [{"sample": outputs}], classifier, reference_features=reference)
+        results[name] = evaluation.evaluate_metrics(
+            (*section.metrics, "fid"), [{"image": truth, "sample": outputs}], classifier, reference_features=reference
         )
         if name != "low_resolution":
             rows.append((labels[name], outputs[:count]))
@@ -138,7 +134,7 @@ def write_report(config: ml_collections.ConfigDict, run: common.Run, results: di
             + [results[m]["fid_fmnist_cnn"]]
             for m in methods
         ]
-        + [["real test images (the targets)", None, None, None, results["real_test_images"]["fid_fmnist_cnn"]]],
+        + [["real test images (the targets)", "—", "—", "—", results["real_test_images"]["fid_fmnist_cnn"]]],
         notes=[
             "PSNR (dB) and SSIM against the image each source came from, whole image, scaled to [0, 1].",
             f"{LPIPS_PROXY}; lower is better. LPIPS-VGG: not measured (needs the user's VGG-16 weights).",
