@@ -6,6 +6,7 @@
                    workdir, num_params, steps, train_seconds, resumed_from (checkpoint step found before, or None)
   MetricCurve(path, steps, metric_fn, settings)   a training hook: metric_fn(ema_params) at `steps`, kept
                    in path with its settings (resumable); curve_steps(total, num_points) spaces the steps
+  at_checkpoint(trained, step) -> Trained   the same model at an earlier checkpoint it kept
   copy_config(config)   an unlocked copy, to derive a baseline's config
 """
 
@@ -92,6 +93,23 @@ def train_model(
         seconds,
         resumed_from,
     )
+
+
+def at_checkpoint(trained: Trained, step: int) -> Trained:
+    """`trained` as it was at `step`: the EMA params of its checkpoint there (its config must have kept it:
+    train.checkpoint_every, keep_checkpoints). FileNotFoundError naming the directory if it is not there."""
+    path = (trained.workdir / "checkpoints" / str(step) / "state").resolve()  # Orbax reads absolute paths
+    if not path.is_dir():
+        raise FileNotFoundError(f"{trained.name}: no checkpoint at step {step} ({path})")
+    checkpointer = ocp.StandardCheckpointer()
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree.map(
+        lambda meta: jax.ShapeDtypeStruct(meta.shape, meta.dtype, sharding=device),
+        checkpointer.metadata(path).item_metadata.tree,
+    )
+    params = checkpointer.restore(path, target)["ema_params"]
+    params = jax.tree.map(lambda new, now: jax.device_put(new, now.sharding), params, trained.params)  # as trained
+    return dataclasses.replace(trained, name=f"{trained.name}@{step}", params=params, steps=step)
 
 
 def curve_steps(total_steps: int, num_points: int) -> list[int]:

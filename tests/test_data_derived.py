@@ -132,3 +132,25 @@ def test_low_resolution_is_the_block_means_repeated(synthetic_arrays):  # noqa: 
     assert np.abs(source - image).mean() > 0.01  # detail is lost
     with pytest.raises(ValueError, match="factor 3 must"):
         derived.LowResolution(28, 3)
+
+
+def test_multitask_set_joins_the_masked_label_and_embedding_sets(synthetic_arrays, tmp_path):  # noqa: F811
+    rng = np.random.default_rng(0)
+    num = len(synthetic_arrays["label"])
+    table = {"train": rng.standard_normal((num, 5)).astype(np.float32), "test": np.zeros((1, 5), np.float32)}
+    np.savez(tmp_path / "embeddings.npz", **table)
+    options = dict(arrays=synthetic_arrays, seed=3, image_size=28, mask_ratio=(0.1, 0.6))
+    multitask = data.make_map_dataset(
+        "fashion_mnist_multitask", "train", embedding_path=str(tmp_path / "embeddings.npz"), **options
+    )
+    masked = data.make_map_dataset("fashion_mnist_masked", "train", **options)
+    spec = data.dataset_spec("fashion_mnist_multitask", image_size=28, embedding_path=str(tmp_path / "embeddings.npz"))
+    for index in (0, 7, num - 1):
+        example, reference = multitask[index], masked[index]
+        assert set(example) == set(spec.features) == {"image", "masked_image", "mask", "label", "embedding"}
+        for key in ("image", "masked_image", "mask"):  # the same seeded mask as the masked set's
+            np.testing.assert_array_equal(example[key], reference[key])
+        assert example["label"] == synthetic_arrays["label"][index] and example["label"].dtype == np.int32
+        np.testing.assert_array_equal(example["embedding"], table["train"][index])
+    with pytest.raises(ValueError, match="needs an `embedding_path`"):
+        data.make_map_dataset("fashion_mnist_multitask", "train", arrays=synthetic_arrays)

@@ -220,3 +220,52 @@ def test_image_transition_tiny(tmp_path):
     assert configs["no_bridge"]["low_resolution"]["condition"] == "concat"
     assert configs["bridge_only"]["low_resolution"]["condition"] == "none"
     assert configs["plain_ddpm"] == {}
+
+
+def test_multitask_tiny(tmp_path):
+    rng = np.random.default_rng(0)
+    np.savez(
+        tmp_path / "embeddings.npz",
+        train=rng.standard_normal((64, 64)).astype(np.float32),
+        test=rng.standard_normal((16, 64)).astype(np.float32),
+    )
+    run_experiment_cli(
+        "multitask", tmp_path, _arrays(tmp_path), f"--config.data.options.embedding_path={tmp_path / 'embeddings.npz'}"
+    )
+    # Every model trains 12 steps; equal total compute reads the comparators' checkpoints at 4 (3 pairwise models)
+    # and 3 steps (4 single-task ones).
+    comparators = ("pairwise_masked_image", "pairwise_label", "pairwise_vector")
+    single = ("plain_ddpm", "label_ddpm", "embedding_ddpm", "classifier")
+    metrics = _check_outputs(
+        tmp_path / "run",
+        tmp_path / "results",
+        "samples",
+        ("equal steps per task (12 each)", "equal total compute", "Where sharing helps", "pairwise: image + label"),
+        dict.fromkeys(("multitask",) + comparators + single, 12),
+    )
+    for name, share in [(name, 4) for name in comparators] + [(name, 3) for name in single]:
+        assert (tmp_path / "run" / name / "checkpoints" / str(share)).is_dir(), name
+    assert metrics["setup"]["steps"]["total_compute"] == {**dict.fromkeys(comparators, 4), **dict.fromkeys(single, 3)}
+    for task in ("restoration", "label_to_image", "image_to_label", "embedding_to_image", "joint"):
+        for matching in ("steps_per_task", "total_compute"):
+            roles = metrics[task][matching]
+            assert set(roles) == {"multitask", "pairwise", "single_task"}, (task, matching)
+            assert all(_finite(scores) for scores in roles.values()), (task, matching, roles)
+    # The same multitask scores in both matchings; a comparator's differ with its steps (another checkpoint).
+    assert (
+        metrics["label_to_image"]["steps_per_task"]["multitask"]
+        == metrics["label_to_image"]["total_compute"]["multitask"]
+    )
+    assert metrics["restoration"]["steps_per_task"]["pairwise"] != metrics["restoration"]["total_compute"]["pairwise"]
+    assert "label_agreement" in metrics["joint"]["steps_per_task"]["pairwise"]
+    assert "label_agreement" not in metrics["joint"]["steps_per_task"]["single_task"]  # plain DDPM has no label
+    modalities = {
+        name: json.loads((tmp_path / "run" / name / "config.json").read_text())["model"]["modalities"]
+        for name in ("multitask", "pairwise_label", "embedding_ddpm", "plain_ddpm")
+    }
+    assert set(modalities["multitask"]) == {"masked_image", "label", "embedding"}
+    assert set(modalities["pairwise_label"]) == {"label"}
+    assert modalities["pairwise_label"]["label"] == modalities["multitask"]["label"]
+    assert modalities["embedding_ddpm"]["embedding"]["weight_schedule"] == ["zero", 0.0]
+    assert modalities["embedding_ddpm"]["embedding"]["head"] == "none"
+    assert modalities["plain_ddpm"] == {}

@@ -168,7 +168,16 @@ def test_checkpointer_accepts_a_relative_directory(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize(
-    "name", ["default", "masked_pretrain", "joint_image_label", "image_segmentation", "image_embedding"]
+    "name",
+    [
+        "default",
+        "masked_pretrain",
+        "joint_image_label",
+        "image_segmentation",
+        "image_embedding",
+        "image_transition",
+        "multitask",
+    ],
 )
 def test_overriding_one_config_key_changes_no_other(name):
     """`--config.train.eval_every=100` must not move train.steps (as a shared ml_collections FieldReference

@@ -175,6 +175,28 @@ def test_nan_batch_stops_run_and_last_checkpoint_restores(tmp_path, arrays, cach
     assert int(state.step) == 6 and int(state.first_nonfinite_step) == -1
 
 
+def test_a_checkpoint_under_a_constant_learning_rate_is_the_shorter_run(tmp_path, arrays, cache_dir):
+    """experiments.multitask reads a comparator's checkpoint at step k as its k-step run (`trainer.at_checkpoint`):
+    with a constant learning rate after the warmup and a fixed EMA decay, the two are the same state."""
+    from experiments import trainer
+
+    runs = {}
+    for steps in (6, 12):
+        config = helpers.tiny_config(arrays, steps=steps, checkpoint_every=6, keep_checkpoints=2, eval_every=0)
+        config.sample.every = 0
+        # 2 warmup steps, then constant (a decaying schedule would span train.steps, and this test fail).
+        config.optim.update(schedule="constant", decay_steps=0, warmup_steps=2)
+        task = tasks.make_mt_diffusion_task(config)
+        runs[steps] = trainer.train_model(f"run{steps}", config, tmp_path / f"run{steps}", task)
+    early = trainer.at_checkpoint(runs[12], 6)
+    assert early.steps == 6 and early.name == "run12@6"
+    for ours, theirs in zip(*(jax.tree.leaves(r.params) for r in (early, runs[6]))):
+        np.testing.assert_array_equal(np.asarray(ours), np.asarray(theirs))
+    assert any(not np.array_equal(a, b) for a, b in zip(*(jax.tree.leaves(r.params) for r in (early, runs[12]))))
+    with pytest.raises(FileNotFoundError, match="no checkpoint at step 4"):
+        trainer.at_checkpoint(runs[12], 4)
+
+
 def test_checkpoint_of_other_model_is_refused(tmp_path, arrays, straight_run):
     workdir = tmp_path / "run"
     shutil.copytree(straight_run, workdir)

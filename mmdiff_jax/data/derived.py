@@ -30,6 +30,8 @@ Shapes per example (S = image_size):
                            average-pooled over factor x factor blocks and
                            upsampled back by repetition (the source of the
                            image-transition experiment; a right answer exists)
+  fashion_mnist_multitask: the fields of fashion_mnist_masked, label and
+                           embedding at once (the multitask experiment)
 """
 
 from __future__ import annotations
@@ -224,6 +226,27 @@ class ImageEmbedding:
             "image": to_signed_unit(pad_to(example["image"], self.image_size)),
             "embedding": self.embeddings[index % len(self.embeddings)],
         }
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class EmbeddingRow:
+    """map_with_index: adds `embeddings[index]` [D] to the raw example as 'embedding' (index as `ImageEmbedding`)."""
+
+    embeddings: np.ndarray
+
+    def __call__(self, index: int, example: dict[str, Any]) -> dict[str, Any]:
+        return {**example, "embedding": self.embeddings[index % len(self.embeddings)]}
+
+
+@dataclasses.dataclass(frozen=True)
+class MultiTask:
+    """fashion_mnist_multitask (a random map after `EmbeddingRow`): `masked`'s image, masked_image and mask, the
+    label [] int32 and the embedding [D]."""
+
+    masked: MaskedImage
+
+    def __call__(self, example: dict[str, Any], rng: np.random.Generator) -> dict[str, np.ndarray]:
+        return {**self.masked(example, rng), "label": np.int32(example["label"]), "embedding": example["embedding"]}
 
 
 def low_resolution(image: np.ndarray, factor: int) -> np.ndarray:

@@ -55,6 +55,7 @@ FASHION_MNIST_SETS = (
     "fashion_mnist_scenes",
     "fashion_mnist_embedding",
     "fashion_mnist_lowres",
+    "fashion_mnist_multitask",
 )
 KNOWN_DATASETS = FASHION_MNIST_SETS + tuple(tfds_sets.TFDS_SETS)
 _FASHION_OPTIONS = {
@@ -68,6 +69,13 @@ _FASHION_OPTIONS = {
     },
     "fashion_mnist_embedding": {"image_size": 32, "embedding_path": None},
     "fashion_mnist_lowres": {"image_size": 32, "factor": 4},
+    "fashion_mnist_multitask": {
+        "image_size": 32,
+        "mask_kind": "patch",
+        "mask_ratio": 0.5,
+        "patch_size": 4,
+        "embedding_path": None,
+    },
 }
 # Options every Fashion-MNIST set takes: the IDX directory, an in-memory
 # stand-in for the split ({"image": [N, 28, 28, 1] uint8, "label": [N]}, for
@@ -123,7 +131,13 @@ def dataset_spec(name: str, **options) -> DatasetSpec:
         if options["embedding_path"] is not None:
             with np.load(options["embedding_path"]) as table:
                 dim = int(table["train"].shape[1])
-        return DatasetSpec({"image": image, "embedding": ((dim,), image_f32)}, {})
+        embedding = {"embedding": ((dim,), image_f32)}
+        if name == "fashion_mnist_embedding":
+            return DatasetSpec({"image": image, **embedding}, {})
+        return DatasetSpec(
+            {"image": image, "masked_image": image, "mask": image, "label": ((), int32), **embedding},
+            {"label": fashion_mnist.NUM_CLASSES},
+        )
     tfds_set = tfds_sets.TFDS_SETS[name]
     features = {"image": ((size, size, 3), image_f32)}
     num_classes = {}
@@ -243,11 +257,9 @@ def _fashion_map_dataset(name, split, seed, data_dir, options):
         return items.map(derived.ImageLabel(size))
     if name == "fashion_mnist_lowres":
         return items.map(derived.LowResolution(size, options["factor"]))
+    masked = lambda: derived.MaskedImage(size, options["mask_kind"], options["mask_ratio"], options["patch_size"])  # noqa: E731
     if name == "fashion_mnist_masked":
-        return items.random_map(
-            derived.MaskedImage(size, options["mask_kind"], options["mask_ratio"], options["patch_size"]),
-            seed=transform_seed,
-        )
+        return items.random_map(masked(), seed=transform_seed)
     if name == "fashion_mnist_scenes":
         return items.random_map(
             derived.Scene(items, size, options["min_objects"], options["max_objects"], options["foreground_threshold"]),
@@ -256,10 +268,14 @@ def _fashion_map_dataset(name, split, seed, data_dir, options):
     path = options["embedding_path"]
     if path is None:
         if options["arrays"] is not None:
-            raise ValueError("fashion_mnist_embedding with `arrays` needs an `embedding_path`")
+            raise ValueError(f"{name} with `arrays` needs an `embedding_path`")
         path = embeddings_lib.ensure_default_embeddings(data_dir, options["idx_dir"])
     table = embeddings_lib.load_embeddings(path, split, len(source))
-    return items.map_with_index(derived.ImageEmbedding(table, size))
+    if name == "fashion_mnist_embedding":
+        return items.map_with_index(derived.ImageEmbedding(table, size))
+    return items.map_with_index(derived.EmbeddingRow(table)).random_map(
+        derived.MultiTask(masked()), seed=transform_seed
+    )
 
 
 def make_map_dataset(
