@@ -39,9 +39,9 @@ def check_preset(path: str, preset: str) -> None:
 
 def apply_preset(config: ml_collections.ConfigDict, preset: str, full_attention=(7,), ema_decay: float = 0.98) -> None:
     """The training budget of each preset (after the experiment set config.train.steps and its `experiment`
-    section): the CPU default's optimizer, logging and checkpointing; 'tiny' (3 steps of the tiny U-Net, for the
-    tests); 'full' (the 7.7M-parameter U-Net, 100k steps, attention at `full_attention`). `ema_decay`: the CPU
-    default's EMA decay (0.98 averages over ~50 steps)."""
+    section): the CPU default's optimizer, logging and checkpointing; 'tiny' (3 steps of the tiny U-Net, no
+    evaluation or grids while training, for the tests); 'full' (the 7.7M-parameter U-Net, 100k steps, attention at
+    `full_attention`). `ema_decay`: the CPU default's EMA decay (0.98 averages over ~50 steps)."""
     config.optim.learning_rate = 2e-3
     config.optim.end_learning_rate = 1e-4
     config.optim.warmup_steps = 50
@@ -67,6 +67,10 @@ def apply_preset(config: ml_collections.ConfigDict, preset: str, full_attention=
         config.optim.decay_steps = 100
         config.optim.ema_decay = 0.5
         config.train.steps = 3
+        # No held-out loss or grids while training (the trainer's tests cover them): each is a compiled program
+        # per model, seconds of a test that trains several.
+        config.train.eval_every = 0
+        config.sample.every = 0
         config.train.log_every = 1
         config.train.eval_batches = 1
         config.train.async_checkpointing = False

@@ -13,38 +13,27 @@ Trains (each model in workdir/<name>; configs/multitask.py says why these settin
                        conditional DDPMs: the modality seen through ADM's class path (weights 'zero', no head)
   classifier           the same U-Net trained alone by cross-entropy on clean images
 each comparator evaluated at train.steps (equal steps per task) and at its checkpoint at train.steps / (the size
-of its set) (equal total compute; `trainer.at_checkpoint`). Then the pairwise experiments' evaluations, every model at the same inputs, prior noise and sampler:
-  restoration         PSNR on the hidden pixels and LPIPS-proxy at each mask ratio (masked image observed; the
-                      plain DDPM re-imposes the known pixels); known pixels pasted back
-  label_to_image      how often the Fashion-MNIST CNN judge puts the sample in the given class (balanced labels)
-  image_to_label      accuracy of the label head at z_t (t = classification.noise_level) / the classifier
-  embedding_to_image  how often the judge puts the sample in the judge's class of the image the test embedding
-                      came from; cosine between the given embedding and the sample's (the embeddings' recipe)
-  joint               FID-proxy of unconditional samples; agreement of the generated label with the judge's
+of its set) (equal total compute; `trainer.at_checkpoint`). Then the pairwise experiments' five evaluations on
+every model, at the same inputs, prior noise and sampler (`experiments.task_suite`): restoration, label -> image,
+image -> label, embedding -> image and joint samples.
 """
 
 from __future__ import annotations
 
-from typing import Any
 
-import jax
-import jax.numpy as jnp
 import ml_collections
-import numpy as np
 
 from experiments import baselines, common, evaluation, reporting, trainer
-from experiments.image_embedding import embedding_scores, make_embed_fn
-from experiments.joint_image_label import balanced_labels
-from mmdiff_jax import sampling, tasks
+from experiments.task_suite import KINDS, TaskSuite
+from mmdiff_jax import tasks
 from mmdiff_jax.data.fashion_mnist import CLASS_NAMES
-from mmdiff_jax.metrics import agreement
 from mmdiff_jax.modalities import MASK_KEY
 from mmdiff_jax.training.config_io import ConfigError
 
 NAME = "multitask"
 FID_PROXY = "FID-proxy (Fashion-MNIST CNN features)"
 LPIPS_PROXY = "LPIPS-proxy (Fashion-MNIST CNN features)"
-PAIRWISE = ("masked_image", "label", "vector")  # the auxiliary kinds, one pairwise model each
+PAIRWISE = KINDS  # the auxiliary kinds, one pairwise model each
 SINGLE_TASK = ("plain_ddpm", "label_ddpm", "embedding_ddpm", "classifier")
 # task -> (pairwise model, single-task model); the multitask model serves every task.
 COMPARATORS = {
@@ -133,150 +122,9 @@ def train_all(config, run: common.Run) -> dict[str, trainer.Trained]:
 
 
 # ----------------------------------------------------------------------------------------------- evaluation
-class Evaluator:
-    """The five tasks' evaluations of a trained model, on inputs drawn once (the same for every model)."""
-
-    def __init__(self, config, run: common.Run, classifier):
-        self.config, self.run, self.classifier = config, run, classifier
-        self.images: dict[tuple[str, str], np.ndarray] = {}  # (model, task) -> the grid's outputs
-        self.programs: dict[tuple[int, str], Any] = {}  # (id of the task, kind) -> a jit-compiled function
-        experiment = config.experiment
-        self.sampler, self.seed, primary = evaluation.sampler_options(experiment.sampler), experiment.seed, "image"
-        self.names = {kind: tasks.modality_name(config, kind) for kind in PAIRWISE}
-        section = experiment.generation
-        with run.phase("evaluation inputs"):
-            self.masked = {
-                ratio: evaluation.eval_batches(
-                    config,
-                    experiment.restoration.num_images,
-                    experiment.restoration.batch_size,
-                    mask_ratio=float(ratio),
-                    transform_seed=self.seed,
-                )
-                for ratio in experiment.restoration.mask_ratios
-            }
-            self.test = evaluation.eval_batches(config, section.num_samples, section.batch_size)
-            self.labels = [
-                balanced_labels(section.num_samples)[i : i + section.batch_size]
-                for i in range(0, section.num_samples, section.batch_size)
-            ]
-            self.reference = evaluation.reference_features(config, section.num_reference, classifier)
-            train = evaluation.eval_batches(config, section.num_samples, section.batch_size, split="train")
-            self.real = np.concatenate([b[primary] for b in train])
-            statistics = evaluation.eval_batches(
-                config, section.num_statistics, min(section.num_statistics, 1000), split="train"
-            )
-            self.embed = make_embed_fn(classifier, np.concatenate([b[primary] for b in statistics]))
-            self.source_class = self.judge(np.concatenate([b[primary] for b in self.test]))
-            section = experiment.classification
-            self.classify = evaluation.eval_batches(config, section.num_images, section.batch_size)
-
-    def judge(self, images: np.ndarray) -> np.ndarray:
-        return np.asarray(self.classifier.predict(images))
-
-    def fid(self, images: np.ndarray) -> float:
-        specs = self.config.experiment.generation.metrics
-        scores = evaluation.evaluate_metrics(specs, [{"sample": images}], self.classifier, self.reference)
-        return scores["fid_fmnist_cnn"]
-
-    def _program(self, trained, kind: str, make):
-        """`make()` once per network and kind: a comparator's two checkpoints share the compiled program."""
-        key = (id(trained.task), kind)
-        if key not in self.programs:
-            self.programs[key] = make()
-        return self.programs[key]
-
-    def _sample(self, trained, given, name=None):
-        sample = self._program(
-            trained, "sample", lambda: sampling.make_sample_fn(trained.model, trained.schedule, **self.sampler)
-        )
-        observe = (lambda values: {name: values}) if name else (lambda values: None)
-        return evaluation.map_batches(
-            lambda values, rng: sample(trained.params, rng, observe(values), batch_size=len(values)),
-            given,
-            seed=self.seed,
-        )
-
-    def _keep(self, trained, task: str, images: np.ndarray) -> np.ndarray:
-        """Keeps the first images of a task's outputs for the grid."""
-        self.images[trained.name, task] = images[: self.config.experiment.grid_images]
-        return images
-
-    def restoration(self, trained) -> dict:
-        masked = self.names["masked_image"]
-        observe = masked if any(m.name == masked for m in trained.model.modalities) else None
-        restore = self._program(
-            trained,
-            "restore",
-            lambda: sampling.make_restore_fn(
-                trained.model, trained.schedule, observe, repaint=observe is None, **self.sampler
-            ),
-        )
-        scores = {}
-        for ratio, batches in self.masked.items():
-            truth = np.concatenate([b["image"] for b in batches])
-            mask = np.concatenate([b[MASK_KEY] for b in batches])
-            restored = evaluation.map_batches(
-                lambda b, rng: restore(trained.params, b[masked], b[MASK_KEY], rng).image, batches, seed=self.seed
-            )
-            restored = self._keep(trained, f"restoration {ratio}", mask * truth + (1.0 - mask) * restored)
-            scores[str(ratio)] = evaluation.evaluate_metrics(
-                self.config.experiment.restoration.metrics,
-                [{"image": truth, "sample": restored, "mask": mask}],
-                self.classifier,
-            )
-        return scores
-
-    def label_to_image(self, trained) -> dict:
-        images = self._keep(trained, "label_to_image", self._sample(trained, self.labels, self.names["label"]).image)
-        return {
-            "agreement": agreement.accuracy(self.judge(images), np.concatenate(self.labels)),
-            "fid": self.fid(images),
-        }
-
-    def embedding_to_image(self, trained) -> dict:
-        name = self.names["vector"]
-        given = np.concatenate([b[name] for b in self.test])
-        images = self._sample(trained, [b[name] for b in self.test], name).image
-        return embedding_scores(given, self.embed(images), self.source_class, self.judge(images))
-
-    def image_to_label(self, trained) -> dict:
-        truth = np.concatenate([b[self.names["label"]] for b in self.classify])
-        if trained.schedule is None:  # the classifier
-            predict = self._program(
-                trained,
-                "classify",
-                lambda: jax.jit(lambda params, image: jnp.argmax(trained.model.apply({"params": params}, image), -1)),
-            )
-            predicted = evaluation.map_batches(
-                lambda b, rng: predict(trained.params, b["image"]), self.classify, seed=0
-            )
-        else:
-            t = int(self.config.experiment.classification.noise_level)
-            classify = self._program(
-                trained,
-                "classify",
-                lambda: sampling.make_classify_fn(trained.model, trained.schedule, self.names["label"]),
-            )
-            predicted = evaluation.map_batches(
-                lambda b, rng: classify(trained.params, b["image"], rng, t=t)["class_ids"],
-                self.classify,
-                seed=self.seed,
-            )
-        return {"accuracy": agreement.accuracy(predicted, truth)}
-
-    def joint(self, trained) -> dict:
-        samples = self._sample(trained, self.labels)
-        scores = {"fid": self.fid(self._keep(trained, "joint", samples.image))}
-        label = samples.outputs.get(self.names["label"])
-        if label is not None:
-            scores["label_agreement"] = agreement.label_agreement(label["class_ids"], self.judge(samples.image))
-        return scores
-
-
 def evaluate(config, run: common.Run, models, classifier) -> dict:
     """task -> matching -> role ('multitask', 'pairwise', 'single_task') -> scores, and the real-image floor."""
-    evaluator = Evaluator(config, run, classifier)
+    evaluator = TaskSuite(config, run, classifier)
     steps = matched_steps(config)
     cache: dict[tuple[str, str], dict] = {}
 
@@ -301,7 +149,7 @@ def evaluate(config, run: common.Run, models, classifier) -> dict:
     return results
 
 
-def _grid(config, run: common.Run, models, evaluator: Evaluator) -> None:
+def _grid(config, run: common.Run, models, evaluator: TaskSuite) -> None:
     count, name = config.experiment.grid_images, models["multitask"].name
     ratio = max(config.experiment.restoration.mask_ratios)
     batch = {key: value[:count] for key, value in evaluator.masked[ratio][0].items()}
@@ -371,7 +219,7 @@ def write_report(config, run: common.Run, results: dict) -> None:
         "embedding at once (the multitask model), against the model each pairwise experiment trains (the image "
         "and one modality) and each task's single-task baseline: same U-Net, batch, optimizer, data order and "
         f"sampler ({evaluation.describe_sampler(config.experiment.sampler)}, the conditional sampler without "
-        "guidance for every model), raw parameters. Two compute matchings: **equal steps per task** (every model "
+        "guidance for every model), EMA parameters (decay {config.optim.ema_decay:g}), constant learning rate. Two compute matchings: **equal steps per task** (every model "
         f"{total} steps: the multitask model trained each task for {total} steps at once) and **equal total "
         f"compute** (the multitask model's {total} steps against the pairwise set's {len(PAIRWISE)} x "
         f"{pairwise_short} and the single-task set's {len(SINGLE_TASK)} x {single_short})."
@@ -396,8 +244,8 @@ def write_report(config, run: common.Run, results: dict) -> None:
             for role in ("pairwise", "single_task"):
                 other = values[matching][role]
                 if other is not None:
-                    better = mt > other if higher else mt < other
-                    findings.append((task, label, matching, role, "helps" if better else "hurts", mt, other))
+                    outcome = "tie" if mt == other else "better" if (mt > other) == higher else "worse"
+                    findings.append((matching, role, outcome, f"{label} ({mt:.3g} vs {other:.3g})"))
     run.report.table(
         "The multitask model against each task's pairwise model and single-task baseline",
         headers,
@@ -415,15 +263,12 @@ def write_report(config, run: common.Run, results: dict) -> None:
     lines = []
     for matching in steps:
         for role in ("pairwise", "single_task"):
-            rows = [f for f in findings if f[2] == matching and f[3] == role]
-            helps = [f"{f[1]} ({f[5]:.3g} vs {f[6]:.3g})" for f in rows if f[4] == "helps"]
-            hurts = [f"{f[1]} ({f[5]:.3g} vs {f[6]:.3g})" for f in rows if f[4] == "hurts"]
+            rows = [f for f in findings if f[:2] == (matching, role)]
+            by = {outcome: [f[3] for f in rows if f[2] == outcome] for outcome in ("better", "worse", "tie")}
             lines.append(
                 f"- {matching.replace('_', ' ')}, multitask vs {role.replace('_', '-')}: better on "
-                f"{len(helps)} of {len(rows)} metrics"
-                + (f": {'; '.join(helps)}" if helps else "")
-                + (f". Worse on {'; '.join(hurts)}" if hurts else "")
-                + "."
+                f"{len(by['better'])} of {len(rows)} metrics, worse on {len(by['worse'])}, tied on {len(by['tie'])}."
+                + "".join(f" {outcome.capitalize()}: {'; '.join(items)}." for outcome, items in by.items() if items)
             )
     run.report.text("## Where sharing helps and where it hurts (computed from the table)\n\n" + "\n".join(lines))
 

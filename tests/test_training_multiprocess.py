@@ -12,9 +12,9 @@ from mmdiff_jax.training import writers
 from tests import training_helpers as helpers
 
 
-def launch_pair(workdir, arrays, cache, steps, timeout=400):
+def launch_pair(workdir, arrays, steps, timeout=400):
     port = helpers.free_port()
-    env = helpers.child_env(cache, devices=2)
+    env = helpers.child_env(devices=2)
     flags = [
         f"--workdir={workdir}",
         "--config=configs/default.py:tiny",
@@ -55,11 +55,11 @@ def launch_pair(workdir, arrays, cache, steps, timeout=400):
     return [stderr for _, stderr in outputs]
 
 
-def test_two_processes_train_save_and_resume(tmp_path, tmp_path_factory):
+def test_two_processes_train_save_and_resume(tmp_path):
     arrays = helpers.write_arrays(tmp_path / "arrays.npz")
-    cache, workdir = helpers.shared_dir(tmp_path_factory, "training_jax_cache"), tmp_path / "run"
+    workdir = tmp_path / "run"
 
-    logs = launch_pair(workdir, arrays, cache, steps=4)
+    logs = launch_pair(workdir, arrays, steps=4)
     assert all("2 processes" in log and "'data': 4" in log for log in logs), logs[0][-2000:]
     checkpoints = workdir / "checkpoints"
     assert sorted(int(p.name) for p in checkpoints.iterdir() if p.name.isdigit()) == [2, 4]
@@ -67,7 +67,7 @@ def test_two_processes_train_save_and_resume(tmp_path, tmp_path_factory):
     assert data_files == ["process_0-of-2.json", "process_1-of-2.json"]
     positions = {name: json.loads((checkpoints / "4" / "data" / name).read_text()) for name in data_files}
 
-    logs = launch_pair(workdir, arrays, cache, steps=6)
+    logs = launch_pair(workdir, arrays, steps=6)
     assert all(f"Resuming from {checkpoints}/4" in log for log in logs), logs[0][-2000:]
     assert 6 in [int(p.name) for p in checkpoints.iterdir() if p.name.isdigit()]
     for name, position in positions.items():  # each process moved on from its own saved position

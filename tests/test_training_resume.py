@@ -35,20 +35,12 @@ def train_and_evaluate(config, workdir, **kwargs):
 
 
 @pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    """One persistent compilation cache for every worker and child process of the session."""
-    directory = helpers.shared_dir(tmp_path_factory, "training_jax_cache")
-    helpers.use_compilation_cache(directory)
-    return directory
-
-
-@pytest.fixture(scope="module")
 def arrays(tmp_path_factory):
     return helpers.write_arrays(tmp_path_factory.mktemp("data") / "arrays.npz")
 
 
 @pytest.fixture(scope="module")
-def straight_run(tmp_path_factory, arrays, cache_dir):
+def straight_run(tmp_path_factory, arrays):
     """20 steps in one go (eval and sample grids at 10 and 20, checkpoints every 5, keep 2 + best); run once
     per session, by whichever xdist worker needs it first (read-only for the tests)."""
     root = helpers.shared_dir(tmp_path_factory, "training_straight_run")
@@ -103,10 +95,10 @@ def test_stop_and_resume_equals_straight_run(tmp_path, arrays, straight_run):
     assert (tmp_path / "config.1.json").exists()  # the 10-step launch's config, kept
 
 
-def test_sigterm_saves_and_resume_equals_straight_run(tmp_path, arrays, straight_run, cache_dir):
+def test_sigterm_saves_and_resume_equals_straight_run(tmp_path, arrays, straight_run):
     # The children compute on as many devices as this process, which made `straight_run` (the mesh, and so the
     # numerics, follow the device count), whatever XLA_FLAGS the caller set.
-    env = helpers.child_env(cache_dir, devices=jax.device_count())
+    env = helpers.child_env(devices=jax.device_count())
     command = [sys.executable, helpers.__file__, "train", str(tmp_path), str(arrays), "--pause-at", "10"]
     child = subprocess.Popen(
         command, env=env, cwd=helpers.REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
@@ -157,7 +149,7 @@ class _NanAt:
         self.iterator.set_state(state)
 
 
-def test_nan_batch_stops_run_and_last_checkpoint_restores(tmp_path, arrays, cache_dir):
+def test_nan_batch_stops_run_and_last_checkpoint_restores(tmp_path, arrays):
     config = helpers.tiny_config(arrays, checkpoint_every=5, log_every=4, eval_every=0)
     config.sample.every = 0
     with pytest.raises(NonFiniteLossError, match=r"NaN/inf at step 7\b.*stops at step 8") as error:
@@ -175,7 +167,7 @@ def test_nan_batch_stops_run_and_last_checkpoint_restores(tmp_path, arrays, cach
     assert int(state.step) == 6 and int(state.first_nonfinite_step) == -1
 
 
-def test_a_checkpoint_under_a_constant_learning_rate_is_the_shorter_run(tmp_path, arrays, cache_dir):
+def test_a_checkpoint_under_a_constant_learning_rate_is_the_shorter_run(tmp_path, arrays):
     """experiments.multitask reads a comparator's checkpoint at step k as its k-step run (`trainer.at_checkpoint`):
     with a constant learning rate after the warmup and a fixed EMA decay, the two are the same state."""
     from experiments import trainer
@@ -231,7 +223,7 @@ def _pixel_task(features: int = 4):
     ), jax
 
 
-def test_other_task_trains_resumes_and_is_refused_by_another(tmp_path, arrays, cache_dir):
+def test_other_task_trains_resumes_and_is_refused_by_another(tmp_path, arrays):
     """A network and loss other than MT-Diffusion's go through the same path: logs, eval with its loss, no sample
     grids, exact resume, and a checkpoint of a different signature is refused."""
     task, jax = _pixel_task()

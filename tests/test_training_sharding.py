@@ -16,7 +16,7 @@ from tests import training_helpers as helpers
 @pytest.fixture(scope="module")
 def sharded_results(tmp_path_factory):
     arrays = helpers.write_arrays(tmp_path_factory.mktemp("data") / "arrays.npz")
-    env = helpers.child_env(helpers.shared_dir(tmp_path_factory, "training_jax_cache"), devices=8)
+    env = helpers.child_env(devices=8)
     result = helpers.run_child(["sharding", str(arrays)], env, timeout=500)
     assert result.returncode == 0, result.stderr[-4000:]
     line = next(line for line in result.stdout.splitlines() if line.startswith("RESULT "))

@@ -64,17 +64,13 @@ def tiny_config(arrays_path: str | os.PathLike, **train_overrides):
 def run_experiment_cli(name: str, cwd: pathlib.Path, *overrides: str) -> subprocess.CompletedProcess:
     """`python -m experiments.<name> --config=configs/<name>.py:tiny <overrides> --workdir=run
     --results_dir=results` in `cwd` (relative dirs, as the README's command), a child process on one CPU device
-    with XLA's backend optimisations off (`FAST_COMPILE`) and a persistent compilation cache beside `cwd` (shared
-    by the tests of this worker: a program compiled twice, as the curve's and the evaluation's sampler of one
-    model, compiles once). Fails the test on a non-zero exit."""
+    with XLA's backend optimisations off (`FAST_COMPILE`) and the session's persistent compilation cache
+    (tests/conftest.py). Fails the test on a non-zero exit."""
     env = dict(
         os.environ,
         PYTHONPATH=str(REPO),
         JAX_PLATFORMS="cpu",
         XLA_FLAGS=f"--xla_force_host_platform_device_count=1 {FAST_COMPILE}",
-        JAX_COMPILATION_CACHE_DIR=str(pathlib.Path(cwd).resolve().parent / "experiments_jax_cache"),
-        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
     )
     command = [
         sys.executable,
@@ -111,25 +107,14 @@ def file_lock(path: pathlib.Path):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def use_compilation_cache(directory: str | os.PathLike) -> None:
-    """JAX's persistent compilation cache: repeated compiles across runs and processes become loads."""
-    import jax
-
-    jax.config.update("jax_compilation_cache_dir", str(directory))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-
-
-def child_env(cache_dir: str | os.PathLike, devices: int = 1) -> dict[str, str]:
-    """Environment of a child process: `devices` fake CPU devices, the shared compilation cache and XLA's
-    backend optimisations off as in this process (`FAST_COMPILE`), so its numerics match this process's."""
+def child_env(devices: int = 1) -> dict[str, str]:
+    """Environment of a child process: `devices` fake CPU devices, the session's compilation cache
+    (tests/conftest.py) and XLA's backend optimisations off as in this process (`FAST_COMPILE`), so its
+    numerics match this process's."""
     env = dict(os.environ)
     env.update(
         PYTHONPATH=str(REPO),
         JAX_PLATFORMS="cpu",
-        JAX_COMPILATION_CACHE_DIR=str(cache_dir),
-        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
         XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} {FAST_COMPILE}",
     )
     return env

@@ -129,7 +129,7 @@ class _Run:
             state = self.checkpointer.restore(abstract, self.train_iterator, latest)
         else:
             state, shardings = state_lib.create_train_state(
-                init_params, self.optimizer, self.mesh, rng, fsdp_min_size=fsdp_min_size
+                init_params, self.optimizer, self.mesh, rng, fsdp_min_size=fsdp_min_size, shardings=shardings
             )
         return state, shardings
 

@@ -129,14 +129,17 @@ def create_train_state(
     rng: jax.Array,
     *,
     fsdp_min_size: int = 2**14,
+    shardings: TrainState | None = None,
 ) -> tuple[TrainState, TrainState]:
     """Initialises straight into sharded arrays; returns (state, a TrainState of its NamedShardings).
 
     `init_params`: rng -> params, e.g. a `Task`'s.
     `jax.eval_shape` gives the shapes, `mesh.state_shardings` the specs, and the jit-ed init writes each
-    shard where it lives (no full copy on one device first).
+    shard where it lives (no full copy on one device first). `shardings`: those of `train_state_shardings`
+    for the same arguments, if the caller has them (the init is then traced once, not twice).
     """
-    _, shardings = train_state_shardings(init_params, optimizer, mesh, rng, fsdp_min_size=fsdp_min_size)
+    if shardings is None:
+        _, shardings = train_state_shardings(init_params, optimizer, mesh, rng, fsdp_min_size=fsdp_min_size)
     state = jax.jit(lambda key: init_train_state(init_params, optimizer, key), out_shardings=shardings)(rng)
     return state, shardings
 
