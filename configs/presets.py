@@ -11,13 +11,14 @@ from mmdiff_jax.models.unet import unet_preset
 PRESETS = ("", "tiny", "full")
 
 
-# The CPU default's 0.3M-parameter U-Net (levels 28, 14, 7 on Fashion-MNIST's 28x28) and the tests' tiny one.
+# The CPU default's 0.3M-parameter U-Net (levels 28, 14, 7 on Fashion-MNIST's 28x28) and the tests' tiny one (one
+# level: 70 parameter arrays instead of two levels' 110; a train step compiled in 4.5 s instead of 6.0 s).
 SMALL_UNET = dict(
     base_channels=16, channel_multipliers=(1, 2, 2), num_res_blocks=1, attention_resolutions=(7,),
     num_head_channels=32, dropout=0.0, num_groups=8, resblock_updown=False,
 )  # fmt: skip
 TINY_UNET = dict(
-    base_channels=8, channel_multipliers=(1, 2), num_res_blocks=1, attention_resolutions=(), num_head_channels=8,
+    base_channels=8, channel_multipliers=(1,), num_res_blocks=1, attention_resolutions=(), num_head_channels=8,
     num_groups=4, dropout=0.0, resblock_updown=False,
 )  # fmt: skip
 
