@@ -33,6 +33,7 @@ Real numbers (the 7.7M-parameter U-Net, 96k steps; one accelerator):
 import ml_collections
 from ml_collections import config_dict
 
+from configs import image_embedding, joint_image_label, masked_pretrain
 from configs.presets import apply_preset, check_preset, small_unet
 from mmdiff_jax.tasks import base_config
 
@@ -47,33 +48,10 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
     config.model.z_shape = (28, 28, 1)
     config.model.primary = "image"
     config.model.unet = small_unet()
+    # Each modality exactly as its pairwise experiment sets it, but hidden with probability 0.5 (the docstring).
+    pairwise = ((masked_pretrain, "masked_image"), (joint_image_label, "label"), (image_embedding, "embedding"))
     config.model.modalities = {
-        "masked_image": dict(
-            kind="masked_image",
-            shape=(28, 28, 1),
-            encoder="identity",
-            weight_schedule=("bump", 0.3),
-            loss_weight=1.0 / (28 * 28 * 2),
-            condition="concat",
-            p_uncond=0.5,
-        ),
-        "label": dict(
-            kind="label",
-            shape=(),
-            num_classes=10,
-            weight_schedule=("bump", 1.0),
-            loss_weight=0.1,
-            condition="embedding",
-            p_uncond=0.5,
-        ),
-        "embedding": dict(
-            kind="vector",
-            shape=(64,),
-            weight_schedule=("bump", 1.0),
-            loss_weight=1.0 / 64,
-            condition="embedding",
-            p_uncond=0.5,
-        ),
+        name: {**module.get_config().model.modalities[name].to_dict(), "p_uncond": 0.5} for module, name in pairwise
     }
     config.diffusion.noise_schedule = "linear"
     config.diffusion.num_steps = 1000

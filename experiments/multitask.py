@@ -150,7 +150,7 @@ def evaluate(config, run: common.Run, models, classifier) -> dict:
 
 
 def _grid(config, run: common.Run, models, evaluator: TaskSuite) -> None:
-    count, name = config.experiment.grid_images, models["multitask"].name
+    count, name, primary = config.experiment.grid_images, models["multitask"].name, config.model.primary
     ratio = max(config.experiment.restoration.mask_ratios)
     batch = {key: value[:count] for key, value in evaluator.masked[ratio][0].items()}
     rows = [
@@ -160,9 +160,9 @@ def _grid(config, run: common.Run, models, evaluator: TaskSuite) -> None:
             [CLASS_NAMES[i].split("/")[0] for i in evaluator.labels[0][:count]],
         ),
         ("multitask: joint sample", evaluator.images[name, "joint"]),
-        ("masked input", reporting.tint_hidden(batch["image"], batch[MASK_KEY])),
+        ("masked input", reporting.tint_hidden(batch[primary], batch[MASK_KEY])),
         ("multitask: restored", evaluator.images[name, f"restoration {ratio}"]),
-        ("truth", batch["image"]),
+        ("truth", batch[primary]),
     ]
     run.report.image(
         "samples",

@@ -53,6 +53,16 @@ def _arrays(tmp_path) -> str:
     return f"--config.data.arrays_path={write_arrays(tmp_path / 'arrays.npz', num_train=64, num_test=16)}"
 
 
+def _embeddings(tmp_path):
+    """A stand-in 64-d embedding file for the 64 + 16 stand-in images (config.data.options.embedding_path)."""
+    rng = np.random.default_rng(0)
+    np.savez(
+        tmp_path / "embeddings.npz",
+        train=rng.standard_normal((64, 64)).astype(np.float32),
+        test=rng.standard_normal((16, 64)).astype(np.float32),
+    )
+
+
 def test_joint_image_label_tiny(tmp_path):
     run_experiment_cli("joint_image_label", tmp_path, _arrays(tmp_path))
     models = {"mt_diffusion": 3, "aggregation_only": 3, "class_conditional_ddpm": 3, "classifier": 3}
@@ -145,12 +155,7 @@ def test_image_segmentation_tiny(tmp_path):
 
 
 def test_image_embedding_tiny(tmp_path):
-    rng = np.random.default_rng(0)
-    np.savez(
-        tmp_path / "embeddings.npz",
-        train=rng.standard_normal((64, 64)).astype(np.float32),
-        test=rng.standard_normal((16, 64)).astype(np.float32),
-    )
+    _embeddings(tmp_path)
     run_experiment_cli(
         "image_embedding",
         tmp_path,
@@ -223,12 +228,7 @@ def test_image_transition_tiny(tmp_path):
 
 
 def test_multitask_tiny(tmp_path):
-    rng = np.random.default_rng(0)
-    np.savez(
-        tmp_path / "embeddings.npz",
-        train=rng.standard_normal((64, 64)).astype(np.float32),
-        test=rng.standard_normal((16, 64)).astype(np.float32),
-    )
+    _embeddings(tmp_path)
     run_experiment_cli(
         "multitask", tmp_path, _arrays(tmp_path), f"--config.data.options.embedding_path={tmp_path / 'embeddings.npz'}"
     )
