@@ -22,7 +22,7 @@ Tiny (seconds; tests/test_experiments_other.py, with a stand-in embedding file):
 import ml_collections
 from ml_collections import config_dict
 
-from configs.presets import apply_preset, check_preset, small_unet
+from configs.presets import apply_preset, check_preset, default_sampler, small_unet
 from mmdiff_jax.tasks import base_config
 
 
@@ -71,11 +71,7 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
         # Feature spaces of FID / precision / recall: 'fmnist_cnn' (offline); add 'inception_v3' for Inception
         # FIDs with the user's weights ($MMDIFF_INCEPTION_WEIGHTS; mmdiff_jax.metrics.inception).
         feature_spaces=("fmnist_cnn",),
-        # DPM-Solver++ 2M, 15 steps (docs/design.md section 3c), z_0 estimates clipped to [-1, 1]: on the
-        # masked_pretrain model it matched DDIM-50's FID-proxy with 16 model calls (bench/NOTES.md: 49.1 vs DDIM-25's
-        # 54.7 and DDIM-50's 50.5). method 'ddim' | 'ddpm' | 'dpm_solver++' (variant '2M' | '3M' | '2S', spacing
-        # 'time_uniform' | 'logsnr')
-        sampler=dict(method="dpm_solver++", num_steps=15, eta=0.0, variant="2M", spacing="time_uniform"),
+        sampler=default_sampler(),  # DPM-Solver++ 2M, 15 steps (configs/presets.py)
         generation=dict(
             num_samples=256,
             batch_size=128,  # embedding -> image (test embeddings) and joint samples

@@ -27,7 +27,7 @@ Real numbers (the 7.7M-parameter U-Net, 100k steps; one accelerator):
 
 import ml_collections
 
-from configs.presets import apply_preset, check_preset, small_unet
+from configs.presets import apply_preset, check_preset, default_sampler, small_unet
 from mmdiff_jax.tasks import base_config
 
 
@@ -67,8 +67,7 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
     config.experiment = dict(
         # Feature spaces of FID: 'fmnist_cnn' (offline); add 'inception_v3' with the user's weights.
         feature_spaces=("fmnist_cnn",),
-        # DPM-Solver++ 2M, 15 steps, as the other experiments (docs/design.md section 3c).
-        sampler=dict(method="dpm_solver++", num_steps=15, eta=0.0, variant="2M", spacing="time_uniform"),
+        sampler=default_sampler(),  # DPM-Solver++ 2M, 15 steps, as the other experiments (configs/presets.py)
         transition=dict(
             num_images=192,  # test images, their sources the inputs
             batch_size=96,

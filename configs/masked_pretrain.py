@@ -37,7 +37,7 @@ levels are 28, 14, 7, and the metrics' classifier reads 28x28 anyway.
 
 import ml_collections
 
-from configs.presets import apply_preset, check_preset, small_unet
+from configs.presets import apply_preset, check_preset, default_sampler, small_unet
 from mmdiff_jax.tasks import base_config
 
 
@@ -91,11 +91,7 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
         # Feature spaces of FID / precision / recall: 'fmnist_cnn' (offline); add 'inception_v3' for Inception
         # FIDs with the user's weights ($MMDIFF_INCEPTION_WEIGHTS; mmdiff_jax.metrics.inception).
         feature_spaces=("fmnist_cnn",),
-        # DPM-Solver++ 2M, 15 steps (docs/design.md section 3c), z_0 estimates clipped to [-1, 1]: on the
-        # masked_pretrain model it matched DDIM-50's FID-proxy with 16 model calls (bench/NOTES.md: 49.1 vs DDIM-25's
-        # 54.7 and DDIM-50's 50.5). method 'ddim' | 'ddpm' | 'dpm_solver++' (variant '2M' | '3M' | '2S', spacing
-        # 'time_uniform' | 'logsnr')
-        sampler=dict(method="dpm_solver++", num_steps=15, eta=0.0, variant="2M", spacing="time_uniform"),
+        sampler=default_sampler(),  # DPM-Solver++ 2M, 15 steps (configs/presets.py)
         restoration=dict(
             mask_ratios=(0.1, 0.25, 0.5),  # each on the same test images, masks drawn per ratio
             num_images=192,

@@ -34,7 +34,7 @@ import ml_collections
 from ml_collections import config_dict
 
 from configs import image_embedding, joint_image_label, masked_pretrain
-from configs.presets import apply_preset, check_preset, small_unet
+from configs.presets import apply_preset, check_preset, default_sampler, small_unet
 from mmdiff_jax.tasks import base_config
 
 
@@ -73,9 +73,9 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
 
     config.experiment = dict(
         feature_spaces=("fmnist_cnn",),
-        # DPM-Solver++ 2M, 15 steps, as the other experiments (docs/design.md section 3c); the conditional sampler
-        # (no classifier-free guidance) for every model, so that no row gets a scale the others lack.
-        sampler=dict(method="dpm_solver++", num_steps=15, eta=0.0, variant="2M", spacing="time_uniform"),
+        # DPM-Solver++ 2M, 15 steps, as the other experiments (configs/presets.py); the conditional sampler (no
+        # classifier-free guidance) for every model, so that no row gets a scale the others lack.
+        sampler=default_sampler(),
         restoration=dict(
             mask_ratios=(0.1, 0.25, 0.5),
             num_images=96,

@@ -39,7 +39,7 @@ class TaskSuite:
     gets the same test images, masks, labels, embeddings and prior noise."""
 
     def __init__(self, config, run: common.Run, classifier):
-        self.config, self.run, self.classifier = config, run, classifier
+        self.config, self.classifier = config, classifier
         self.images: dict[tuple[str, str], np.ndarray] = {}  # (model, task) -> the grid's outputs
         self.programs: dict[tuple[int, str], Any] = {}  # (id of the task, kind) -> a jit-compiled function
         experiment = config.experiment

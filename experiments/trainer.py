@@ -7,6 +7,7 @@
   MetricCurve(path, steps, metric_fn, settings)   a training hook: metric_fn(ema_params) at `steps`, kept
                    in path with its settings (resumable); curve_steps(total, num_points) spaces the steps
   at_checkpoint(trained, step) -> Trained   the same model at an earlier checkpoint it kept
+  saved_state(workdir, step)   the TrainState of a checkpoint as arrays on one device
   copy_config(config)   an unlocked copy, to derive a baseline's config
 """
 
@@ -95,19 +96,25 @@ def train_model(
     )
 
 
-def at_checkpoint(trained: Trained, step: int) -> Trained:
-    """`trained` as it was at `step`: the EMA params of its checkpoint there (its config must have kept it:
-    train.checkpoint_every, keep_checkpoints). FileNotFoundError naming the directory if it is not there."""
-    path = (trained.workdir / "checkpoints" / str(step) / "state").resolve()  # Orbax reads absolute paths
+def saved_state(workdir: str | pathlib.Path, step: int) -> dict[str, Any]:
+    """The TrainState saved at `step` in workdir/checkpoints as a tree of arrays on this process's first device
+    (whatever the mesh and process count that wrote it). FileNotFoundError naming the directory if absent."""
+    path = (pathlib.Path(workdir) / "checkpoints" / str(step) / "state").resolve()  # Orbax reads absolute paths
     if not path.is_dir():
-        raise FileNotFoundError(f"{trained.name}: no checkpoint at step {step} ({path})")
+        raise FileNotFoundError(f"no checkpoint at step {step} ({path})")
     checkpointer = ocp.StandardCheckpointer()
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     target = jax.tree.map(
         lambda meta: jax.ShapeDtypeStruct(meta.shape, meta.dtype, sharding=device),
         checkpointer.metadata(path).item_metadata.tree,
     )
-    params = checkpointer.restore(path, target)["ema_params"]
+    return checkpointer.restore(path, target)
+
+
+def at_checkpoint(trained: Trained, step: int) -> Trained:
+    """`trained` as it was at `step`: the EMA params of its checkpoint there (its config must have kept it:
+    train.checkpoint_every, keep_checkpoints). FileNotFoundError naming the directory if it is not there."""
+    params = saved_state(trained.workdir, step)["ema_params"]
     params = jax.tree.map(lambda new, now: jax.device_put(new, now.sharding), params, trained.params)  # as trained
     return dataclasses.replace(trained, name=f"{trained.name}@{step}", params=params, steps=step)
 

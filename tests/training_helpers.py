@@ -127,20 +127,12 @@ def free_port() -> int:
 
 
 def read_state(workdir: str | os.PathLike, step: int) -> dict[str, np.ndarray]:
-    """The saved TrainState of `step` as {path: numpy array}, read onto this process's first device
-    (whatever the mesh and process count that wrote it)."""
+    """The saved TrainState of `step` as {path: numpy array} (`experiments.trainer.saved_state`)."""
     import jax
-    import orbax.checkpoint as ocp
 
-    path = pathlib.Path(workdir).resolve() / "checkpoints" / str(step) / "state"
-    checkpointer = ocp.StandardCheckpointer()
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    target = jax.tree.map(
-        lambda meta: jax.ShapeDtypeStruct(meta.shape, meta.dtype, sharding=device),
-        checkpointer.metadata(path).item_metadata.tree,
-    )
-    tree = checkpointer.restore(path, target)
-    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    from experiments.trainer import saved_state
+
+    leaves = jax.tree_util.tree_flatten_with_path(saved_state(workdir, step))[0]
     return {jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in leaves}
 
 
