@@ -7,7 +7,7 @@ Shapes used throughout:
 Scalars per step broadcast against z; every function also works unbatched (under `jax.vmap`), with
 z of shape S, encodings [N, *S] and t of shape [].
 
-Arguments, in one order for every function here and in `losses` (the library's pure-math convention):
+Arguments, in one order for every function here and in `losses` and `bound` (the library's pure-math convention):
   f(schedule, z, t, *operands, encodings=None)
 the schedule; the point the function maps (z_0 for the marginal, z_{t-1} for the forward transition, z_t for
 the posterior, the reverse step and the z_0 / eps conversions); the step; the other arrays in the order of the

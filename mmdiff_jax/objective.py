@@ -1,4 +1,4 @@
-"""The training objective: the core math (`diffusion`, `losses`) wired to an `MTDiffusion` model.
+"""The training objective: the core math (`diffusion`, `losses`, `bound`) wired to an `MTDiffusion` model.
 
 One step of the simplified multi-modal bound (docs/design.md section 4), for a batch and a PRNG key:
   t ~ U{1..T},  eps ~ N(0, I),  e_i = E_i(x_i),
@@ -9,7 +9,7 @@ where eps_mse is || eps_theta - eps ||^2, or for a model predicting v or z_0 (`M
 the MSE of that target (`targets.prediction_target`), reported as 'v_mse' / 'z_0_mse',
 with L2_i = -log p_theta(x_i | z_t) through head D_i (`modalities.recovery_nll`). Gradients reach the
 encoders through z_t (via m_t) and through the aggregation term, as in the bound. A model with a learned
-variance (`MTDiffusion.learn_variance`) adds ADM's lambda T L_t (`losses.variance_vlb`, the mean frozen;
+variance (`MTDiffusion.learn_variance`) adds ADM's lambda T L_t (`bound.variance_vlb`, the mean frozen;
 `LossConfig.vlb_weight` = lambda), reported as 'vlb' (bits per dimension).
 
 Condition dropout (docs/design.md section 3b): each conditioned modality i (`Modality.condition` other
@@ -32,7 +32,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from mmdiff_jax import diffusion, losses, targets
+from mmdiff_jax import bound, diffusion, losses, targets
 from mmdiff_jax.modalities import Modality, check_schedule, model_variables, recovery_nll, validate_batch
 from mmdiff_jax.models.mt_diffusion import MTDiffusion
 from mmdiff_jax.schedules import DiffusionSchedule
@@ -117,7 +117,7 @@ def make_loss_fn(
             eps_prediction = targets.eps_from_prediction(
                 schedule, z_t, t, output.prediction, model.prediction, encodings=output.estimated_encodings
             )
-            vlb = losses.variance_vlb(
+            vlb = bound.variance_vlb(
                 schedule,
                 z_t,
                 t,

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from mmdiff_jax import diffusion, losses, schedules
+from mmdiff_jax import bound, diffusion, losses, schedules
 from mmdiff_jax.modalities import Modality, modality_schedule
 from mmdiff_jax.models.mt_diffusion import MTDiffusion, init_variables
 from mmdiff_jax.objective import make_loss_fn
@@ -67,15 +67,15 @@ def closed_form_vb(schedule, z_0, t, z_t, eps_theta, interpolation):
 
 def test_variance_vlb_equals_the_closed_form_at_given_interpolations(plain):
     schedule, z_0, _, t, z_t, eps_theta, interpolation = plain
-    got = losses.variance_vlb(
+    got = bound.variance_vlb(
         schedule, jnp.asarray(z_t), jnp.asarray(t), jnp.asarray(z_0), jnp.asarray(eps_theta), jnp.asarray(interpolation)
     )
     expected = closed_form_vb(schedule, z_0, t, z_t, eps_theta, interpolation)
     np.testing.assert_allclose(got, expected, rtol=2e-3)
     # v = 0 / 1 are the fixed 'small' / 'large' variances of the bound's own terms (t >= 2).
     for v, kind in ((0.0, "small"), (1.0, "large")):
-        fixed = losses.posterior_kl(schedule, z_t[1:], t[1:], z_0[1:], eps_theta[1:], variance_kind=kind)
-        vlb = losses.variance_vlb(schedule, z_t[1:], t[1:], z_0[1:], eps_theta[1:], jnp.full(z_t[1:].shape, v))
+        fixed = bound.posterior_kl(schedule, z_t[1:], t[1:], z_0[1:], eps_theta[1:], variance_kind=kind)
+        vlb = bound.variance_vlb(schedule, z_t[1:], t[1:], z_0[1:], eps_theta[1:], jnp.full(z_t[1:].shape, v))
         np.testing.assert_allclose(vlb, fixed / (16 * math.log(2)), rtol=1e-4)
 
 
@@ -85,7 +85,7 @@ def test_hybrid_loss_with_n0_is_adms_and_trains_only_the_variance(plain):
     schedule, z_0, eps, t, z_t, eps_theta, interpolation = plain
 
     def hybrid(eps_theta, interpolation):
-        vlb = losses.variance_vlb(schedule, z_t, t, z_0, eps_theta, interpolation)
+        vlb = bound.variance_vlb(schedule, z_t, t, z_0, eps_theta, interpolation)
         return losses.training_loss(schedule, t, eps, eps_theta, vlb=vlb, vlb_weight=0.001)
 
     (loss, metrics), (grad_eps, grad_v) = jax.value_and_grad(hybrid, argnums=(0, 1), has_aux=True)(
@@ -110,16 +110,16 @@ def test_the_bound_reads_a_learned_variance(plain):
         def denoise(z_t, t):
             eps = jnp.zeros_like(z_t) + 0.1
             v = None if interpolation is None else jnp.full(z_t.shape, interpolation)
-            return losses.DenoiserOutput(eps, None, jnp.zeros(z_t.shape[:1]), v)
+            return bound.DenoiserOutput(eps, None, jnp.zeros(z_t.shape[:1]), v)
 
         return denoise
 
     rng = jax.random.key(3)
-    bound = {
-        v: losses.variational_bound(schedule, make_denoise_fn(v), jnp.asarray(z_0), rng).total for v in (None, 0.0, 1.0)
+    totals = {
+        v: bound.variational_bound(schedule, make_denoise_fn(v), jnp.asarray(z_0), rng).total for v in (None, 0.0, 1.0)
     }
-    np.testing.assert_allclose(bound[0.0], bound[None], rtol=1e-6)
-    assert np.all(np.abs(np.asarray(bound[1.0]) - np.asarray(bound[None])) > 1e-3)
+    np.testing.assert_allclose(totals[0.0], totals[None], rtol=1e-6)
+    assert np.all(np.abs(np.asarray(totals[1.0]) - np.asarray(totals[None])) > 1e-3)
 
 
 def test_ddpm_step_takes_the_learned_variance(plain):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from mmdiff_jax import diffusion, losses, schedules
+from mmdiff_jax import bound, diffusion, losses, schedules
 
 
 @pytest.fixture
@@ -28,13 +28,13 @@ def test_posterior_kl_is_nonnegative_and_zero_exactly_at_the_posterior(schedule)
     z_0, eps, encodings = random_inputs(0)
     t = jnp.array([2, 10, 60, 100])
     z_t = diffusion.marginal_sample(schedule, z_0, t, eps, encodings=encodings)
-    exact = losses.posterior_kl(schedule, z_t, t, z_0, eps, encodings=encodings, estimated_encodings=encodings)
+    exact = bound.posterior_kl(schedule, z_t, t, z_0, eps, encodings=encodings, estimated_encodings=encodings)
     np.testing.assert_allclose(exact, 0.0, atol=2e-3)  # float32 cancellation only
     keys = jax.random.split(jax.random.key(1), 2)
     for kind in ("small", "large"):
         wrong_eps = eps + 0.3 * jax.random.normal(keys[0], eps.shape)
         wrong_encodings = encodings + 0.3 * jax.random.normal(keys[1], encodings.shape)
-        kl = losses.posterior_kl(
+        kl = bound.posterior_kl(
             schedule,
             z_t,
             t,
@@ -46,7 +46,7 @@ def test_posterior_kl_is_nonnegative_and_zero_exactly_at_the_posterior(schedule)
         )
         assert np.all(np.asarray(kl) > 0.05)
     # The right mean with the wrong variance: beta_t differs from beta~_t most at small t (they meet as t -> T).
-    large = losses.posterior_kl(
+    large = bound.posterior_kl(
         schedule, z_t, t, z_0, eps, encodings=encodings, estimated_encodings=encodings, variance_kind="large"
     )
     assert np.all(np.asarray(large[:2]) > np.asarray(exact[:2]) + 0.1)
@@ -76,7 +76,7 @@ def test_posterior_kl_equals_its_closed_form(schedule):
         expected = np.sum(difference**2, axis=(1, 2, 3)) / (2 * model_variance) + dimensions * 0.5 * (
             ratio - 1 - np.log(ratio)
         )
-        kl = losses.posterior_kl(
+        kl = bound.posterior_kl(
             schedule, z_t, t, z_0, eps_theta, encodings=encodings, estimated_encodings=encodings_hat, variance_kind=kind
         )
         np.testing.assert_allclose(kl, expected, rtol=2e-3)
@@ -89,20 +89,20 @@ def test_prior_kl_matches_textbook_ddpm_and_depends_on_encodings():
     z = np.asarray(z_0, np.float64)
     expected = 0.5 * np.sum(alpha_bar * z**2 + (1 - alpha_bar) - 1 - np.log(1 - alpha_bar), axis=(1, 2, 3))
     np.testing.assert_allclose(
-        losses.prior_kl(plain, z_0, encodings=jnp.zeros((0, *z_0.shape))), expected, rtol=1e-3, atol=1e-6
+        bound.prior_kl(plain, z_0, encodings=jnp.zeros((0, *z_0.shape))), expected, rtol=1e-3, atol=1e-6
     )
-    assert np.all(np.asarray(losses.prior_kl(plain, z_0, encodings=jnp.zeros((0, *z_0.shape)))) >= 0)
+    assert np.all(np.asarray(bound.prior_kl(plain, z_0, encodings=jnp.zeros((0, *z_0.shape)))) >= 0)
     # bump keeps m_T ~ 0; bridge moves the prior: with p(z_T) = N(0, I) its KL grows, with N(m_T, I) it does not.
     encodings = jnp.ones((1, *z_0.shape))
     bump = schedules.make_schedule("linear", 200, [("bump", 1.0)])
     bridge = schedules.make_schedule("linear", 200, [("bridge", 1.0)])
-    bump_kl = losses.prior_kl(bump, z_0, encodings=encodings)
-    bridge_kl = losses.prior_kl(bridge, z_0, encodings=encodings)
+    bump_kl = bound.prior_kl(bump, z_0, encodings=encodings)
+    bridge_kl = bound.prior_kl(bridge, z_0, encodings=encodings)
     assert np.all(np.asarray(bridge_kl) > np.asarray(bump_kl) + 5)
     t = jnp.full((z_0.shape[0],), 200)
     bridge_prior = diffusion.encoding_mean(bridge, z_0, t, encodings=encodings)
     np.testing.assert_allclose(
-        losses.prior_kl(bridge, z_0, encodings=encodings, prior_mean=bridge_prior), expected, rtol=1e-3, atol=1e-4
+        bound.prior_kl(bridge, z_0, encodings=encodings, prior_mean=bridge_prior), expected, rtol=1e-3, atol=1e-4
     )
 
 
@@ -138,7 +138,7 @@ def oracle(schedule, z_0, encodings, error_scale, recovery_nll):
     def denoise(z_t, t):
         eps = diffusion.eps_from_z0(schedule, z_t, t, z_0, encodings=encodings)
         error = jnp.sin(3.0 * z_t + t[:, None, None, None])  # a fixed function of the input
-        return losses.DenoiserOutput(eps + error_scale * error, encodings, recovery_nll)
+        return bound.DenoiserOutput(eps + error_scale * error, encodings, recovery_nll)
 
     return denoise
 
@@ -149,17 +149,17 @@ def test_bound_decreases_as_eps_theta_approaches_eps(schedule):
     recovery = jnp.full((8,), 0.7)
 
     @jax.jit
-    def bound(error_scale, rng):
-        return losses.variational_bound(
+    def estimate(error_scale, rng):
+        return bound.variational_bound(
             schedule, oracle(schedule, z_0, encodings, error_scale, recovery), z_0, rng, encodings=encodings
         )
 
     totals = []
     for error_scale in (1.0, 0.3, 0.1, 0.0):
-        draws = [bound(error_scale, jax.random.key(seed)) for seed in range(16)]
+        draws = [estimate(error_scale, jax.random.key(seed)) for seed in range(16)]
         totals.append(np.mean([np.mean(d.total) for d in draws]))
     assert all(a > b for a, b in zip(totals, totals[1:])), totals
-    terms = bound(0.0, jax.random.key(0))
+    terms = estimate(0.0, jax.random.key(0))
     np.testing.assert_allclose(terms.recovery, 0.7)
     np.testing.assert_allclose(terms.total, terms.prior + terms.diffusion + terms.recovery + terms.data, rtol=1e-6)
     np.testing.assert_allclose(terms.bits_per_dim, terms.total / (16 * math.log(2)), rtol=1e-6)
@@ -174,29 +174,29 @@ def test_bound_with_no_auxiliary_modality_is_the_ddpm_bound():
     no_encodings = jnp.zeros((0, *z_0.shape))
 
     def denoise(z_t, t):
-        return losses.DenoiserOutput(0.1 * z_t, no_encodings, jnp.zeros(z_t.shape[:1]))
+        return bound.DenoiserOutput(0.1 * z_t, no_encodings, jnp.zeros(z_t.shape[:1]))
 
     estimates = jax.jit(
-        jax.vmap(lambda rng: losses.variational_bound(schedule, denoise, z_0, rng, encodings=no_encodings).total)
+        jax.vmap(lambda rng: bound.variational_bound(schedule, denoise, z_0, rng, encodings=no_encodings).total)
     )(jax.random.split(jax.random.key(7), 20000))
     # Independent evaluation: E over t of (T - 1) KL_t is the sum over t = 2..T of KL_t, each averaged over noise.
     eps = jax.random.normal(jax.random.key(8), (20000, 2, 1, 1))
     z_0_many = jnp.broadcast_to(z_0[0], (20000, 2, 1, 1))
     no_many = jnp.zeros((0, 20000, 2, 1, 1))
-    expected = float(losses.prior_kl(schedule, z_0, encodings=no_encodings)[0])
+    expected = float(bound.prior_kl(schedule, z_0, encodings=no_encodings)[0])
     for t in (2, 3):
         steps = jnp.full((20000,), t)
         z_t = diffusion.marginal_sample(schedule, z_0_many, steps, eps, encodings=no_many)
         expected += float(
             jnp.mean(
-                losses.posterior_kl(
+                bound.posterior_kl(
                     schedule, z_t, steps, z_0_many, 0.1 * z_t, encodings=no_many, estimated_encodings=no_many
                 )
             )
         )
     ones = jnp.ones((20000,), jnp.int32)
     z_1 = diffusion.marginal_sample(schedule, z_0_many, ones, eps, encodings=no_many)
-    expected += float(jnp.mean(losses.data_nll(schedule, z_1, z_0_many, 0.1 * z_1, encodings=no_many)))
+    expected += float(jnp.mean(bound.data_nll(schedule, z_1, z_0_many, 0.1 * z_1, encodings=no_many)))
     assert float(jnp.mean(estimates)) == pytest.approx(expected, rel=0.03)
 
 
@@ -296,10 +296,10 @@ def test_losses_work_under_jit_vmap_and_grad(schedule):
     # vmap over independent draws of the bound: one row per key.
     denoise = oracle(schedule, z_0, encodings, 0.1, jnp.zeros(4))
     rows = jax.jit(
-        jax.vmap(lambda key: losses.variational_bound(schedule, denoise, z_0, key, encodings=encodings).total)
+        jax.vmap(lambda key: bound.variational_bound(schedule, denoise, z_0, key, encodings=encodings).total)
     )(jax.random.split(jax.random.key(0), 3))
     assert rows.shape == (3, 4)
-    first = losses.variational_bound(
+    first = bound.variational_bound(
         schedule, denoise, z_0, jax.random.split(jax.random.key(0), 3)[0], encodings=encodings
     )
     np.testing.assert_allclose(rows[0], first.total, rtol=1e-5)
@@ -356,7 +356,7 @@ def test_x64_mode_computes_schedules_and_the_bound_in_float64():
         noise = schedules.noise_schedule("cosine", 10)
         assert schedules.lambda_from_w(np.zeros(11), noise.alpha).dtype == np.float64
         assert schedules.w_from_lambda(np.zeros(11), noise.alpha).dtype == np.float64
-        kl = losses.posterior_kl(
+        kl = bound.posterior_kl(
             schedule, z_t, t, z_0, eps_theta, encodings=encoding[None], estimated_encodings=encoding_hat[None]
         )
         assert kl.dtype == np.float64
@@ -374,7 +374,7 @@ def test_data_term_under_adm_large_variance_uses_the_clipped_posterior_variance(
     t = jnp.ones(4, jnp.int32)
     z_1 = diffusion.marginal_sample(schedule, z_0, t, eps, encodings=encodings)
     nll = {
-        kind: losses.data_nll(schedule, z_1, z_0, eps, encodings=encodings, variance_kind=kind)
+        kind: bound.data_nll(schedule, z_1, z_0, eps, encodings=encodings, variance_kind=kind)
         for kind in ("small", "large", "large_adm")
     }
     np.testing.assert_allclose(nll["large_adm"], nll["small"], rtol=1e-6)
@@ -387,7 +387,7 @@ def test_posterior_kl_refuses_steps_outside_2_to_T_and_gives_nan_for_traced_ones
     z_t = diffusion.marginal_sample(schedule, z_0, jnp.full(4, 50), eps, encodings=encodings)
 
     def kl(t):
-        return losses.posterior_kl(schedule, z_t, t, z_0, 0.5 * eps, encodings=encodings, estimated_encodings=encodings)
+        return bound.posterior_kl(schedule, z_t, t, z_0, 0.5 * eps, encodings=encodings, estimated_encodings=encodings)
 
     for bad in (0, 1, 101):
         with pytest.raises(ValueError, match=rf"2\.\.T = 2\.\.100 here, got t = {bad}"):

@@ -382,7 +382,7 @@ def test_pure_layers_import_without_flax():
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     script = (
         "import sys\n"
-        "import mmdiff_jax.schedules, mmdiff_jax.diffusion, mmdiff_jax.targets, mmdiff_jax.losses\n"
+        "import mmdiff_jax.schedules, mmdiff_jax.diffusion, mmdiff_jax.targets, mmdiff_jax.losses, mmdiff_jax.bound\n"
         "from mmdiff_jax.sampling import samplers, dpm_solver, guidance, restoration, methods\n"
         "assert 'flax' not in sys.modules, sorted(m for m in sys.modules if m.startswith(('flax', 'mmdiff')))\n"
         "from mmdiff_jax.sampling import make_sample_fn\n"
