@@ -218,7 +218,8 @@ def numpy_inception(state, images):
 def converted(tmp_path_factory):
     state = random_torch_state()
     path = inception.save_params(
-        inception.convert_torch_state_dict(state), tmp_path_factory.mktemp("inception") / "inception.npz"
+        convert_inception_weights.convert_torch_state_dict(state),
+        tmp_path_factory.mktemp("inception") / "inception.npz",
     )
     return state, path
 
@@ -265,7 +266,7 @@ def test_converter_refuses_missing_and_misshaped_weights_and_imagenet_weights(co
     state[key] = state[key].transpose(0, 1, 3, 2)  # a 7x1 kernel where a 1x7 belongs
     state["Mixed_5b.branch1x1.bn.something"] = np.zeros(64, np.float32)
     with pytest.raises(ValueError) as error:
-        inception.convert_torch_state_dict(state)
+        convert_inception_weights.convert_torch_state_dict(state)
     message = str(error.value)
     assert "missing batch_stats/Mixed_7c/branch_pool/bn/var (192,)" in message
     assert "Mixed_6b/branch7x7_2/conv/kernel: shape (7, 1, 128, 128), expected (1, 7, 128, 128)" in message
@@ -273,7 +274,7 @@ def test_converter_refuses_missing_and_misshaped_weights_and_imagenet_weights(co
     imagenet = dict(converted[0])
     imagenet["fc.weight"] = np.zeros((1000, 2048), np.float32)
     with pytest.raises(ValueError, match="1000 classes"):
-        inception.convert_torch_state_dict(imagenet)
+        convert_inception_weights.convert_torch_state_dict(imagenet)
 
 
 def test_wrapper_layout_and_cli_convert_the_same(converted, tmp_path, monkeypatch):

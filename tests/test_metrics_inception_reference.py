@@ -70,7 +70,7 @@ def _compare(params, data, label):
 def test_matches_pytorch_fid(reference, layout):
     data, _ = reference
     state = {k[len(layout) + 1 :]: data[k] for k in data.files if k.startswith(layout + "/")}
-    flat = inception.convert_torch_state_dict(state)
+    flat = convert_inception_weights.convert_torch_state_dict(state)
     params = traverse_util.unflatten_dict({k: jnp.asarray(v) for k, v in flat.items()}, sep="/")
     _compare(params, data, layout)
 

@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import functools
 import pathlib
-import re
 from collections.abc import Mapping
 
 import flax.linen as nn
@@ -264,67 +263,6 @@ def init_random_params(rng):
         else:
             flat[name] = np.ones(shape) if name.endswith(("/scale", "/var")) else np.zeros(shape)
     return traverse_util.unflatten_dict({k: jnp.asarray(v, jnp.float32) for k, v in flat.items()}, sep="/")
-
-
-# ---- pytorch-fid's PyTorch layout -> our .npz ------------------------------
-
-# pytorch-fid's InceptionV3 wrapper ("blocks.I.J.") -> torchvision's Inception3 names (the .pth's)
-_WRAPPER_NAMES = {
-    "blocks.0.0": "Conv2d_1a_3x3",
-    "blocks.0.1": "Conv2d_2a_3x3",
-    "blocks.0.2": "Conv2d_2b_3x3",
-    "blocks.1.0": "Conv2d_3b_1x1",
-    "blocks.1.1": "Conv2d_4a_3x3",
-    **{f"blocks.2.{i}": f"Mixed_{name}" for i, name in enumerate("5b 5c 5d 6a 6b 6c 6d 6e".split())},
-    "blocks.3.0": "Mixed_7a",
-    "blocks.3.1": "Mixed_7b",
-    "blocks.3.2": "Mixed_7c",
-}
-_KEY = re.compile(r"^(?P<module>(?:Conv2d|Mixed)_[\w.]+?)\.(?P<layer>conv|bn)\.(?P<tensor>\w+)$")
-_TENSORS = {
-    ("conv", "weight"): "params/{}/conv/kernel",
-    ("bn", "weight"): "params/{}/bn/scale",
-    ("bn", "bias"): "params/{}/bn/bias",
-    ("bn", "running_mean"): "batch_stats/{}/bn/mean",
-    ("bn", "running_var"): "batch_stats/{}/bn/var",
-}
-CLASSES = 1008  # the TF graph's classifier; torchvision's ImageNet Inception-V3 has 1000
-
-
-def convert_torch_state_dict(state: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """pytorch-fid's weights (NumPy arrays) -> flat Flax variables.
-
-    Accepts the released .pth (torchvision Inception3 names:
-    "Mixed_5b.branch1x1.conv.weight" [O, I, kh, kw], "...bn.running_var", ...)
-    or a saved pytorch-fid `InceptionV3` ("blocks.2.0.branch1x1.conv.weight").
-    Ignores "fc.*", "AuxLogits.*" and "num_batches_tracked"; refuses a 1000-class
-    "fc" (torchvision's ImageNet weights, not FID's). Raises naming every
-    missing, unexpected or mis-shaped weight.
-    """
-    flat, unexpected = {}, []
-    for key, value in state.items():
-        if key.startswith(("fc.", "AuxLogits.")) or key.endswith("num_batches_tracked"):
-            if key == "fc.weight" and np.shape(value)[0] != CLASSES:
-                raise ValueError(
-                    f"fc.weight has {np.shape(value)[0]} classes, not {CLASSES}: these are not the FID "
-                    "Inception weights (torchvision's ImageNet Inception-V3 has 1000); use "
-                    f"pt_inception-2015-12-05-6726825d.pth ({WEIGHTS_URL})"
-                )
-            continue
-        name = key
-        if name.startswith("blocks."):
-            prefix = ".".join(name.split(".")[:3])
-            name = _WRAPPER_NAMES.get(prefix, prefix) + name[len(prefix) :]
-        match = _KEY.match(name)
-        if match is None or (match["layer"], match["tensor"]) not in _TENSORS:
-            unexpected.append(key)
-            continue
-        value = np.asarray(value, np.float32)
-        if match["layer"] == "conv":
-            value = value.transpose(2, 3, 1, 0)  # OIHW -> HWIO
-        flat[_TENSORS[match["layer"], match["tensor"]].format(match["module"].replace(".", "/"))] = value
-    check_flat_params(flat, "the converted state dict", unexpected)
-    return flat
 
 
 def check_flat_params(flat: Mapping[str, np.ndarray], source: str, unexpected=()) -> None:
