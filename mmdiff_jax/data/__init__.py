@@ -12,9 +12,13 @@ Modules: `fashion_mnist` (TFDS builder from Debian's IDX files), `derived`
 (the derived sets as seeded per-example transforms), `embeddings` (user .npz
 or the offline default encoder), `tfds_sets` (cifar10, imagenet2012,
 downsampled_imagenet/64x64, oxford_iiit_pet through `tfds.data_source`),
-`pipeline` (grain), `checks` (bad-data errors).
+`catalog` (the named sets, their options and fields), `pipeline` (grain),
+`checks` (bad-data errors).
 """
 
+from mmdiff_jax.data.catalog import DatasetSpec
+from mmdiff_jax.data.catalog import KNOWN_DATASETS
+from mmdiff_jax.data.catalog import dataset_spec
 from mmdiff_jax.data.checks import BadExampleError
 from mmdiff_jax.data.embeddings import ensure_default_embeddings
 from mmdiff_jax.data.embeddings import load_embeddings
@@ -22,9 +26,6 @@ from mmdiff_jax.data.fashion_mnist import FashionMnistDebian
 from mmdiff_jax.data.fashion_mnist import load_fashion_mnist
 from mmdiff_jax.data.fashion_mnist import prepare_fashion_mnist
 from mmdiff_jax.data.pipeline import DataIterator
-from mmdiff_jax.data.pipeline import DatasetSpec
-from mmdiff_jax.data.pipeline import KNOWN_DATASETS
 from mmdiff_jax.data.pipeline import close_iterators
-from mmdiff_jax.data.pipeline import dataset_spec
 from mmdiff_jax.data.pipeline import make_dataset
 from mmdiff_jax.data.pipeline import make_map_dataset
