@@ -9,7 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mmdiff_jax.models.unet import AttentionBlock, ResBlock, UNet, timestep_embedding, unet_preset
+from mmdiff_jax.models.layers import AttentionBlock, ResBlock, timestep_embedding
+from mmdiff_jax.models.unet import UNet, unet_preset
 
 KEY = jax.random.key(0, impl="rbg")  # rbg: much faster XLA compiles of the initialisers on CPU
 

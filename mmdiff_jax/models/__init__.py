@@ -10,7 +10,8 @@ from mmdiff_jax.models.encoders import (
     make_encoder,
     rms_normalize,
 )
-from mmdiff_jax.models.unet import PRESETS, UNet, UNetConfig, UNetOutput, timestep_embedding, unet_preset
+from mmdiff_jax.models.layers import timestep_embedding
+from mmdiff_jax.models.unet import PRESETS, UNet, UNetConfig, UNetOutput, unet_preset
 
 __all__ = [
     "ConvHead",
