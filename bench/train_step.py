@@ -31,6 +31,7 @@ import tempfile
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import common  # noqa: E402
+import trainers  # noqa: E402
 
 from mmdiff_jax.models.unet import REMAT_POLICIES  # noqa: E402
 
@@ -64,7 +65,7 @@ def bench_one(name: str, args: argparse.Namespace) -> dict:
     steps, repeats = (args.steps, args.repeats) if not cpu_adm else (1, min(args.repeats, 2))
     model, schedule = common.build_model(name, args.dtype, remat=args.remat)
     batch = common.make_batch(name, batch_size)
-    make = common.project_trainer if args.step == "project" else common.minimal_trainer
+    make = trainers.project_trainer if args.step == "project" else trainers.minimal_trainer
     trainer = make(model, schedule, batch)
     compile_s = trainer.compile()
     flops = trainer.flops()

@@ -36,6 +36,7 @@ import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import common  # noqa: E402
+import trainers  # noqa: E402
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -52,6 +53,7 @@ try:
 except ImportError:  # pragma: no cover - the benchmark-only extra
     sys.exit("bench/vs_torch.py needs PyTorch: .venv/bin/pip install torch==2.13.0 (a CPU wheel; never unpinned)")
 
+import torch_loss  # noqa: E402
 import torch_unet  # noqa: E402
 
 
@@ -77,7 +79,7 @@ class TorchTrainer:
         memory_format = torch.channels_last if channels_last else torch.contiguous_format
         if channels_last:
             self.model = self.model.to(memory_format=memory_format)
-        self.schedule = torch_unet.ScheduleTensors(schedule, device)
+        self.schedule = torch_loss.ScheduleTensors(schedule, device)
         images = torch.from_numpy(batch["image"]).permute(0, 3, 1, 2).to(device)  # NHWC -> NCHW
         self.images = images.contiguous(memory_format=memory_format)
         self.labels = torch.from_numpy(batch["label"]).long().to(device)
@@ -94,7 +96,7 @@ class TorchTrainer:
         self.model.train()
 
     def step(self) -> None:
-        loss, _ = torch_unet.training_loss(self.model, self.schedule, self.images, self.labels, self.generator)
+        loss, _ = torch_loss.training_loss(self.model, self.schedule, self.images, self.labels, self.generator)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.project:
@@ -118,7 +120,7 @@ class TorchTrainer:
         except ImportError:
             return None
         with FlopCounterMode(display=False) as counter:
-            loss, _ = torch_unet.training_loss(self.model, self.schedule, self.images, self.labels, self.generator)
+            loss, _ = torch_loss.training_loss(self.model, self.schedule, self.images, self.labels, self.generator)
             loss.backward()
         self.optimizer.zero_grad(set_to_none=True)
         return float(counter.get_total_flops())
@@ -149,10 +151,10 @@ def compare_pair(pair: str, name: str, batch_size: int, args: argparse.Namespace
     model, schedule = common.build_model(name)
     batch = common.make_batch(name, batch_size)
     if pair == "matched":
-        jax_trainer = common.minimal_trainer(model, schedule, batch)
+        jax_trainer = trainers.minimal_trainer(model, schedule, batch)
         params = jax_trainer.state[0]
     else:
-        jax_trainer = common.project_trainer(model, schedule, batch)
+        jax_trainer = trainers.project_trainer(model, schedule, batch)
         params = jax_trainer.state.params
     spec = common.BENCH_CONFIGS[name]
     port = torch_unet.LabelMTDiffusion(model.unet, spec["z_shape"], spec["num_classes"])

@@ -15,6 +15,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "bench"))
+import torch_loss  # noqa: E402
 import torch_unet  # noqa: E402
 
 from mmdiff_jax import diffusion, losses  # noqa: E402
@@ -82,9 +83,9 @@ def test_same_outputs_and_loss_given_the_same_weights(resblock_updown):
     labels = torch.from_numpy(batch["label"]).long()
     with torch.no_grad():
         eps_t, logits_t, encoding_t, estimated_t = port(labels, nchw(z_t), torch.from_numpy(t).long())
-        loss_t, metrics_t = torch_unet.loss_terms(
+        loss_t, metrics_t = torch_loss.loss_terms(
             port,
-            torch_unet.ScheduleTensors(schedule),
+            torch_loss.ScheduleTensors(schedule),
             nchw(batch["image"]),
             labels,
             torch.from_numpy(t).long(),
