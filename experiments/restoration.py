@@ -20,8 +20,9 @@ from mmdiff_jax import sampling, tasks
 from mmdiff_jax.modalities import MASK_KEY
 
 
-def cfg_method(scale: float) -> str:
-    return f"mt_diffusion_cfg{scale:g}"
+def _guided(scale: float) -> str:
+    """The method name of MT-Diffusion at guidance scale `scale` (1: 'mt_diffusion', the conditional sampler)."""
+    return conditioning.guidance_key("mt_diffusion", scale)
 
 
 def method_labels(config: ml_collections.ConfigDict) -> dict[str, str]:
@@ -29,7 +30,7 @@ def method_labels(config: ml_collections.ConfigDict) -> dict[str, str]:
     return {
         "mt_diffusion": "MT-Diffusion (masked image observed)",
         "mt_diffusion_repaint": "MT-Diffusion + RePaint",
-        **{cfg_method(s): f"MT-Diffusion, guidance s = {s:g}" for s in config.experiment.restoration.cfg_scales},
+        **{_guided(s): f"MT-Diffusion, guidance s = {s:g}" for s in config.experiment.restoration.cfg_scales},
         "aggregation_only": "ablation: aggregation-only MT-Diffusion",
         "aggregation_only_repaint": "ablation: aggregation-only + RePaint",
         "sdedit": f"SDEdit, plain DDPM (t0 = {strength:g} T)",
@@ -62,10 +63,10 @@ def all_methods(config: ml_collections.ConfigDict) -> tuple[str, ...]:
     """The configured restoration methods, the guidance sweep's and, with the ablation, the aggregation-only
     model's."""
     experiment = config.experiment
-    methods = tuple(experiment.restoration.methods) + tuple(cfg_method(s) for s in experiment.restoration.cfg_scales)
+    methods = tuple(experiment.restoration.methods) + tuple(_guided(s) for s in experiment.restoration.cfg_scales)
     if experiment.aggregation_only_ablation:
         methods += ("aggregation_only", "aggregation_only_repaint")
-    return methods
+    return tuple(dict.fromkeys(methods))  # s = 1 is 'mt_diffusion' itself
 
 
 def restoration_methods(config: ml_collections.ConfigDict, models: dict[str, trainer.Trained]) -> dict:
@@ -84,7 +85,7 @@ def restoration_methods(config: ml_collections.ConfigDict, models: dict[str, tra
         "mt_diffusion": lambda: restorer(mt, False),
         "mt_diffusion_repaint": lambda: restorer(mt, True),
         **{
-            cfg_method(s): (lambda s=s: restorer(mt, False, cfg_scales=s))
+            _guided(s): (lambda s=s: restorer(mt, False, **conditioning.cfg_options(s)))
             for s in config.experiment.restoration.cfg_scales
         },
         "aggregation_only": lambda: restorer(models["aggregation_only"], False),

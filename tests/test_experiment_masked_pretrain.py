@@ -118,6 +118,17 @@ def test_a_preset_is_picked_one_way():
         parsed(f"--config={REPO / 'configs/masked_pretrain.py'}", "--config.preset=tiny")
 
 
+def test_guidance_methods_are_named_as_every_experiment_names_them():
+    """The guidance sweep's methods are `conditioning.guidance_key`'s names: s = 1 is the conditional sampler,
+    'mt_diffusion' itself, listed once."""
+    config = get_config("tiny")
+    config.experiment.restoration.cfg_scales = (0.0, 1.0, 2.5)
+    methods = restoration.all_methods(config)
+    assert methods.count("mt_diffusion") == 1 and "mt_diffusion_cfg1" not in methods
+    assert {"mt_diffusion_cfg0", "mt_diffusion_cfg2.5"} <= set(methods)
+    assert set(methods) <= set(restoration.method_labels(config))
+
+
 def test_labelled_grid_shapes():
     images = np.zeros((3, 28, 28, 1), np.float32)
     grid = reporting.labelled_grid(
