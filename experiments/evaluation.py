@@ -8,6 +8,9 @@ metrics_classifier(config)             the Fashion-MNIST CNN of the feature metr
 reference_features(config, num_reference, classifier)   space -> features of the reference images, for
                                        each of config.experiment.feature_spaces ('fmnist_cnn', 'inception_v3')
 evaluate_metrics(specs, batches, classifier, reference_features=None)   config evaluator specs -> dict
+balanced_labels(num_samples)           labels cycling over the classes (label -> image prompts)
+make_embed_fn(classifier, train_images), embedding_scores(...)   the embedding recipe of the data and the
+                                       embedding -> image scores (distance, cosine, class agreement)
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import numpy as np
 
 from experiments.trainer import copy_config
 from mmdiff_jax import metrics as metrics_lib
-from mmdiff_jax.data import embeddings
+from mmdiff_jax.data import embeddings, fashion_mnist
 from mmdiff_jax.metrics import features as features_lib
 from mmdiff_jax.metrics.distribution import compute_features
 from mmdiff_jax.training import config_io
@@ -161,3 +164,28 @@ def evaluate_metrics(
             )
             evaluators.append(metrics_lib.make_evaluator(name, space_resources, **kwargs))
     return metrics_lib.evaluate(evaluators, batches)
+
+
+def balanced_labels(num_samples: int) -> np.ndarray:
+    """[num_samples] int32 class labels 0, 1, ..., 9, 0, 1, ...: every Fashion-MNIST class equally often."""
+    return np.arange(num_samples, dtype=np.int32) % fashion_mnist.NUM_CLASSES
+
+
+def make_embed_fn(classifier, train_images: np.ndarray):
+    """images [N, H, W, 1] -> standardised CNN features [N, D] (the stored embeddings' recipe)."""
+    features = compute_features(classifier.features, train_images)
+    mean, std = features.mean(0), features.std(0) + 1e-6
+    return lambda images: (compute_features(classifier.features, images) - mean) / std
+
+
+def embedding_scores(
+    given: np.ndarray, embedded: np.ndarray, given_class: np.ndarray, predicted_class: np.ndarray
+) -> dict[str, float]:
+    """RMS distance per dimension, cosine similarity (means over examples) and class agreement."""
+    distance = np.sqrt(np.mean((given - embedded) ** 2, axis=1))
+    cosine = np.sum(given * embedded, 1) / (np.linalg.norm(given, axis=1) * np.linalg.norm(embedded, axis=1) + 1e-8)
+    return {
+        "rms_distance": float(distance.mean()),
+        "cosine": float(cosine.mean()),
+        "class_agreement": float(np.mean(given_class == predicted_class)),
+    }

@@ -32,30 +32,9 @@ import numpy as np
 
 from experiments import common, conditioning, evaluation, reporting
 from mmdiff_jax import tasks
-from mmdiff_jax.metrics.distribution import compute_features
 
 NAME = "image_embedding"
 FID_PROXY = "FID-proxy (Fashion-MNIST CNN features)"
-
-
-def make_embed_fn(classifier, train_images: np.ndarray):
-    """images [N, H, W, 1] -> standardised CNN features [N, D] (the stored embeddings' recipe)."""
-    features = compute_features(classifier.features, train_images)
-    mean, std = features.mean(0), features.std(0) + 1e-6
-    return lambda images: (compute_features(classifier.features, images) - mean) / std
-
-
-def embedding_scores(
-    given: np.ndarray, embedded: np.ndarray, given_class: np.ndarray, predicted_class: np.ndarray
-) -> dict[str, float]:
-    """RMS distance per dimension, cosine similarity (means over examples) and class agreement."""
-    distance = np.sqrt(np.mean((given - embedded) ** 2, axis=1))
-    cosine = np.sum(given * embedded, 1) / (np.linalg.norm(given, axis=1) * np.linalg.norm(embedded, axis=1) + 1e-8)
-    return {
-        "rms_distance": float(distance.mean()),
-        "cosine": float(cosine.mean()),
-        "class_agreement": float(np.mean(given_class == predicted_class)),
-    }
 
 
 def agreement_metric(task, config, classifier, given: np.ndarray, source_class: np.ndarray):
@@ -92,7 +71,7 @@ def run(config: ml_collections.ConfigDict, run: common.Run) -> None:
         statistics = evaluation.eval_batches(
             config, section.num_statistics, min(section.num_statistics, 1000), split="train"
         )
-        embed = make_embed_fn(classifier, np.concatenate([b[primary] for b in statistics]))
+        embed = evaluation.make_embed_fn(classifier, np.concatenate([b[primary] for b in statistics]))
         reference_features = evaluation.reference_features(config, section.num_reference, classifier)
         real = np.concatenate(
             [
@@ -123,12 +102,12 @@ def run(config: ml_collections.ConfigDict, run: common.Run) -> None:
     }
     results = {
         "embedding_to_image": {
-            key: embedding_scores(given, embed(x), source_class, predict(x)) for key, x in rows.items()
+            key: evaluation.embedding_scores(given, embed(x), source_class, predict(x)) for key, x in rows.items()
         }
     }
     results["joint"] = {
         model_name: {
-            "head_vs_image_embedding": embedding_scores(
+            "head_vs_image_embedding": evaluation.embedding_scores(
                 np.asarray(samples.outputs[name]["vector"]),
                 embed(samples.image),
                 predict(samples.image),

@@ -69,15 +69,11 @@ def _judge(classifier, images: np.ndarray) -> np.ndarray:
     return np.concatenate([np.asarray(classifier.predict(images[i : i + 1000])) for i in range(0, len(images), 1000)])
 
 
-def balanced_labels(num_samples: int) -> np.ndarray:
-    return np.arange(num_samples, dtype=np.int32) % len(CLASS_NAMES)
-
-
 def agreement_metric(task, config, classifier):
     """fn(params) -> label -> image agreement (judge CNN) of the MT-Diffusion `task` (its config `config`), on
     `experiment.curve.num_samples` balanced labels (classifier-free guidance `curve.cfg_scale` if its label is
     conditioned): the curve's metric (`conditioning.train_with_curve`)."""
-    labels = balanced_labels(config.experiment.curve.num_samples)
+    labels = evaluation.balanced_labels(config.experiment.curve.num_samples)
     sample = conditioning.curve_sampler(task, config, {tasks.modality_name(config, "label"): labels})
 
     def metric(params):
@@ -93,7 +89,8 @@ def evaluate(config, run: common.Run, models, classifier) -> dict:
     mt, ccddpm, standalone = models["mt_diffusion"], models["class_conditional_ddpm"], models["classifier"]
     num_batches, batch_size = section.num_samples // section.batch_size, section.batch_size
     given = [
-        balanced_labels(section.num_samples)[i * batch_size : (i + 1) * batch_size] for i in range(num_batches)
+        evaluation.balanced_labels(section.num_samples)[i * batch_size : (i + 1) * batch_size]
+        for i in range(num_batches)
     ]  # balanced labels, the same for every model
     cc_sample = make_class_conditional_sample_fn(ccddpm, experiment.sampler)
     conditional, joint = conditioning.sample_sweep(

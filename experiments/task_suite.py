@@ -10,7 +10,7 @@
                                classifier on clean images
   embedding_to_image(trained)  how often the judge puts the sample in the judge's class of the image the test
                                embedding came from; cosine and RMS distance between the given embedding and the
-                               sample's (the embeddings' recipe, `image_embedding.make_embed_fn`)
+                               sample's (the embeddings' recipe, `evaluation.make_embed_fn`)
   joint(trained)               FID-proxy of unconditional samples; agreement of a generated label with the judge's
 
 Each returns a dict of scores; the first images of each output are kept in `images` for the report's grid.
@@ -25,8 +25,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments import common, evaluation
-from experiments.image_embedding import embedding_scores, make_embed_fn
-from experiments.joint_image_label import balanced_labels
 from mmdiff_jax import sampling, tasks
 from mmdiff_jax.metrics import agreement
 from mmdiff_jax.modalities import MASK_KEY
@@ -60,7 +58,7 @@ class TaskSuite:
             }
             self.test = evaluation.eval_batches(config, section.num_samples, section.batch_size)
             self.labels = [
-                balanced_labels(section.num_samples)[i : i + section.batch_size]
+                evaluation.balanced_labels(section.num_samples)[i : i + section.batch_size]
                 for i in range(0, section.num_samples, section.batch_size)
             ]
             self.reference = evaluation.reference_features(config, section.num_reference, classifier)
@@ -69,7 +67,7 @@ class TaskSuite:
             statistics = evaluation.eval_batches(
                 config, section.num_statistics, min(section.num_statistics, 1000), split="train"
             )
-            self.embed = make_embed_fn(classifier, np.concatenate([b[primary] for b in statistics]))
+            self.embed = evaluation.make_embed_fn(classifier, np.concatenate([b[primary] for b in statistics]))
             self.source_class = self.judge(np.concatenate([b[primary] for b in self.test]))
             section = experiment.classification
             self.classify = evaluation.eval_batches(config, section.num_images, section.batch_size)
@@ -141,7 +139,7 @@ class TaskSuite:
         name = self.names["vector"]
         given = np.concatenate([b[name] for b in self.test])
         images = self._sample(trained, [b[name] for b in self.test], name).image
-        return embedding_scores(given, self.embed(images), self.source_class, self.judge(images))
+        return evaluation.embedding_scores(given, self.embed(images), self.source_class, self.judge(images))
 
     def image_to_label(self, trained) -> dict:
         truth = np.concatenate([b[self.names["label"]] for b in self.classify])

@@ -158,3 +158,16 @@ def test_the_class_conditional_baseline_trains_on_the_configs_prediction_target(
     v = np.sqrt(alpha_bar) * eps - np.sqrt(1.0 - alpha_bar) * batch["image"]
     np.testing.assert_allclose(metrics["v_mse"], np.mean(v**2), rtol=1e-5)
     np.testing.assert_allclose(loss, metrics["v_mse"])
+
+
+def test_the_loss_in_words_names_the_terms_the_loss_has():
+    """The aggregation term only where some weight schedule is not 'zero' (there it is identically 0)."""
+    from mmdiff_jax.tasks.mt_diffusion import describe_loss
+
+    conditioned = Modality(name="label", kind="label", num_classes=10, weight_schedule=("zero", 1.0), head="none")
+    aggregated = Modality(name="label", kind="label", num_classes=10)
+    assert describe_loss((), "v") == "v-MSE"
+    assert describe_loss((conditioned,), "v") == "v-MSE"
+    assert describe_loss((aggregated,), "eps", learn_variance=True) == (
+        "eps-MSE + aggregation MSE + NLL of label + lambda L_vlb (learned variance)"
+    )

@@ -175,13 +175,17 @@ def describe_loss(
     time_weighting: str = "uniform",
     learn_variance: bool = False,
 ) -> str:
-    """The training loss in words ("eps-MSE" for plain DDPM with the eps target, N = 0)."""
-    first = f"{prediction}-MSE" + (" (min-SNR weighted)" if time_weighting == "min_snr" else "")
-    last = " + lambda L_vlb (learned variance)" if learn_variance else ""
-    if not modalities:
-        return first + last
+    """The training loss in words ("eps-MSE" for plain DDPM with the eps target, N = 0; no aggregation term
+    where every weight schedule is 'zero', as for a DDPM conditioned through the denoiser alone)."""
+    terms = [f"{prediction}-MSE" + (" (min-SNR weighted)" if time_weighting == "min_snr" else "")]
+    if any(m.weight_schedule[0] != "zero" for m in modalities):
+        terms.append("aggregation MSE")
     recovered = [m.name for m in modalities if m.loss in ("categorical", "gaussian")]
-    return f"{first} + aggregation MSE" + (f" + NLL of {', '.join(recovered)}" if recovered else "") + last
+    if recovered:
+        terms.append(f"NLL of {', '.join(recovered)}")
+    if learn_variance:
+        terms.append("lambda L_vlb (learned variance)")
+    return " + ".join(terms)
 
 
 def make_mt_diffusion_task(config: ml_collections.ConfigDict, name: str = "mt_diffusion") -> Task:
