@@ -149,10 +149,6 @@ def make_classifier_task(config: ml_collections.ConfigDict) -> Task:
     (its head's hidden width is the label modality's `head_hidden`, else the U-Net's base channels)."""
     height, width, channels = config.model.z_shape
     primary, label = config.model.primary, modality_name(config, "label")
-    prediction = config.model.prediction
-    targets.check_prediction(prediction)
-    # The target joins the signature unless it is eps, so checkpoints saved before it existed restore.
-    target = {} if prediction == "eps" else {"prediction": prediction}
     hidden = config.model.modalities[label].get("head_hidden", 0) or config.model.unet.base_channels
     model = BackboneClassifier(unet_config(config), channels, len(CLASS_NAMES), hidden, compute_dtype(config))
 
