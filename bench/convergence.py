@@ -18,7 +18,9 @@ with min-SNR-5 weighting), 'v_learned' (v target, ADM's learned variance and hyb
 The sampler reads no variance, so for 'v_learned' the measurements show what the hybrid loss does to the mean. Training time: wall seconds since the recipe's start
 (its compilation included), the measurements excluded; warmup is capped at half of --steps.
 Prints a table, writes bench/results/convergence_<host>.json and .png (both metrics against training
-minutes). Runs resume from their checkpoints in --workdir (measured points are kept).
+minutes). Runs resume from their checkpoints in --workdir (measured points are kept). Recipes not in
+--recipes keep their rows from an existing JSON of this host (its `runs` lists the environment and
+arguments of every run the rows come from), so one recipe can be added without re-running the others.
 """
 
 from __future__ import annotations
@@ -124,19 +126,29 @@ def main(argv=None) -> None:
         train_and_evaluate(config, workdir, task, hooks=[points])
         results[name] = points.points
 
+    run = dict(environment=bench_common.environment(), args=vars(args))
     rows = [
         dict(recipe=name, step=step, train_minutes=values["train_seconds"] / 60, **{k: values[k] for k in metric_fns})
         for name, points in results.items()
         for step, values in sorted(points.items())
     ]
-    print(bench_common.table(rows, ["recipe", "step", "train_minutes", "fid_proxy", "psnr_hidden"]))
     path = bench_common.results_path("convergence")
-    bench_common.write_json(path, dict(environment=bench_common.environment(), args=vars(args), rows=rows))
+    earlier = json.loads(path.read_text()) if path.exists() else {}
+    kept = [row for row in earlier.get("rows", []) if row["recipe"] not in results and row["recipe"] in RECIPES]
+    runs = []  # the environment and arguments of every run the rows come from
+    if kept:  # the recipes not re-run keep their rows
+        runs = earlier.get("runs") or [{"environment": earlier["environment"], "args": earlier["args"]}]
+        run["kept"] = sorted({row["recipe"] for row in kept})
+        print(f"[convergence] kept from {path}: {run['kept']}")
+    rows = kept + rows
+    print(bench_common.table(rows, ["recipe", "step", "train_minutes", "fid_proxy", "psnr_hidden"]))
+    bench_common.write_json(path, dict(runs=[*runs, run], rows=rows))
+    recipes = list(dict.fromkeys(row["recipe"] for row in rows))
     panels = [
         writers.plot_series(
             {
-                LABELS[name]: {round(v["train_seconds"] / 60, 2): v[key] for v in points.values()}
-                for name, points in results.items()
+                LABELS[name]: {round(row["train_minutes"], 2): row[key] for row in rows if row["recipe"] == name}
+                for name in recipes
             },
             xlabel="training minutes (measurements excluded)",
             ylabel=label,
