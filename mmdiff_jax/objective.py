@@ -1,7 +1,7 @@
 """The training objective: the core math (`diffusion`, `losses`, `bound`) wired to an `MTDiffusion` model.
 
 One step of the simplified multi-modal bound (docs/design.md section 4), for a batch and a PRNG key:
-  t ~ U{1..T},  eps ~ N(0, I),  e_i = E_i(x_i),
+  t ~ U{1..T} (or importance-sampled, `resample`),  eps ~ N(0, I),  e_i = E_i(x_i),
   z_t = sqrt(abar_t) z_0 + sum_i lambda_t^(i) e_i + sqrt(1 - abar_t) eps      (`diffusion.marginal_sample`)
   loss = eps_weight * eps_mse + aggregation_weight * aggregation_mse + sum_i lambda_i L2_i
                                                                                (`losses.training_loss`)
@@ -32,7 +32,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from mmdiff_jax import bound, diffusion, losses, targets
+from mmdiff_jax import bound, diffusion, losses, resample, targets
 from mmdiff_jax.modalities import Modality, check_schedule, model_variables, recovery_nll, validate_batch
 from mmdiff_jax.models.mt_diffusion import MTDiffusion
 from mmdiff_jax.schedules import DiffusionSchedule
@@ -51,11 +51,16 @@ class LossConfig:
     time_weighting: str = "uniform"  # or 'min_snr' (targets.time_weight)
     min_snr_gamma: float = 5.0
     vlb_weight: float = 0.001  # lambda of ADM's hybrid loss, for a model with `learn_variance` (else unused)
+    time_sampling: str = "uniform"  # or 'importance' (ADM's loss-second-moment resampler, `resample`)
 
     def __post_init__(self):
         if self.time_weighting not in targets.TIME_WEIGHTINGS:
             raise ValueError(
                 f"config.loss.time_weighting: unknown {self.time_weighting!r}; known: {targets.TIME_WEIGHTINGS}"
+            )
+        if self.time_sampling not in resample.TIME_SAMPLINGS:
+            raise ValueError(
+                f"config.loss.time_sampling: unknown {self.time_sampling!r}; known: {resample.TIME_SAMPLINGS}"
             )
         if not self.min_snr_gamma > 0:
             raise ValueError(f"config.loss.min_snr_gamma must be > 0, got {self.min_snr_gamma}")
@@ -84,6 +89,9 @@ def make_loss_fn(
     from static shapes: the batch. Each head's recovery NLL is weighted by its `Modality.loss_weight`.
     Metrics: 'loss', 'eps_mse', 'aggregation_mse', 'recovery/<name>' (mean NLL, nats per example) and
     'accuracy/<name>' for categorical heads.
+    With `time_sampling` 'importance' the loss takes `loss_state=` (a `resample.LossHistory`), draws t from
+    its p(t), weights each example by 1 / (T p(t)) ('loss' is that weighted mean; the other metrics are plain
+    batch means) and returns (loss, (metrics, the history with this batch's per-example losses added)).
     """
     config = LossConfig.from_any(loss_config)
     check_schedule(model.modalities, schedule)
@@ -92,15 +100,27 @@ def make_loss_fn(
     categorical = [name for name, m in with_heads.items() if m.loss == "categorical"]
     num_steps = schedule.num_steps
 
+    importance = config.time_sampling == "importance"
+
     def loss_fn(
-        params: Any, batch: Mapping[str, Array], rng: Array, train: bool = True
-    ) -> tuple[Array, dict[str, Array]]:
+        params: Any,
+        batch: Mapping[str, Array],
+        rng: Array,
+        train: bool = True,
+        loss_state: resample.LossHistory | None = None,
+    ) -> tuple[Array, Any]:
         """One Monte-Carlo estimate of the simplified bound on `batch`; rng drives t, eps and dropout."""
+        if importance != (loss_state is not None):
+            raise ValueError("loss_state is the loss history of time_sampling 'importance', and only of it")
         batch_size = validate_batch(model.modalities, model.z_shape, batch, primary=model.primary)
         variables = model_variables(params)
         step_rng, noise_rng, dropout_rng = jax.random.split(rng, 3)
         z_0 = jnp.asarray(batch[model.primary], jnp.float32)
-        t = jax.random.randint(step_rng, (batch_size,), 1, num_steps + 1)
+        if importance:
+            probabilities = resample.step_probabilities(loss_state)
+            t, importance_weights = resample.sample_steps(step_rng, probabilities, batch_size)
+        else:
+            t = jax.random.randint(step_rng, (batch_size,), 1, num_steps + 1)
         eps = jax.random.normal(noise_rng, z_0.shape, jnp.float32)
         encodings = model.apply(variables, batch, method=model.encode)
         z_t = diffusion.marginal_sample(schedule, z_0, t, eps, encodings=encodings)
@@ -143,6 +163,7 @@ def make_loss_fn(
             min_snr_gamma=config.min_snr_gamma,
             vlb=vlb,
             vlb_weight=config.vlb_weight,
+            reduction="none" if importance else "mean",
         )
         for name in categorical:  # like L2, over the examples where the denoiser did not see the target
             correct = (jnp.argmax(output.heads[name], axis=-1) == batch[name]).astype(jnp.float32)
@@ -151,7 +172,11 @@ def make_loss_fn(
                 metrics[f"accuracy/{name}"] = jnp.sum(jnp.where(hidden, correct, 0.0)) / jnp.maximum(jnp.sum(hidden), 1)
             else:
                 metrics[f"accuracy/{name}"] = jnp.mean(correct)
-        return loss, metrics
+        if not importance:
+            return loss, metrics
+        per_example, loss = loss, jnp.mean(importance_weights * loss)  # unbiased for the uniform-t loss
+        metrics["loss"] = loss
+        return loss, (metrics, resample.update_history(loss_state, t, jax.lax.stop_gradient(per_example)))
 
     return loss_fn
 

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from mmdiff_jax import data as data_lib
-from mmdiff_jax import objective
+from mmdiff_jax import objective, resample
 from mmdiff_jax.modalities import MASK_KEY, Modality, modality_schedule
 from mmdiff_jax.models.mt_diffusion import MTDiffusion, init_variables
 from mmdiff_jax.models.unet import UNetConfig
@@ -54,6 +54,7 @@ def task_sections() -> ml_collections.ConfigDict:
         time_weighting="uniform",  # uniform | min_snr (mmdiff_jax.targets.time_weight)
         min_snr_gamma=5.0,
         vlb_weight=0.001,  # lambda of ADM's hybrid loss L_simple + lambda L_vlb (model.learn_variance only)
+        time_sampling="uniform",  # uniform | importance (ADM's loss-aware sampling of t, mmdiff_jax.resample)
     )
     return config
 
@@ -154,14 +155,18 @@ def unet_signature(unet: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def model_signature(config: ml_collections.ConfigDict) -> dict[str, Any]:
-    """What a checkpoint must agree on to be restored: the model and diffusion sections, JSON-normalised.
+    """What a checkpoint must agree on to be restored: the model and diffusion sections, JSON-normalised,
+    and `loss.time_sampling` unless 'uniform' (importance sampling keeps a loss history in the state).
     Keys added later are left out at their defaults (`model.prediction` 'eps', `model.learn_variance` False),
     so checkpoints saved before they existed restore."""
     model = {**config.model.to_dict(), "unet": unet_signature(config.model.unet)}
     for key, default in (("prediction", "eps"), ("learn_variance", False)):
         if model.get(key) == default:
             del model[key]
-    return json.loads(json.dumps({"model": model, "diffusion": config.diffusion.to_dict()}))
+    signature = {"model": model, "diffusion": config.diffusion.to_dict()}
+    if config.loss.get("time_sampling", "uniform") != "uniform":
+        signature["loss"] = {"time_sampling": config.loss.time_sampling}
+    return json.loads(json.dumps(signature))
 
 
 def params_init_fn(model: MTDiffusion):
@@ -174,6 +179,7 @@ def describe_loss(
     prediction: str = "eps",
     time_weighting: str = "uniform",
     learn_variance: bool = False,
+    time_sampling: str = "uniform",
 ) -> str:
     """The training loss in words ("eps-MSE" for plain DDPM with the eps target, N = 0; no aggregation term
     where every weight schedule is 'zero', as for a DDPM conditioned through the denoiser alone)."""
@@ -185,7 +191,7 @@ def describe_loss(
         terms.append(f"NLL of {', '.join(recovered)}")
     if learn_variance:
         terms.append("lambda L_vlb (learned variance)")
-    return " + ".join(terms)
+    return " + ".join(terms) + ("; t importance-sampled" if time_sampling == "importance" else "")
 
 
 def make_mt_diffusion_task(config: ml_collections.ConfigDict, name: str = "mt_diffusion") -> Task:
@@ -213,6 +219,15 @@ def make_mt_diffusion_task(config: ml_collections.ConfigDict, name: str = "mt_di
             sample_grids.make_sample_fns, kinds, model, schedule, config.sample.to_dict()
         ),
         loss_description=describe_loss(
-            model.modalities, model.prediction, config.loss.time_weighting, model.learn_variance
+            model.modalities,
+            model.prediction,
+            config.loss.time_weighting,
+            model.learn_variance,
+            config.loss.time_sampling,
+        ),
+        init_loss_state=(
+            functools.partial(resample.init_history, schedule.num_steps)
+            if config.loss.time_sampling == "importance"
+            else None
         ),
     )

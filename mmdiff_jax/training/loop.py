@@ -120,8 +120,9 @@ class _Run:
     def initial_state(self) -> tuple[TrainState, TrainState]:
         rng = self.key(self.config.seed)
         init_params, fsdp_min_size = self.task.init_params, self.config.mesh.fsdp_min_size
+        init_loss_state = self.task.init_loss_state
         abstract, shardings = state_lib.train_state_shardings(
-            init_params, self.optimizer, self.mesh, rng, fsdp_min_size=fsdp_min_size
+            init_params, self.optimizer, self.mesh, rng, fsdp_min_size=fsdp_min_size, init_loss_state=init_loss_state
         )
         latest = self.checkpointer.latest_step()
         if latest is not None:
@@ -129,7 +130,13 @@ class _Run:
             state = self.checkpointer.restore(abstract, self.train_iterator, latest)
         else:
             state, shardings = state_lib.create_train_state(
-                init_params, self.optimizer, self.mesh, rng, fsdp_min_size=fsdp_min_size, shardings=shardings
+                init_params,
+                self.optimizer,
+                self.mesh,
+                rng,
+                fsdp_min_size=fsdp_min_size,
+                shardings=shardings,
+                init_loss_state=init_loss_state,
             )
         return state, shardings
 

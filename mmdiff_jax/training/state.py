@@ -36,6 +36,8 @@ class TrainState:
     rng: uint32 [2] raw key data; step s draws from fold_in(rng, s), so resuming needs no RNG bookkeeping.
     first_nonfinite_step: int32 [], the first step whose loss or gradient norm was NaN/inf (its update was
       skipped), -1 while every step was finite. Read on the host at log and checkpoint time only.
+    loss_state: what the task's loss carries from step to step (`Task.init_loss_state`, e.g. the loss history
+      of importance sampling of t), None for a loss without one (the state's tree is then as before).
     """
 
     step: jax.Array
@@ -44,6 +46,7 @@ class TrainState:
     opt_state: Any
     rng: jax.Array
     first_nonfinite_step: jax.Array
+    loss_state: Any = None
 
 
 def learning_rate_schedule(optim: Mapping[str, Any], total_steps: int) -> optax.Schedule:
@@ -88,9 +91,15 @@ def make_optimizer(optim: Mapping[str, Any], total_steps: int) -> tuple[optax.Gr
 
 
 ParamsInit = Callable[[jax.Array], Any]  # rng -> the model's parameter tree (pure, so eval_shape and jit work)
+LossStateInit = Callable[[], Any] | None  # () -> the loss's initial state (`Task.init_loss_state`), or None
 
 
-def init_train_state(init_params: ParamsInit, optimizer: optax.GradientTransformation, rng: jax.Array) -> TrainState:
+def init_train_state(
+    init_params: ParamsInit,
+    optimizer: optax.GradientTransformation,
+    rng: jax.Array,
+    init_loss_state: LossStateInit = None,
+) -> TrainState:
     """A fresh state (pure: jit it with out_shardings to land sharded)."""
     init_rng, train_rng = jax.random.split(rng)
     params = init_params(init_rng)
@@ -101,6 +110,7 @@ def init_train_state(init_params: ParamsInit, optimizer: optax.GradientTransform
         opt_state=optimizer.init(params),
         rng=jax.random.key_data(train_rng),
         first_nonfinite_step=jnp.full((), -1, jnp.int32),
+        loss_state=None if init_loss_state is None else init_loss_state(),
     )
 
 
@@ -111,10 +121,11 @@ def train_state_shardings(
     rng: jax.Array,
     *,
     fsdp_min_size: int = 2**14,
+    init_loss_state: LossStateInit = None,
 ) -> tuple[TrainState, TrainState]:
     """(abstract state, shardings): ShapeDtypeStructs carrying their target NamedShardings (the restore
     target for Orbax), and the NamedShardings alone (for jit in/out shardings). No arrays are created."""
-    abstract = jax.eval_shape(lambda key: init_train_state(init_params, optimizer, key), rng)
+    abstract = jax.eval_shape(lambda key: init_train_state(init_params, optimizer, key, init_loss_state), rng)
     shardings = mesh_lib.state_shardings(abstract, mesh, fsdp_min_size)
     abstract = jax.tree.map(
         lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding), abstract, shardings
@@ -130,17 +141,22 @@ def create_train_state(
     *,
     fsdp_min_size: int = 2**14,
     shardings: TrainState | None = None,
+    init_loss_state: LossStateInit = None,
 ) -> tuple[TrainState, TrainState]:
     """Initialises straight into sharded arrays; returns (state, a TrainState of its NamedShardings).
 
-    `init_params`: rng -> params, e.g. a `Task`'s.
+    `init_params`: rng -> params, `init_loss_state`: () -> the loss's state or None, e.g. a `Task`'s.
     `jax.eval_shape` gives the shapes, `mesh.state_shardings` the specs, and the jit-ed init writes each
     shard where it lives (no full copy on one device first). `shardings`: those of `train_state_shardings`
     for the same arguments, if the caller has them (the init is then traced once, not twice).
     """
     if shardings is None:
-        _, shardings = train_state_shardings(init_params, optimizer, mesh, rng, fsdp_min_size=fsdp_min_size)
-    state = jax.jit(lambda key: init_train_state(init_params, optimizer, key), out_shardings=shardings)(rng)
+        _, shardings = train_state_shardings(
+            init_params, optimizer, mesh, rng, fsdp_min_size=fsdp_min_size, init_loss_state=init_loss_state
+        )
+    state = jax.jit(
+        lambda key: init_train_state(init_params, optimizer, key, init_loss_state), out_shardings=shardings
+    )(rng)
     return state, shardings
 
 

@@ -5,6 +5,8 @@ train_step, for the loss L(params, batch, rng) of `objective.make_loss_fn`:
   rng_s = fold_in(state.rng, s)                      (s = state.step: a resumed run draws the same numbers)
   g = grad L(params, batch, rng_s)                   (or the mean over k micro-batches, rng fold_in(rng_s, j))
   params <- AdamW(clip(g)),  ema <- decay * ema + (1 - decay) * params
+A task with a loss state (`Task.init_loss_state`) gets `state.loss_state` as L's `loss_state=` and the
+state L returns is kept, like the params.
 A step whose loss or gradient norm is not finite changes nothing but `step` and records itself in
 `first_nonfinite_step` (no host sync here: the loop reads that flag when it logs or checkpoints).
 """
@@ -42,26 +44,42 @@ def split_microbatches(batch: Batch, accumulation_steps: int, batch_shards: int)
 
 
 def _gradients(
-    loss_fn: LossFn, params: Any, batch: Batch, rng: Array, accumulation_steps: int, batch_shards: int
-) -> tuple[Array, dict[str, Array], Any]:
-    """(loss, metrics, grads), averaged over micro-batches when accumulating."""
+    loss_fn: LossFn,
+    params: Any,
+    batch: Batch,
+    rng: Array,
+    accumulation_steps: int,
+    batch_shards: int,
+    loss_state: Any = None,
+) -> tuple[Array, dict[str, Array], Any, Any]:
+    """(loss, metrics, grads, loss_state), averaged over micro-batches when accumulating; a loss state
+    (`Task.init_loss_state`) passes through the micro-batches in order."""
 
-    def gradients(micro_batch, key):
-        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, micro_batch, key)
-        return loss, metrics, grads
+    def gradients(micro_batch, key, loss_state):
+        if loss_state is None:
+            (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, micro_batch, key)
+            return (loss, metrics, grads), None
+        with_state = lambda p: loss_fn(p, micro_batch, key, loss_state=loss_state)  # noqa: E731
+        (loss, (metrics, loss_state)), grads = jax.value_and_grad(with_state, has_aux=True)(params)
+        return (loss, metrics, grads), loss_state
 
     if accumulation_steps == 1:
-        return gradients(batch, rng)
+        (loss, metrics, grads), loss_state = gradients(batch, rng, loss_state)
+        return loss, metrics, grads, loss_state
 
     def accumulate(carry, inputs):
+        totals, loss_state = carry
         index, micro_batch = inputs
-        return jax.tree.map(jnp.add, carry, gradients(micro_batch, jax.random.fold_in(rng, index))), None
+        values, loss_state = gradients(micro_batch, jax.random.fold_in(rng, index), loss_state)
+        return (jax.tree.map(jnp.add, totals, values), loss_state), None
 
     micro_batches = split_microbatches(batch, accumulation_steps, batch_shards)
-    shapes = jax.eval_shape(gradients, jax.tree.map(lambda x: x[0], micro_batches), rng)
+    shapes = jax.eval_shape(gradients, jax.tree.map(lambda x: x[0], micro_batches), rng, loss_state)[0]
     zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
-    totals, _ = jax.lax.scan(accumulate, zeros, (jnp.arange(accumulation_steps), micro_batches))
-    return jax.tree.map(lambda total: total / accumulation_steps, totals)
+    (totals, loss_state), _ = jax.lax.scan(
+        accumulate, (zeros, loss_state), (jnp.arange(accumulation_steps), micro_batches)
+    )
+    return (*jax.tree.map(lambda total: total / accumulation_steps, totals), loss_state)
 
 
 def train_step(
@@ -82,7 +100,9 @@ def train_step(
     'batch_checksum' (sum of batch[checksum_key]: identifies the data a step saw). `prng_impl` names the
     implementation of the key whose data `state.rng` holds (config.prng_impl)."""
     rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng, impl=prng_impl), state.step)
-    loss, metrics, grads = _gradients(loss_fn, state.params, batch, rng, accumulation_steps, batch_shards)
+    loss, metrics, grads, loss_state = _gradients(
+        loss_fn, state.params, batch, rng, accumulation_steps, batch_shards, state.loss_state
+    )
     grad_norm = optax.tree.norm(grads)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -97,6 +117,7 @@ def train_step(
         ema_params=keep_if_finite(ema_params, state.ema_params),
         opt_state=keep_if_finite(opt_state, state.opt_state),
         first_nonfinite_step=first_bad,
+        loss_state=keep_if_finite(loss_state, state.loss_state),
     )
     metrics = dict(
         metrics,
@@ -113,8 +134,13 @@ def train_step(
 def eval_step(state: TrainState, batch: Batch, rng: Array, *, loss_fn: LossFn) -> dict[str, Array]:
     """The loss terms on `batch` with the EMA params (names as in `loss_fn`) and with the raw params
     ('raw/<name>'), both with the same t and noise (`rng`), in eval mode (no dropout)."""
-    metrics = loss_fn(state.ema_params, batch, rng, train=False)[1]
-    raw = loss_fn(state.params, batch, rng, train=False)[1]
+    if state.loss_state is None:
+        metrics, raw = (loss_fn(params, batch, rng, train=False)[1] for params in (state.ema_params, state.params))
+    else:  # the same t distribution as training; the state is not updated
+        metrics, raw = (
+            loss_fn(params, batch, rng, train=False, loss_state=state.loss_state)[1][0]
+            for params in (state.ema_params, state.params)
+        )
     return dict(metrics, **{f"raw/{name}": value for name, value in raw.items()})
 
 

@@ -34,6 +34,9 @@ class Task:
     schedule: its `schedules.DiffusionSchedule`; None for networks that are not diffusion models.
     make_sample_fns: mesh -> {kind: DrawFn}, the grids drawn every `sample.every` steps (None: none).
     loss_description: the training loss in words (reports).
+    init_loss_state: () -> state the loss carries from step to step (e.g. `resample.LossHistory`), kept in
+      `TrainState.loss_state` and checkpointed with it; with one, `loss_fn` takes it as `loss_state=` and
+      returns (loss, (metrics, new loss_state)). None (the default): no such state.
     """
 
     name: str
@@ -44,3 +47,4 @@ class Task:
     schedule: Any = None
     make_sample_fns: Callable[[Mesh], Mapping[str, DrawFn]] | None = None
     loss_description: str = ""
+    init_loss_state: Callable[[], Any] | None = None
