@@ -1,8 +1,8 @@
 """Orbax checkpoints of a run: train state, data-iterator position and the model config, in one step dir.
 
 `<workdir>/checkpoints/<step>/` holds three items:
-  state         the TrainState (params, EMA, optimizer state, step, RNG), sharded arrays
-                (`StandardSave`; restored straight into the target shardings)
+  state         the TrainState's fields (params, EMA, optimizer state, step, RNG; the loss state if the
+                task has one), sharded arrays (`StandardSave`; restored straight into the target shardings)
   data          one JSON file per process with its data iterator's `get_state()` (maxtext's pattern)
   model_config  the `model` and `diffusion` config sections the state was trained with
 Saves are async (Orbax commits atomically: a step directory appears only when complete); the manager
@@ -114,6 +114,15 @@ def shape_differences(saved: Any, target: Any) -> list[str]:
     return differences
 
 
+def _as_saved(state: Any) -> dict[str, Any]:
+    """A TrainState as it is saved: its fields by name, without `loss_state` when the loss has none, so such
+    checkpoints keep the layout they had before the field existed (and restore from it)."""
+    fields = {field.name: getattr(state, field.name) for field in dataclasses.fields(state)}
+    if fields.get("loss_state", 0) is None:
+        del fields["loss_state"]
+    return fields
+
+
 class Checkpointer:
     """CheckpointManager for one run. Every method is called by every process (Orbax syncs them)."""
 
@@ -185,7 +194,7 @@ class Checkpointer:
         if metrics is not None and self.best_metric not in metrics:
             metrics = None
         args = ocp.args.Composite(
-            state=ocp.args.StandardSave(state),
+            state=ocp.args.StandardSave(_as_saved(state)),
             data=DataIteratorSave(data_iterator.get_state()),
             model_config=ocp.args.JsonSave(self.signature),
         )
@@ -195,7 +204,7 @@ class Checkpointer:
         """CheckpointMismatchError naming each differing config key and array, if any."""
         saved = self.manager.restore(step, args=ocp.args.Composite(model_config=ocp.args.JsonRestore()))
         config_diffs = config_io.signature_differences(saved["model_config"], self.signature)
-        shape_diffs = shape_differences(self.manager.item_metadata(step)["state"], abstract_state)
+        shape_diffs = shape_differences(self.manager.item_metadata(step)["state"], _as_saved(abstract_state))
         if config_diffs or shape_diffs:
             lines = [
                 f"checkpoint {self.directory / str(step)} was written by a different model; refusing to "
@@ -218,10 +227,10 @@ class Checkpointer:
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {self.directory}")
         self.check_compatible(step, abstract_state)
-        items = {"state": ocp.args.StandardRestore(abstract_state)}
+        items = {"state": ocp.args.StandardRestore(_as_saved(abstract_state))}
         if data_iterator is not None:
             items["data"] = DataIteratorRestore(data_iterator)
-        return self.manager.restore(step, args=ocp.args.Composite(**items))["state"]
+        return type(abstract_state)(**self.manager.restore(step, args=ocp.args.Composite(**items))["state"])
 
     def reached_preemption(self, step: int) -> bool:
         """Multi-process runs: True at the step where all processes agreed to save after a preemption notice
