@@ -157,3 +157,31 @@ def test_a_loss_state_is_kept_checkpointed_and_resumed(tmp_path):
     accumulating.train.steps = 2
     accumulating.optim.grad_accumulation_steps = 2
     assert int(train_and_evaluate(accumulating, tmp_path / "accumulating", task).loss_state[0]) == 4
+
+
+def test_a_state_without_a_loss_state_is_saved_as_before_it_existed(tmp_path):
+    """Checkpoints of tasks without a loss state have the layout they had before `TrainState.loss_state`
+    existed (so those restore), and the state comes back whole."""
+    from mmdiff_jax.training import TrainState
+    from mmdiff_jax.training.checkpoint import Checkpointer
+
+    class Position:  # a data iterator's position, as the checkpoint keeps it
+        def get_state(self):
+            return {"index": 0}
+
+    state = TrainState(
+        step=jnp.ones((), jnp.int32),
+        params={"w": jnp.arange(3.0)},
+        ema_params={"w": jnp.zeros(3)},
+        opt_state=(),
+        rng=jnp.zeros(2, jnp.uint32),
+        first_nonfinite_step=jnp.full((), -1, jnp.int32),
+    )
+    checkpointer = Checkpointer(tmp_path / "checkpoints", signature={}, save_every=1, keep=1, async_save=False)
+    checkpointer.save(1, state, Position())
+    checkpointer.wait_until_finished()
+    saved = checkpointer.manager.item_metadata(1)["state"]
+    assert set(saved) == {"step", "params", "ema_params", "opt_state", "rng", "first_nonfinite_step"}
+    restored = checkpointer.restore(jax.eval_shape(lambda: state), step=1)
+    assert isinstance(restored, TrainState) and restored.loss_state is None
+    np.testing.assert_array_equal(restored.params["w"], state.params["w"])
