@@ -2,7 +2,7 @@
 
 Layers (each imports only the ones above it):
   schedules, diffusion,          the pure math (no Flax), docs/design.md sections 1-4
-  targets, losses, bound
+  targets, resample, losses, bound
   modalities, models             the modality specs; Flax Linen networks and the assembled MTDiffusion
   data                           TFDS builders and grain input pipelines
   training                       the trainer (no model code: what it trains comes in as a `Task`)

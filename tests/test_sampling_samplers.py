@@ -383,6 +383,7 @@ def test_pure_layers_import_without_flax():
     script = (
         "import sys\n"
         "import mmdiff_jax.schedules, mmdiff_jax.diffusion, mmdiff_jax.targets, mmdiff_jax.losses, mmdiff_jax.bound\n"
+        "import mmdiff_jax.resample\n"
         "from mmdiff_jax.sampling import samplers, dpm_solver, guidance, restoration, methods\n"
         "assert 'flax' not in sys.modules, sorted(m for m in sys.modules if m.startswith(('flax', 'mmdiff')))\n"
         "from mmdiff_jax.sampling import make_sample_fn\n"
