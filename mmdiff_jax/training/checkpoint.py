@@ -118,8 +118,8 @@ def _as_saved(state: Any) -> dict[str, Any]:
     """A TrainState as it is saved: its fields by name, without `loss_state` when the loss has none, so such
     checkpoints keep the layout they had before the field existed (and restore from it)."""
     fields = {field.name: getattr(state, field.name) for field in dataclasses.fields(state)}
-    if fields.get("loss_state", 0) is None:
-        del fields["loss_state"]
+    if fields.get("loss_state") is None:
+        fields.pop("loss_state", None)
     return fields
 
 

@@ -37,7 +37,7 @@ class TrainState:
     first_nonfinite_step: int32 [], the first step whose loss or gradient norm was NaN/inf (its update was
       skipped), -1 while every step was finite. Read on the host at log and checkpoint time only.
     loss_state: what the task's loss carries from step to step (`Task.init_loss_state`, e.g. the loss history
-      of importance sampling of t), None for a loss without one (the state's tree is then as before).
+      of importance sampling of t), None for a loss without one (its checkpoints then leave the field out).
     """
 
     step: jax.Array
