@@ -83,7 +83,7 @@ def test_gradient_accumulation_averages_micro_batches():
 
     batch = {"x": jnp.arange(8.0).reshape(8, 1), "y": jnp.ones((8, 1))}
     params, rng = {"w": jnp.array(0.5)}, jax.random.key(3)
-    loss, _, grads = steps_lib._gradients(loss_fn, params, batch, rng, accumulation_steps=2, batch_shards=2)
+    loss, _, grads, _ = steps_lib._gradients(loss_fn, params, batch, rng, accumulation_steps=2, batch_shards=2)
     micro = steps_lib.split_microbatches(batch, 2, 2)
     # device blocks [0..3], [4..7]; micro-batch 0 = rows 0, 1, 4, 5
     np.testing.assert_array_equal(micro["x"][0, :, 0], [0, 1, 4, 5])
