@@ -114,13 +114,21 @@ def shape_differences(saved: Any, target: Any) -> list[str]:
     return differences
 
 
-def _as_saved(state: Any) -> dict[str, Any]:
-    """A TrainState as it is saved: its fields by name, without `loss_state` when the loss has none, so such
-    checkpoints keep the layout they had before the field existed (and restore from it)."""
+def _as_saved(state: Any) -> Any:
+    """A state as it is saved: a TrainState (any dataclass) as its fields by name, without `loss_state` when
+    the loss has none, so such checkpoints keep the layout they had before the field existed (and restore
+    from it); any other pytree as it is."""
+    if not dataclasses.is_dataclass(state):
+        return state
     fields = {field.name: getattr(state, field.name) for field in dataclasses.fields(state)}
     if fields.get("loss_state") is None:
         fields.pop("loss_state", None)
     return fields
+
+
+def _from_saved(abstract_state: Any, restored: Any) -> Any:
+    """The inverse of `_as_saved` for a state shaped like `abstract_state`."""
+    return type(abstract_state)(**restored) if dataclasses.is_dataclass(abstract_state) else restored
 
 
 class Checkpointer:
@@ -230,7 +238,7 @@ class Checkpointer:
         items = {"state": ocp.args.StandardRestore(_as_saved(abstract_state))}
         if data_iterator is not None:
             items["data"] = DataIteratorRestore(data_iterator)
-        return type(abstract_state)(**self.manager.restore(step, args=ocp.args.Composite(**items))["state"])
+        return _from_saved(abstract_state, self.manager.restore(step, args=ocp.args.Composite(**items))["state"])
 
     def reached_preemption(self, step: int) -> bool:
         """Multi-process runs: True at the step where all processes agreed to save after a preemption notice
