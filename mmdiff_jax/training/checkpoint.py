@@ -115,19 +115,17 @@ def shape_differences(saved: Any, target: Any) -> list[str]:
 
 
 def _as_saved(state: Any) -> Any:
-    """A state as it is saved: a TrainState (any dataclass) as its fields by name, without `loss_state` when
-    the loss has none, so such checkpoints keep the layout they had before the field existed (and restore
-    from it); any other pytree as it is."""
+    """A state as it is saved: a TrainState (any dataclass) as its fields by name, leaving out those that are
+    None (a task without a loss state: its checkpoints keep the layout they had before `loss_state` existed,
+    and restore from it); any other pytree as it is."""
     if not dataclasses.is_dataclass(state):
         return state
-    fields = {field.name: getattr(state, field.name) for field in dataclasses.fields(state)}
-    if fields.get("loss_state") is None:
-        fields.pop("loss_state", None)
-    return fields
+    values = {field.name: getattr(state, field.name) for field in dataclasses.fields(state)}
+    return {name: value for name, value in values.items() if value is not None}
 
 
 def _from_saved(abstract_state: Any, restored: Any) -> Any:
-    """The inverse of `_as_saved` for a state shaped like `abstract_state`."""
+    """The inverse of `_as_saved` for a state shaped like `abstract_state` (fields left out take their defaults)."""
     return type(abstract_state)(**restored) if dataclasses.is_dataclass(abstract_state) else restored
 
 

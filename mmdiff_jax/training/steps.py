@@ -43,6 +43,15 @@ def split_microbatches(batch: Batch, accumulation_steps: int, batch_shards: int)
     return {key: split(value) for key, value in batch.items()}
 
 
+def _call_loss(loss_fn: LossFn, params: Any, batch: Batch, rng: Array, loss_state: Any, **kwargs) -> tuple:
+    """(loss, (metrics, new loss state)) of `loss_fn`, for a task with a loss state (`Task.init_loss_state`,
+    passed as `loss_state=`) and without one (None in, None out)."""
+    if loss_state is None:
+        loss, metrics = loss_fn(params, batch, rng, **kwargs)
+        return loss, (metrics, None)
+    return loss_fn(params, batch, rng, loss_state=loss_state, **kwargs)
+
+
 def _gradients(
     loss_fn: LossFn,
     params: Any,
@@ -56,11 +65,8 @@ def _gradients(
     (`Task.init_loss_state`) passes through the micro-batches in order."""
 
     def gradients(micro_batch, key, loss_state):
-        if loss_state is None:
-            (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, micro_batch, key)
-            return (loss, metrics, grads), None
-        with_state = lambda p: loss_fn(p, micro_batch, key, loss_state=loss_state)  # noqa: E731
-        (loss, (metrics, loss_state)), grads = jax.value_and_grad(with_state, has_aux=True)(params)
+        call = lambda p: _call_loss(loss_fn, p, micro_batch, key, loss_state)  # noqa: E731
+        (loss, (metrics, loss_state)), grads = jax.value_and_grad(call, has_aux=True)(params)
         return (loss, metrics, grads), loss_state
 
     if accumulation_steps == 1:
@@ -134,13 +140,10 @@ def train_step(
 def eval_step(state: TrainState, batch: Batch, rng: Array, *, loss_fn: LossFn) -> dict[str, Array]:
     """The loss terms on `batch` with the EMA params (names as in `loss_fn`) and with the raw params
     ('raw/<name>'), both with the same t and noise (`rng`), in eval mode (no dropout)."""
-    if state.loss_state is None:
-        metrics, raw = (loss_fn(params, batch, rng, train=False)[1] for params in (state.ema_params, state.params))
-    else:  # the same t distribution as training; the state is not updated
-        metrics, raw = (
-            loss_fn(params, batch, rng, train=False, loss_state=state.loss_state)[1][0]
-            for params in (state.ema_params, state.params)
-        )
+    metrics, raw = (  # a loss state gives the same t distribution as training; it is not updated here
+        _call_loss(loss_fn, params, batch, rng, state.loss_state, train=False)[1][0]
+        for params in (state.ema_params, state.params)
+    )
     return dict(metrics, **{f"raw/{name}": value for name, value in raw.items()})
 
 
