@@ -99,25 +99,27 @@ def test_masks_are_redrawn_each_epoch_but_fixed_per_seed():
     np.testing.assert_array_equal(map_dataset[10]["mask"], epoch0["mask"][10])
 
 
-def test_shards_are_disjoint_and_cover_the_split():
-    arrays = {key: value[:95] for key, value in ARRAYS.items()}  # 95 % 2 != 0
-    shards = []
-    for index in range(2):
-        iterator = data.make_dataset(
-            "fashion_mnist",
-            "train",
-            batch_size=47,
-            seed=0,
-            arrays=arrays,
-            image_size=28,
-            num_epochs=1,
-            shard_index=index,
-            shard_count=2,
-        )
-        shards.append(np.concatenate([index_of(b["image"]) for b in iterator]))
-    assert len(shards[0]) == len(shards[1]) == 47
-    assert not set(shards[0]) & set(shards[1])
-    assert set(shards[0]) | set(shards[1]) == set(range(94))
+@pytest.mark.parametrize("num_epochs", [1, None])
+def test_processes_read_their_rows_of_the_one_process_batches(num_epochs):
+    """Two processes' batches, concatenated in process order, are the batches one process reads at the
+    global batch size (shuffled, across epochs), each process decoding only its own rows."""
+    arrays = {key: value[:95] for key, value in ARRAYS.items()}  # 95 examples: 2 global batches of 2 x 20 a epoch
+    options = dict(seed=3, arrays=arrays, image_size=28, num_epochs=num_epochs)
+    single = data.make_dataset("fashion_mnist", "train", batch_size=40, shard_index=0, shard_count=1, **options)
+    shards = [
+        data.make_dataset("fashion_mnist", "train", batch_size=20, shard_index=index, shard_count=2, **options)
+        for index in range(2)
+    ]
+    count = 0
+    for whole, *parts in zip(single, *shards, range(5)):
+        parts = parts[:2]
+        np.testing.assert_array_equal(np.concatenate([part["image"] for part in parts]), whole["image"])
+        if num_epochs == 1:  # (repeating, a batch may straddle two epochs and hold an example twice)
+            assert not set(index_of(parts[0]["image"])) & set(index_of(parts[1]["image"]))
+        count += 1
+    assert count == (2 if num_epochs == 1 else 5)
+    if num_epochs == 1:  # whole global batches only, on every process
+        assert all(next(iterator, None) is None for iterator in shards)
 
 
 def test_default_shard_is_this_process():

@@ -4,9 +4,9 @@ Pipeline (flax's `examples/gemma/input_pipeline_grain.py` pattern, plus a
 checkpointable iterator state as in maxtext's `grain_utility.py`):
 
   source -> check (BadExampleError naming the index) -> transform (seeded per
-  (seed, index), see `derived`) -> shard (this process's slice) -> shuffle
-  (seed, reshuffled every epoch) -> repeat (num_epochs) -> batch -> prefetch
-  (threads; optionally worker processes) -> iterator
+  (seed, index), see `derived`) -> shuffle (seed, reshuffled every epoch) ->
+  repeat (num_epochs) -> batch -> shard (this process's rows of every global
+  batch) -> prefetch (threads; optionally worker processes) -> iterator
 
 The iterator is a `DataIterator` around a `grain.DatasetIterator`: `get_state()`
 returns a small JSON-serialisable dict and `set_state(state)` on an iterator
@@ -22,10 +22,14 @@ finalizers need are still there. Left to grain's `__del__` during interpreter
 teardown, open iterators printed errors after a normal run ("OSError: handle is
 closed", "'NoneType' object has no attribute 'Empty'", leaked shared memory).
 
-Sharding: by default this process reads `shard_count = jax.process_count()`
-interleaved slices, number `shard_index = jax.process_index()`; the split is
-first cut to a multiple of the shard count so all processes see the same
-number of batches.
+Sharding: every process shuffles the whole split alike; the global batch (of
+`shard_count` x `batch_size` examples) is cut into `shard_count` consecutive
+blocks of rows and process `shard_index` reads block number `shard_index`
+(defaults `jax.process_count()`, `jax.process_index()`), decoding only its own
+examples. So the global batch, which `mesh.global_batch` assembles in process
+order, is the same whatever the number of processes: a run on 2 processes sees
+the batches of a run on one (docs/design.md, "Scale-out"). With a finite
+`num_epochs` the batches are cut to whole global batches.
 """
 
 from __future__ import annotations
@@ -225,10 +229,12 @@ def make_dataset(
       seed: shuffle seed, and the transform seed unless `transform_seed` given.
       data_dir: TFDS data directory (None: `$TFDS_DATA_DIR` or
         `~/tensorflow_datasets`).
-      shuffle: shuffle within this process's shard, differently every epoch.
+      shuffle: shuffle the split (alike on every process), differently every
+        epoch.
       num_epochs: None repeats forever (batches may straddle epochs).
-      shard_index, shard_count: default `jax.process_index()` /
-        `jax.process_count()`.
+      shard_index, shard_count: this process's block of each global batch of
+        `shard_count` blocks (module docstring); default
+        `jax.process_index()` / `jax.process_count()`.
       drop_remainder: drop the final short batch (finite `num_epochs` only).
       num_threads, prefetch_batches: grain ReadOptions (batches computed
         ahead in threads).
@@ -248,13 +254,17 @@ def make_dataset(
     if not 0 <= shard_index < shard_count:
         raise ValueError(f"shard_index {shard_index} not in [0, {shard_count})")
     dataset = make_map_dataset(name, split, seed=seed, data_dir=data_dir, **options)
-    usable = len(dataset) // shard_count * shard_count
-    if usable == 0:
-        raise ValueError(f"{name}/{split} has {len(dataset)} examples, fewer than the {shard_count} shards")
-    dataset = dataset[:usable][shard_index::shard_count]
     if shuffle:
         dataset = dataset.shuffle(seed=seed % 2**32)
     dataset = dataset.repeat(num_epochs).batch(batch_size, drop_remainder=drop_remainder)
+    if shard_count > 1:  # block shard_index of every global batch of shard_count blocks
+        whole = len(dataset) // shard_count * shard_count
+        if whole == 0:
+            raise ValueError(
+                f"{name}/{split} gives {len(dataset)} batches of {batch_size}, fewer than one global batch of "
+                f"{shard_count} x {batch_size}"
+            )
+        dataset = dataset[:whole][shard_index::shard_count]
     iter_dataset = dataset.to_iter_dataset(
         grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch_batches)
     )
