@@ -21,7 +21,7 @@ plus experiments/<name>.py, which adds only its metrics and baselines. The share
         sample = sampling.make_sample_fn(mt.model, mt.schedule, **evaluation.sampler_options(config.experiment.sampler))
         with run.phase("unconditional samples"):
             images = evaluation.map_batches(lambda i, rng: sample(mt.params, rng, batch_size=128).image,
-                                            range(4), seed=1, desc="samples")
+                                            range(4), seed=1, desc="samples", mesh=run.mesh)
         run.report.metrics["unconditional"] = evaluation.evaluate_metrics(
             ["fid"], [{"image": ref, "sample": images}], classifier)
         run.report.table("Unconditional samples", ["model", "FID-proxy"], [["MT-Diffusion", 12.3]])
@@ -33,11 +33,13 @@ plus experiments/<name>.py, which adds only its metrics and baselines. The share
 API:
   main(name, run_fn, check=None)         the CLI (absl): --config (default configs/<name>.py; a preset:
                                          configs/<name>.py:tiny or :full), --config.x=y overrides,
-                                         --workdir (default workdirs/<name>), --results_dir (copy for git)
+                                         --workdir (default workdirs/<name>), --results_dir (copy for git);
+                                         a SIGTERM while training saves, stops and exits 0 (rerun resumes)
   run_experiment(name, run_fn, config, workdir, results_dir=None, command=None, check=None) -> Run
                                          the same, no flags (tests); the config is checked before
                                          anything trains (`checks`; `check`: the experiment's own)
-  Run        .config, .task (the config's MT-Diffusion task, built once), .workdir, .report,
+  Run        .config, .task (the config's MT-Diffusion task, built once), .mesh (the trainer's, built once:
+             pass it to `evaluation.map_batches`), .chief (process 0 writes the files), .workdir, .report,
              .phase(name) (times a block), .train(name, config, task, hooks)
 
 Workdir (default workdirs/<name>, git-ignored): one directory per trained model (train_and_evaluate's
@@ -58,14 +60,16 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 
+import jax
 import ml_collections
 
 from experiments import machine
 from experiments.checks import Check, check_experiment_section
 from experiments.reporting import Report, markdown_table
-from experiments.trainer import Trained, train_model
+from experiments.trainer import Preempted, Trained, train_model
 from mmdiff_jax import tasks
 from mmdiff_jax.training import Task, initialize_distributed
+from mmdiff_jax.training.mesh import make_mesh
 from mmdiff_jax.training.loop import save_config
 
 
@@ -77,9 +81,11 @@ class Run:
     ):
         self.name, self.config, self.task, self.command = name, config, task, command
         self.workdir = pathlib.Path(workdir)
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        save_config(config, self.workdir)
-        self.report = Report(name, self.workdir)
+        self.chief = jax.process_index() == 0  # the process that writes the experiment's files
+        self.mesh = make_mesh(config.mesh.shape)  # the trainer's mesh: evaluation splits its batches over it
+        if self.chief:
+            save_config(config, self.workdir)
+        self.report = Report(name, self.workdir, write_files=self.chief)
         self.timings: dict[str, float] = {}
         self.trained: dict[str, Trained] = {}
         self._start, self._monitor = time.perf_counter(), machine.LoadMonitor()
@@ -176,12 +182,14 @@ class Run:
             f"{info['python']}, {run_info['date']}."
         ]
         self.report.write(header, footer)
+        if not self.chief:
+            return
         print(
             f"[{self.name}] wrote {self.workdir / 'report.md'} and metrics.json ({wall / 60:.1f} min)",
             file=sys.stderr,
             flush=True,
         )
-        if results_dir:
+        if results_dir and self.chief:
             results = pathlib.Path(results_dir)
             (results / "grids").mkdir(parents=True, exist_ok=True)
             for name in ("report.md", "metrics.json"):
@@ -246,6 +254,9 @@ def main(
             cli.check_directory_flag("results_dir", results_dir.value)
         config = cli.config_value(flags.FLAGS[config_flag.name])
         command = shlex.join(["python", "-m", f"experiments.{name}", *sys.argv[1:]])
-        run_experiment(name, run_fn, config, workdir.value, results_dir.value or None, command, check)
+        try:
+            run_experiment(name, run_fn, config, workdir.value, results_dir.value or None, command, check)
+        except Preempted as stop:  # exit status 0, as `python -m mmdiff_jax.train` after a preemption
+            print(f"[{name}] {stop}; the same command resumes the experiment.", file=sys.stderr, flush=True)
 
     cli.run(run_main)  # flag mistakes: one line naming the flag (MMDIFF_DEBUG=1: the traceback)

@@ -103,6 +103,7 @@ def sample_sweep(
                     given,
                     seed=seed,
                     desc=f"{key} {task}",
+                    mesh=run.mesh,
                 )
         with run.phase(f"joint samples: {model_name}"):
             joint[model_name] = evaluation.map_batches(
@@ -110,6 +111,7 @@ def sample_sweep(
                 given,
                 seed=seed,
                 desc=f"{model_name} joint",
+                mesh=run.mesh,
             )
     return conditional, joint
 

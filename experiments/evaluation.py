@@ -1,7 +1,9 @@
 """Evaluation for the experiments: data batches, batched sampling, the sampler section, metrics.
 
 eval_batches(config, num_examples, batch_size, split=None, **data_options)   first examples, numpy batches
-map_batches(fn, batches, seed, desc)   fn(batch, rng) -> arrays, over batches, concatenated (numpy)
+                                       (the same on every process)
+map_batches(fn, batches, seed, desc, mesh)   fn(batch, rng) -> arrays, over batches split over the mesh,
+                                       gathered and concatenated (numpy, on every process)
 sampler_options(section), describe_sampler(section)
                                        a config sampler section -> `sampling.make_sample_fn` kwargs / words
 metrics_classifier(config)             the Fashion-MNIST CNN of the feature metrics (cached)
@@ -22,6 +24,8 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh
 
 from experiments.trainer import copy_config
 from mmdiff_jax import metrics as metrics_lib
@@ -29,6 +33,7 @@ from mmdiff_jax.data import embeddings, fashion_mnist
 from mmdiff_jax.metrics import features as features_lib
 from mmdiff_jax.metrics.distribution import compute_features
 from mmdiff_jax.training import config_io
+from mmdiff_jax.training import mesh as mesh_lib
 
 
 def eval_batches(
@@ -36,38 +41,69 @@ def eval_batches(
 ) -> list[dict[str, np.ndarray]]:
     """The first `num_examples` examples of `split` (default `config.data.eval_split`), unshuffled, as numpy
     batches of `batch_size` (a divisor of num_examples); `data_options` override `config.data.options`
-    (e.g. a fixed `mask_ratio`, a `transform_seed`)."""
+    (e.g. a fixed `mask_ratio`, a `transform_seed`). Every process reads the same whole batches: `map_batches`
+    splits them over the mesh."""
     if num_examples % batch_size:
         raise ValueError(f"num_examples {num_examples} is not a multiple of the batch size {batch_size}")
     config = copy_config(config)
     config.data.eval_split = split or config.data.eval_split
     config.data.options = {**config.data.options.to_dict(), **data_options}
     config.data.eval_batch_size = batch_size
-    iterator = config_io.make_eval_iterator(config)
+    iterator = config_io.make_eval_iterator(config, whole_batches=True)
     batches = [next(iterator, None) for _ in range(num_examples // batch_size)]
     if batches[-1] is None:
         raise ValueError(f"split {config.data.eval_split!r} has fewer than {num_examples} examples")
     return batches
 
 
-def map_batches(fn: Callable[[Any, jax.Array], Any], batches: Iterable[Any], seed: int, desc: str | None = None) -> Any:
+def map_batches(
+    fn: Callable[[Any, jax.Array], Any],
+    batches: Iterable[Any],
+    seed: int,
+    desc: str | None = None,
+    mesh: Mesh | None = None,
+) -> Any:
     """fn(batch, rng_i) for each batch (rng_i = fold_in(key(seed), i)), outputs concatenated along axis 0
-    as numpy (any pytree of arrays). `desc` shows a progress bar."""
+    as numpy (any pytree of arrays), the whole result on every process. `desc` shows a progress bar.
+
+    With `mesh` (the trained models' mesh: `common.Run.mesh`) the batch's arrays go onto it first, split over
+    its devices along the batch axis (replicated where the batch does not divide over them), so every device of
+    every process computes its share; the outputs are gathered from all processes (`process_allgather`).
+    Every process must call this with the same batches (`eval_batches` reads them alike)."""
     batches = list(batches)
     key = jax.random.key(seed)
     progress = None
-    if desc:
+    if desc and jax.process_index() == 0:
         from tqdm import tqdm
 
         progress = tqdm(total=len(batches), desc=desc, unit="batch", dynamic_ncols=True)
     outputs = []
     for index, batch in enumerate(batches):
-        outputs.append(jax.device_get(fn(batch, jax.random.fold_in(key, index))))
+        if mesh is not None:
+            batch = jax.tree.map(functools.partial(_on_mesh, mesh), batch)
+        outputs.append(jax.tree.map(_gathered, fn(batch, jax.random.fold_in(key, index))))
         if progress is not None:
             progress.update()
     if progress is not None:
         progress.close()
     return jax.tree.map(lambda *parts: np.concatenate([np.asarray(p) for p in parts]), *outputs)
+
+
+def _on_mesh(mesh: Mesh, value: Any) -> Any:
+    """A numpy array (the same on every process) as a global array on `mesh`: split along its first axis
+    when that divides over the batch shards, else replicated; anything else as it is."""
+    if not isinstance(value, np.ndarray):
+        return value
+    split = value.ndim and value.shape[0] % mesh_lib.batch_shards(mesh) == 0
+    sharding = mesh_lib.batch_sharding(mesh) if split else mesh_lib.replicated(mesh)
+    return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+
+
+def _gathered(value: Any) -> np.ndarray:
+    """An output as numpy: a global array spanning processes gathered whole, anything else read here."""
+    if isinstance(value, jax.Array) and not value.is_fully_addressable:
+        return multihost_utils.process_allgather(value, tiled=True)
+    return np.asarray(value)
 
 
 def sampler_options(section: Mapping[str, Any]) -> dict[str, Any]:

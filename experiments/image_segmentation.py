@@ -98,6 +98,7 @@ def run(config: ml_collections.ConfigDict, run: common.Run) -> None:
                     test,
                     seed=experiment.seed,
                     desc=f"{model_name} segment t={t}",
+                    mesh=run.mesh,
                 )
                 image_to_mask[f"{model_name}_t{t}"] = _mask_scores(predicted, masks, num_classes)
                 if first_prediction is None:
@@ -126,7 +127,10 @@ def run(config: ml_collections.ConfigDict, run: common.Run) -> None:
         batches = [generated[i : i + section.batch_size] for i in range(0, len(generated), section.batch_size)]
         t = int(experiment.segmentation.noise_levels[0])
         return evaluation.map_batches(
-            lambda b, rng: segment["mt_diffusion"](mt.params, b, rng, t=t)["class_map"], batches, seed=experiment.seed
+            lambda b, rng: segment["mt_diffusion"](mt.params, b, rng, t=t)["class_map"],
+            batches,
+            seed=experiment.seed,
+            mesh=run.mesh,
         )
 
     def foreground(images, masks):  # each image's Otsu threshold; the scenes' fixed threshold

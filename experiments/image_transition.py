@@ -95,7 +95,9 @@ def evaluate(config: ml_collections.ConfigDict, run: common.Run, models, classif
     results = {}
     for name, translate in transition_methods(config, models).items():
         with run.phase(f"transition: {name}"):
-            outputs = np.asarray(evaluation.map_batches(translate, batches, seed=experiment.seed, desc=name))
+            outputs = np.asarray(
+                evaluation.map_batches(translate, batches, seed=experiment.seed, desc=name, mesh=run.mesh)
+            )
         results[name] = evaluation.evaluate_metrics(
             (*section.metrics, "fid"), [{"image": truth, "sample": outputs}], classifier, reference_features=reference
         )

@@ -109,6 +109,7 @@ def evaluate(config, run: common.Run, models, classifier) -> dict:
             given,
             seed=experiment.seed,
             desc="cc-DDPM label->image",
+            mesh=run.mesh,
         )
     given = np.concatenate(given)
     with run.phase("reference features"):
@@ -150,10 +151,13 @@ def evaluate(config, run: common.Run, models, classifier) -> dict:
                 lambda b, rng, t=t: classify(mt.params, b[primary], rng, t=int(t))["class_ids"],
                 test,
                 seed=experiment.seed,
+                mesh=run.mesh,
             )
             accuracy[f"mt_diffusion_t{t}"] = agreement.accuracy(predicted, truth)
         accuracy["classifier"] = agreement.accuracy(
-            evaluation.map_batches(lambda b, rng: classify_standalone(standalone.params, b[primary]), test, seed=0),
+            evaluation.map_batches(
+                lambda b, rng: classify_standalone(standalone.params, b[primary]), test, seed=0, mesh=run.mesh
+            ),
             truth,
         )
         accuracy["fmnist_cnn_judge"] = agreement.accuracy(

@@ -58,7 +58,9 @@ def evaluate_restoration(config, run: common.Run, models, classifier) -> dict:
         rows = [("truth", truth[:count]), ("masked input", reporting.tint_hidden(truth[:count], mask[:count]))]
         for name, restore in methods.items():
             with run.phase(f"restoration: {name}"):
-                restored = evaluation.map_batches(restore, batches, seed=experiment.seed, desc=f"{name} r={ratio}")
+                restored = evaluation.map_batches(
+                    restore, batches, seed=experiment.seed, desc=f"{name} r={ratio}", mesh=run.mesh
+                )
             restored = mask * truth + (1.0 - mask) * np.asarray(restored)  # the known pixels are given
             results[str(ratio)][name] = evaluation.evaluate_metrics(
                 section.metrics, [{"image": truth, "sample": restored, "mask": mask}], classifier
@@ -105,6 +107,7 @@ def evaluate_unconditional(config, run: common.Run, models, classifier) -> dict:
                 range(num_batches),
                 seed=experiment.seed,
                 desc=f"{name} samples",
+                mesh=run.mesh,
             )
     results = {}
     for name, images in [(name, s.image) for name, s in samples.items()] + [("real_train_images", real_images)]:

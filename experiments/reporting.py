@@ -110,10 +110,11 @@ def markdown_table(
 
 
 class Report:
-    """Numbers (`metrics`, nested dicts -> metrics.json) and a markdown report built in order."""
+    """Numbers (`metrics`, nested dicts -> metrics.json) and a markdown report built in order. `write_files`
+    False (every process of a multi-process run but the first) builds the same report and writes nothing."""
 
-    def __init__(self, title: str, workdir: pathlib.Path):
-        self.title, self.workdir = title, workdir
+    def __init__(self, title: str, workdir: pathlib.Path, write_files: bool = True):
+        self.title, self.workdir, self.write_files = title, workdir, write_files
         self.metrics: dict[str, Any] = {}
         self.sections: list[str] = []
         self.images: dict[str, dict[str, Any]] = {}
@@ -154,8 +155,9 @@ class Report:
         """Writes grids/<name>.png; published ones are shown in report.md ('## Sample grids', after the sections)
         and copied by --results_dir, the others listed by path."""
         path = self.workdir / "grids" / f"{name}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(np.asarray(grid, np.uint8)).save(path, optimize=True)
+        if self.write_files:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(np.asarray(grid, np.uint8)).save(path, optimize=True)
         self.images[name] = {"path": str(path.relative_to(self.workdir)), "caption": caption, "publish": publish}
         return path
 
@@ -175,6 +177,8 @@ class Report:
         if grids:
             grids.insert(0, "## Sample grids")
         markdown = "\n\n".join([f"# {self.title}", *header, *self.sections, *grids, *footer]) + "\n"
+        if not self.write_files:
+            return
         (self.workdir / "report.md").write_text(markdown)
         (self.workdir / "metrics.json").write_text(
             json.dumps(self.metrics, indent=1, sort_keys=False, default=_json_default) + "\n"

@@ -37,7 +37,7 @@ class TaskSuite:
     gets the same test images, masks, labels, embeddings and prior noise."""
 
     def __init__(self, config, run: common.Run, classifier):
-        self.config, self.classifier = config, classifier
+        self.config, self.classifier, self.run = config, classifier, run
         self.images: dict[tuple[str, str], np.ndarray] = {}  # (model, task) -> the grid's outputs
         self.programs: dict[tuple[int, str], Any] = {}  # (id of the task, kind) -> a jit-compiled function
         experiment = config.experiment
@@ -96,6 +96,7 @@ class TaskSuite:
             lambda values, rng: sample(trained.params, rng, observe(values), batch_size=len(values)),
             given,
             seed=self.seed,
+            mesh=self.run.mesh,
         )
 
     def _keep(self, trained, task: str, images: np.ndarray) -> np.ndarray:
@@ -118,7 +119,10 @@ class TaskSuite:
             truth = np.concatenate([b[self.primary] for b in batches])
             mask = np.concatenate([b[MASK_KEY] for b in batches])
             restored = evaluation.map_batches(
-                lambda b, rng: restore(trained.params, b[masked], b[MASK_KEY], rng).image, batches, seed=self.seed
+                lambda b, rng: restore(trained.params, b[masked], b[MASK_KEY], rng).image,
+                batches,
+                seed=self.seed,
+                mesh=self.run.mesh,
             )
             restored = self._keep(trained, f"restoration {ratio}", mask * truth + (1.0 - mask) * restored)
             scores[str(ratio)] = evaluation.evaluate_metrics(
@@ -150,7 +154,7 @@ class TaskSuite:
                 lambda: jax.jit(lambda params, image: jnp.argmax(trained.model.apply({"params": params}, image), -1)),
             )
             predicted = evaluation.map_batches(
-                lambda b, rng: predict(trained.params, b[self.primary]), self.classify, seed=0
+                lambda b, rng: predict(trained.params, b[self.primary]), self.classify, seed=0, mesh=self.run.mesh
             )
         else:
             t = int(self.config.experiment.classification.noise_level)
@@ -163,6 +167,7 @@ class TaskSuite:
                 lambda b, rng: classify(trained.params, b[self.primary], rng, t=t)["class_ids"],
                 self.classify,
                 seed=self.seed,
+                mesh=self.run.mesh,
             )
         return {"accuracy": agreement.accuracy(predicted, truth)}
 

@@ -1,7 +1,7 @@
 """Training for the experiments: a task (`mmdiff_jax.tasks`) through the one training path,
 `train_and_evaluate`, and back its EMA params.
 
-  train_model(name, config, workdir, task, hooks=()) -> Trained
+  train_model(name, config, workdir, task, hooks=()) -> Trained   (Preempted: a SIGTERM stopped it, saved)
   Trained          name, task (.model, .schedule: None for non-diffusion baselines), params (EMA), config,
                    workdir, num_params, steps, train_seconds, resumed_from (checkpoint step found before, or None)
   MetricCurve(path, steps, metric_fn, settings)   a training hook: metric_fn(ema_params) at `steps`, kept
@@ -24,6 +24,7 @@ from typing import Any
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
+from jax.sharding import NamedSharding, PartitionSpec
 
 from mmdiff_jax.training import Task, train_and_evaluate
 from mmdiff_jax.training.state import count_params
@@ -68,6 +69,11 @@ def latest_checkpoint_step(workdir: pathlib.Path) -> int | None:
     return max(ocp.utils.checkpoint_steps(directory), default=None) if directory.is_dir() else None
 
 
+class Preempted(RuntimeError):
+    """Training stopped early at a SIGTERM (preemption) and saved its checkpoint: the experiment stops too, and
+    the same command resumes it."""
+
+
 def train_model(
     name: str,
     config: ml_collections.ConfigDict,
@@ -77,12 +83,16 @@ def train_model(
     hooks: Sequence[Callable] = (),
 ) -> Trained:
     """`train_and_evaluate(config, workdir, task, hooks=hooks)` (resuming, or only restoring a finished run),
-    then its EMA params."""
+    then its EMA params. Raises `Preempted` when a SIGTERM stopped the training before `train.steps` (its
+    checkpoint saved)."""
     workdir = pathlib.Path(workdir)
     resumed_from = latest_checkpoint_step(workdir)
     start = time.perf_counter()
     state = train_and_evaluate(config, workdir, task, hooks=hooks)
     seconds = time.perf_counter() - start
+    step = int(jax.device_get(state.step))
+    if step < config.train.steps:
+        raise Preempted(f"{name}: preempted (SIGTERM) at step {step} of {config.train.steps}, checkpoint saved")
     return Trained(
         name,
         task,
@@ -90,22 +100,25 @@ def train_model(
         config,
         workdir,
         count_params(state.params),
-        int(jax.device_get(state.step)),
+        step,
         seconds,
         resumed_from,
     )
 
 
-def saved_state(workdir: str | pathlib.Path, step: int) -> dict[str, Any]:
-    """The TrainState saved at `step` in workdir/checkpoints as a tree of arrays on this process's first device
-    (whatever the mesh and process count that wrote it). FileNotFoundError naming the directory if absent."""
+def saved_state(
+    workdir: str | pathlib.Path, step: int, sharding: jax.sharding.Sharding | None = None
+) -> dict[str, Any]:
+    """The TrainState saved at `step` in workdir/checkpoints as a tree of arrays with `sharding` (default: on
+    this process's first device), whatever the mesh and process count that wrote it. FileNotFoundError naming
+    the directory if absent."""
     path = (pathlib.Path(workdir) / "checkpoints" / str(step) / "state").resolve()  # Orbax reads absolute paths
     if not path.is_dir():
         raise FileNotFoundError(f"no checkpoint at step {step} ({path})")
     checkpointer = ocp.StandardCheckpointer()
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    sharding = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
     target = jax.tree.map(
-        lambda meta: jax.ShapeDtypeStruct(meta.shape, meta.dtype, sharding=device),
+        lambda meta: jax.ShapeDtypeStruct(meta.shape, meta.dtype, sharding=sharding),
         checkpointer.metadata(path).item_metadata.tree,
     )
     return checkpointer.restore(path, target)
@@ -114,7 +127,8 @@ def saved_state(workdir: str | pathlib.Path, step: int) -> dict[str, Any]:
 def at_checkpoint(trained: Trained, step: int) -> Trained:
     """`trained` as it was at `step`: the EMA params of its checkpoint there (its config must have kept it:
     train.checkpoint_every, keep_checkpoints). FileNotFoundError naming the directory if it is not there."""
-    params = saved_state(trained.workdir, step)["ema_params"]
+    mesh = jax.tree.leaves(trained.params)[0].sharding.mesh  # read onto the trained params' mesh, all processes
+    params = saved_state(trained.workdir, step, NamedSharding(mesh, PartitionSpec()))["ema_params"]
     params = jax.tree.map(lambda new, now: jax.device_put(new, now.sharding), params, trained.params)  # as trained
     return dataclasses.replace(trained, name=f"{trained.name}@{step}", params=params, steps=step)
 
@@ -156,6 +170,8 @@ class MetricCurve:
         del metrics
         if step in self.steps:
             self.points[step] = float(self.metric_fn(state.ema_params))
+            if jax.process_index():  # one process writes (each measured the same)
+                return
             self.path.parent.mkdir(parents=True, exist_ok=True)
             points = {str(k): v for k, v in sorted(self.points.items())}
             self.path.write_text(json.dumps({"settings": self.settings, "points": points}, indent=1) + "\n")

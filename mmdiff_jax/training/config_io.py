@@ -159,13 +159,18 @@ def make_train_iterator(config: ml_collections.ConfigDict):
     )
 
 
-def make_eval_iterator(config: ml_collections.ConfigDict):
-    """This process's evaluation batches: the first ones of `eval_split`, unshuffled, the same every time."""
+def make_eval_iterator(config: ml_collections.ConfigDict, whole_batches: bool = False):
+    """This process's evaluation batches: the first ones of `eval_split`, unshuffled, the same every time.
+    `whole_batches`: every process reads the whole global batches (the experiments' evaluation, which places
+    them on the mesh itself); else its own rows of each."""
     data = config.data
+    shards = 1 if whole_batches else jax.process_count()
     return data_lib.make_dataset(
         data.name,
         data.eval_split,
-        batch_size=data.eval_batch_size // jax.process_count(),
+        batch_size=data.eval_batch_size // shards,
+        shard_index=0 if whole_batches else None,
+        shard_count=shards,
         seed=config.seed,
         data_dir=data.data_dir or None,
         shuffle=False,
