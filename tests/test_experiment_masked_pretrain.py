@@ -1,8 +1,10 @@
 """experiments.masked_pretrain end to end on its tiny config (stand-in Fashion-MNIST arrays), through the CLI:
 three models trained through the real training paths, every restoration method at every mask ratio,
-unconditional samples, the feature metrics, report.md / metrics.json / grids and the --results_dir copy.
+unconditional samples, the feature metrics, report.md / metrics.json / grids and the --results_dir copy; and
+the same run on two processes, which gives the numbers of one.
 
-The run is a child process (`training_helpers.run_experiment_cli`)."""
+The runs are child processes (`training_helpers.run_experiment_cli`): one process with 4 fake CPU devices (run
+once per session, shared by the tests), and 2 processes x 2 devices."""
 
 import json
 import math
@@ -16,14 +18,24 @@ from ml_collections import config_flags
 from configs.masked_pretrain import get_config
 from experiments import common, machine, masked_pretrain, reporting, restoration, trainer
 from mmdiff_jax.training import cli, config_io
-from tests.training_helpers import REPO, run_experiment_cli, write_arrays
+from tests.training_helpers import REPO, file_lock, run_experiment_cli, shared_dir, write_arrays
 
 
-def test_masked_pretrain_tiny_end_to_end(tmp_path):
+@pytest.fixture
+def one_process_run(tmp_path_factory):
+    """The directory of the tiny run on one process with 4 fake devices (arrays.npz, run/, results/), made once
+    per session whichever test (or xdist worker) asks first."""
+    root = shared_dir(tmp_path_factory, "masked_pretrain_one_process")
+    with file_lock(root.parent / "masked_pretrain_one_process.lock"):
+        if not (root / "run" / "metrics.json").exists():
+            arrays = write_arrays(root / "arrays.npz", num_train=64, num_test=16)
+            run_experiment_cli("masked_pretrain", root, f"--config.data.arrays_path={arrays}", devices=4)
+    return root
+
+
+def test_masked_pretrain_tiny_end_to_end(one_process_run):
     config = get_config("tiny")
-    arrays = write_arrays(tmp_path / "arrays.npz", num_train=64, num_test=16)
-    workdir, results = tmp_path / "run", tmp_path / "results"
-    run_experiment_cli("masked_pretrain", tmp_path, f"--config.data.arrays_path={arrays}")
+    workdir, results = one_process_run / "run", one_process_run / "results"
 
     metrics = json.loads((workdir / "metrics.json").read_text())
     methods = tuple(config.experiment.restoration.methods) + ("aggregation_only", "aggregation_only_repaint")
@@ -96,6 +108,40 @@ def test_masked_pretrain_tiny_end_to_end(tmp_path):
         assert (results / name).is_file(), name
     assert not (results / "grids" / "restoration_mask0.1.png").exists()  # only published grids are copied
     assert not list(results.rglob("checkpoints"))
+
+
+def _numbers(tree, path=""):
+    """path -> leaf of a metrics.json tree, without the run's timings, machine and command."""
+    if isinstance(tree, dict):
+        return {
+            key: value
+            for name, child in tree.items()
+            if name != "run" and not any(word in name for word in ("second", "time", "resumed_from"))
+            for key, value in _numbers(child, f"{path}/{name}").items()
+        }
+    return {path: tree}
+
+
+def test_two_processes_give_the_numbers_of_one(tmp_path, one_process_run):
+    """2 processes x 2 devices against 1 process x 4 devices, the same global batches: every number of
+    metrics.json equal within float noise; the files written once; each process's data position checkpointed."""
+    arrays = one_process_run / "arrays.npz"
+    logs = run_experiment_cli(
+        "masked_pretrain", tmp_path, f"--config.data.arrays_path={arrays}", devices=2, processes=2
+    )
+    one = _numbers(json.loads((one_process_run / "run" / "metrics.json").read_text()))
+    two = _numbers(json.loads((tmp_path / "run" / "metrics.json").read_text()))
+    assert one.keys() == two.keys()
+    assert len(one) > 150
+    for key, value in one.items():
+        if isinstance(value, float):
+            assert math.isclose(two[key], value, rel_tol=1e-4, abs_tol=1e-6), (key, two[key], value)
+        else:
+            assert two[key] == value, key
+    assert "wrote " in logs[0] and "wrote " not in logs[1]  # process 0 writes the report
+    assert (tmp_path / "results" / "report.md").is_file() and (tmp_path / "results" / "grids").is_dir()
+    data = tmp_path / "run" / "mt_diffusion" / "checkpoints" / "3" / "data"
+    assert sorted(p.name for p in data.glob("*.json")) == ["process_0-of-2.json", "process_1-of-2.json"]
 
 
 def test_a_preset_is_picked_one_way():

@@ -61,29 +61,58 @@ def tiny_config(arrays_path: str | os.PathLike, **train_overrides):
     return config
 
 
-def run_experiment_cli(name: str, cwd: pathlib.Path, *overrides: str) -> subprocess.CompletedProcess:
+def run_experiment_cli(
+    name: str, cwd: pathlib.Path, *overrides: str, devices: int = 1, processes: int = 1
+) -> list[str]:
     """`python -m experiments.<name> --config=configs/<name>.py:tiny <overrides> --workdir=run
-    --results_dir=results` in `cwd` (relative dirs, as the README's command), a child process on one CPU device
-    with XLA's backend optimisations off (`FAST_COMPILE`) and the session's persistent compilation cache
-    (tests/conftest.py). Fails the test on a non-zero exit."""
-    env = dict(
-        os.environ,
-        PYTHONPATH=str(REPO),
-        JAX_PLATFORMS="cpu",
-        XLA_FLAGS=f"--xla_force_host_platform_device_count=1 {FAST_COMPILE}",
-    )
-    command = [
-        sys.executable,
-        "-m",
-        f"experiments.{name}",
-        f"--config={REPO / 'configs' / name}.py:tiny",
-        *overrides,
-        "--workdir=run",
-        "--results_dir=results",
-    ]
-    child = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
-    assert child.returncode == 0, child.stderr[-4000:]
-    return child
+    --results_dir=results` in `cwd` (relative dirs, as the README's command): `processes` child processes
+    (`launch`) with `devices` fake CPU devices each. Fails the test on a non-zero exit; returns their stderr."""
+    module = [f"experiments.{name}", f"--config={REPO / 'configs' / name}.py:tiny", *overrides]
+    return finish(launch(module + ["--workdir=run", "--results_dir=results"], cwd, processes, devices), cwd, 600)
+
+
+def launch(module_args: list[str], cwd: pathlib.Path, processes: int = 1, devices: int = 1) -> list[subprocess.Popen]:
+    """`python -m <module_args>` as `processes` child processes (`child_env(devices)`); several are one
+    jax.distributed run over a coordinator on 127.0.0.1 (gloo CPU collectives). Each one's stdout and stderr go
+    to cwd/process_<i>.log."""
+    flags = []
+    if processes > 1:
+        flags = [
+            "--config.distributed.initialize=always",
+            f"--config.distributed.coordinator_address=127.0.0.1:{free_port()}",
+            f"--config.distributed.num_processes={processes}",
+        ]
+    children = []
+    for index in range(processes):
+        extra = [f"--config.distributed.process_id={index}"] if processes > 1 else []
+        with open(pathlib.Path(cwd) / f"process_{index}.log", "w") as log:
+            children.append(
+                subprocess.Popen(
+                    [sys.executable, "-m", *module_args, *flags, *extra],
+                    cwd=cwd,
+                    env=child_env(devices),
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                )
+            )
+    return children
+
+
+def finish(children: list[subprocess.Popen], cwd: pathlib.Path, timeout: float) -> list[str]:
+    """Waits for `launch(..., cwd)`'s children (killing them all after `timeout` s); fails unless each exits 0;
+    returns their logs."""
+    deadline = time.monotonic() + timeout
+    try:
+        for child in children:
+            child.wait(timeout=max(1.0, deadline - time.monotonic()))
+    finally:
+        for child in children:
+            if child.poll() is None:
+                child.kill()
+    logs = [(pathlib.Path(cwd) / f"process_{index}.log").read_text() for index in range(len(children))]
+    for child, log in zip(children, logs, strict=True):
+        assert child.returncode == 0, log[-4000:]
+    return logs
 
 
 def shared_dir(tmp_path_factory, name: str) -> pathlib.Path:
