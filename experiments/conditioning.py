@@ -92,7 +92,9 @@ def sample_sweep(
     """
     conditional, joint = {}, {}
     for model_name, trained in models.items():
-        sample = sampling.make_sample_fn(trained.model, trained.schedule, **evaluation.sampler_options(sampler))
+        sample = sampling.make_sample_fn(
+            trained.model, trained.schedule, **evaluation.sampler_options(sampler, run.mesh)
+        )
         for scale in guidance_scales(trained, cfg_scales):
             key = guidance_key(model_name, scale)
             with run.phase(f"{task}: {key}"):

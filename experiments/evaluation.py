@@ -4,7 +4,7 @@ eval_batches(config, num_examples, batch_size, split=None, **data_options)   fir
                                        (the same on every process)
 map_batches(fn, batches, seed, desc, mesh)   fn(batch, rng) -> arrays, over batches split over the mesh,
                                        gathered and concatenated (numpy, on every process)
-sampler_options(section), describe_sampler(section)
+sampler_options(section, mesh), describe_sampler(section)
                                        a config sampler section -> `sampling.make_sample_fn` kwargs / words
 metrics_classifier(config)             the Fashion-MNIST CNN of the feature metrics (cached)
 reference_features(config, num_reference, classifier)   space -> features of the reference images, for
@@ -106,11 +106,14 @@ def _gathered(value: Any) -> np.ndarray:
     return np.asarray(value)
 
 
-def sampler_options(section: Mapping[str, Any]) -> dict[str, Any]:
+def sampler_options(section: Mapping[str, Any], mesh: Mesh | None = None) -> dict[str, Any]:
     """A config sampler section {method ('ddpm' | 'ddim' | 'dpm_solver++'), num_steps, eta, variant, spacing}
     -> keyword arguments of `mmdiff_jax.sampling.make_sample_fn` / `sample_chain` (num_steps dropped for
-    'ddpm', which runs all T steps)."""
+    'ddpm', which runs all T steps). With `mesh` (`common.Run.mesh`) also `sharding`: the chain's batch split
+    over the mesh, as `map_batches` splits its inputs (joint samples, with nothing observed, too)."""
     options = dict(section)
+    if mesh is not None:
+        options["sharding"] = mesh_lib.batch_sharding(mesh)
     if options.get("method") == "ddpm":
         options.pop("num_steps", None)
         options.pop("eta", None)

@@ -60,10 +60,10 @@ def train_models(config: ml_collections.ConfigDict, run: common.Run) -> dict[str
     return models
 
 
-def transition_methods(config: ml_collections.ConfigDict, models: dict[str, trainer.Trained]) -> dict:
-    """name -> fn(batch, rng) -> output images [B, H, W, C] in [-1, 1]."""
+def transition_methods(config: ml_collections.ConfigDict, models: dict[str, trainer.Trained], mesh=None) -> dict:
+    """name -> fn(batch, rng) -> output images [B, H, W, C] in [-1, 1] (chains split over `mesh`)."""
     section, source = config.experiment.transition, tasks.modality_name(config, "image")
-    sampler = evaluation.sampler_options(config.experiment.sampler)
+    sampler = evaluation.sampler_options(config.experiment.sampler, mesh)
 
     def translator(trained, **call_options):
         transition = sampling.make_transition_fn(trained.model, trained.schedule, source, **sampler)
@@ -93,7 +93,7 @@ def evaluate(config: ml_collections.ConfigDict, run: common.Run, models, classif
     count = experiment.grid_images
     rows = [("source", np.concatenate([b[source] for b in batches])[:count]), ("truth", truth[:count])]
     results = {}
-    for name, translate in transition_methods(config, models).items():
+    for name, translate in transition_methods(config, models, run.mesh).items():
         with run.phase(f"transition: {name}"):
             outputs = np.asarray(
                 evaluation.map_batches(translate, batches, seed=experiment.seed, desc=name, mesh=run.mesh)

@@ -46,9 +46,10 @@ Array = jax.Array
 
 
 # ----------------------------------------------------------------------------------------------- baselines
-def make_class_conditional_sample_fn(trained: trainer.Trained, section):
-    """sample(params, labels [B], rng) -> images [B, H, W, C] in [-1, 1] by the config's sampler."""
-    options = evaluation.sampler_options(section)
+def make_class_conditional_sample_fn(trained: trainer.Trained, section, mesh=None):
+    """sample(params, labels [B], rng) -> images [B, H, W, C] in [-1, 1] by the config's sampler (the chain
+    split over `mesh`)."""
+    options = evaluation.sampler_options(section, mesh)
     model, schedule, prediction = trained.model, trained.schedule, trained.config.model.prediction
 
     def sample(params, labels, rng):
@@ -92,7 +93,7 @@ def evaluate(config, run: common.Run, models, classifier) -> dict:
         evaluation.balanced_labels(section.num_samples)[i * batch_size : (i + 1) * batch_size]
         for i in range(num_batches)
     ]  # balanced labels, the same for every model
-    cc_sample = make_class_conditional_sample_fn(ccddpm, experiment.sampler)
+    cc_sample = make_class_conditional_sample_fn(ccddpm, experiment.sampler, run.mesh)
     conditional, joint = conditioning.sample_sweep(
         run,
         {name: models[name] for name in ("mt_diffusion", "aggregation_only") if name in models},

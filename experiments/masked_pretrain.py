@@ -44,7 +44,7 @@ FID_PROXY = "FID-proxy (Fashion-MNIST CNN features)"
 def evaluate_restoration(config, run: common.Run, models, classifier) -> dict:
     """metrics[ratio][method] and one grid per ratio (the largest ratio's is published)."""
     section, experiment = config.experiment.restoration, config.experiment
-    methods = restoration_lib.restoration_methods(config, models)
+    methods = restoration_lib.restoration_methods(config, models, run.mesh)
     labels = restoration_lib.method_labels(config)
     results, count = {}, experiment.grid_images
     for ratio in section.mask_ratios:
@@ -85,7 +85,7 @@ def evaluate_restoration(config, run: common.Run, models, classifier) -> dict:
 def evaluate_unconditional(config, run: common.Run, models, classifier) -> dict:
     """FID-proxy / precision / recall of MT-Diffusion's joint samples and plain DDPM's, and the real floor."""
     section, experiment = config.experiment.unconditional, config.experiment
-    sampler = evaluation.sampler_options(experiment.sampler)
+    sampler = evaluation.sampler_options(experiment.sampler, run.mesh)
     num_batches = section.num_samples // section.batch_size
     if section.num_samples % section.batch_size:
         raise ValueError(

@@ -4,7 +4,7 @@ RESTORATION_METHODS, check_config(config)   the names of config experiment.resto
                                             before anything trains
 all_methods(config), method_labels(config)  the methods a run evaluates (with the guidance sweep and the
                                             ablation) and their labels in the report
-restoration_methods(config, models)         name -> fn(batch, rng) -> restored images [B, H, W, C]
+restoration_methods(config, models, mesh)   name -> fn(batch, rng) -> restored images [B, H, W, C]
 curve_batch(config)                         the test batch the curve restores (experiment.curve)
 restoration_metric(task, config, batch)     fn(params) -> PSNR on the hidden pixels (the curve's metric)
 """
@@ -69,9 +69,10 @@ def all_methods(config: ml_collections.ConfigDict) -> tuple[str, ...]:
     return tuple(dict.fromkeys(methods))  # s = 1 is 'mt_diffusion' itself
 
 
-def restoration_methods(config: ml_collections.ConfigDict, models: dict[str, trainer.Trained]) -> dict:
-    """name -> fn(batch, rng) -> restored images [B, H, W, C], for the configured methods."""
-    sampler = evaluation.sampler_options(config.experiment.sampler)
+def restoration_methods(config: ml_collections.ConfigDict, models: dict[str, trainer.Trained], mesh=None) -> dict:
+    """name -> fn(batch, rng) -> restored images [B, H, W, C], for the configured methods (their chains split
+    over `mesh`: `evaluation.sampler_options`)."""
+    sampler = evaluation.sampler_options(config.experiment.sampler, mesh)
     mt, ddpm, recon = models["mt_diffusion"], models["plain_ddpm"], models["reconstruction"]
     masked = tasks.modality_name(config, "masked_image")
 

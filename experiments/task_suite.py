@@ -41,7 +41,7 @@ class TaskSuite:
         self.images: dict[tuple[str, str], np.ndarray] = {}  # (model, task) -> the grid's outputs
         self.programs: dict[tuple[int, str], Any] = {}  # (id of the task, kind) -> a jit-compiled function
         experiment = config.experiment
-        self.sampler, self.seed = evaluation.sampler_options(experiment.sampler), experiment.seed
+        self.sampler, self.seed = evaluation.sampler_options(experiment.sampler, run.mesh), experiment.seed
         self.primary = primary = config.model.primary
         self.names = {kind: tasks.modality_name(config, kind) for kind in KINDS}
         section = experiment.generation

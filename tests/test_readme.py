@@ -31,3 +31,27 @@ def test_readme_python_examples_run():
         [sys.executable, "-c", "\n".join(blocks)], cwd=ROOT, capture_output=True, text=True, timeout=600
     )
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_scale_out_commands_and_config_keys_exist():
+    """Every `python -m` module, config file with its preset, and `config.` key the README's Scale out section
+    names exists (each key in every config file the section uses)."""
+    import importlib.util
+    import runpy
+
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## Scale out\n") : readme.index("\n## ", readme.index("## Scale out\n") + 1)]
+    modules = set(re.findall(r"python -m (\w+(?:\.\w+)*)", section))
+    assert {"mmdiff_jax.train", "experiments.masked_pretrain", "experiments.multitask"} <= modules
+    for module in modules:
+        assert importlib.util.find_spec(module) is not None, module
+    configs = set(re.findall(r"--config=(configs/\w+\.py)(?::(\w+))?", section))
+    keys = set(re.findall(r"config\.((?:\w+\.)*\w+)", section)) - {"py"}
+    assert {"mesh.shape", "mesh.fsdp_min_size", "data.batch_size", "distributed.initialize"} <= keys
+    for path, preset in configs:
+        config = runpy.run_path(str(ROOT / path))["get_config"](preset)
+        for key in keys:
+            node = config
+            for part in key.split("."):
+                assert part in node, f"{path}:{preset} has no config.{key}"
+                node = node[part]
