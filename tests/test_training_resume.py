@@ -248,3 +248,24 @@ def test_other_task_trains_resumes_and_is_refused_by_another(tmp_path, arrays):
     other, _ = _pixel_task(features=8)
     with pytest.raises(CheckpointMismatchError, match="pixel_net.features: checkpoint 4, config 8"):
         train_task(config, tmp_path / "straight", other)
+
+
+def test_an_experiment_stops_at_a_preemption_and_the_rerun_resumes(tmp_path, arrays):
+    """`experiments.trainer.train_model`: a SIGTERM while training saves and raises Preempted (the experiment
+    stops, exit 0, before evaluating a half-trained model); the same call again resumes and finishes."""
+    import os
+
+    from experiments import trainer
+
+    task, _ = _pixel_task()
+    config = helpers.tiny_config(arrays, steps=4, checkpoint_every=100, eval_every=0)
+
+    def preempt(step, state, metrics):
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    with pytest.raises(trainer.Preempted, match="pixel: preempted \\(SIGTERM\\) at step 2 of 4"):
+        trainer.train_model("pixel", config, tmp_path / "run", task, hooks=[preempt])
+    assert trainer.latest_checkpoint_step(tmp_path / "run") == 2
+    trained = trainer.train_model("pixel", config, tmp_path / "run", task)
+    assert (trained.steps, trained.resumed_from) == (4, 2)
