@@ -18,7 +18,7 @@ plus experiments/<name>.py, which adds only its metrics and baselines. The share
     def run(config, run: common.Run) -> None:
         mt = run.train("mt_diffusion", config, run.task)  # the config's task; resumes, or restores
         classifier = evaluation.metrics_classifier(config)
-        sample = sampling.make_sample_fn(mt.model, mt.schedule, **evaluation.sampler_options(config.experiment.sampler))
+        sample = sampling.make_sample_fn(mt.model, mt.schedule, **evaluation.sampler_options(config.experiment.sampler, run.mesh))
         with run.phase("unconditional samples"):
             images = evaluation.map_batches(lambda i, rng: sample(mt.params, rng, batch_size=128).image,
                                             range(4), seed=1, desc="samples", mesh=run.mesh)
@@ -189,7 +189,7 @@ class Run:
             file=sys.stderr,
             flush=True,
         )
-        if results_dir and self.chief:
+        if results_dir:
             results = pathlib.Path(results_dir)
             (results / "grids").mkdir(parents=True, exist_ok=True)
             for name in ("report.md", "metrics.json"):
