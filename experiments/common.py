@@ -69,8 +69,8 @@ from experiments.reporting import Report, markdown_table
 from experiments.trainer import Preempted, Trained, train_model
 from mmdiff_jax import tasks
 from mmdiff_jax.training import Task, initialize_distributed
-from mmdiff_jax.training.mesh import make_mesh
 from mmdiff_jax.training.loop import save_config
+from mmdiff_jax.training.mesh import make_mesh
 
 
 class Run:
