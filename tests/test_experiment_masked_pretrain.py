@@ -151,3 +151,101 @@ def test_two_processes_give_the_numbers_of_one(tmp_path, one_process_run):
     assert (tmp_path / "results" / "report.md").is_file() and (tmp_path / "results" / "grids").is_dir()
     data = tmp_path / "run" / "mt_diffusion" / "checkpoints" / "3" / "data"
     assert sorted(p.name for p in data.glob("*.json")) == ["process_0-of-2.json", "process_1-of-2.json"]
+
+
+def test_a_preset_is_picked_one_way():
+    def parsed(*args):
+        argv = ["prog", *args, "--config.train.steps=5"]
+        flag_values = flags.FlagValues()
+        config_flags.DEFINE_config_file("config", flag_values=flag_values, sys_argv=argv)
+        flag_values(argv)
+        return cli.config_value(flag_values["config"])
+
+    config = parsed(f"--config={REPO / 'configs/masked_pretrain.py'}:tiny")
+    assert config.preset == "tiny" and config.diffusion.num_steps == get_config("tiny").diffusion.num_steps
+    assert config.train.steps == 5
+    # An override of the key alone would leave the rest at the file's preset: refused, saying how.
+    with pytest.raises(
+        cli.CommandLineError,
+        match=r"--config.preset=tiny: a preset is picked with "
+        r"--config=.*configs/masked_pretrain.py:tiny",
+    ):
+        parsed(f"--config={REPO / 'configs/masked_pretrain.py'}", "--config.preset=tiny")
+
+
+def test_guidance_methods_are_named_as_every_experiment_names_them():
+    """The guidance sweep's methods are `conditioning.guidance_key`'s names: s = 1 is the conditional sampler,
+    'mt_diffusion' itself, listed once."""
+    config = get_config("tiny")
+    config.experiment.restoration.cfg_scales = (0.0, 1.0, 2.5)
+    methods = restoration.all_methods(config)
+    assert methods.count("mt_diffusion") == 1 and "mt_diffusion_cfg1" not in methods
+    assert {"mt_diffusion_cfg0", "mt_diffusion_cfg2.5"} <= set(methods)
+    assert set(methods) <= set(restoration.method_labels(config))
+
+
+def test_labelled_grid_shapes():
+    images = np.zeros((3, 28, 28, 1), np.float32)
+    grid = reporting.labelled_grid(
+        [("a", images), ("longer label", reporting.tint_hidden(images, np.ones_like(images)), ["x", "y", "z"])]
+    )
+    assert grid.dtype == np.uint8 and grid.ndim == 3 and grid.shape[2] == 3
+    assert grid.shape[1] > 3 * 56 and grid.shape[0] > 2 * 56
+
+
+def test_load_sentence_says_when_other_jobs_shared_the_cores():
+    quiet = machine.load_sentence({"mean": 1.6, "max": 2.2, "start": 0.9}, cores=2)
+    busy = machine.load_sentence({"mean": 4.8, "max": 9.0, "start": 5.1}, cores=2)
+    assert "mean 1.6, max 2.2, at start 0.9: about what this run alone puts on the cores." in quiet
+    assert busy.endswith("other jobs shared the cores, so an idle machine runs faster.")
+
+
+def test_metric_curve_measures_at_its_steps_and_a_resumed_run_keeps_earlier_points(tmp_path):
+    assert trainer.curve_steps(1000, 4) == [250, 500, 750, 1000] and trainer.curve_steps(3, 4) == [1, 2, 3]
+    curve = trainer.MetricCurve(tmp_path / "curve.json", [2, 4], lambda params: 10 * params)
+    for step in (1, 2, 3):
+        curve(step, types.SimpleNamespace(ema_params=2.0), {})
+    assert curve.points == {2: 20.0}
+    resumed = trainer.MetricCurve(tmp_path / "curve.json", [2, 4], lambda params: params)
+    resumed(4, types.SimpleNamespace(ema_params=3.0), {})
+    assert resumed.points == {2: 20.0, 4: 3.0}
+    assert json.loads((tmp_path / "curve.json").read_text()) == {"settings": {}, "points": {"2": 20.0, "4": 3.0}}
+    # Points measured with other settings (another sampler, say) are not this run's: dropped.
+    other = trainer.MetricCurve(tmp_path / "curve.json", [2, 4], lambda params: params, {"sampler": "ddim"})
+    assert other.points == {}
+
+
+def _set(path, value):
+    def mutate(config):
+        *sections, key = path.split(".")
+        section = config.experiment
+        for name in sections:
+            section = section[name]
+        section[key] = value
+
+    return mutate
+
+
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (_set("sampler.method", "dpm"), r"config.experiment.sampler: .*unknown sampling method 'dpm'"),
+        (_set("sampler.spacing", "uniform"), r"config.experiment.sampler: .*spacing"),
+        (_set("sampler.num_stepz", 3), r"config.experiment.sampler: unknown keys \['num_stepz'\]"),
+        (_set("restoration.methods", ("sdedit", "inpaint")), r"restoration.methods: unknown \['inpaint'\]"),
+        (_set("restoration.metrics", ("psnr", "psnrr")), r"config.experiment.restoration.metrics: .*\['psnrr'\]"),
+        (_set("feature_spaces", ("fmnist_cnn", "clip")), r"config.experiment.feature_spaces: unknown \['clip'\]"),
+        (_set("unconditional.num_samples", 6), r"unconditional.num_samples = 6 is not a multiple of .*batch_size = 4"),
+        (_set("curve.num_points", 0), r"config.experiment.curve: num_points \(0\)"),
+    ],
+)
+def test_a_bad_experiment_section_is_refused_before_anything_trains(tmp_path, mutate, message):
+    """The whole config is checked before any training (otherwise these fail after it, at evaluation)."""
+    config = get_config("tiny")
+    config.experiment.sampler.method = "dpm_solver++"
+    mutate(config)
+    with pytest.raises(config_io.ConfigError, match=message):
+        common.run_experiment(
+            masked_pretrain.NAME, masked_pretrain.run, config, tmp_path / "run", check=restoration.check_config
+        )
+    assert not (tmp_path / "run").exists()
