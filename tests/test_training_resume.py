@@ -269,3 +269,25 @@ def test_an_experiment_stops_at_a_preemption_and_the_rerun_resumes(tmp_path, arr
     assert trainer.latest_checkpoint_step(tmp_path / "run") == 2
     trained = trainer.train_model("pixel", config, tmp_path / "run", task)
     assert (trained.steps, trained.resumed_from) == (4, 2)
+
+
+def test_preemption_sync_numbers_keep_growing_over_the_runs_of_a_process(tmp_path, monkeypatch):
+    """JAX's preemption sync manager agrees on one number past the highest asked and answers True there only;
+    the runs of one process (an experiment's models, each from step 1) ask it with numbers that keep growing,
+    so a notice after one model finished is met at the next model's first step."""
+    from jax.experimental import multihost_utils
+
+    asked = []
+    monkeypatch.setattr(multihost_utils, "reached_preemption_sync_point", lambda n: asked.append(n) or n == 4)
+    monkeypatch.setattr(checkpoint_lib._ProcessCheckpointManager, "_passed", 0)  # as in a fresh process
+
+    def checkpointer(name):
+        return checkpoint_lib.Checkpointer(tmp_path / name, signature={}, save_every=0, keep=1)
+
+    first = checkpointer("first")
+    assert [first.reached_preemption(step) for step in (1, 2, 3)] == [False] * 3
+    first.close()
+    second = checkpointer("second")  # the notice came after the first run: JAX agreed on 3 + 1
+    assert second.reached_preemption(1)
+    second.close()
+    assert asked == [1, 2, 3, 4]

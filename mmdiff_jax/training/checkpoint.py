@@ -129,6 +129,28 @@ def _from_saved(abstract_state: Any, restored: Any) -> Any:
     return type(abstract_state)(**restored) if dataclasses.is_dataclass(abstract_state) else restored
 
 
+class _ProcessCheckpointManager(ocp.CheckpointManager):
+    """Orbax's CheckpointManager, asking JAX's preemption sync manager with numbers that keep growing over all
+    the runs of this process: the run's step plus the highest number any earlier run asked.
+
+    After a preemption notice JAX agrees on the number after the highest one any process has passed and answers
+    True at that number only. An experiment trains several models in one process, each from step 1: with their
+    own steps, a notice that came after one model finished would be matched only by a later model that gets past
+    the first one's last step. Every process trains the same runs in the same order, so the numbers agree.
+    """
+
+    _passed = 0  # the highest number asked in this process, by any run
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._offset = _ProcessCheckpointManager._passed
+
+    def reached_preemption(self, step: int) -> bool:
+        number = self._offset + step
+        _ProcessCheckpointManager._passed = max(_ProcessCheckpointManager._passed, number)
+        return super().reached_preemption(number)
+
+
 class Checkpointer:
     """CheckpointManager for one run. Every method is called by every process (Orbax syncs them)."""
 
@@ -163,7 +185,7 @@ class Checkpointer:
             enable_async_checkpointing=async_save,
             create=True,
         )
-        self.manager = ocp.CheckpointManager(
+        self.manager = _ProcessCheckpointManager(
             self.directory,
             options=options,
             item_handlers={
@@ -240,7 +262,8 @@ class Checkpointer:
 
     def reached_preemption(self, step: int) -> bool:
         """Multi-process runs: True at the step where all processes agreed to save after a preemption notice
-        (JAX's preemption sync manager); False in single-process runs."""
+        (JAX's preemption sync manager, asked with numbers that grow over all runs of the process:
+        `_ProcessCheckpointManager`); False in single-process runs."""
         return self.manager.reached_preemption(step)
 
     def wait_until_finished(self) -> None:
