@@ -66,7 +66,7 @@ def run_experiment_cli(
 ) -> list[str]:
     """`python -m experiments.<name> --config=configs/<name>.py:tiny <overrides> --workdir=run
     --results_dir=results` in `cwd` (relative dirs, as the README's command): `processes` child processes
-    (`launch`) with `devices` fake CPU devices each. Fails the test on a non-zero exit; returns their stderr."""
+    (`launch`) with `devices` fake CPU devices each. Fails the test on a non-zero exit; returns their output."""
     module = [f"experiments.{name}", f"--config={REPO / 'configs' / name}.py:tiny", *overrides]
     return finish(launch(module + ["--workdir=run", "--results_dir=results"], cwd, processes, devices), cwd, 600)
 
