@@ -37,7 +37,7 @@ class TaskSuite:
     gets the same test images, masks, labels, embeddings and prior noise."""
 
     def __init__(self, config, run: common.Run, classifier):
-        self.config, self.classifier, self.run = config, classifier, run
+        self.config, self.classifier, self.mesh = config, classifier, run.mesh
         self.images: dict[tuple[str, str], np.ndarray] = {}  # (model, task) -> the grid's outputs
         self.programs: dict[tuple[int, str], Any] = {}  # (id of the task, kind) -> a jit-compiled function
         experiment = config.experiment
@@ -96,7 +96,7 @@ class TaskSuite:
             lambda values, rng: sample(trained.params, rng, observe(values), batch_size=len(values)),
             given,
             seed=self.seed,
-            mesh=self.run.mesh,
+            mesh=self.mesh,
         )
 
     def _keep(self, trained, task: str, images: np.ndarray) -> np.ndarray:
@@ -122,7 +122,7 @@ class TaskSuite:
                 lambda b, rng: restore(trained.params, b[masked], b[MASK_KEY], rng).image,
                 batches,
                 seed=self.seed,
-                mesh=self.run.mesh,
+                mesh=self.mesh,
             )
             restored = self._keep(trained, f"restoration {ratio}", mask * truth + (1.0 - mask) * restored)
             scores[str(ratio)] = evaluation.evaluate_metrics(
@@ -154,7 +154,7 @@ class TaskSuite:
                 lambda: jax.jit(lambda params, image: jnp.argmax(trained.model.apply({"params": params}, image), -1)),
             )
             predicted = evaluation.map_batches(
-                lambda b, rng: predict(trained.params, b[self.primary]), self.classify, seed=0, mesh=self.run.mesh
+                lambda b, rng: predict(trained.params, b[self.primary]), self.classify, seed=0, mesh=self.mesh
             )
         else:
             t = int(self.config.experiment.classification.noise_level)
@@ -167,7 +167,7 @@ class TaskSuite:
                 lambda b, rng: classify(trained.params, b[self.primary], rng, t=t)["class_ids"],
                 self.classify,
                 seed=self.seed,
-                mesh=self.run.mesh,
+                mesh=self.mesh,
             )
         return {"accuracy": agreement.accuracy(predicted, truth)}
 
