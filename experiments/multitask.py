@@ -20,7 +20,6 @@ image -> label, embedding -> image and joint samples.
 
 from __future__ import annotations
 
-
 import ml_collections
 
 from experiments import baselines, common, evaluation, reporting, trainer
@@ -219,7 +218,8 @@ def write_report(config, run: common.Run, results: dict) -> None:
         "embedding at once (the multitask model), against the model each pairwise experiment trains (the image "
         "and one modality) and each task's single-task baseline: same U-Net, batch, optimizer, data order and "
         f"sampler ({evaluation.describe_sampler(config.experiment.sampler)}, the conditional sampler without "
-        "guidance for every model), EMA parameters (decay {config.optim.ema_decay:g}), constant learning rate. Two compute matchings: **equal steps per task** (every model "
+        f"guidance for every model), EMA parameters (decay {config.optim.ema_decay:g}), constant learning rate. "
+        "Two compute matchings: **equal steps per task** (every model "
         f"{total} steps: the multitask model trained each task for {total} steps at once) and **equal total "
         f"compute** (the multitask model's {total} steps against the pairwise set's {len(PAIRWISE)} x "
         f"{pairwise_short} and the single-task set's {len(SINGLE_TASK)} x {single_short})."
