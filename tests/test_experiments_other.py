@@ -109,14 +109,14 @@ def test_joint_image_label_tiny(tmp_path):
     }
     assert configs["mt_diffusion"]["condition"] == "embedding" and configs["aggregation_only"]["condition"] == "none"
     assert set(metrics["image_to_label"]) == {"mt_diffusion_t1", "classifier", "fmnist_cnn_judge"}
-    assert metrics["training"]["class_conditional_ddpm"]["loss"] == "eps-MSE"
+    assert metrics["training"]["class_conditional_ddpm"]["loss"] == "v-MSE"  # the config's v-prediction
     # The class-conditional baseline is the U-Net with ADM's class embedding: 10 x (4 x base_channels) more.
     unet = UNetConfig(**dict(label_config.get_config("tiny").model.unet))
     with_classes, without = _unet_params(dataclasses.replace(unet, num_classes=10)), _unet_params(unet)
     assert metrics["training"]["class_conditional_ddpm"]["num_params"] == with_classes
     assert with_classes - without == 10 * 4 * unet.base_channels
     assert metrics["training"]["classifier"]["loss"] == "cross-entropy"
-    assert metrics["training"]["mt_diffusion"]["loss"] == "eps-MSE + aggregation MSE + NLL of label"
+    assert metrics["training"]["mt_diffusion"]["loss"] == "v-MSE + aggregation MSE + NLL of label"
 
 
 def test_image_segmentation_tiny(tmp_path):

@@ -141,6 +141,7 @@ def test_the_class_conditional_baseline_trains_on_the_configs_prediction_target(
     from mmdiff_jax import tasks
 
     config = get_config("tiny")
+    config.model.prediction = "eps"
     eps_task = tasks.make_class_conditional_ddpm_task(config)
     config.model.prediction = "v"
     task = tasks.make_class_conditional_ddpm_task(config)
