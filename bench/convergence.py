@@ -1,7 +1,7 @@
 """Time to quality of the training recipes (prediction target, loss weighting by t, learned variance) on the
 masked_pretrain model.
 
-  .venv/bin/python bench/convergence.py [--steps 800] [--points 4] [--recipes eps v ... v_importance]
+  .venv/bin/python bench/convergence.py [--steps 800] [--points 4] [--recipes eps v ... v_zero_snr]
       [--num_samples 128] [--workdir workdirs/convergence]
 
 Every recipe trains the masked_pretrain CPU default's MT-Diffusion model (configs/masked_pretrain.py: U-Net,
@@ -15,7 +15,8 @@ measures, on the EMA parameters, with the config's sampler (DPM-Solver++ 2M, 15 
                 masked image observed, no re-imposition (`experiments.restoration.restoration_metric`)
 Recipes: 'eps' (the library default: eps target, uniform t), 'v' (v target), 'eps_min_snr' / 'v_min_snr' (the same
 with min-SNR-5 weighting), 'v_learned' (v target, ADM's learned variance and hybrid loss; docs/design.md section 3d),
-'v_importance' (v target, t drawn by ADM's loss-second-moment resampler, `mmdiff_jax.resample`).
+'v_importance' (v target, t drawn by ADM's loss-second-moment resampler, `mmdiff_jax.resample`), 'v_zero_snr' (v
+target, the linear schedule rescaled to zero terminal SNR, `schedules.rescale_zero_terminal_snr`).
 The sampler reads no variance, so for 'v_learned' the measurements show what the hybrid loss does to the mean. Training time: wall seconds since the recipe's start
 (its compilation included), the measurements excluded; warmup is capped at half of --steps.
 Prints a table, writes bench/results/convergence_<host>.json and .png (both metrics against training
@@ -43,13 +44,15 @@ from experiments import evaluation, restoration, trainer  # noqa: E402
 from mmdiff_jax import sampling, tasks  # noqa: E402
 from mmdiff_jax.training import train_and_evaluate, writers  # noqa: E402
 
-RECIPES = {  # name -> (model.prediction, loss.time_weighting, model.learn_variance, loss.time_sampling)
-    "eps": ("eps", "uniform", False, "uniform"),
-    "v": ("v", "uniform", False, "uniform"),
-    "eps_min_snr": ("eps", "min_snr", False, "uniform"),
-    "v_min_snr": ("v", "min_snr", False, "uniform"),
-    "v_learned": ("v", "uniform", True, "uniform"),
-    "v_importance": ("v", "uniform", False, "importance"),
+RECIPES = {  # name -> (model.prediction, loss.time_weighting, model.learn_variance, loss.time_sampling,
+    #                   diffusion.zero_terminal_snr)
+    "eps": ("eps", "uniform", False, "uniform", False),
+    "v": ("v", "uniform", False, "uniform", False),
+    "eps_min_snr": ("eps", "min_snr", False, "uniform", False),
+    "v_min_snr": ("v", "min_snr", False, "uniform", False),
+    "v_learned": ("v", "uniform", True, "uniform", False),
+    "v_importance": ("v", "uniform", False, "importance", False),
+    "v_zero_snr": ("v", "uniform", False, "uniform", True),
 }
 LABELS = {
     "eps": "eps, uniform t",
@@ -58,6 +61,7 @@ LABELS = {
     "v_min_snr": "v, min-SNR-5",
     "v_learned": "v, learned variance (hybrid loss)",
     "v_importance": "v, importance-sampled t",
+    "v_zero_snr": "v, zero terminal SNR",
 }
 
 
@@ -110,9 +114,10 @@ def main(argv=None) -> None:
     results = {}
     for name in args.recipes:
         config = trainer.copy_config(base)
-        prediction, weighting, learn_variance, sampling_of_t = RECIPES[name]
+        prediction, weighting, learn_variance, sampling_of_t, zero_terminal_snr = RECIPES[name]
         config.model.update(prediction=prediction, learn_variance=learn_variance)
         config.loss.update(time_weighting=weighting, time_sampling=sampling_of_t)
+        config.diffusion.zero_terminal_snr = zero_terminal_snr
         task = tasks.make_mt_diffusion_task(config)
         sample = sampling.make_sample_fn(
             task.model, task.schedule, **evaluation.sampler_options(config.experiment.sampler)

@@ -36,7 +36,7 @@ import ml_collections
 import numpy as np
 
 from experiments import common, conditioning, evaluation, reporting, trainer
-from mmdiff_jax import sampling, targets, tasks
+from mmdiff_jax import sampling, tasks
 from mmdiff_jax.data.fashion_mnist import CLASS_NAMES
 from mmdiff_jax.metrics import agreement
 
@@ -55,7 +55,7 @@ def make_class_conditional_sample_fn(trained: trainer.Trained, section, mesh=Non
     def sample(params, labels, rng):
         def denoise(z_t, t):
             output = model.apply({"params": params}, z_t, t, labels)
-            return sampling.Prediction(targets.eps_from_prediction(schedule, z_t, t, output, prediction))
+            return sampling.prediction_from_output(schedule, z_t, t, output, prediction)
 
         shape = labels.shape[:1] + tuple(trained.config.model.z_shape)
         return jnp.clip(

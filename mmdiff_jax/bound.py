@@ -32,7 +32,7 @@ import jax.numpy as jnp
 
 from mmdiff_jax import diffusion
 from mmdiff_jax.losses import discretized_gaussian_nll, gaussian_nll, normal_kl, sum_per_example
-from mmdiff_jax.schedules import DiffusionSchedule
+from mmdiff_jax.schedules import DiffusionSchedule, has_zero_terminal_snr
 
 Array = jax.Array
 
@@ -68,11 +68,14 @@ def posterior_kl(
     estimated_encodings: Array | None = None,
     variance_kind: str = "small",
     variance_interpolation: Array | None = None,
+    z0_prediction: Array | None = None,
 ) -> Array:
     """L1 term at step t in 2..T: KL( q(z_{t-1} | z_t, z_0, X) || p_theta(z_{t-1} | z_t) ), [B].
 
     Exact Gaussian KL between the posterior (z0-form mean, variance beta~_t) and the reverse step
-    (mean from eps_theta and the estimated encodings, variance per `reverse_log_variance`). It equals
+    (mean from eps_theta and the estimated encodings, variance per `reverse_log_variance`; where abar_t = 0, at
+    the last step of a zero-terminal-SNR schedule, from the model's `z0_prediction`: `diffusion.reverse_mean`).
+    It equals
     || beta_t / (sqrt(alpha_t) sqrt(1 - abar_t)) (eps_theta - eps) + sum_i w_t^(i) (ehat_i - e_i) ||^2
     / (2 sigma_t^2) plus a term that depends only on the variances.
 
@@ -82,7 +85,9 @@ def posterior_kl(
     t = diffusion.check_steps(t, schedule.num_steps, first=2)
     target_mean = diffusion.posterior_mean(schedule, z_t, t, z_0, encodings=encodings)
     target_log_variance = jnp.log(diffusion.posterior_variance(schedule, t))
-    model_mean = diffusion.reverse_mean(schedule, z_t, t, eps_prediction, encodings=estimated_encodings)
+    model_mean = diffusion.reverse_mean(
+        schedule, z_t, t, eps_prediction, encodings=estimated_encodings, z0_prediction=z0_prediction
+    )
     model_log_variance = diffusion.reverse_log_variance(schedule, t, variance_kind, variance_interpolation)
     kl = normal_kl(
         target_mean,
@@ -132,6 +137,7 @@ class DenoiserOutput(NamedTuple):
     estimated_encodings: Array  # [N, B, *S], ehat_i
     recovery_nll: Array  # [B], sum_i -log p_theta(x_i | z_t) over the modalities with heads
     variance_interpolation: Array | None = None  # [B, *S], a learned reverse variance (else `variance_kind`)
+    z0_prediction: Array | None = None  # [B, *S], the model's own z_0 (`targets.model_z0`): needed where abar_t = 0
 
 
 class BoundTerms(NamedTuple):
@@ -175,6 +181,11 @@ def variational_bound(
     t = jax.random.randint(step_rng, (batch,), 2, num_steps + 1) if num_steps >= 2 else jnp.ones((batch,), jnp.int32)
     z_t = diffusion.marginal_sample(schedule, z_0, t, jax.random.normal(noise_rng, z_0.shape), encodings=encodings)
     output = denoise(z_t, t)
+    if output.z0_prediction is None and has_zero_terminal_snr(schedule):
+        raise ValueError(
+            "a zero-terminal-SNR schedule (abar_T = 0) needs the denoiser's own z_0 at t = T: give "
+            "DenoiserOutput.z0_prediction (a 'v' or 'z_0' model, `targets.model_z0`)"
+        )
     if num_steps >= 2:
         kl = posterior_kl(
             schedule,
@@ -186,6 +197,7 @@ def variational_bound(
             estimated_encodings=output.estimated_encodings,
             variance_kind=variance_kind,
             variance_interpolation=output.variance_interpolation,
+            z0_prediction=output.z0_prediction,
         )
         diffusion_term = (num_steps - 1) * kl
     else:
@@ -225,6 +237,7 @@ def variance_vlb(
     *,
     encodings: Array | None = None,
     estimated_encodings: Array | None = None,
+    z0_prediction: Array | None = None,
     discretized: bool = True,
 ) -> Array:
     """The bound's term at step t, L_t in bits per dimension of z_0, [B], that trains a learned variance.
@@ -237,12 +250,13 @@ def variance_vlb(
     is L_simple + lambda L_vlb with L_vlb = T E_t[L_t] (`training_loss`'s `vlb`, `vlb_weight` = lambda).
 
     t: [B] in 1..T; z_t, z_0, eps_prediction: [B, *S] (eps_theta, converted from another target first);
-    encodings, estimated_encodings: [N, B, *S] or None (N = 0).
+    encodings, estimated_encodings: [N, B, *S] or None (N = 0); z0_prediction: [B, *S], the model's own z_0
+    (`targets.model_z0`, frozen too), needed where abar_t = 0 (zero terminal SNR).
     """
     t = diffusion.check_steps(t, schedule.num_steps, first=1)
-    eps_prediction = jax.lax.stop_gradient(eps_prediction)
-    if estimated_encodings is not None:
-        estimated_encodings = jax.lax.stop_gradient(estimated_encodings)
+    eps_prediction, estimated_encodings, z0_prediction = jax.lax.stop_gradient(
+        (eps_prediction, estimated_encodings, z0_prediction)
+    )
     data = data_nll(
         schedule,
         z_t,
@@ -262,6 +276,7 @@ def variance_vlb(
             encodings=encodings,
             estimated_encodings=estimated_encodings,
             variance_interpolation=variance_interpolation,
+            z0_prediction=z0_prediction,
         )
         data = jnp.where(t == 1, data, kl)
     return data / (math.prod(z_0.shape[1:]) * math.log(2.0))

@@ -222,12 +222,21 @@ def posterior_mean_from_eps(
     """mu~_t in eps-form: ( z_t - beta_t / sqrt(1 - abar_t) eps ) / sqrt(alpha_t) - a_t; t in 1..T.
 
     The DDPM posterior mean minus this step's aggregation. Equals `posterior_mean` when
-    z_t = sqrt(abar_t) z_0 + m_t + sqrt(1 - abar_t) eps.
+    z_t = sqrt(abar_t) z_0 + m_t + sqrt(1 - abar_t) eps. Undefined where alpha_t = 0 (the last step of a
+    zero-terminal-SNR schedule, `is_terminal`): there it returns a finite placeholder, so that gradients through
+    `reverse_mean`'s choice of the z0-form stay finite.
     """
     t = check_steps(t, schedule.num_steps, first=1)
     beta, alpha = at_step(schedule.beta, t, z_t), at_step(schedule.alpha, t, z_t)
-    ddpm_mean = (z_t - beta / jnp.sqrt(at_step(schedule.one_minus_alpha_bar, t, z_t)) * eps) / jnp.sqrt(alpha)
+    sqrt_alpha = jnp.sqrt(jnp.where(alpha > 0, alpha, 1.0))
+    ddpm_mean = (z_t - beta / jnp.sqrt(at_step(schedule.one_minus_alpha_bar, t, z_t)) * eps) / sqrt_alpha
     return ddpm_mean - aggregation(schedule, z_t, t, encodings=encodings)
+
+
+def is_terminal(schedule: DiffusionSchedule, t: Array, z: Array) -> Array:
+    """alpha_t = 0, shaped to broadcast against z: the last step of a zero-terminal-SNR schedule, where abar_t = 0
+    and z_t holds no signal, so z_0 cannot be recovered from eps (only from a v or z_0 prediction)."""
+    return at_step(schedule.alpha, t, z) == 0
 
 
 def posterior_variance(schedule: DiffusionSchedule, t: Array) -> Array:
@@ -242,14 +251,25 @@ def posterior_variance(schedule: DiffusionSchedule, t: Array) -> Array:
 
 
 def reverse_mean(
-    schedule: DiffusionSchedule, z_t: Array, t: Array, eps_prediction: Array, *, encodings: Array | None = None
+    schedule: DiffusionSchedule,
+    z_t: Array,
+    t: Array,
+    eps_prediction: Array,
+    *,
+    encodings: Array | None = None,
+    z0_prediction: Array | None = None,
 ) -> Array:
     """mu_theta = ( z_t - beta_t / sqrt(1 - abar_t) eps_theta ) / sqrt(alpha_t) - sum_i w_t^(i) ehat_i.
 
     The eps-form posterior mean evaluated at the model's eps_theta and its encodings ehat_i ([N, *z.shape]):
-    ehat_i = e_i for observed modalities, E_i(D_i(h_theta(z_t, t))) for the rest.
+    ehat_i = e_i for observed modalities, E_i(D_i(h_theta(z_t, t))) for the rest. Where alpha_t = 0 (the last
+    step of a zero-terminal-SNR schedule, `is_terminal`) the eps-form divides by 0 and the z0-form
+    (`posterior_mean`) at the model's `z0_prediction` [B, *S] is taken instead: it must then be given
+    (docs/design.md section 3d); without it those steps give NaN.
     """
-    return posterior_mean_from_eps(schedule, z_t, t, eps_prediction, encodings=encodings)
+    eps_form = posterior_mean_from_eps(schedule, z_t, t, eps_prediction, encodings=encodings)
+    z0_form = jnp.nan if z0_prediction is None else posterior_mean(schedule, z_t, t, z0_prediction, encodings=encodings)
+    return jnp.where(is_terminal(schedule, t, z_t), z0_form, eps_form)
 
 
 def reverse_log_variance(

@@ -228,11 +228,26 @@ def check_modalities(modalities: Sequence[Modality], z_shape: tuple[int, int, in
 
 
 def modality_schedule(
-    noise_kind: str, num_steps: int, modalities: Sequence[Modality], *, modality_normalized: bool = False
+    noise_kind: str,
+    num_steps: int,
+    modalities: Sequence[Modality],
+    *,
+    modality_normalized: bool = False,
+    zero_terminal_snr: bool = False,
 ) -> DiffusionSchedule:
-    """The `DiffusionSchedule` whose weight row i belongs to modalities[i]."""
+    """The `DiffusionSchedule` whose weight row i belongs to modalities[i] (`schedules.make_schedule`)."""
+    kept = [m.name for m in modalities if m.weight_schedule[0] in ("bridge", "constant") and m.weight_schedule[1]]
+    if zero_terminal_snr and kept:
+        raise ValueError(
+            f"zero_terminal_snr (config.diffusion) forces lambda_T = 0 for every modality, but {kept} have 'bridge' or 'constant' "
+            "weights, which keep lambda_T > 0 (z_T would carry them): give them 'bump' or 'zero' weights"
+        )
     return make_schedule(
-        noise_kind, num_steps, [m.weight_schedule for m in modalities], modality_normalized=modality_normalized
+        noise_kind,
+        num_steps,
+        [m.weight_schedule for m in modalities],
+        modality_normalized=modality_normalized,
+        zero_terminal_snr=zero_terminal_snr,
     )
 
 

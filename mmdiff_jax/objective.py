@@ -85,7 +85,8 @@ def make_loss_fn(
 ) -> LossFn:
     """Returns loss_fn(params, batch, rng, train=True) -> (loss, metrics) for this model and schedule.
 
-    Checked here (before any tracing): the schedule has one weight row per modality. Checked on each call,
+    Checked here (before any tracing): the schedule has one weight row per modality, and a zero-terminal-SNR
+    schedule a 'v' or 'z_0' target (`targets.check_prediction`). Checked on each call,
     from static shapes: the batch. Each head's recovery NLL is weighted by its `Modality.loss_weight`.
     Metrics: 'loss', 'eps_mse', 'aggregation_mse', 'recovery/<name>' (mean NLL, nats per example) and
     'accuracy/<name>' for categorical heads.
@@ -95,6 +96,7 @@ def make_loss_fn(
     """
     config = LossConfig.from_any(loss_config)
     check_schedule(model.modalities, schedule)
+    targets.check_prediction(model.prediction, schedule)
     with_heads = {m.name: m for m in model.modalities if m.loss != "none"}
     recovery_weights = {name: float(m.loss_weight) for name, m in with_heads.items()}
     categorical = [name for name, m in with_heads.items() if m.loss == "categorical"]
@@ -146,6 +148,9 @@ def make_loss_fn(
                 output.variance_interpolation,
                 encodings=output.encodings,
                 estimated_encodings=output.estimated_encodings,
+                z0_prediction=targets.model_z0(
+                    schedule, z_t, t, output.prediction, model.prediction, encodings=output.estimated_encodings
+                ),
             )
         loss, metrics = losses.training_loss(
             schedule,

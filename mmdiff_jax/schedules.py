@@ -14,9 +14,11 @@ Pure functions of arrays, no Flax. Schedules are built in float64 NumPy and stor
 dtype: float32, or float64 when x64 is enabled (`jax.config.update("jax_enable_x64", True)`); the math layer
 (`diffusion`, `losses`) then computes in float64 throughout.
 
-Every beta_t must lie in (0, 1): beta_t = 1 makes alpha_bar_T = 0 (zero terminal SNR), where the library's
-eps-prediction cannot recover z_0 (z_0 = (z_t - sqrt(1 - abar_t) eps) / sqrt(abar_t) divides by 0), so such
-schedules are refused.
+Every beta_t must lie in (0, 1), except beta_T, which may be 1: alpha_bar_T = 0, a zero-terminal-SNR schedule
+(Lin et al. 2024; `rescale_zero_terminal_snr` makes one from any schedule). z_T then carries no signal, so
+eps-prediction cannot recover z_0 there (z_0 = (z_t - sqrt(1 - abar_t) eps) / sqrt(abar_t) divides by 0): such
+a schedule needs a v or z_0 denoiser (docs/design.md section 3d), and its aggregation weights must end at
+lambda_T = 0 (`diffusion_schedule`).
 """
 
 from __future__ import annotations
@@ -83,22 +85,23 @@ def default_float(x) -> Array:
 
 
 def schedule_from_beta(beta: np.ndarray | Sequence[float]) -> NoiseSchedule:
-    """Builds a `NoiseSchedule` from beta_1..beta_T (shape [T]), each in (0, 1).
+    """Builds a `NoiseSchedule` from beta_1..beta_T (shape [T]), each in (0, 1) but beta_T in (0, 1].
 
-    Raises ValueError for a beta outside (0, 1), naming the first offending t; in particular beta_t = 1
-    (alpha_bar_T = 0, zero terminal SNR) is refused: eps-prediction cannot sample from it. Clip the betas
-    below 1 instead, e.g. `cosine_beta`'s default max_beta = 0.999.
+    beta_T = 1 gives alpha_bar_T = 0 exactly (zero terminal SNR, see the module docstring). Raises ValueError
+    for a beta outside that range, naming the first offending t; a beta_t = 1 before T would leave no signal
+    for the steps after it.
     """
     beta = np.asarray(beta, dtype=np.float64)
     if beta.ndim != 1 or beta.size == 0:
         raise ValueError(f"beta must be a non-empty vector beta_1..beta_T, got shape {beta.shape}")
-    outside = np.flatnonzero(~((beta > 0) & (beta < 1)))
+    allowed = (beta > 0) & (beta < 1)
+    allowed[-1] |= beta[-1] == 1
+    outside = np.flatnonzero(~allowed)
     if outside.size:
         t = int(outside[0]) + 1
         reason = (
-            " (alpha_bar_T = 0, a zero-terminal-SNR schedule: the eps-prediction models and samplers of this "
-            "library cannot recover z_0 where no signal is left; clip the betas below 1, e.g. the cosine "
-            "schedule's default max_beta=0.999)"
+            f" (only beta_T may be 1, a zero-terminal-SNR schedule; beta_{t} = 1 at t < T = {beta.size} would "
+            "leave no signal for the steps after it)"
             if beta[t - 1] == 1
             else ""
         )
@@ -106,8 +109,33 @@ def schedule_from_beta(beta: np.ndarray | Sequence[float]) -> NoiseSchedule:
     beta = np.concatenate([[0.0], beta])
     alpha = 1.0 - beta
     alpha_bar = np.cumprod(alpha)
-    one_minus_alpha_bar = -np.expm1(np.cumsum(np.log1p(-beta)))
+    with np.errstate(divide="ignore"):  # log1p(-1) = -inf at a zero-terminal-SNR step: 1 - abar_T = 1
+        one_minus_alpha_bar = -np.expm1(np.cumsum(np.log1p(-beta)))
     return NoiseSchedule(*(default_float(a) for a in (beta, alpha, alpha_bar, one_minus_alpha_bar)))
+
+
+def rescale_zero_terminal_snr(schedule: NoiseSchedule) -> NoiseSchedule:
+    """The schedule rescaled to zero terminal SNR (Lin et al. 2024, "Common diffusion noise schedules and
+    sample steps are flawed", Algorithm 1; diffusers' `rescale_betas_zero_snr`).
+
+    sqrt(abar_t) is mapped affinely so that sqrt(abar_1) is kept and sqrt(abar_T) becomes 0:
+      sqrt(abar_t) <- (sqrt(abar_t) - sqrt(abar_T)) sqrt(abar_1) / (sqrt(abar_1) - sqrt(abar_T)),
+    and the betas follow, beta_t = 1 - abar_t / abar_{t-1}, so beta_1 is kept and beta_T = 1. Needs T >= 2.
+    """
+    if schedule.num_steps < 2:
+        raise ValueError("a zero-terminal-SNR schedule needs T >= 2 (with T = 1 no step keeps any signal)")
+    sqrt_alpha_bar = np.sqrt(np.cumprod(1.0 - np.asarray(schedule.beta, np.float64)))
+    first, last = sqrt_alpha_bar[1], sqrt_alpha_bar[-1]
+    sqrt_alpha_bar = (sqrt_alpha_bar[1:] - last) * first / (first - last)
+    alpha_bar = np.concatenate([[1.0], np.square(sqrt_alpha_bar)])
+    return schedule_from_beta(1.0 - alpha_bar[1:] / alpha_bar[:-1])
+
+
+def has_zero_terminal_snr(schedule: NoiseSchedule | DiffusionSchedule) -> bool:
+    """Whether alpha_bar_T = 0 (beta_T = 1), for the checks made before tracing. A traced schedule (a jit
+    argument) cannot be checked and gives False, as traced steps go unchecked in `diffusion`."""
+    alpha = schedule.alpha  # read on the host: indexing it with jnp inside a trace would stage the read
+    return not isinstance(alpha, jax.core.Tracer) and float(np.asarray(alpha)[-1]) == 0.0
 
 
 def linear_beta(num_steps: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> np.ndarray:
@@ -123,7 +151,7 @@ def linear_beta(num_steps: int, beta_start: float = 1e-4, beta_end: float = 0.02
 
 def cosine_beta(num_steps: int, offset: float = 0.008, max_beta: float = 0.999) -> np.ndarray:
     """Improved-DDPM cosine betas [T]: alpha_bar(t) = cos^2(pi/2 (t/T + s) / (1 + s)), betas clipped at
-    `max_beta`, which must be < 1 (the unclipped beta_T is 1: see `schedule_from_beta`)."""
+    `max_beta` (max_beta = 1 keeps the unclipped beta_T = 1: zero terminal SNR, see `schedule_from_beta`)."""
     steps = np.arange(num_steps + 1, dtype=np.float64) / num_steps
     f = np.cos((steps + offset) / (1 + offset) * math.pi / 2) ** 2
     return np.minimum(1.0 - f[1:] / f[:-1], max_beta)
@@ -178,6 +206,9 @@ def lambda_from_w(w: Array, alpha: Array) -> Array:
 def w_from_lambda(lambda_: Array, alpha: Array) -> Array:
     """w_t = lambda_t / sqrt(alpha_t) - lambda_{t-1} for t >= 1, w_0 = 0.
 
+    Where alpha_t = 0 (beta_T = 1, zero terminal SNR) lambda_t = sqrt(alpha_t) (lambda_{t-1} + w_t) is 0 whatever
+    w_t, and w_t is taken as its limit -lambda_{t-1} (lambda_T must be 0 there: `diffusion_schedule` checks).
+
     Args:
       lambda_: [..., T + 1] with lambda_0 = 0 (a nonzero lambda_0 is rejected by `diffusion_schedule`).
       alpha: [T + 1].
@@ -185,7 +216,9 @@ def w_from_lambda(lambda_: Array, alpha: Array) -> Array:
       [..., T + 1].
     """
     lambda_ = default_float(lambda_)
-    w = lambda_[..., 1:] / jnp.sqrt(default_float(alpha)[1:]) - lambda_[..., :-1]
+    sqrt_alpha = jnp.sqrt(default_float(alpha)[1:])
+    ratio = jnp.where(sqrt_alpha > 0, lambda_[..., 1:] / jnp.where(sqrt_alpha > 0, sqrt_alpha, 1.0), 0.0)
+    w = ratio - lambda_[..., :-1]
     return jnp.concatenate([jnp.zeros_like(lambda_[..., :1]), w], axis=-1)
 
 
@@ -245,6 +278,13 @@ def diffusion_schedule(
     lambdas = _weight_matrix(lambdas, length)
     if np.any(lambdas[:, 0] != 0):
         raise ValueError("lambda_0 must be 0: z_0 carries no encoding")
+    if has_zero_terminal_snr(noise) and np.any(lambdas[:, -1] != 0):
+        rows = np.flatnonzero(lambdas[:, -1] != 0).tolist()
+        raise ValueError(
+            f"a zero-terminal-SNR schedule (beta_T = 1) forces lambda_T = sqrt(alpha_T) (lambda_T-1 + w_T) = 0, but "
+            f"the weights of modalities {rows} end at lambda_T = {lambdas[rows[0], -1]:g}: use 'zero' or 'bump' "
+            "weights ('bridge' and 'constant' keep lambda_T > 0), or a schedule with beta_T < 1"
+        )
     lambdas = default_float(lambdas)
     return DiffusionSchedule(*noise, w=w_from_lambda(lambdas, noise.alpha), lambda_=lambdas)
 
@@ -255,13 +295,17 @@ def make_schedule(
     weights: Sequence[tuple[str, float]] = (),
     *,
     modality_normalized: bool = False,
+    zero_terminal_snr: bool = False,
 ) -> DiffusionSchedule:
     """The schedule a config describes: a named noise schedule and one (kind, gamma) per modality.
 
     Example: `make_schedule('linear', 1000, [('bump', 1.0), ('bridge', 0.5)])`. With
-    `modality_normalized`, alpha_t is replaced by alpha_t / (N + 1) before the weights are built.
+    `modality_normalized`, alpha_t is replaced by alpha_t / (N + 1) before the weights are built; then, with
+    `zero_terminal_snr`, the noise schedule is rescaled to abar_T = 0 (`rescale_zero_terminal_snr`).
     """
     noise = noise_schedule(noise_kind, num_steps)
     if modality_normalized:
         noise = normalize_by_modalities(noise, len(weights))
+    if zero_terminal_snr:
+        noise = rescale_zero_terminal_snr(noise)
     return diffusion_schedule(noise, [weight_schedule(kind, noise, gamma) for kind, gamma in weights])

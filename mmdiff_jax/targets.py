@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from mmdiff_jax import diffusion
-from mmdiff_jax.schedules import DiffusionSchedule
+from mmdiff_jax.schedules import DiffusionSchedule, has_zero_terminal_snr
 
 Array = jax.Array
 
@@ -23,10 +23,18 @@ Array = jax.Array
 PREDICTIONS = ("eps", "v", "z_0")
 
 
-def check_prediction(kind: str) -> None:
-    """ValueError unless `kind` is one of PREDICTIONS."""
+def check_prediction(kind: str, schedule: DiffusionSchedule | None = None) -> None:
+    """ValueError unless `kind` is one of PREDICTIONS, and, given a (concrete) schedule with zero terminal SNR
+    (`schedules.has_zero_terminal_snr`), unless it is 'v' or 'z_0': at abar_T = 0 an eps-prediction says nothing
+    about z_0 (docs/design.md section 3d)."""
     if kind not in PREDICTIONS:
         raise ValueError(f"unknown prediction target {kind!r}; known: {PREDICTIONS}")
+    if kind == "eps" and schedule is not None and has_zero_terminal_snr(schedule):
+        raise ValueError(
+            "a zero-terminal-SNR schedule (abar_T = 0, config.diffusion.zero_terminal_snr) needs the 'v' or 'z_0' "
+            "prediction target (config.model.prediction): at t = T, z_T = eps holds no signal, and eps-prediction "
+            "cannot recover z_0 from it"
+        )
 
 
 def prediction_target(schedule: DiffusionSchedule, z_0: Array, t: Array, eps: Array, kind: str) -> Array:
@@ -40,6 +48,14 @@ def prediction_target(schedule: DiffusionSchedule, z_0: Array, t: Array, eps: Ar
     return jnp.sqrt(alpha_bar) * eps - jnp.sqrt(diffusion.at_step(schedule.one_minus_alpha_bar, t, z_0)) * z_0
 
 
+def _plain_chain(schedule: DiffusionSchedule, z_t: Array, t: Array, encodings: Array | None):
+    """(u_t = z_t - m_t, sqrt(abar_t), sqrt(1 - abar_t)) at steps t in 1..T, shaped like z_t."""
+    t = diffusion.check_steps(t, schedule.num_steps, first=1)
+    u_t = z_t - diffusion.encoding_mean(schedule, z_t, t, encodings=encodings)
+    signal = jnp.sqrt(diffusion.at_step(schedule.alpha_bar, t, z_t))
+    return u_t, signal, jnp.sqrt(diffusion.at_step(schedule.one_minus_alpha_bar, t, z_t))
+
+
 def eps_from_prediction(
     schedule: DiffusionSchedule, z_t: Array, t: Array, prediction: Array, kind: str, *, encodings: Array | None = None
 ) -> Array:
@@ -49,13 +65,31 @@ def eps_from_prediction(
         return prediction
     if kind == "z_0":
         return diffusion.eps_from_z0(schedule, z_t, t, prediction, encodings=encodings)
-    t = diffusion.check_steps(t, schedule.num_steps, first=1)
-    u_t = z_t - diffusion.encoding_mean(schedule, z_t, t, encodings=encodings)
-    alpha_bar, one_minus = (
-        diffusion.at_step(schedule.alpha_bar, t, z_t),
-        diffusion.at_step(schedule.one_minus_alpha_bar, t, z_t),
-    )
-    return jnp.sqrt(alpha_bar) * prediction + jnp.sqrt(one_minus) * u_t
+    u_t, signal, noise = _plain_chain(schedule, z_t, t, encodings)
+    return signal * prediction + noise * u_t
+
+
+def z0_from_prediction(
+    schedule: DiffusionSchedule, z_t: Array, t: Array, prediction: Array, kind: str, *, encodings: Array | None = None
+) -> Array:
+    """z_0 from a denoiser's output of kind `kind` at z_t; t in 1..T. For 'v' and 'z_0' it is finite at every
+    step, abar_t = 0 included (z_0 = -v there); for 'eps' it is `diffusion.z0_from_eps` (inf where abar_t = 0)."""
+    check_prediction(kind)
+    if kind == "z_0":
+        return prediction
+    if kind == "eps":
+        return diffusion.z0_from_eps(schedule, z_t, t, prediction, encodings=encodings)
+    u_t, signal, noise = _plain_chain(schedule, z_t, t, encodings)
+    return signal * u_t - noise * prediction
+
+
+def model_z0(
+    schedule: DiffusionSchedule, z_t: Array, t: Array, prediction: Array, kind: str, *, encodings: Array | None = None
+) -> Array | None:
+    """The z_0 a denoiser of target `kind` gives at every step, abar_t = 0 included: `z0_from_prediction` for 'v'
+    and 'z_0'; None for 'eps', whose z_0 is undefined there (the samplers and the bound derive it from eps
+    elsewhere, and read this only where abar_t = 0)."""
+    return None if kind == "eps" else z0_from_prediction(schedule, z_t, t, prediction, kind, encodings=encodings)
 
 
 def prediction_from_eps(
@@ -67,13 +101,8 @@ def prediction_from_eps(
         return eps
     if kind == "z_0":
         return diffusion.z0_from_eps(schedule, z_t, t, eps, encodings=encodings)
-    t = diffusion.check_steps(t, schedule.num_steps, first=1)
-    u_t = z_t - diffusion.encoding_mean(schedule, z_t, t, encodings=encodings)
-    alpha_bar, one_minus = (
-        diffusion.at_step(schedule.alpha_bar, t, z_t),
-        diffusion.at_step(schedule.one_minus_alpha_bar, t, z_t),
-    )
-    return (eps - jnp.sqrt(one_minus) * u_t) / jnp.sqrt(alpha_bar)
+    u_t, signal, noise = _plain_chain(schedule, z_t, t, encodings)
+    return (eps - noise * u_t) / signal
 
 
 TIME_WEIGHTINGS = ("uniform", "min_snr")

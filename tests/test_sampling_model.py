@@ -107,14 +107,15 @@ def setup():
         )
 
 
-def independent_chain(setup, masked_image_observed=True, prediction="eps"):
+def independent_chain(setup, masked_image_observed=True, prediction="eps", schedule=None):
     """DDIM eta = 0 written out from docs/design.md with ehat stated independently of the sampler: the probe's
     E(x) for the observed masked image (or E(D(h)) if not observed), E(D(h)) for the label (softmax
     expectation of the normalised table) and the segmentation (normalised conv of the head's softmax), and
     the source image itself (identity encoder, always observed). `prediction`: what the network's output is
-    read as (v: eps = sqrt(abar_t) v + sqrt(1 - abar_t) (z_t - m_t); z_0: eps = (z_t - m_t - sqrt(abar_t) z_0)
-    / sqrt(1 - abar_t))."""
-    model, schedule, variables = setup["model"], setup["schedule"], setup["variables"]
+    read as (v: eps = sqrt(abar_t) v + sqrt(1 - abar_t) (z_t - m_t), z_0 = sqrt(abar_t) (z_t - m_t) - sqrt(1 - abar_t) v;
+    z_0: eps = (z_t - m_t - sqrt(abar_t) z_0) / sqrt(1 - abar_t)). `schedule`: another than the setup's."""
+    model, variables = setup["model"], setup["variables"]
+    schedule = setup["schedule"] if schedule is None else schedule
     network = jax.jit(lambda z, t: model.apply(variables, z, t, {"source": setup["source"]}, method=model.predict))
     segmentation_conv = variables["params"]["encoders_segmentation"]["conv"]
     encode_segmentation = jax.jit(
@@ -152,7 +153,11 @@ def independent_chain(setup, masked_image_observed=True, prediction="eps"):
             "v": np.sqrt(alpha_bar[t]) * output + np.sqrt(one_minus[t]) * u_t,
             "z_0": (u_t - np.sqrt(alpha_bar[t]) * output) / np.sqrt(one_minus[t]),
         }[prediction]
-        z_0 = (z - m(t, encodings) - np.sqrt(one_minus[t]) * eps) / np.sqrt(alpha_bar[t])
+        z_0 = {
+            "eps": (u_t - np.sqrt(one_minus[t]) * eps) / np.sqrt(alpha_bar[t]) if prediction == "eps" else None,
+            "v": np.sqrt(alpha_bar[t]) * u_t - np.sqrt(one_minus[t]) * output,
+            "z_0": output,
+        }[prediction]
         z = np.sqrt(alpha_bar[s]) * z_0 + np.sqrt(one_minus[s]) * eps + m(s, encodings)
     return z, heads
 
@@ -189,6 +194,21 @@ def test_a_model_predicting_v_or_z0_samples_through_its_eps(setup, prediction):
     np.testing.assert_allclose(samples.z_0, expected, atol=2e-4, rtol=1e-4)
     as_eps, _ = independent_chain(setup)
     assert np.abs(as_eps - expected).mean() > 0.05  # the reading matters
+
+
+def test_a_v_model_samples_a_zero_terminal_snr_chain(setup):
+    """On a zero-terminal-SNR schedule (bump weights: lambda_T = 0) the first step from T reads the network's own
+    z_0 = -v (eps = z_T carries no signal), the rest as above: the chain written out independently; an eps model
+    is refused before tracing."""
+    noise = schedules.rescale_zero_terminal_snr(schedules.schedule_from_beta(np.linspace(0.05, 0.3, NUM_STEPS)))
+    schedule = schedules.diffusion_schedule(noise, [schedules.weight_schedule("bump", noise, 1.0)] * 4)
+    model = setup["model"].clone(prediction="v")
+    sample = make_sample_fn(model, schedule, method="ddim", num_steps=4, eta=0.0, clip_denoised=False)
+    samples = sample(setup["variables"], jax.random.key(5), setup["observed"], prior_noise=setup["prior_noise"])
+    expected, _ = independent_chain(setup, prediction="v", schedule=schedule)
+    np.testing.assert_allclose(samples.z_0, expected, atol=2e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="needs the 'v' or 'z_0' prediction target"):
+        make_sample_fn(setup["model"], schedule)(setup["variables"], jax.random.key(5), setup["observed"])
 
 
 def test_transition_observes_the_source_image(setup):

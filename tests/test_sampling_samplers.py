@@ -206,20 +206,6 @@ def test_ddim_eta1_on_the_full_schedule_is_ddpm():
     assert np.abs(np.asarray(other) - np.asarray(ddpm)).mean() > 0.1  # the match is not trivial
 
 
-@pytest.mark.parametrize(
-    "make_noise",
-    [
-        lambda: schedules.noise_schedule("cosine", 20, max_beta=1.0),
-        lambda: schedules.schedule_from_beta(np.r_[np.full(19, 0.1), 1.0]),
-    ],
-    ids=["cosine_max_beta_1", "last_beta_1"],
-)
-def test_zero_terminal_snr_schedules_are_refused(make_noise):
-    """alpha_bar_T = 0 leaves no signal for eps-prediction: sampling gave NaN even with the exact denoiser."""
-    with pytest.raises(ValueError, match=r"beta_20 = 1 .*zero-terminal-SNR.*max_beta=0.999"):
-        make_noise()
-
-
 def test_exact_denoiser_samples_point_data_on_a_clipped_cosine_schedule():
     """Data concentrated at 0.3, the exact eps = (z_t - sqrt(abar_t) 0.3 - m_t) / sqrt(1 - abar_t) on the
     cosine T = 20 schedule with its default max_beta = 0.999 (and an observed bump modality): DDPM and DDIM

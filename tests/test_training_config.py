@@ -63,6 +63,18 @@ def test_default_and_tiny_configs_validate(config):
         (lambda c: c.optim.__setitem__("schedule", "exponential"), "optim.schedule must be one of"),
         (lambda c: c.loss.__setitem__("time_weighting", "snr"), r"config.loss.time_weighting: unknown 'snr'"),
         (lambda c: c.model.__setitem__("prediction", "x0"), r"unknown prediction target 'x0'"),
+        (
+            lambda c: c.diffusion.__setitem__("zero_terminal_snr", True),
+            r"config.diffusion.zero_terminal_snr\) needs the 'v' or 'z_0' prediction target \(config.model.prediction",
+        ),
+        (
+            lambda c: (
+                c.diffusion.__setitem__("zero_terminal_snr", True),
+                c.model.__setitem__("prediction", "v"),
+                c.model.modalities.masked_image.__setitem__("weight_schedule", ("bridge", 1.0)),
+            ),
+            r"zero_terminal_snr \(config.diffusion\) forces lambda_T = 0 .* \['masked_image'\] have 'bridge'",
+        ),
         (lambda c: c.train.__setitem__("best_mode", "best"), "best_mode must be 'min' or 'max'"),
         (lambda c: c.__setitem__("prng_impl", "philox"), r"config.prng_impl must be one of \('threefry2x32', 'rbg'\)"),
     ],
@@ -73,6 +85,14 @@ def test_semantic_errors_name_the_key(config, mutate, message):
     mutate(broken)
     with pytest.raises(ValueError, match=message):
         validate(broken, num_devices=1)  # one device, whatever XLA_FLAGS the caller set
+
+
+def test_a_zero_terminal_snr_config_builds_its_schedule(config):
+    zero_snr = copy.deepcopy(config)
+    zero_snr.diffusion.zero_terminal_snr, zero_snr.model.prediction = True, "v"
+    schedule = validate(zero_snr, num_devices=1).schedule
+    assert float(schedule.alpha_bar[-1]) == 0 and float(schedule.lambda_[0, -1]) == 0
+    assert float(validate(config, num_devices=1).schedule.alpha_bar[-1]) > 0
 
 
 def test_batch_must_split_over_devices_and_micro_batches(config):
@@ -123,6 +143,11 @@ def test_signature_and_shape_differences_are_named():
     rematerialised = get_config()
     rematerialised.model.unet.remat = "nothing_saveable"  # same parameters: a checkpoint restores either way
     assert model_signature(rematerialised) == model_signature(get_config())
+    # A key added later joins the signature only away from its default: older checkpoints restore.
+    assert "zero_terminal_snr" not in model_signature(get_config())["diffusion"]
+    zero_snr = get_config()
+    zero_snr.diffusion.zero_terminal_snr = True
+    assert model_signature(zero_snr)["diffusion"]["zero_terminal_snr"] is True
     old = {"params": {"w": jax.ShapeDtypeStruct((3, 4), np.float32), "gone": jax.ShapeDtypeStruct((2,), np.float32)}}
     new = {"params": {"w": jax.ShapeDtypeStruct((3, 5), np.float32), "new": jax.ShapeDtypeStruct((1,), np.float32)}}
     assert checkpoint_lib.shape_differences(old, new) == [

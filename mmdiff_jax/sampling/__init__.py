@@ -41,6 +41,7 @@ _EXPORTS = {
             "ddim_step",
             "ddpm_sample",
             "ddpm_step",
+            "prediction_from_output",
             "prior_sample",
             "respace",
         ),

@@ -26,7 +26,7 @@ from mmdiff_jax.models.mt_diffusion import MTDiffusion
 from mmdiff_jax.sampling.guidance import classifier_free_guidance, classifier_guidance
 from mmdiff_jax.sampling.restoration import known_region_hook
 from mmdiff_jax.sampling.methods import check_sampler, sample_chain
-from mmdiff_jax.sampling.samplers import Denoise, Prediction, SamplerOutput
+from mmdiff_jax.sampling.samplers import Denoise, Prediction, SamplerOutput, prediction_from_output
 from mmdiff_jax.schedules import DiffusionSchedule
 
 Array = jax.Array
@@ -96,25 +96,32 @@ def guidance_passes(
 def make_denoise(
     model: MTDiffusion, schedule: DiffusionSchedule, variables: Any, observed: Observed, cfg_scales: CfgScales = None
 ) -> Denoise:
-    """denoise(z_t, t) -> Prediction(eps, ehat, heads, learned variance) through `MTDiffusion.predict` (eval mode).
+    """denoise(z_t, t) -> Prediction(eps, ehat, heads, learned variance, z_0) through `MTDiffusion.predict` (eval mode).
 
-    eps is the model's output converted from its `prediction` target ('v', 'z_0') where it predicts another
-    (`targets.eps_from_prediction`, with its own ehat in m_t), before guidance combines passes.
+    eps (and, for 'v' and 'z_0' targets, z_0) come from the model's output by `prediction_from_output`, with its
+    own ehat in m_t, before guidance combines passes.
 
     ehat_i = E_i(x_i) for the modalities in `observed`, E_i(D_i(h)) for the others; aux = the heads'
     raw outputs (logits or means), name -> array. The denoiser sees every observed conditioned modality;
     with `cfg_scales` (see `guidance_passes`) the predictions of every condition set come from one model
     call on the passes stacked along the batch, combined by `guidance.classifier_free_guidance`.
     """
+    targets.check_prediction(model.prediction, schedule)
     variables = model_variables(variables)
     passes = guidance_passes(model, observed, cfg_scales)
 
     def predict(z_t, t, observed_data, present=None):
         output = model.apply(variables, z_t, t, dict(observed_data), train=False, present=present, method=model.predict)
-        eps = targets.eps_from_prediction(
-            schedule, z_t, t, output.prediction, model.prediction, encodings=output.estimated_encodings
+        return prediction_from_output(
+            schedule,
+            z_t,
+            t,
+            output.prediction,
+            model.prediction,
+            encodings=output.estimated_encodings,
+            aux=output.heads,
+            variance_interpolation=output.variance_interpolation,
         )
-        return Prediction(eps, output.estimated_encodings, output.heads, output.variance_interpolation)
 
     if passes is None:
         return lambda z_t, t: predict(z_t, t, observed)
@@ -136,11 +143,8 @@ def make_denoise(
                 x.reshape(x.shape[:axis] + (count, batch) + x.shape[axis + 1 :]), axis, 0
             )
         )
-        stacked = Prediction(
-            split(output.eps),
-            split(output.estimated_encodings, 1),
-            jax.tree.map(split, output.aux),
-            None if output.variance_interpolation is None else split(output.variance_interpolation),
+        stacked = jax.tree.map(split, output._replace(estimated_encodings=None))._replace(
+            estimated_encodings=split(output.estimated_encodings, 1)
         )
         return classifier_free_guidance(stacked, scales)
 

@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mmdiff_jax import diffusion
-from mmdiff_jax.sampling.samplers import Denoise, Prediction, SamplerOutput, StepHook, respace, run_chain
+from mmdiff_jax.sampling.samplers import Denoise, Prediction, SamplerOutput, StepHook, denoised, respace, run_chain
 from mmdiff_jax.schedules import DiffusionSchedule
 
 Array = jax.Array
@@ -55,8 +55,8 @@ def half_log_snr(schedule: DiffusionSchedule) -> np.ndarray:
 def _log_alpha_sigma(schedule: DiffusionSchedule) -> tuple[np.ndarray, np.ndarray]:
     """(log alpha_t, log sigma_t), t = 0..T, float64 on the host (the schedule must be concrete: closed over,
     not a jit argument)."""
-    log_abar = np.cumsum(np.log(np.asarray(schedule.alpha, np.float64)))
-    with np.errstate(divide="ignore"):
+    with np.errstate(divide="ignore"):  # log 0: lambda_0 = inf, and lambda_T = -inf at zero terminal SNR
+        log_abar = np.cumsum(np.log(np.asarray(schedule.alpha, np.float64)))
         return 0.5 * log_abar, 0.5 * np.log(-np.expm1(log_abar))
 
 
@@ -71,7 +71,8 @@ def solver_timesteps(schedule: DiffusionSchedule, num_steps: int, spacing: str =
         steps = respace(T, num_steps)
     else:
         lam = half_log_snr(schedule)[1:]  # lambda_1 .. lambda_T, decreasing in t
-        targets = np.linspace(lam[-1], lam[0], num_steps)  # from lambda_T up to lambda_1
+        start = lam[-1] if np.isfinite(lam[-1]) else lam[-2]  # lambda_T = -inf at zero terminal SNR (T is kept)
+        targets = np.linspace(start, lam[0], num_steps)  # from lambda_T up to lambda_1
         steps = 1 + np.searchsorted(-lam, -targets).clip(0, T - 1)  # the first t with lambda_t <= target
         nearer = (steps > 1) & (np.abs(lam[steps - 2] - targets) < np.abs(lam[steps - 1] - targets))
         steps = np.where(nearer, steps - 1, steps)
@@ -84,22 +85,25 @@ def solver_timesteps(schedule: DiffusionSchedule, num_steps: int, spacing: str =
 def data_prediction(
     schedule: DiffusionSchedule, z_t: Array, t: Array, prediction: Prediction, clip_denoised: bool
 ) -> Array:
-    """x_theta = u0hat = (u_t - sigma_t eps) / alpha_t, clipped to [-1, 1] with `clip_denoised`."""
-    t = jnp.broadcast_to(t, z_t.shape[:1])
-    x = diffusion.z0_from_eps(schedule, z_t, t, prediction.eps, encodings=prediction.estimated_encodings)
-    return jnp.clip(jnp.nan_to_num(x), -1.0, 1.0) if clip_denoised else x
+    """x_theta = u0hat = (u_t - sigma_t eps) / alpha_t (the prediction's own z_0 where alpha_t = 0), clipped to
+    [-1, 1] with `clip_denoised` (`samplers.denoised`)."""
+    return denoised(schedule, z_t, jnp.broadcast_to(t, z_t.shape[:1]), prediction, clip_denoised)[1]
 
 
 def midpoint_steps(schedule: DiffusionSchedule, timesteps: np.ndarray) -> np.ndarray:
     """2S's second model call on each step t -> s of the chain `timesteps`: the integer step strictly between s
-    and t nearest the half-way point in lambda, or -1 where there is none (or s = 0), [len(timesteps) - 1]."""
+    and t nearest the half-way point in lambda, or -1 where there is none (or s = 0, or lambda_t = -inf at a
+    zero-terminal-SNR T, which has no half-way point), [len(timesteps) - 1]."""
     log_alpha, log_sigma = _log_alpha_sigma(schedule)
     lam = log_alpha - log_sigma
     midpoints = []
     for t, s in zip(timesteps[:-1], timesteps[1:]):
         inside = np.arange(s + 1, t)
+        if s == 0 or not len(inside) or not np.isfinite(lam[t]):
+            midpoints.append(-1)
+            continue
         target = lam[t] + 0.5 * (lam[s] - lam[t])
-        midpoints.append(int(inside[np.argmin(np.abs(lam[inside] - target))]) if s > 0 and len(inside) else -1)
+        midpoints.append(int(inside[np.argmin(np.abs(lam[inside] - target))]))
     return np.asarray(midpoints, np.int32)
 
 

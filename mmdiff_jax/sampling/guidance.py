@@ -65,7 +65,7 @@ def classifier_guidance(
         (read from `prediction.aux`).
       scale: guidance scale (0 turns guidance off).
     Returns:
-      A denoiser with the same estimated encodings and aux as `denoise` and the shifted eps.
+      A denoiser with the same estimated encodings and aux as `denoise` and the shifted eps (and z_0).
     """
 
     def guided(z_t: Array, t: Array) -> Prediction:
@@ -74,7 +74,14 @@ def classifier_guidance(
             return jnp.sum(log_likelihood(prediction)), prediction
 
         gradient, prediction = jax.grad(objective, has_aux=True)(z_t)
-        noise_scale = jnp.sqrt(diffusion.at_step(schedule.one_minus_alpha_bar, t, z_t))
-        return prediction._replace(eps=prediction.eps - scale * noise_scale * gradient)
+        one_minus = diffusion.at_step(schedule.one_minus_alpha_bar, t, z_t)
+        guided = prediction._replace(eps=prediction.eps - scale * jnp.sqrt(one_minus) * gradient)
+        if prediction.z_0 is None:
+            return guided
+        # The same shift of z_0 = (u_t - sqrt(1 - abar_t) eps) / sqrt(abar_t): + scale (1 - abar_t) / sqrt(abar_t)
+        # times the gradient, taken as 0 where abar_t = 0 (z_T holds no signal: p(y | z_T) = p(y)).
+        alpha_bar = diffusion.at_step(schedule.alpha_bar, t, z_t)
+        shift = jnp.where(alpha_bar > 0, one_minus / jnp.sqrt(jnp.where(alpha_bar > 0, alpha_bar, 1.0)), 0.0)
+        return guided._replace(z_0=prediction.z_0 + scale * shift * gradient)
 
     return guided

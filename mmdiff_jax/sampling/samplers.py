@@ -49,8 +49,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mmdiff_jax import diffusion
-from mmdiff_jax.schedules import DiffusionSchedule
+from mmdiff_jax import diffusion, targets
+from mmdiff_jax.schedules import DiffusionSchedule, has_zero_terminal_snr
 
 Array = jax.Array
 
@@ -64,6 +64,10 @@ class Prediction(NamedTuple):
     # [B, *S], a learned reverse variance (`diffusion.reverse_log_variance`'s interpolation): DDPM steps use it
     # in place of their fixed `variance`; DDIM and DPM-Solver do not read a variance.
     variance_interpolation: Array | None = None
+    # [B, *S], the denoiser's own z_0 estimate where its target gives one at every step (v, z_0; None for eps, whose
+    # z_0 is derived from eps). Read only where alpha_t = 0 (the last step of a zero-terminal-SNR schedule), where
+    # eps = u_T carries no information about z_0 (docs/design.md section 3d).
+    z_0: Array | None = None
 
 
 class SamplerOutput(NamedTuple):
@@ -93,14 +97,39 @@ def _constrain(x: Array, sharding: jax.sharding.Sharding | None) -> Array:
     return x if sharding is None else jax.lax.with_sharding_constraint(x, sharding)
 
 
-def _clip_prediction(schedule: DiffusionSchedule, z_t: Array, t: Array, prediction: Prediction) -> Array:
-    """eps recomputed from z0hat clipped to [-1, 1], with the same ehat in m_t."""
+def prediction_from_output(
+    schedule: DiffusionSchedule,
+    z_t: Array,
+    t: Array,
+    output: Array,
+    kind: str,
+    *,
+    encodings: Array | None = None,
+    **fields: Any,
+) -> Prediction:
+    """The samplers' `Prediction` from a network's output of target `kind` ('eps', 'v', 'z_0') at (z_t, t): eps by
+    `targets.eps_from_prediction` (ehat = `encodings` in m_t), and for 'v' and 'z_0' the network's own z_0
+    (`targets.model_z0`), which the samplers read where abar_t = 0. `fields`: aux, variance_interpolation."""
+    eps = targets.eps_from_prediction(schedule, z_t, t, output, kind, encodings=encodings)
+    z_0 = targets.model_z0(schedule, z_t, t, output, kind, encodings=encodings)
+    return Prediction(eps, encodings, z_0=z_0, **fields)
+
+
+def denoised(
+    schedule: DiffusionSchedule, z_t: Array, t: Array, prediction: Prediction, clip_denoised: bool = False
+) -> tuple[Array, Array]:
+    """(eps, z0hat) of a prediction at (z_t, t): z0hat = `diffusion.z0_from_eps` with its ehat in m_t, or the
+    prediction's own z_0 where alpha_t = 0 (`diffusion.is_terminal`). With `clip_denoised`, z0hat is clipped to
+    [-1, 1] and eps recomputed from it (`diffusion.eps_from_z0`, the same ehat)."""
     encodings = prediction.estimated_encodings
+    z_0 = diffusion.z0_from_eps(schedule, z_t, t, prediction.eps, encodings=encodings)
+    if prediction.z_0 is not None:
+        z_0 = jnp.where(diffusion.is_terminal(schedule, t, z_t), prediction.z_0, z_0)
+    if not clip_denoised:
+        return prediction.eps, z_0
     # Where abar_t underflows z0hat is inf but irrelevant: eps_from_z0 weighs it by sqrt(abar_t) = 0.
-    z_0 = jnp.clip(
-        jnp.nan_to_num(diffusion.z0_from_eps(schedule, z_t, t, prediction.eps, encodings=encodings)), -1.0, 1.0
-    )
-    return diffusion.eps_from_z0(schedule, z_t, t, z_0, encodings=encodings)
+    z_0 = jnp.clip(jnp.nan_to_num(z_0), -1.0, 1.0)
+    return diffusion.eps_from_z0(schedule, z_t, t, z_0, encodings=encodings), z_0
 
 
 def prior_sample(denoise: Denoise, schedule: DiffusionSchedule, noise: Array, *, refinements: int = 1) -> Array:
@@ -129,8 +158,15 @@ def ddpm_step(
     """One ancestral step t -> t - 1 (t [B] or [] in 1..T): mu_theta + sigma_t noise, no noise where t = 1.
 
     sigma_t^2: the prediction's learned variance where it has one, else `variance` ('small' or 'large')."""
-    eps = _clip_prediction(schedule, z_t, t, prediction) if clip_denoised else prediction.eps
-    mean = diffusion.reverse_mean(schedule, z_t, t, eps, encodings=prediction.estimated_encodings)
+    eps, z_0 = denoised(schedule, z_t, t, prediction, clip_denoised)
+    mean = diffusion.reverse_mean(
+        schedule,
+        z_t,
+        t,
+        eps,
+        encodings=prediction.estimated_encodings,
+        z0_prediction=None if prediction.z_0 is None else z_0,
+    )
     log_variance = diffusion.reverse_log_variance(schedule, t, variance, prediction.variance_interpolation)
     scale = jnp.exp(0.5 * diffusion.expand_to(log_variance, z_t))
     return mean + jnp.where(diffusion.expand_to(t > 1, z_t), scale, 0.0) * noise
@@ -165,14 +201,18 @@ def ddim_step(
 
     z_s = sqrt(abar_s) z0hat + sqrt(1 - abar_s - sigma_ts^2) eps + m_s + sigma_ts noise,
     computed as sqrt(abar_s / abar_t) (z_t - m_t - sqrt(1 - abar_t) eps) + ... (the ratio from log abar), which
-    stays finite where abar_t underflows.
+    stays finite where abar_t underflows; where abar_t = 0 (the last step of a zero-terminal-SNR schedule) the
+    prediction's own z_0 gives sqrt(abar_s) z0hat.
     """
     encodings = prediction.estimated_encodings
-    eps = _clip_prediction(schedule, z_t, t, prediction) if clip_denoised else prediction.eps
+    eps, z_0 = denoised(schedule, z_t, t, prediction, clip_denoised)
     log_alpha_bar = _log_alpha_bar(schedule)
     signal_ratio = jnp.exp(0.5 * (diffusion.at_step(log_alpha_bar, s, z_t) - diffusion.at_step(log_alpha_bar, t, z_t)))
     u_t = z_t - diffusion.encoding_mean(schedule, z_t, t, encodings=encodings)
     scaled_z_0 = signal_ratio * (u_t - jnp.sqrt(diffusion.at_step(schedule.one_minus_alpha_bar, t, z_t)) * eps)
+    if prediction.z_0 is not None:
+        terminal = diffusion.is_terminal(schedule, t, z_t)
+        scaled_z_0 = jnp.where(terminal, jnp.sqrt(diffusion.at_step(schedule.alpha_bar, s, z_t)) * z_0, scaled_z_0)
     sigma = diffusion.expand_to(ddim_sigma(schedule, t, s, eta), z_t)
     direction = jnp.sqrt(jnp.maximum(diffusion.at_step(schedule.one_minus_alpha_bar, s, z_t) - sigma**2, 0.0))
     return scaled_z_0 + direction * eps + diffusion.encoding_mean(schedule, z_t, s, encodings=encodings) + sigma * noise
@@ -222,8 +262,13 @@ def run_chain(
         prior_sample(denoise, schedule, _constrain(prior_noise, sharding), refinements=prior_refinements), sharding
     )
     batch = shape[:1]
-    aux_shape = jax.eval_shape(denoise, z_T, jnp.ones(batch, jnp.int32)).aux
-    aux = jax.tree.map(lambda leaf: jnp.zeros(leaf.shape, leaf.dtype), aux_shape)
+    prediction_shape = jax.eval_shape(denoise, z_T, jnp.ones(batch, jnp.int32))
+    if prediction_shape.z_0 is None and has_zero_terminal_snr(schedule):
+        raise ValueError(
+            "a zero-terminal-SNR schedule (abar_T = 0) needs a denoiser that predicts z_0 itself (Prediction.z_0: "
+            "a model with the 'v' or 'z_0' target): from z_T = eps alone z_0 cannot be recovered"
+        )
+    aux = jax.tree.map(lambda leaf: jnp.zeros(leaf.shape, leaf.dtype), prediction_shape.aux)
 
     def body(carry, inputs):
         z_t, _, state = carry

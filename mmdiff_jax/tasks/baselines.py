@@ -25,7 +25,13 @@ from mmdiff_jax.data.fashion_mnist import CLASS_NAMES
 from mmdiff_jax.modalities import MASK_KEY, modality_schedule
 from mmdiff_jax.models.decoders import make_head
 from mmdiff_jax.models.unet import UNet, UNetConfig
-from mmdiff_jax.tasks.mt_diffusion import compute_dtype, modality_name, unet_config, unet_signature
+from mmdiff_jax.tasks.mt_diffusion import (
+    compute_dtype,
+    diffusion_signature,
+    modality_name,
+    unet_config,
+    unet_signature,
+)
 from mmdiff_jax.training.task import Task
 
 Array = jax.Array
@@ -115,10 +121,15 @@ def make_class_conditional_ddpm_task(config: ml_collections.ConfigDict) -> Task:
     (the report's training table names each model's loss)."""
     height, width, channels = config.model.z_shape
     model = ClassConditionalDenoiser(unet_config(config, num_classes=len(CLASS_NAMES)), channels, compute_dtype(config))
-    schedule = modality_schedule(config.diffusion.noise_schedule, config.diffusion.num_steps, ())
+    schedule = modality_schedule(
+        config.diffusion.noise_schedule,
+        config.diffusion.num_steps,
+        (),
+        zero_terminal_snr=config.diffusion.zero_terminal_snr,
+    )
     primary, label = config.model.primary, modality_name(config, "label")
     prediction = config.model.prediction
-    targets.check_prediction(prediction)
+    targets.check_prediction(prediction, schedule)
     # The target joins the signature unless it is eps, so checkpoints saved before it existed restore.
     target = {} if prediction == "eps" else {"prediction": prediction}
 
@@ -137,7 +148,9 @@ def make_class_conditional_ddpm_task(config: ml_collections.ConfigDict) -> Task:
         name="class_conditional_ddpm",
         init_params=lambda rng: model.init(rng, *example)["params"],
         loss_fn=loss_fn,
-        signature={"class_conditional_ddpm": _signature(config, diffusion=dict(config.diffusion), **target)},
+        signature={
+            "class_conditional_ddpm": _signature(config, diffusion=diffusion_signature(config.diffusion), **target)
+        },
         model=model,
         schedule=schedule,
         loss_description=f"{prediction}-MSE",

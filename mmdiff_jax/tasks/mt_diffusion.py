@@ -47,7 +47,14 @@ def task_sections() -> ml_collections.ConfigDict:
         learn_variance=False,  # ADM's learned reverse variance, trained by the hybrid loss (loss.vlb_weight)
         modalities={},  # name (batch key) -> mmdiff_jax.modalities.Modality fields (kind, shape, ...)
     )
-    config.diffusion = dict(noise_schedule="linear", num_steps=1000, modality_normalized=False)
+    config.diffusion = dict(
+        noise_schedule="linear",
+        num_steps=1000,
+        modality_normalized=False,
+        # rescale the noise schedule to abar_T = 0 (Lin et al. 2024): needs model.prediction v or z_0, and 'zero'
+        # or 'bump' weights (mmdiff_jax.schedules.rescale_zero_terminal_snr)
+        zero_terminal_snr=False,
+    )
     config.loss = dict(  # objective.LossConfig; each recovery weight is its Modality.loss_weight
         eps_weight=1.0,
         aggregation_weight=1.0,
@@ -124,7 +131,11 @@ def build_schedule(config: ml_collections.ConfigDict, modalities: tuple[Modality
     """The `DiffusionSchedule` of `config.diffusion` with one weight row per modality."""
     diffusion = config.diffusion
     return modality_schedule(
-        diffusion.noise_schedule, diffusion.num_steps, modalities, modality_normalized=diffusion.modality_normalized
+        diffusion.noise_schedule,
+        diffusion.num_steps,
+        modalities,
+        modality_normalized=diffusion.modality_normalized,
+        zero_terminal_snr=diffusion.zero_terminal_snr,
     )
 
 
@@ -154,16 +165,22 @@ def unet_signature(unet: Mapping[str, Any]) -> dict[str, Any]:
     return {key: value for key, value in dict(unet).items() if key not in COMPUTE_ONLY_UNET_FIELDS}
 
 
+def diffusion_signature(diffusion: Mapping[str, Any]) -> dict[str, Any]:
+    """A config's diffusion section as checkpoints record it: `zero_terminal_snr` (added later) left out at its
+    default False, so checkpoints saved before it existed restore."""
+    return {key: value for key, value in dict(diffusion).items() if (key, value) != ("zero_terminal_snr", False)}
+
+
 def model_signature(config: ml_collections.ConfigDict) -> dict[str, Any]:
     """What a checkpoint must agree on to be restored: the model and diffusion sections, JSON-normalised,
     and `loss.time_sampling` unless 'uniform' (importance sampling keeps a loss history in the state).
-    Keys added later are left out at their defaults (`model.prediction` 'eps', `model.learn_variance` False),
-    so checkpoints saved before they existed restore."""
+    Keys added later are left out at their defaults (`model.prediction` 'eps', `model.learn_variance` False,
+    `diffusion.zero_terminal_snr` False), so checkpoints saved before they existed restore."""
     model = {**config.model.to_dict(), "unet": unet_signature(config.model.unet)}
     for key, default in (("prediction", "eps"), ("learn_variance", False)):
         if model.get(key) == default:
             del model[key]
-    signature = {"model": model, "diffusion": config.diffusion.to_dict()}
+    signature = {"model": model, "diffusion": diffusion_signature(config.diffusion)}
     if config.loss.get("time_sampling", "uniform") != "uniform":
         signature["loss"] = {"time_sampling": config.loss.time_sampling}
     return json.loads(json.dumps(signature))

@@ -82,10 +82,9 @@ def one_step_x0(model: MTDiffusion, schedule: Any, sample_config: Mapping[str, A
             eps = jax.random.normal(jax.random.fold_in(rng, t_value), z_0.shape)
             z_t = diffusion.marginal_sample(schedule, z_0, t, eps, encodings=encodings)
             output = model.apply(variables, batch, z_t, t, train=False)
-            eps_hat = targets.eps_from_prediction(
+            x0_hat = targets.z0_from_prediction(
                 schedule, z_t, t, output.prediction, model.prediction, encodings=encodings
             )
-            x0_hat = diffusion.z0_from_eps(schedule, z_t, t, eps_hat, encodings=encodings)
             grids[f"one_step_x0_t{t_value}"] = jnp.stack([z_0, *inputs, z_t, x0_hat])
         return grids
 
