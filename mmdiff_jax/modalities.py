@@ -239,8 +239,9 @@ def modality_schedule(
     kept = [m.name for m in modalities if m.weight_schedule[0] in ("bridge", "constant") and m.weight_schedule[1]]
     if zero_terminal_snr and kept:
         raise ValueError(
-            f"zero_terminal_snr (config.diffusion) forces lambda_T = 0 for every modality, but {kept} have 'bridge' or 'constant' "
-            "weights, which keep lambda_T > 0 (z_T would carry them): give them 'bump' or 'zero' weights"
+            f"zero_terminal_snr (config.diffusion) forces lambda_T = 0 for every modality, but {kept} have "
+            "'bridge' or 'constant' weights, which keep lambda_T > 0 (z_T would carry them): give them 'bump' or "
+            "'zero' weights"
         )
     return make_schedule(
         noise_kind,

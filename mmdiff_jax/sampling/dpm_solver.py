@@ -26,6 +26,10 @@ schedule, and the solver uses the exact alpha, sigma and lambda there.
 
 Step spacing: 'time_uniform' (DDIM's `respace`) or 'logsnr' (uniform in lambda from T to step 1, each
 rounded to the nearest integer step, kept strictly descending).
+
+Zero terminal SNR (lambda_T = -inf, docs/design.md section 3d): x_T is the denoiser's own z_0, and the order-1
+update from T is its limit u_s = sigma_s u_T + alpha_s x_T; the step after it is first order (its difference
+with x_T is divided by r = inf), 2S makes no midpoint call from T, and 'logsnr' spacing starts from lambda_{T-1}.
 """
 
 from __future__ import annotations

@@ -75,13 +75,13 @@ def classifier_guidance(
 
         gradient, prediction = jax.grad(objective, has_aux=True)(z_t)
         one_minus = diffusion.at_step(schedule.one_minus_alpha_bar, t, z_t)
-        guided = prediction._replace(eps=prediction.eps - scale * jnp.sqrt(one_minus) * gradient)
+        shifted = prediction._replace(eps=prediction.eps - scale * jnp.sqrt(one_minus) * gradient)
         if prediction.z_0 is None:
-            return guided
+            return shifted
         # The same shift of z_0 = (u_t - sqrt(1 - abar_t) eps) / sqrt(abar_t): + scale (1 - abar_t) / sqrt(abar_t)
         # times the gradient, taken as 0 where abar_t = 0 (z_T holds no signal: p(y | z_T) = p(y)).
         alpha_bar = diffusion.at_step(schedule.alpha_bar, t, z_t)
         shift = jnp.where(alpha_bar > 0, one_minus / jnp.sqrt(jnp.where(alpha_bar > 0, alpha_bar, 1.0)), 0.0)
-        return guided._replace(z_0=prediction.z_0 + scale * shift * gradient)
+        return shifted._replace(z_0=prediction.z_0 + scale * shift * gradient)
 
     return guided

@@ -1,8 +1,8 @@
 """Ancestral (DDPM) and DDIM samplers over a generic denoiser (docs/design.md section 3); no Flax.
 
-A denoiser is any function `denoise(z_t, t) -> Prediction(eps, estimated_encodings, aux)` with
+A denoiser is any function `denoise(z_t, t) -> Prediction(eps, estimated_encodings, aux, ..., z_0)` with
   z_t [B, *S], t [B] int32 in 1..T  ->  eps [B, *S], estimated_encodings [N, B, *S] (ehat_i; None: N = 0),
-  aux (any pytree).
+  aux (any pytree), z_0 [B, *S] or None (the denoiser's own z_0, needed only at a zero-terminal-SNR T).
 ehat_i is E_i(x_i) for observed modalities and E_i(D_i(h_theta(z_t, t))) for the rest (the model layer
 decides, see `sampling.conditional`); `aux` (e.g. the heads' outputs) is returned from the last call.
 
@@ -36,8 +36,13 @@ schedule at the kept steps enter, so respacing is exact: no betas or weights of 
   xbar_s = xbar_t + (sigma_s - sigma_t) eps, the Euler step of the probability-flow ODE dxbar/dsigma = eps.
 
 `clip_denoised` clips z0hat to [-1, 1] (pixel images) and recomputes eps from it (`diffusion.eps_from_z0`)
-before either update. Both samplers are `jax.lax.scan`s; trace them inside `jax.jit` (the model layer's
-`make_sample_fn` does) with the number of steps static.
+before either update (`denoised`). Both samplers are `jax.lax.scan`s; trace them inside `jax.jit` (the model
+layer's `make_sample_fn` does) with the number of steps static.
+
+Zero terminal SNR (abar_T = 0, docs/design.md section 3d).  At T, eps = u_T says nothing about z_0: the
+denoiser's own z_0 (`Prediction.z_0`, given by v and z_0 targets, `prediction_from_output`) replaces the eps-based
+z0hat where alpha_t = 0, DDPM takes the z0-form of the posterior mean there and DDIM sqrt(abar_s) z0hat; a chain
+on such a schedule whose denoiser gives no z_0 is refused before tracing.
 """
 
 from __future__ import annotations
