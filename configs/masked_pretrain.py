@@ -82,9 +82,8 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
     # 800-step quality in about half the steps (FID-proxy 45.5 vs 72.2, PSNR hidden at r = 0.5 14.7 vs 11.8 dB)
     # and at 800 steps passed eps's 1600-step curve (12.9 dB); min-SNR-5 weighting did not help, zero terminal SNR
     # (diffusion.zero_terminal_snr) and the learned variance came within 2.1 FID-proxy points and 0.1 dB of plain v
-    # at 800 steps (so not taken). Picked on the
-    # report's own metrics (the bench measures them), said here and in the report. eps at 1600 steps, the
-    # previous default: `--config.model.prediction=eps --config.train.steps=1600`.
+    # at 800 steps (so not taken). Picked on the report's own metrics (the bench measures them), said here and in
+    # the report. eps at 1600 steps, the previous default: `--config.model.prediction=eps --config.train.steps=1600`.
     config.model.prediction = "v"
     config.train.steps = 800
 
