@@ -35,6 +35,7 @@ from experiments import baselines, common, conditioning, evaluation, reporting
 from experiments import restoration as restoration_lib
 from mmdiff_jax import sampling, tasks
 from mmdiff_jax.modalities import MASK_KEY
+from mmdiff_jax.tasks.mt_diffusion import describe_loss
 
 NAME = "masked_pretrain"
 LPIPS_PROXY = "LPIPS-proxy (perceptual distance on Fashion-MNIST CNN features, not LPIPS-VGG)"
@@ -148,11 +149,12 @@ def write_report(config, run: common.Run, restoration: dict, unconditional: dict
         "plain DDPM (no auxiliary modality) and a reconstruction-only U-Net, all with the same U-Net, steps, batch, "
         "optimizer and EMA. One MT-Diffusion model serves every mask ratio and unconditional generation. "
         f"Sampler for every diffusion model: {evaluation.describe_sampler(experiment.sampler)}, z_0 estimates "
-        f"clipped to [-1, 1]; EMA parameters. Denoisers predict {config.model.prediction} (uniform t: "
-        f"`model.prediction`), {config.train.steps} steps"
+        f"clipped to [-1, 1]; EMA parameters. MT-Diffusion's loss: {run.task.loss_description}, "
+        f"{config.train.steps} steps"
         + (
-            ", the recipe bench/convergence.py found fastest on this report's own metrics (FID-proxy, PSNR hidden)."
-            if config.model.prediction != "eps"
+            " (v-prediction, the recipe bench/convergence.py found fastest on this report's own metrics: FID-proxy, "
+            "PSNR hidden)."
+            if run.task.loss_description == describe_loss(run.task.model.modalities, "v")
             else "."
         )
     )

@@ -241,7 +241,7 @@ def modality_schedule(
         raise ValueError(
             f"zero_terminal_snr (config.diffusion) forces lambda_T = 0 for every modality, but {kept} have "
             "'bridge' or 'constant' weights, which keep lambda_T > 0 (z_T would carry them): give them 'bump' or "
-            "'zero' weights"
+            "'zero' weights (config.model.modalities.<name>.weight_schedule)"
         )
     return make_schedule(
         noise_kind,

@@ -19,8 +19,7 @@ from absl import logging as absl_logging
 from ml_collections import config_flags
 
 from mmdiff_jax import tasks
-from mmdiff_jax.training import CheckpointMismatchError, NonFiniteLossError, cli, initialize_distributed
-from mmdiff_jax.training import train_and_evaluate
+from mmdiff_jax.training import cli, initialize_distributed, train_and_evaluate
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Training config file (a get_config() module).", lock_config=True
@@ -45,10 +44,7 @@ def main(argv):
         absl_logging.get_absl_handler().addFilter(_QuietOrbax())
     config = cli.config_value(flags.FLAGS[_CONFIG.name])
     initialize_distributed(config.distributed)  # before the task's first JAX computation
-    try:
-        train_and_evaluate(config, _WORKDIR.value, tasks.make_mt_diffusion_task(config))
-    except (NonFiniteLossError, CheckpointMismatchError) as error:
-        raise SystemExit(f"{type(error).__name__}: {error}") from error
+    train_and_evaluate(config, _WORKDIR.value, tasks.make_mt_diffusion_task(config))  # errors: `cli.reported`
 
 
 if __name__ == "__main__":

@@ -169,6 +169,7 @@ def test_the_loss_in_words_names_the_terms_the_loss_has():
     aggregated = Modality(name="label", kind="label", num_classes=10)
     assert describe_loss((), "v") == "v-MSE"
     assert describe_loss((conditioned,), "v") == "v-MSE"
+    assert describe_loss((), "v", zero_terminal_snr=True) == "v-MSE; zero-terminal-SNR schedule"
     assert describe_loss((aggregated,), "eps", learn_variance=True) == (
         "eps-MSE + aggregation MSE + NLL of label + lambda L_vlb (learned variance)"
     )

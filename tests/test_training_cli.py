@@ -73,3 +73,25 @@ def test_a_value_the_config_refuses_is_one_line_before_compiling(tmp_path):
     assert line.startswith(
         "error: config.model.modalities.masked_image: modality 'masked_image': unknown condition 'concatt'"
     ) and line.endswith(HINT)
+
+
+def test_an_error_that_stops_a_run_is_printed_without_a_traceback(capsys, monkeypatch):
+    """A workdir of another model (CheckpointMismatchError, lines naming each difference) or a non-finite loss:
+    their name and message on stderr, exit status 1, in every entry point (`cli.reported`); MMDIFF_DEBUG=1
+    raises them. Other errors propagate."""
+    from mmdiff_jax.training import CheckpointMismatchError, NonFiniteLossError, cli
+
+    monkeypatch.delenv("MMDIFF_DEBUG", raising=False)
+    for error in (
+        CheckpointMismatchError("refusing it\n  diffusion.x: checkpoint 1, config 2"),
+        NonFiniteLossError("NaN"),
+    ):
+        with pytest.raises(SystemExit) as stop, cli.reported():
+            raise error
+        assert stop.value.code == 1
+        assert capsys.readouterr().err == f"error: {type(error).__name__}: {error}\n{HINT.strip()}\n"
+    with pytest.raises(ZeroDivisionError), cli.reported():
+        raise ZeroDivisionError
+    monkeypatch.setenv("MMDIFF_DEBUG", "1")
+    with pytest.raises(CheckpointMismatchError), cli.reported():
+        raise CheckpointMismatchError("refusing it")

@@ -197,9 +197,11 @@ def describe_loss(
     time_weighting: str = "uniform",
     learn_variance: bool = False,
     time_sampling: str = "uniform",
+    zero_terminal_snr: bool = False,
 ) -> str:
     """The training loss in words ("eps-MSE" for plain DDPM with the eps target, N = 0; no aggregation term
-    where every weight schedule is 'zero', as for a DDPM conditioned through the denoiser alone)."""
+    where every weight schedule is 'zero', as for a DDPM conditioned through the denoiser alone), with how t is
+    drawn and the schedule rescaled where they differ from the defaults."""
     terms = [f"{prediction}-MSE" + (" (min-SNR weighted)" if time_weighting == "min_snr" else "")]
     if any(m.weight_schedule[0] != "zero" for m in modalities):
         terms.append("aggregation MSE")
@@ -208,7 +210,9 @@ def describe_loss(
         terms.append(f"NLL of {', '.join(recovered)}")
     if learn_variance:
         terms.append("lambda L_vlb (learned variance)")
-    return " + ".join(terms) + ("; t importance-sampled" if time_sampling == "importance" else "")
+    notes = ["t importance-sampled"] if time_sampling == "importance" else []
+    notes += ["zero-terminal-SNR schedule"] if zero_terminal_snr else []
+    return "; ".join([" + ".join(terms), *notes])
 
 
 def make_mt_diffusion_task(config: ml_collections.ConfigDict, name: str = "mt_diffusion") -> Task:
@@ -241,6 +245,7 @@ def make_mt_diffusion_task(config: ml_collections.ConfigDict, name: str = "mt_di
             config.loss.time_weighting,
             model.learn_variance,
             config.loss.time_sampling,
+            config.diffusion.zero_terminal_snr,
         ),
         init_loss_state=(
             functools.partial(resample.init_history, schedule.num_steps)

@@ -67,17 +67,33 @@ def _as_command_line_errors() -> Iterator[None]:
 
 @contextlib.contextmanager
 def reported() -> Iterator[None]:
-    """A CommandLineError or ConfigError raised inside is printed as one line on stderr, exit status 2; with
-    MMDIFF_DEBUG=1 it propagates with its traceback."""
+    """A CommandLineError or ConfigError raised inside is printed as one line on stderr, exit status 2; an error
+    that stops a run (`CheckpointMismatchError`: a workdir of another model; `NonFiniteLossError`) is printed
+    with its name and lines, exit status 1. With MMDIFF_DEBUG=1 either propagates with its traceback."""
     from mmdiff_jax.training.config_io import ConfigError  # the heavy imports only where a run needs them
 
+    debug = os.environ.get(DEBUG_VARIABLE, "") not in ("", "0")
     try:
         yield
     except (CommandLineError, ConfigError) as error:
-        if os.environ.get(DEBUG_VARIABLE, "") not in ("", "0"):
+        if debug:
             raise
         sys.stderr.write(f"error: {error}  ({DEBUG_VARIABLE}=1 shows the traceback)\n")
         sys.exit(2)
+    except Exception as error:
+        if debug or not _stops_the_run(error):
+            raise
+        sys.stderr.write(f"error: {type(error).__name__}: {error}\n({DEBUG_VARIABLE}=1 shows the traceback)\n")
+        sys.exit(1)
+
+
+def _stops_the_run(error: Exception) -> bool:
+    """Whether `error` is one of the trainer's run-stopping errors (only a run that imported them raises them)."""
+    if "mmdiff_jax.training.loop" not in sys.modules:
+        return False
+    from mmdiff_jax.training import CheckpointMismatchError, NonFiniteLossError
+
+    return isinstance(error, (CheckpointMismatchError, NonFiniteLossError))
 
 
 @contextlib.contextmanager
