@@ -80,7 +80,7 @@ def comparator(config: ml_collections.ConfigDict, name: str):
     else:
         derived = only_modality(config, {"label_ddpm": "label", "embedding_ddpm": "vector"}[name], True)
     share = matched_steps(config)["total_compute"][name]
-    derived.train.checkpoint_every, derived.train.keep_checkpoints = share, config.train.steps // share
+    derived.train.update(checkpoint_every=0, checkpoint_steps=(share,), keep_checkpoints=2)  # share and last
     task = tasks.make_classifier_task(derived) if name == "classifier" else tasks.make_mt_diffusion_task(derived)
     return derived, task
 

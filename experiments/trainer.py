@@ -126,7 +126,8 @@ def saved_state(
 
 def at_checkpoint(trained: Trained, step: int) -> Trained:
     """`trained` as it was at `step`: the EMA params of its checkpoint there (its config must have kept it:
-    train.checkpoint_every, keep_checkpoints). FileNotFoundError naming the directory if it is not there."""
+    train.checkpoint_every or checkpoint_steps, keep_checkpoints). FileNotFoundError naming the directory if it is not
+    there."""
     mesh = jax.tree.leaves(trained.params)[0].sharding.mesh  # read onto the trained params' mesh, all processes
     params = saved_state(trained.workdir, step, NamedSharding(mesh, PartitionSpec()))["ema_params"]
     params = jax.tree.map(lambda new, now: jax.device_put(new, now.sharding), params, trained.params)  # as trained

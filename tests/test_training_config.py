@@ -76,6 +76,10 @@ def test_default_and_tiny_configs_validate(config):
             r"zero_terminal_snr \(config.diffusion\) forces lambda_T = 0 .* \['masked_image'\] have 'bridge'",
         ),
         (lambda c: c.train.__setitem__("best_mode", "best"), "best_mode must be 'min' or 'max'"),
+        (
+            lambda c: c.train.__setitem__("checkpoint_steps", (0, 2)),
+            r"config.train.checkpoint_steps must be steps in 1..train.steps = 20, got \[0\]",
+        ),
         (lambda c: c.__setitem__("prng_impl", "philox"), r"config.prng_impl must be one of \('threefry2x32', 'rbg'\)"),
     ],
 )

@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -161,6 +161,7 @@ class Checkpointer:
         signature: Mapping[str, Any],
         save_every: int,
         keep: int,
+        save_steps: Sequence[int] = (),
         best_metric: str = "",
         best_mode: str = "min",
         async_save: bool = True,
@@ -179,6 +180,7 @@ class Checkpointer:
             )
         options = ocp.CheckpointManagerOptions(
             save_interval_steps=save_every if save_every > 0 else 2**62,
+            save_on_steps=frozenset(save_steps),
             best_fn=best_fn,
             best_mode=best_mode,
             preservation_policy=checkpoint_managers.AnyPreservationPolicy(policies),
@@ -213,7 +215,8 @@ class Checkpointer:
         metrics: Mapping[str, float] | None = None,
         force: bool = False,
     ) -> bool:
-        """Starts an async save at `step` when due (every `save_every` steps) or `force`; False if skipped.
+        """Starts an async save at `step` when due (every `save_every` steps, or one of `save_steps`) or `force`;
+        False if skipped.
 
         `metrics` (eval metrics, floats) rank it for the best-checkpoint policy when they hold `best_metric`.
         """

@@ -69,6 +69,7 @@ def base_config() -> ml_collections.ConfigDict:
         eval_every=5000,
         eval_batches=8,
         checkpoint_every=5000,
+        checkpoint_steps=(),  # further steps to save at (e.g. a comparison's matched budgets); the last one always
         keep_checkpoints=3,
         best_metric="eval/loss",
         best_mode="min",  # also keep the best checkpoint by this eval metric
@@ -219,6 +220,9 @@ def _validate_config(config: ml_collections.ConfigDict, num_devices: int | None)
     for key in ("steps", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints"):
         if train[key] < (1 if key in ("steps", "log_every", "keep_checkpoints") else 0):
             raise ValueError(f"config.train.{key} must be positive, got {train[key]}")
+    extra = [step for step in train.checkpoint_steps if not (isinstance(step, int) and 1 <= step <= train.steps)]
+    if extra:
+        raise ValueError(f"config.train.checkpoint_steps must be steps in 1..train.steps = {train.steps}, got {extra}")
     if train.best_mode not in ("min", "max"):
         raise ValueError(f"config.train.best_mode must be 'min' or 'max', got {train.best_mode!r}")
     if config.prng_impl not in PRNG_IMPLS:

@@ -106,6 +106,7 @@ class _Run:
             workdir / "checkpoints",
             signature=json.loads(json.dumps(task.signature)),
             save_every=config.train.checkpoint_every,
+            save_steps=config.train.checkpoint_steps,
             keep=config.train.keep_checkpoints,
             best_metric=config.train.best_metric,
             best_mode=config.train.best_mode,
@@ -273,7 +274,8 @@ def train_and_evaluate(
                 if sample_fns and (step % config.sample.every == 0 or final):
                     run.draw_samples(sample_fns, state, step)
 
-                if last or (train.checkpoint_every and step % train.checkpoint_every == 0):
+                due = train.checkpoint_every and step % train.checkpoint_every == 0
+                if last or due or step in train.checkpoint_steps:
                     bad = _first_nonfinite_step(state)
                     if bad >= 0:
                         raise run.nonfinite_error(bad, step)
