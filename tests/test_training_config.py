@@ -144,6 +144,10 @@ def test_signature_and_shape_differences_are_named():
     saved = {"model": {"unet": {"base_channels": 8}, "dtype": "float32"}, "diffusion": {"num_steps": 100}}
     current = {"model": {"unet": {"base_channels": 16}, "dtype": "float32"}, "diffusion": {"num_steps": 100}}
     assert config_io.signature_differences(saved, current) == ["model.unet.base_channels: checkpoint 8, config 16"]
+    current["diffusion"]["zero_terminal_snr"] = True  # a key left out of older signatures at its default
+    assert config_io.signature_differences(saved, current)[0] == (
+        "diffusion.zero_terminal_snr: checkpoint <not recorded: the default>, config True"
+    )
     rematerialised = get_config()
     rematerialised.model.unet.remat = "nothing_saveable"  # same parameters: a checkpoint restores either way
     assert model_signature(rematerialised) == model_signature(get_config())

@@ -232,11 +232,17 @@ def _validate_config(config: ml_collections.ConfigDict, num_devices: int | None)
 
 
 def signature_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
-    """'key: checkpoint X, config Y' for every differing leaf of two signatures."""
+    """'key: checkpoint X, config Y' for every differing leaf of two signatures. A key one side lacks reads
+    '<not recorded: the default>': signatures leave keys added later out at their defaults, so that older
+    checkpoints restore (`tasks.mt_diffusion.model_signature`)."""
     flat_saved, flat_current = _flatten_all(saved), _flatten_all(current)
     missing = object()
+
+    def shown(flat: Mapping[str, Any], key: str) -> str:
+        return repr(flat[key]) if key in flat else "<not recorded: the default>"
+
     return [
-        f"{key}: checkpoint {flat_saved.get(key, '<absent>')!r}, config {flat_current.get(key, '<absent>')!r}"
+        f"{key}: checkpoint {shown(flat_saved, key)}, config {shown(flat_current, key)}"
         for key in sorted(set(flat_saved) | set(flat_current))
         if flat_saved.get(key, missing) != flat_current.get(key, missing)
     ]
