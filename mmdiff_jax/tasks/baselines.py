@@ -27,6 +27,7 @@ from mmdiff_jax.models.decoders import make_head
 from mmdiff_jax.models.unet import UNet, UNetConfig
 from mmdiff_jax.tasks.mt_diffusion import (
     compute_dtype,
+    describe_loss,
     diffusion_signature,
     modality_name,
     unet_config,
@@ -153,7 +154,7 @@ def make_class_conditional_ddpm_task(config: ml_collections.ConfigDict) -> Task:
         },
         model=model,
         schedule=schedule,
-        loss_description=f"{prediction}-MSE",
+        loss_description=describe_loss((), prediction, zero_terminal_snr=config.diffusion.zero_terminal_snr),
     )
 
 
