@@ -61,7 +61,9 @@ Array = jax.Array
 
 
 class Prediction(NamedTuple):
-    """What a denoiser returns at (z_t, t)."""
+    """What a denoiser returns at (z_t [B, *S], t [B] int32 in 1..T): its eps (converted from the network's own
+    target first: `prediction_from_output`), the estimated encodings that make up m_t and a_t, anything the caller
+    wants back (`aux`), and, optionally, a learned variance and its own z_0. Guidance combines every leaf."""
 
     eps: Array  # [B, *S]
     estimated_encodings: Array | None = None  # [N, B, *S], ehat_i; None for a model with N = 0
@@ -318,7 +320,12 @@ def ddpm_sample(
       denoise: the denoiser (module docstring). schedule: the model's schedule (N weight rows).
       rng: drives the prior noise (unless `prior_noise` [B, *S] is given) and every step's noise.
       shape: (B, *S). variance: 'small' (beta~_t) or 'large' (beta_t).
+      clip_denoised: clip z0hat to [-1, 1] at every step (`denoised`). prior_refinements: see `prior_sample`.
       step_hook: applied to z_{t-1} after each step. sharding: the batch sharding of z (constraint).
+    Returns:
+      SamplerOutput(z_0 [B, *S], the denoiser's aux from its last call, at t = 1).
+    Raises:
+      ValueError: a zero-terminal-SNR schedule with a denoiser that gives no z_0 (`run_chain`).
     """
 
     def step(z_t, t, s, prediction, noise, state):
