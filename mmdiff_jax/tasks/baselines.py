@@ -28,8 +28,8 @@ from mmdiff_jax.models.unet import UNet, UNetConfig
 from mmdiff_jax.tasks.mt_diffusion import (
     compute_dtype,
     describe_loss,
-    diffusion_signature,
     modality_name,
+    section_signature,
     unet_config,
     unet_signature,
 )
@@ -150,7 +150,9 @@ def make_class_conditional_ddpm_task(config: ml_collections.ConfigDict) -> Task:
         init_params=lambda rng: model.init(rng, *example)["params"],
         loss_fn=loss_fn,
         signature={
-            "class_conditional_ddpm": _signature(config, diffusion=diffusion_signature(config.diffusion), **target)
+            "class_conditional_ddpm": _signature(
+                config, diffusion=section_signature("diffusion", config.diffusion), **target
+            )
         },
         model=model,
         schedule=schedule,

@@ -165,22 +165,31 @@ def unet_signature(unet: Mapping[str, Any]) -> dict[str, Any]:
     return {key: value for key, value in dict(unet).items() if key not in COMPUTE_ONLY_UNET_FIELDS}
 
 
-def diffusion_signature(diffusion: Mapping[str, Any]) -> dict[str, Any]:
-    """A config's diffusion section as checkpoints record it: `zero_terminal_snr` (added later) left out at its
-    default False, so checkpoints saved before it existed restore."""
-    return {key: value for key, value in dict(diffusion).items() if (key, value) != ("zero_terminal_snr", False)}
+# Keys added after checkpoints existed, per config section, with the default that reproduces the older behaviour:
+# a signature leaves them out at it, so checkpoints saved before they existed restore.
+KEYS_ADDED_LATER = {
+    "model": {"prediction": "eps", "learn_variance": False},
+    "diffusion": {"zero_terminal_snr": False},
+}
+
+
+def section_signature(section: str, values: Mapping[str, Any]) -> dict[str, Any]:
+    """Config section `section` ('model' or 'diffusion') as checkpoints record it: `KEYS_ADDED_LATER` left out
+    at their defaults."""
+    later = KEYS_ADDED_LATER[section]
+    return {key: value for key, value in dict(values).items() if key not in later or later[key] != value}
 
 
 def model_signature(config: ml_collections.ConfigDict) -> dict[str, Any]:
     """What a checkpoint must agree on to be restored: the model and diffusion sections, JSON-normalised,
     and `loss.time_sampling` unless 'uniform' (importance sampling keeps a loss history in the state).
-    Keys added later are left out at their defaults (`model.prediction` 'eps', `model.learn_variance` False,
-    `diffusion.zero_terminal_snr` False), so checkpoints saved before they existed restore."""
-    model = {**config.model.to_dict(), "unet": unet_signature(config.model.unet)}
-    for key, default in (("prediction", "eps"), ("learn_variance", False)):
-        if model.get(key) == default:
-            del model[key]
-    signature = {"model": model, "diffusion": diffusion_signature(config.diffusion)}
+    Keys added later are left out at their defaults (`section_signature`: `model.prediction` 'eps',
+    `model.learn_variance` False, `diffusion.zero_terminal_snr` False), so checkpoints saved before they existed
+    restore."""
+    signature = {
+        "model": section_signature("model", {**config.model.to_dict(), "unet": unet_signature(config.model.unet)}),
+        "diffusion": section_signature("diffusion", config.diffusion.to_dict()),
+    }
     if config.loss.get("time_sampling", "uniform") != "uniform":
         signature["loss"] = {"time_sampling": config.loss.time_sampling}
     return json.loads(json.dumps(signature))
