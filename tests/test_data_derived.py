@@ -21,6 +21,7 @@ def first_batch(name, arrays, batch_size=32, **options):
         ("fashion_mnist_masked", {"mask_kind": "patch"}),
         ("fashion_mnist_masked", {"mask_kind": "pixel", "image_size": 28}),
         ("fashion_mnist_scenes", {}),
+        ("fashion_mnist_scenes_masked", {"image_size": 48, "mask_ratio": (0.1, 0.6)}),
         ("fashion_mnist_lowres", {"image_size": 28}),
     ],
 )
@@ -154,3 +155,18 @@ def test_multitask_set_joins_the_masked_label_and_embedding_sets(synthetic_array
         np.testing.assert_array_equal(example["embedding"], table["train"][index])
     with pytest.raises(ValueError, match="needs an `embedding_path`"):
         data.make_map_dataset("fashion_mnist_multitask", "train", arrays=synthetic_arrays)
+
+
+def test_masked_scenes_are_the_scenes_set_with_a_mask_of_each_scene(synthetic_arrays):  # noqa: F811
+    options = dict(arrays=synthetic_arrays, seed=3, image_size=48, min_objects=2, max_objects=3)
+    scenes = data.make_map_dataset("fashion_mnist_scenes", "train", **options)
+    masked = data.make_map_dataset("fashion_mnist_scenes_masked", "train", mask_ratio=0.25, patch_size=4, **options)
+    for index in (0, 5, len(synthetic_arrays["label"]) - 1):
+        example, reference = masked[index], scenes[index]
+        for key in ("image", "segmentation"):  # the same seeded layout as the scenes set's
+            np.testing.assert_array_equal(example[key], reference[key])
+        mask = example["mask"]
+        assert mask.shape == (48, 48, 1) and set(np.unique(mask)) <= {0.0, 1.0}
+        assert abs((1.0 - mask.mean()) - 0.25) <= 0.02
+        np.testing.assert_array_equal(example["masked_image"], example["image"] * mask)
+    assert not np.array_equal(masked[0]["mask"], masked[1]["mask"])  # a fresh mask per scene

@@ -1,6 +1,7 @@
 """The training loss function: jit/grad, weights wiring, plain-DDPM reduction, bf16, clear errors."""
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -173,3 +174,32 @@ def test_the_loss_in_words_names_the_terms_the_loss_has():
     assert describe_loss((aggregated,), "eps", learn_variance=True) == (
         "eps-MSE + aggregation MSE + NLL of label + lambda L_vlb (learned variance)"
     )
+
+
+def test_the_segmenter_and_classifier_baselines_are_the_unet_with_the_modalitys_head():
+    """The single-task baselines (`make_segmenter_task`, `make_classifier_task`): per-pixel logits [B, H, W, K]
+    from the segmentation modality's conv head, [B, K] from the label's MLP head; the loss is the mean
+    cross-entropy of those logits, written out here."""
+    from configs import image_segmentation, joint_image_label
+    from mmdiff_jax import tasks
+
+    rng = np.random.default_rng(0)
+    for config, task_fn, name, target_shape, head in (
+        (image_segmentation.get_config("tiny"), tasks.make_segmenter_task, "segmentation", (2, 32, 32), "ConvHead_0"),
+        (joint_image_label.get_config("tiny"), tasks.make_classifier_task, "label", (2,), "MLPHead_0"),
+    ):
+        task = task_fn(config)
+        params = jax.jit(task.init_params)(KEY)
+        assert head in params
+        image = rng.uniform(-1, 1, (2,) + tuple(config.model.z_shape)).astype(np.float32)
+        target = rng.integers(0, config.model.modalities[name]["num_classes"], target_shape).astype(np.int32)
+        logits = np.asarray(task.model.apply({"params": params}, image), np.float64)
+        assert logits.shape == target_shape + (config.model.modalities[name]["num_classes"],)
+        log_p = logits - logits.max(-1, keepdims=True)
+        log_p -= np.log(np.exp(log_p).sum(-1, keepdims=True))
+        expected = -np.mean(np.take_along_axis(log_p, target[..., None], -1))
+        loss, metrics = jax.jit(functools.partial(task.loss_fn, train=False))(
+            params, {"image": image, name: target}, KEY
+        )
+        np.testing.assert_allclose(loss, expected, rtol=1e-5)
+        np.testing.assert_allclose(metrics["accuracy"], np.mean(logits.argmax(-1) == target), rtol=1e-6)

@@ -25,6 +25,7 @@ FASHION_MNIST_SETS = (
     "fashion_mnist_embedding",
     "fashion_mnist_lowres",
     "fashion_mnist_multitask",
+    "fashion_mnist_scenes_masked",
 )
 KNOWN_DATASETS = FASHION_MNIST_SETS + tuple(tfds_sets.TFDS_SETS)
 _FASHION_OPTIONS = {
@@ -44,6 +45,15 @@ _FASHION_OPTIONS = {
         "mask_ratio": 0.5,
         "patch_size": 4,
         "embedding_path": None,
+    },
+    "fashion_mnist_scenes_masked": {
+        "image_size": 64,
+        "min_objects": 2,
+        "max_objects": 4,
+        "foreground_threshold": 10,
+        "mask_kind": "patch",
+        "mask_ratio": 0.5,
+        "patch_size": 4,
     },
 }
 # Options every Fashion-MNIST set takes: the IDX directory, an in-memory
@@ -91,9 +101,10 @@ def dataset_spec(name: str, **options) -> DatasetSpec:
             return DatasetSpec({"image": image, "masked_image": image, "mask": image}, {})
         if name == "fashion_mnist_lowres":
             return DatasetSpec({"image": image, "low_resolution": image}, {})
-        if name == "fashion_mnist_scenes":
+        if name in ("fashion_mnist_scenes", "fashion_mnist_scenes_masked"):
+            masked = {"masked_image": image, "mask": image} if name == "fashion_mnist_scenes_masked" else {}
             return DatasetSpec(
-                {"image": image, "segmentation": ((size, size), int32)},
+                {"image": image, "segmentation": ((size, size), int32), **masked},
                 {"segmentation": derived.SEGMENTATION_NUM_CLASSES},
             )
         dim = embeddings_lib.DEFAULT_EMBEDDING_DIM

@@ -32,6 +32,10 @@ Shapes per example (S = image_size):
                            image-transition experiment; a right answer exists)
   fashion_mnist_multitask: the fields of fashion_mnist_masked, label and
                            embedding at once (the multitask experiment)
+  fashion_mnist_scenes_masked: the fields of fashion_mnist_scenes, and
+                           masked_image and mask of the scene as in
+                           fashion_mnist_masked (the multitask experiment's
+                           scenes variant)
 """
 
 from __future__ import annotations
@@ -157,12 +161,16 @@ class MaskedImage:
 
     def __call__(self, example: dict[str, Any], rng: np.random.Generator) -> dict[str, np.ndarray]:
         image = to_signed_unit(pad_to(example["image"], self.image_size))
+        return {"image": image, **self.hide(image, rng)}
+
+    def hide(self, image: np.ndarray, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        """image [S, S, C] in [-1, 1] -> masked_image, mask: a fresh mask drawn from `rng`."""
         ratio = self.mask_ratio if np.isscalar(self.mask_ratio) else rng.uniform(*self.mask_ratio)
         if self.mask_kind == "patch":
             mask = patch_mask(rng, self.image_size, ratio, self.patch_size)
         else:
             mask = pixel_mask(rng, self.image_size, ratio)
-        return {"image": image, "masked_image": image * mask, "mask": mask}
+        return {"masked_image": image * mask, "mask": mask}
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -208,6 +216,19 @@ class Scene:
         )
         image, segmentation = compose_scene(items, labels, positions, self.image_size, self.foreground_threshold)
         return {"image": to_signed_unit(image), "segmentation": segmentation}
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class MaskedScene:
+    """fashion_mnist_scenes_masked: `scene`'s image and segmentation, and `masked`'s masked_image and mask of
+    that image (one generator: the layout first, then the mask)."""
+
+    scene: Scene
+    masked: MaskedImage
+
+    def __call__(self, example: dict[str, Any], rng: np.random.Generator) -> dict[str, np.ndarray]:
+        scene = self.scene(example, rng)
+        return {**scene, **self.masked.hide(scene["image"], rng)}
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

@@ -165,11 +165,13 @@ def _fashion_map_dataset(name, split, seed, data_dir, options):
     masked = lambda: derived.MaskedImage(size, options["mask_kind"], options["mask_ratio"], options["patch_size"])  # noqa: E731
     if name == "fashion_mnist_masked":
         return items.random_map(masked(), seed=transform_seed)
-    if name == "fashion_mnist_scenes":
-        return items.random_map(
-            derived.Scene(items, size, options["min_objects"], options["max_objects"], options["foreground_threshold"]),
-            seed=transform_seed,
+    if name in ("fashion_mnist_scenes", "fashion_mnist_scenes_masked"):
+        scene = derived.Scene(
+            items, size, options["min_objects"], options["max_objects"], options["foreground_threshold"]
         )
+        if name == "fashion_mnist_scenes_masked":
+            scene = derived.MaskedScene(scene, masked())
+        return items.random_map(scene, seed=transform_seed)
     path = options["embedding_path"]
     if path is None:
         if options["arrays"] is not None:

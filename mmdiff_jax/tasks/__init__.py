@@ -3,7 +3,7 @@
 mt_diffusion   the config's MT-Diffusion model, schedule, loss and sample grids (plain DDPM: no modality),
                and the config schema of its sections (`base_config`: config files start from it)
 baselines      the experiments' baseline networks on the same backbone (reconstruction, class-conditional
-               DDPM, classifier)
+               DDPM, classifier, segmenter)
 sample_grids   the MT-Diffusion task's periodic sample grids (config `sample.kinds`, pluggable)
 
 task = tasks.make_mt_diffusion_task(config)
@@ -14,6 +14,7 @@ from mmdiff_jax.tasks.baselines import (
     make_class_conditional_ddpm_task,
     make_classifier_task,
     make_reconstruction_task,
+    make_segmenter_task,
 )
 from mmdiff_jax.tasks.mt_diffusion import base_config, build_model, make_mt_diffusion_task, modality_name
 from mmdiff_jax.tasks.sample_grids import SAMPLE_KINDS, register_sample_kind
@@ -28,6 +29,7 @@ __all__ = [
     "make_classifier_task",
     "make_mt_diffusion_task",
     "make_reconstruction_task",
+    "make_segmenter_task",
     "modality_name",
     "register_sample_kind",
 ]

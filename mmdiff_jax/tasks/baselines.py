@@ -2,8 +2,10 @@
 
   make_reconstruction_task(config)           ReconstructionNet: the U-Net as a one-pass restorer, pixel MSE
   make_class_conditional_ddpm_task(config)   ClassConditionalDenoiser: ADM's class-conditional DDPM, eps-MSE
-  make_classifier_task(config)               BackboneClassifier: the U-Net (t = 0) with MT-Diffusion's label
+  make_classifier_task(config)               BackbonePredictor: the U-Net (t = 0) with MT-Diffusion's label
                                              head, cross-entropy on clean images
+  make_segmenter_task(config)                BackbonePredictor with the segmentation head, per-pixel
+                                             cross-entropy on clean images
 
 Plain DDPM needs no network of its own: it is the MT-Diffusion task with no auxiliary modality (N = 0).
 Each reads the config's `model` section (and the names of its masked-image / label modalities); training
@@ -12,6 +14,7 @@ uses the config's optim / train / data / mesh sections like any task.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import flax.linen as nn
@@ -26,6 +29,7 @@ from mmdiff_jax.modalities import MASK_KEY, modality_schedule
 from mmdiff_jax.models.decoders import make_head
 from mmdiff_jax.models.unet import UNet, UNetConfig
 from mmdiff_jax.tasks.mt_diffusion import (
+    build_modalities,
     compute_dtype,
     describe_loss,
     modality_name,
@@ -67,12 +71,16 @@ class ClassConditionalDenoiser(nn.Module):
         return output.output.astype(jnp.float32)
 
 
-class BackboneClassifier(nn.Module):
-    """The U-Net (t = 0) with MT-Diffusion's label head (MLP on the pooled bottleneck): image -> logits [B, K]."""
+class BackbonePredictor(nn.Module):
+    """The U-Net (t = 0) with MT-Diffusion's head of one modality, on clean images: image [B, H, W, C] ->
+    logits [B, *head_shape]: the label head (MLP on the pooled bottleneck) gives [B, K], the segmentation head
+    (conv on the full-resolution features) [B, H, W, K]."""
 
     unet: UNetConfig
     channels: int
-    num_classes: int
+    head: str  # 'mlp' | 'conv' (`Modality.head`)
+    head_features: str  # 'bottleneck' | 'features' (`Modality.head_features`)
+    head_shape: tuple[int, ...]
     hidden: int
     dtype: Any = jnp.float32
 
@@ -80,8 +88,9 @@ class BackboneClassifier(nn.Module):
     def __call__(self, image: Array, *, train: bool = False) -> Array:
         steps = jnp.zeros(image.shape[:1], jnp.int32)
         output = UNet(self.unet, out_channels=self.channels, dtype=self.dtype)(image, steps, train=train)
-        head = make_head("mlp", self.num_classes, self.hidden, num_groups=self.unet.num_groups, dtype=self.dtype)
-        return head(output.bottleneck)
+        size = self.head_shape[-1] if self.head == "conv" else math.prod(self.head_shape)
+        head = make_head(self.head, size, self.hidden, num_groups=self.unet.num_groups, dtype=self.dtype)
+        return head(getattr(output, self.head_features)).reshape(image.shape[:1] + tuple(self.head_shape))
 
 
 def _signature(config: ml_collections.ConfigDict, **extra: Any) -> dict[str, Any]:
@@ -161,23 +170,47 @@ def make_class_conditional_ddpm_task(config: ml_collections.ConfigDict) -> Task:
 
 
 def make_classifier_task(config: ml_collections.ConfigDict) -> Task:
-    """`BackboneClassifier` trained by cross-entropy on clean images and the config's label modality
-    (its head's hidden width is the label modality's `head_hidden`, else the U-Net's base channels)."""
+    """`BackbonePredictor` with the config's label head, trained by cross-entropy on clean images (metrics
+    'cross_entropy', 'accuracy')."""
+    return _predictor_task(config, "label", "classifier")
+
+
+def make_segmenter_task(config: ml_collections.ConfigDict) -> Task:
+    """`BackbonePredictor` with the config's segmentation head, trained by the per-pixel cross-entropy on clean
+    images (metrics 'cross_entropy', 'accuracy': the pixel accuracy)."""
+    return _predictor_task(config, "segmentation", "segmenter")
+
+
+def _predictor_task(config: ml_collections.ConfigDict, kind: str, name: str) -> Task:
+    """The U-Net with the head of the config's `kind` modality (its head, features and hidden width, else the
+    U-Net's base channels), trained alone on clean images: cross-entropy against that modality's classes."""
     height, width, channels = config.model.z_shape
-    primary, label = config.model.primary, modality_name(config, "label")
-    hidden = config.model.modalities[label].get("head_hidden", 0) or config.model.unet.base_channels
-    model = BackboneClassifier(unet_config(config), channels, len(CLASS_NAMES), hidden, compute_dtype(config))
+    primary, target = config.model.primary, modality_name(config, kind)
+    (modality,) = [m for m in build_modalities(config) if m.name == target]
+    if modality.head == "none":
+        raise ValueError(f"config.model.modalities.{target}: head 'none'; the {name} needs its head")
+    hidden = modality.head_hidden or config.model.unet.base_channels
+    model = BackbonePredictor(
+        unet_config(config),
+        channels,
+        modality.head,
+        modality.head_features,
+        modality.head_shape,
+        hidden,
+        compute_dtype(config),
+    )
 
     def loss_fn(params, batch, rng, train: bool = True):
         logits = model.apply({"params": params}, batch[primary], train=train, rngs={"dropout": rng})
-        loss = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, batch[label]))
-        return loss, {"cross_entropy": loss, "accuracy": jnp.mean(jnp.argmax(logits, -1) == batch[label])}
+        loss = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, batch[target]))
+        return loss, {"cross_entropy": loss, "accuracy": jnp.mean(jnp.argmax(logits, -1) == batch[target])}
 
+    extra = {} if kind == "label" else {"head": modality.head, "head_shape": list(modality.head_shape)}
     return Task(
-        name="classifier",
+        name=name,
         init_params=lambda rng: model.init(rng, jnp.zeros((1, height, width, channels)))["params"],
         loss_fn=loss_fn,
-        signature={"classifier": _signature(config)},
+        signature={name: _signature(config, **extra)},
         model=model,
-        loss_description="cross-entropy",
+        loss_description="cross-entropy" if kind == "label" else "per-pixel cross-entropy",
     )
