@@ -23,6 +23,9 @@ state of a run of that length (a decaying schedule would break this; the experim
 (~10 steps): the shortest run, the single-task set's 36 steps, leaves 0.9^36 = 2.5% of the initialisation in it
 (0.95 would leave 16%, the other experiments' 0.98 48%).
 
+The scenes variant (a masked image and the segmentation mask on the multi-object scenes) is
+configs/multitask_scenes.py.
+
 Run (the CPU default; writes workdirs/multitask):
   python -m experiments.multitask
 Tiny (seconds; tests/test_experiments_other.py, with a stand-in embedding file):

@@ -10,6 +10,7 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from configs import joint_image_label as label_config
 from mmdiff_jax.models.unet import UNet, UNetConfig
@@ -270,3 +271,83 @@ def test_multitask_tiny(tmp_path):
     assert modalities["embedding_ddpm"]["embedding"]["weight_schedule"] == ["zero", 0.0]
     assert modalities["embedding_ddpm"]["embedding"]["head"] == "none"
     assert modalities["plain_ddpm"] == {}
+
+
+def test_multitask_scenes_tiny(tmp_path):
+    """The scenes variant: the tasks of its modalities (masked image, segmentation mask) and their comparators."""
+    run_experiment_cli("multitask", tmp_path, _arrays(tmp_path), config="multitask_scenes")
+    # 6 steps each; equal total compute at 3 (2 pairwise models) and 2 steps (3 single-task ones).
+    pairwise, single = (
+        ("pairwise_masked_image", "pairwise_segmentation"),
+        ("plain_ddpm", "segmentation_ddpm", "segmenter"),
+    )
+    metrics = _check_outputs(
+        tmp_path / "run",
+        tmp_path / "results",
+        "samples",
+        ("image + segmentation mask", "mask-conditional DDPM", "segmenter (same U-Net)", "No FID-proxy"),
+        dict.fromkeys(("multitask",) + pairwise + single, 6),
+    )
+    assert metrics["setup"]["steps"]["total_compute"] == {**dict.fromkeys(pairwise, 3), **dict.fromkeys(single, 2)}
+    assert {"restoration", "mask_to_image", "image_to_mask", "joint"} <= set(metrics)
+    assert not {"label_to_image", "image_to_label", "embedding_to_image", "real_train_images"} & set(metrics)
+    for task in ("restoration", "mask_to_image", "image_to_mask", "joint"):
+        for matching in ("steps_per_task", "total_compute"):
+            roles = metrics[task][matching]
+            assert all(_finite(scores) for scores in roles.values()), (task, matching, roles)
+    steps = metrics["image_to_mask"]["steps_per_task"]
+    assert set(steps["single_task"]) == set(steps["multitask"]) == {"miou", "pixel_accuracy"}
+    assert set(metrics["restoration"]["steps_per_task"]["multitask"]["0.5"]) == {"psnr_masked", "ssim_masked"}
+    assert set(metrics["joint"]["steps_per_task"]["pairwise"]) == {"mask_agreement"}
+    assert metrics["joint"]["steps_per_task"]["single_task"] == {}  # plain DDPM: no mask, no FID-proxy on scenes
+    modalities = {
+        name: json.loads((tmp_path / "run" / name / "config.json").read_text())["model"]["modalities"]
+        for name in ("multitask", "pairwise_segmentation", "segmentation_ddpm")
+    }
+    assert set(modalities["multitask"]) == {"masked_image", "segmentation"}
+    assert modalities["pairwise_segmentation"] == {"segmentation": modalities["multitask"]["segmentation"]}
+    assert modalities["segmentation_ddpm"]["segmentation"]["head"] == "none"
+
+
+def test_multitask_tasks_and_compute_shares_follow_the_configs_modalities():
+    """Which tasks and comparators a multitask config gets, and the refusals (before anything trains)."""
+    from configs import multitask as fashion_config
+    from configs import multitask_scenes
+    from experiments import multitask
+    from mmdiff_jax.training.config_io import ConfigError
+
+    scenes = multitask_scenes.get_config()
+    assert multitask.comparators(scenes) == {
+        "restoration": ("pairwise_masked_image", "plain_ddpm"),
+        "mask_to_image": ("pairwise_segmentation", "segmentation_ddpm"),
+        "image_to_mask": ("pairwise_segmentation", "segmenter"),
+        "joint": ("pairwise_segmentation", "plain_ddpm"),
+    }
+    assert multitask.matched_steps(scenes)["total_compute"] == {
+        "pairwise_masked_image": 60,
+        "pairwise_segmentation": 60,
+        "plain_ddpm": 40,
+        "segmentation_ddpm": 40,
+        "segmenter": 40,
+    }
+    fashion = fashion_config.get_config()
+    assert set(multitask.comparators(fashion)) == {
+        "restoration",
+        "label_to_image",
+        "embedding_to_image",
+        "image_to_label",
+        "joint",
+    }
+    assert multitask.comparators(fashion)["joint"] == ("pairwise_label", "plain_ddpm")
+    for config in (scenes, fashion):
+        multitask.check_config(config)
+    scenes.train.steps = 124  # 124 / 3 does not divide it
+    with pytest.raises(ConfigError, match="use a multiple of 6"):
+        multitask.check_config(scenes)
+    fashion.experiment.feature_spaces = ()
+    with pytest.raises(ConfigError, match="judged by the Fashion-MNIST CNN"):
+        multitask.check_config(fashion)
+    lowres = fashion_config.get_config()
+    lowres.model.modalities = {"low_resolution": {"kind": "masked_image"}}  # no label or mask: nothing to agree with
+    with pytest.raises(ConfigError, match="needs one of"):
+        multitask.check_config(lowres)

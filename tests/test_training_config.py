@@ -210,6 +210,7 @@ def test_checkpointer_accepts_a_relative_directory(tmp_path, monkeypatch):
         "image_embedding",
         "image_transition",
         "multitask",
+        "multitask_scenes",
     ],
 )
 def test_overriding_one_config_key_changes_no_other(name):

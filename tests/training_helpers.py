@@ -62,12 +62,12 @@ def tiny_config(arrays_path: str | os.PathLike, **train_overrides):
 
 
 def run_experiment_cli(
-    name: str, cwd: pathlib.Path, *overrides: str, devices: int = 1, processes: int = 1
+    name: str, cwd: pathlib.Path, *overrides: str, devices: int = 1, processes: int = 1, config: str | None = None
 ) -> list[str]:
-    """`python -m experiments.<name> --config=configs/<name>.py:tiny <overrides> --workdir=run
+    """`python -m experiments.<name> --config=configs/<config or name>.py:tiny <overrides> --workdir=run
     --results_dir=results` in `cwd` (relative dirs, as the README's command): `processes` child processes
     (`launch`) with `devices` fake CPU devices each. Fails the test on a non-zero exit; returns their output."""
-    module = [f"experiments.{name}", f"--config={REPO / 'configs' / name}.py:tiny", *overrides]
+    module = [f"experiments.{name}", f"--config={REPO / 'configs' / (config or name)}.py:tiny", *overrides]
     return finish(launch(module + ["--workdir=run", "--results_dir=results"], cwd, processes, devices), cwd, 600)
 
 
