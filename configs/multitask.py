@@ -102,30 +102,40 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
         seed=1,
     )
     apply_preset(config, preset)
-    # A constant learning rate after the warmup (ADM's schedule; the module docstring says why), half the other
-    # experiments' peak since no decay follows it; fixed beforehand, not tuned on the results.
-    config.optim.schedule = "constant"
-    config.optim.learning_rate = 1e-3
-    config.optim.ema_decay = 0.9
-    # No held-out loss or grids while training (eight runs; the comparison is the evaluation).
-    config.train.eval_every = config.sample.every = 0
+    comparison_training(config, preset)
     if preset == "tiny":
         config.train.steps = 12  # a multiple of 12: the equal-compute checkpoints at 4 and 3 steps
-        config.optim.ema_decay = 0.5
         config.data.eval_batch_size = 8
         config.experiment.restoration.update(num_images=4, batch_size=4)
         config.experiment.generation.update(num_samples=8, batch_size=8, num_reference=16, num_statistics=16)
         config.experiment.classification.update(num_images=8, batch_size=8)
     elif preset == "full":
-        config.train.steps = 96_000  # a multiple of 12
-        config.optim.learning_rate = 2e-4
-        config.optim.ema_decay = 0.999
-        config.train.eval_every = config.sample.every = 8000
         config.data.eval_batch_size = 500
         config.experiment.restoration.update(num_images=2000, batch_size=250)
         config.experiment.generation.update(num_samples=10_000, batch_size=500)
         config.experiment.classification.update(num_images=10_000, batch_size=500)
-    else:
-        config.optim.warmup_steps = 30  # below the single-task set's equal-compute share, 144 / 4 = 36 steps
-        config.prng_impl = "rbg"  # compiles the eight runs' initialisers ~2.5x faster (configs/presets.py)
     return config
+
+
+def comparison_training(config: ml_collections.ConfigDict, preset: str) -> None:
+    """What every model of a multitask comparison trains with (after `apply_preset`; configs/multitask_scenes.py
+    too). A constant learning rate after the warmup (ADM's schedule; the module docstring says why), half the
+    other experiments' peak since no decay follows it; EMA decay 0.9; fixed beforehand, not tuned on the results.
+    No held-out loss or grids while training (the comparison is the evaluation). 'full': 96k steps (a multiple of
+    12 and of 6), 2e-4, EMA 0.999, held-out loss and grids every 8000 steps; the CPU default: a 30-step warmup
+    (below the smallest equal-compute share) and 'rbg' keys (compiles the runs' initialisers ~2.5x faster:
+    configs/presets.py)."""
+    config.optim.schedule = "constant"
+    config.optim.learning_rate = 1e-3
+    config.optim.ema_decay = 0.9
+    config.train.eval_every = config.sample.every = 0
+    if preset == "tiny":
+        config.optim.ema_decay = 0.5
+    elif preset == "full":
+        config.train.steps = 96_000
+        config.optim.learning_rate = 2e-4
+        config.optim.ema_decay = 0.999
+        config.train.eval_every = config.sample.every = 8000
+    else:
+        config.optim.warmup_steps = 30
+        config.prng_impl = "rbg"

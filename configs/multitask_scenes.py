@@ -30,7 +30,7 @@ Real numbers (the 7.7M-parameter U-Net, 96k steps on 64x64 scenes; one accelerat
 
 import ml_collections
 
-from configs import image_segmentation, masked_pretrain
+from configs import image_segmentation, masked_pretrain, multitask
 from configs.presets import apply_preset, check_preset, default_sampler, small_unet
 from mmdiff_jax.tasks import base_config
 
@@ -89,27 +89,16 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
         seed=1,
     )
     apply_preset(config, preset, full_attention=(16,))
-    # As configs/multitask.py: a constant learning rate after the warmup, EMA decay 0.9; nothing while training.
-    config.optim.schedule = "constant"
-    config.optim.learning_rate = 1e-3
-    config.optim.ema_decay = 0.9
-    config.train.eval_every = config.sample.every = 0
+    multitask.comparison_training(config, preset)  # the warmup, 30 steps, below the single-task share 120 / 3
     if preset == "tiny":
         config.train.steps = 6  # a multiple of 6: the equal-compute checkpoints at 3 and 2 steps
-        config.optim.ema_decay = 0.5
         config.data.eval_batch_size = 8
         config.experiment.restoration.update(num_images=4, batch_size=4)
         config.experiment.generation.update(num_samples=8, batch_size=8)
         config.experiment.segmentation.update(num_images=8, batch_size=8)
     elif preset == "full":
-        config.train.steps = 96_000  # a multiple of 6
-        config.optim.learning_rate = 2e-4
-        config.optim.ema_decay = 0.999
         config.data.eval_batch_size = 250
         config.experiment.restoration.update(num_images=2000, batch_size=250)
         config.experiment.generation.update(num_samples=2000, batch_size=250)
         config.experiment.segmentation.update(num_images=2000, batch_size=250)
-    else:
-        config.optim.warmup_steps = 30  # below the single-task set's equal-compute share, 120 / 3 = 40 steps
-        config.prng_impl = "rbg"  # compiles the six runs' initialisers ~2.5x faster (configs/presets.py)
     return config
