@@ -219,22 +219,22 @@ def _grid(config, run: common.Run, models, evaluator: TaskSuite) -> None:
     rows.append(("multitask: joint sample", outputs[name, "joint"]))
     if "segmentation" in present:
         rows.append(("  + its mask", reporting.overlay_classes(outputs[name, "joint"], outputs[name, "joint_mask"])))
-    words.append(
-        "joint samples (nothing observed"
-        + (", their generated masks drawn on them)" if "segmentation" in present else ")")
-    )
-    ratio = max(config.experiment.restoration.mask_ratios)
-    batch = {key: value[:count] for key, value in evaluator.masked[ratio][0].items()}
-    rows += [
-        ("masked input", reporting.tint_hidden(batch[primary], batch[MASK_KEY])),
-        ("multitask: restored", outputs[name, f"restoration {ratio}"]),
-        ("truth", batch[primary]),
-    ]
+        words.append("joint samples (nothing observed, their generated masks drawn on them)")
+    else:
+        words.append("joint samples (nothing observed)")
+    if "masked_image" in present:
+        ratio = max(config.experiment.restoration.mask_ratios)
+        batch = {key: value[:count] for key, value in evaluator.masked[ratio][0].items()}
+        rows += [
+            ("masked input", reporting.tint_hidden(batch[primary], batch[MASK_KEY])),
+            ("multitask: restored", outputs[name, f"restoration {ratio}"]),
+            ("truth", batch[primary]),
+        ]
+        words.append(f"and restoration at mask ratio {ratio} (hidden pixels blue; known pixels pasted back)")
     run.report.image(
         "samples",
         reporting.labelled_grid(rows),
-        f"The multitask model: {', '.join(words)}, and restoration at mask ratio {ratio} (hidden pixels blue; "
-        f"known pixels pasted back). {evaluation.describe_sampler(config.experiment.sampler)}.",
+        f"The multitask model: {', '.join(words)}. {evaluation.describe_sampler(config.experiment.sampler)}.",
         publish=True,
     )
 
@@ -246,7 +246,7 @@ def metric_rows(config) -> list[tuple[str, str, tuple, bool]]:
     out of the table)."""
     experiment, present = config.experiment, comparators(config)
     rows = []
-    for ratio in experiment.restoration.mask_ratios:
+    for ratio in experiment.restoration.mask_ratios if "restoration" in present else ():
         rows += [
             ("restoration", f"PSNR hidden, r = {ratio} (dB)", (str(ratio), "psnr_masked"), True),
             ("restoration", f"SSIM hidden, r = {ratio}", (str(ratio), "ssim_masked"), True),
@@ -321,10 +321,11 @@ def table_notes(config, results: dict) -> list[str]:
 def write_report(config, run: common.Run, results: dict) -> None:
     steps, total, sets = matched_steps(config), config.train.steps, comparator_sets(config)
     shares = {role: f"{len(names)} x {steps['total_compute'][names[0]]}" for role, names in sets.items()}
-    modalities = [KIND_WORDS[kind][1] for kind in kinds(config)]
+    words = [KIND_WORDS[kind][1] for kind in kinds(config)]
+    modalities = " and ".join([", ".join(words[:-1]), words[-1]] if len(words) > 1 else words)
     run.report.text(
-        f"One MT-Diffusion model trained on the image ({config.data.name}) with {', '.join(modalities[:-1])} and "
-        f"{modalities[-1]} at once (the multitask model), against the model each pairwise experiment trains (the "
+        f"One MT-Diffusion model trained on the image ({config.data.name}) with {modalities} at once (the "
+        "multitask model), against the model each pairwise experiment trains (the "
         "image and one modality) and each task's single-task baseline: same U-Net, batch, optimizer, data order and "
         f"sampler ({evaluation.describe_sampler(config.experiment.sampler)}, the conditional sampler without "
         f"guidance for every model), EMA parameters (decay {config.optim.ema_decay:g}), constant learning rate. "

@@ -51,7 +51,7 @@ class TaskSuite:
         self.sampler, self.seed = evaluation.sampler_options(experiment.sampler, run.mesh), experiment.seed
         self.primary = config.model.primary
         self.names = {
-            spec["kind"]: tasks.modality_name(config, spec["kind"]) for spec in config.model.modalities.values()
+            kind: tasks.modality_name(config, kind) for kind in {m["kind"] for m in config.model.modalities.values()}
         }
 
     # ------------------------------------------------------------------------------------- inputs (drawn once)
