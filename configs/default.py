@@ -42,8 +42,11 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
     config.diffusion.noise_schedule = "linear"
     config.diffusion.num_steps = 1000
 
-    config.data.name = "fashion_mnist_masked"
-    config.data.options = dict(image_size=32, mask_kind="patch", mask_ratio=0.5, patch_size=4)
+    config.data.source = "fashion_mnist()"
+    config.data.transforms = (
+        "pad(32)|value_range(-1, 1)|masked_image(kind='patch', ratio=0.5, patch_size=4)"
+        "|keep('image', 'masked_image', 'mask')"
+    )
     config.data.batch_size = 128
     config.data.eval_batch_size = 128
 

@@ -20,7 +20,6 @@ Tiny (seconds; tests/test_experiments_other.py, with a stand-in embedding file):
 """
 
 import ml_collections
-from ml_collections import config_dict
 
 from configs.presets import apply_preset, check_preset, default_sampler, small_unet
 from mmdiff_jax.tasks import base_config
@@ -53,10 +52,10 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
     config.diffusion.noise_schedule = "linear"
     config.diffusion.num_steps = 1000
 
-    config.data.name = "fashion_mnist_embedding"
-    # embedding_path: an .npz of the user's embeddings {train: [N, D], test: [M, D]} float32
-    # (--config.data.options.embedding_path=FILE); None: the project's default CNN embeddings.
-    config.data.options = dict(image_size=28, embedding_path=config_dict.placeholder(str))
+    config.data.source = "fashion_mnist()"
+    # embedding(): the project's default CNN embeddings; embedding('FILE'): an .npz of the user's embeddings
+    # {train: [N, D], test: [M, D]} float32, row i for example i.
+    config.data.transforms = "value_range(-1, 1)|embedding()|keep('image', 'embedding')"
     config.data.batch_size = 32
     config.data.eval_batch_size = 128
     # 1000 steps, as joint_image_label: conditioning on a class-like input is learned over 800-1600 steps on this

@@ -60,8 +60,9 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
     config.diffusion.noise_schedule = "linear"
     config.diffusion.num_steps = 1000
 
-    config.data.name = "fashion_mnist_scenes"
-    config.data.options = dict(image_size=size, min_objects=2, max_objects=3 if preset != "full" else 4)
+    config.data.source = "fashion_mnist()"
+    max_objects = 3 if preset != "full" else 4
+    config.data.transforms = f"scenes({size}, min_objects=2, max_objects={max_objects})|value_range(-1, 1)"
     config.data.batch_size = 16
     config.data.eval_batch_size = 64
     # 1000 steps (was 250 for the aggregation-only model): conditioning is learned over 800-1600 steps on this

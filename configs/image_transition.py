@@ -1,6 +1,6 @@
 """Image transition (issue 16): 4x-downsampled Fashion-MNIST -> the full-resolution image, with the bridge schedule.
 
-The source x_1 is the image average-pooled over 4x4 blocks and repeated back to 28x28 (`fashion_mnist_lowres`: a
+The source x_1 is the image average-pooled over 4x4 blocks and repeated back to 28x28 (the `low_resolution(4)` transform: a
 right answer exists, the image it came from). It enters the forward process through the identity encoder under a
 'bridge' weight schedule of height 1: lambda_t = 1 - sqrt(abar_t), so z_T ~ N(x_1, I) carries the source and the
 reverse process removes it while it generates the target (docs/design.md sections 2 and 3). It also reaches the
@@ -55,8 +55,8 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
     config.diffusion.noise_schedule = "linear"
     config.diffusion.num_steps = 1000
 
-    config.data.name = "fashion_mnist_lowres"
-    config.data.options = dict(image_size=28, factor=4)
+    config.data.source = "fashion_mnist()"
+    config.data.transforms = "value_range(-1, 1)|low_resolution(4)|keep('image', 'low_resolution')"
     config.data.batch_size = 32
     config.data.eval_batch_size = 96
     # The recipe of configs/masked_pretrain.py (bench/convergence.py on that model): v-prediction, 800 steps,

@@ -73,8 +73,11 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
     config.diffusion.num_steps = 1000
 
     # Training data: a fresh patch mask per example and epoch, hiding a uniform 10-60% of the patches.
-    config.data.name = "fashion_mnist_masked"
-    config.data.options = dict(image_size=28, mask_kind="patch", mask_ratio=(0.1, 0.6), patch_size=4)
+    config.data.source = "fashion_mnist()"
+    config.data.transforms = (
+        "value_range(-1, 1)|masked_image(kind='patch', ratio=(0.1, 0.6), patch_size=4)"
+        "|keep('image', 'masked_image', 'mask')"
+    )
     config.data.batch_size = 32
     config.data.eval_batch_size = 128
     # The recipe: v-prediction (model.prediction = 'v'), 800 steps. bench/convergence.py

@@ -35,7 +35,6 @@ Real numbers (the 7.7M-parameter U-Net, 96k steps; one accelerator):
 """
 
 import ml_collections
-from ml_collections import config_dict
 
 from configs import image_embedding, joint_image_label, masked_pretrain
 from configs.presets import apply_preset, check_preset, default_sampler, small_unet
@@ -61,14 +60,9 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
     config.diffusion.num_steps = 1000
 
     # One set with every modality (and the label the classifier reads): masks as in masked_pretrain's training.
-    config.data.name = "fashion_mnist_multitask"
-    config.data.options = dict(
-        image_size=28,
-        mask_kind="patch",
-        mask_ratio=(0.1, 0.6),
-        patch_size=4,
-        embedding_path=config_dict.placeholder(str),  # None: the project's default CNN embeddings
-    )
+    config.data.source = "fashion_mnist()"
+    # embedding(): the project's default CNN embeddings (embedding('FILE') for a user's table).
+    config.data.transforms = "value_range(-1, 1)|embedding()|masked_image(kind='patch', ratio=(0.1, 0.6), patch_size=4)"
     config.data.batch_size = 32
     config.data.eval_batch_size = 96
     # v-prediction (configs/masked_pretrain.py's recipe). 144 steps per run: eight runs share the 20-minute CPU

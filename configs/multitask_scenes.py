@@ -3,7 +3,7 @@ the image x_0 and two auxiliary modalities at once (a masked image and the segme
 task's pairwise model and single-task baseline (experiments/multitask.py).
 
 The scenes are image_segmentation's (2-3 items on a black canvas, 48x48 on the CPU; configs/image_segmentation.py
-says why), each with a patch mask drawn as masked_pretrain draws it (`fashion_mnist_scenes_masked`). Each modality
+says why), each with a patch mask drawn as masked_pretrain draws it (`scenes(48)|value_range()|masked_image(...)`). Each modality
 is set as in its pairwise experiment (configs/masked_pretrain.py, image_segmentation.py), resized to the scenes:
 the masked image through the identity encoder under a 'bump' of height 0.3, the mask through a conv on its one-hot
 under a 'bump' of height 1, both seen by the denoiser as extra channels ('concat') and hidden from it with
@@ -55,14 +55,11 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
     config.diffusion.noise_schedule = "linear"
     config.diffusion.num_steps = 1000
 
-    config.data.name = "fashion_mnist_scenes_masked"
-    config.data.options = dict(
-        image_size=size,
-        min_objects=2,
-        max_objects=3 if preset != "full" else 4,
-        mask_kind="patch",
-        mask_ratio=(0.1, 0.6),
-        patch_size=4,
+    config.data.source = "fashion_mnist()"
+    max_objects = 3 if preset != "full" else 4
+    config.data.transforms = (
+        f"scenes({size}, min_objects=2, max_objects={max_objects})|value_range(-1, 1)"
+        "|masked_image(kind='patch', ratio=(0.1, 0.6), patch_size=4)"
     )
     config.data.batch_size = 16
     config.data.eval_batch_size = 64

@@ -1,6 +1,6 @@
 """Evaluation for the experiments: data batches, batched sampling, the sampler section, metrics.
 
-eval_batches(config, num_examples, batch_size, split=None, **data_options)   first examples, numpy batches
+eval_batches(config, num_examples, batch_size, split, mask_ratio, transform_seed)   first examples, batches
                                        (the same on every process)
 map_batches(fn, batches, seed, desc, mesh)   fn(batch, rng) -> arrays, over batches split over the mesh,
                                        gathered and concatenated (numpy, on every process)
@@ -29,7 +29,9 @@ from jax.sharding import Mesh
 
 from experiments.trainer import copy_config
 from mmdiff_jax import metrics as metrics_lib
+from mmdiff_jax import data as data_lib
 from mmdiff_jax.data import embeddings, fashion_mnist
+from mmdiff_jax.data import transforms as transforms_lib
 from mmdiff_jax.metrics import features as features_lib
 from mmdiff_jax.metrics.distribution import compute_features
 from mmdiff_jax.training import config_io
@@ -37,22 +39,31 @@ from mmdiff_jax.training import mesh as mesh_lib
 
 
 def eval_batches(
-    config: ml_collections.ConfigDict, num_examples: int, batch_size: int, split: str | None = None, **data_options
+    config: ml_collections.ConfigDict,
+    num_examples: int,
+    batch_size: int,
+    split: str | None = None,
+    *,
+    mask_ratio: float | None = None,
+    transform_seed: int | None = None,
 ) -> list[dict[str, np.ndarray]]:
     """The first `num_examples` examples of `split` (default `config.data.eval_split`), unshuffled, as numpy
-    batches of `batch_size` (a divisor of num_examples); `data_options` override `config.data.options`
-    (e.g. a fixed `mask_ratio`, a `transform_seed`). Every process reads the same whole batches: `map_batches`
-    splits them over the mesh."""
+    batches of `batch_size` (a divisor of num_examples). `mask_ratio`: the masked_image transform's ratio
+    instead of the config's; `transform_seed`: the seed of the masks and layouts (default `config.seed`).
+    Every process reads the same whole batches: `map_batches` splits them over the mesh."""
     if num_examples % batch_size:
         raise ValueError(f"num_examples {num_examples} is not a multiple of the batch size {batch_size}")
     config = copy_config(config)
-    config.data.eval_split = split or config.data.eval_split
-    config.data.options = {**config.data.options.to_dict(), **data_options}
     config.data.eval_batch_size = batch_size
-    iterator = config_io.make_eval_iterator(config, whole_batches=True)
+    transforms = config.data.transforms
+    if mask_ratio is not None:
+        transforms = transforms_lib.with_args(transforms, "masked_image", ratio=mask_ratio)
+    iterator = config_io.make_eval_iterator(
+        config, whole_batches=True, split=split, transforms=transforms, transform_seed=transform_seed
+    )
     batches = [next(iterator, None) for _ in range(num_examples // batch_size)]
     if batches[-1] is None:
-        raise ValueError(f"split {config.data.eval_split!r} has fewer than {num_examples} examples")
+        raise ValueError(f"split {split or config.data.eval_split!r} has fewer than {num_examples} examples")
     return batches
 
 
@@ -135,24 +146,45 @@ def describe_sampler(section: Mapping[str, Any]) -> str:
     return f"DDIM, {section['num_steps']} steps, eta = {section['eta']:g}"
 
 
+def data_name(config: ml_collections.ConfigDict) -> str:
+    """How reports name the training data: 'Fashion-MNIST' for the offline default, else the source string."""
+    source = config_io.data_source(config)
+    return "Fashion-MNIST" if source.name == "fashion_mnist" else f"`{config.data.source}`"
+
+
+def transform_op(config: ml_collections.ConfigDict, name: str):
+    """The op `name` of `config.data.transforms` (its arguments: mask ratio, patch size, ...); ValueError if
+    the config has none."""
+    op = transforms_lib.find(config.data.transforms, name)
+    if op is None:
+        raise ValueError(f"config.data.transforms {config.data.transforms!r} has no {name}(...)")
+    return op
+
+
 def metrics_classifier(config: ml_collections.ConfigDict) -> features_lib.Classifier:
     """The Fashion-MNIST CNN of the feature metrics (`config.experiment.classifier`: steps, seed).
 
-    On the real data it is `features.train_classifier` (trained once, cached beside the prepared data; the
-    default 600 steps / seed 0 are the shared default classifier); with `config.data.arrays_path` (tests,
-    stand-in data) it is trained on those arrays, uncached.
+    On the fashion_mnist() source it is `features.train_classifier` (trained once, cached beside the prepared
+    data; the default 600 steps / seed 0 are the shared default classifier). On another source of 28x28 grey
+    images with 10 classes (tests' stand-in arrays) it is trained on that source's `config.data.split`,
+    uncached; any other source is refused with a ValueError naming the keys to change.
     """
     spec = config.experiment.classifier
-    if config.data.arrays_path:
-        with np.load(config.data.arrays_path) as arrays:
-            images, labels = arrays["train_image"], arrays["train_label"]
-        model, params = embeddings.train_embedding_encoder(images, labels, steps=spec.steps, seed=spec.seed)
-        return features_lib.Classifier(
-            model, params, {"steps": spec.steps, "seed": spec.seed, "data": config.data.arrays_path}
+    source = config_io.data_source(config)
+    if source.name == "fashion_mnist":
+        return features_lib.train_classifier(source.data_dir, source.idx_dir, steps=spec.steps, seed=spec.seed)
+    raw = data_lib.dataset_spec(source, config.data.split)
+    if raw.features.get("image", ((),))[0] != fashion_mnist.IMAGE_SHAPE or raw.num_classes.get("label") != 10:
+        raise ValueError(
+            f"the Fashion-MNIST CNN (feature space 'fmnist_cnn', the label and embedding judges) needs 28x28x1 "
+            f"images with 10 labels; config.data.source {config.data.source!r} gives {dict(raw.features)}, "
+            f"classes {dict(raw.num_classes)}: drop 'fmnist_cnn' from config.experiment.feature_spaces"
         )
-    return features_lib.train_classifier(
-        config.data.data_dir or None, config.data.options.get("idx_dir"), steps=spec.steps, seed=spec.seed
-    )
+    examples = data_lib.make_map_dataset(source, config.data.split)
+    images = np.stack([examples[i]["image"] for i in range(len(examples))])
+    labels = np.array([examples[i]["label"] for i in range(len(examples))])
+    model, params = embeddings.train_embedding_encoder(images, labels, steps=spec.steps, seed=spec.seed)
+    return features_lib.Classifier(model, params, {"steps": spec.steps, "seed": spec.seed, "data": config.data.source})
 
 
 def feature_fn(space: str, classifier: features_lib.Classifier) -> features_lib.FeatureFn:

@@ -196,9 +196,10 @@ def run(config: ml_collections.ConfigDict, run: common.Run) -> None:
 def write_report(config, run: common.Run, results: dict) -> None:
     experiment, report = config.experiment, run.report
     size = config.model.z_shape[0]
-    options = config.data.options
+    scenes = evaluation.transform_op(config, "scenes")
     report.text(
-        f"MT-Diffusion on {size}x{size} Fashion-MNIST scenes ({options.min_objects}-{options.max_objects} items, "
+        f"MT-Diffusion on {size}x{size} {evaluation.data_name(config)} scenes ({scenes.min_objects}-"
+        f"{scenes.max_objects} items, "
         "11 mask classes: background + 10) with the image and its segmentation mask; one model for all three tasks. "
         f"Sampler: {evaluation.describe_sampler(experiment.sampler)}, z_0 estimates clipped to [-1, 1]; EMA parameters."
     )

@@ -120,9 +120,10 @@ def write_report(config: ml_collections.ConfigDict, run: common.Run, results: di
     experiment, section = config.experiment, config.experiment.transition
     labels = method_labels(config)
     methods = [name for name in labels if name in results]
+    factor = evaluation.transform_op(config, "low_resolution").factor
     run.report.text(
-        f"MT-Diffusion trained on Fashion-MNIST ({config.model.z_shape[0]}x{config.model.z_shape[1]}) pairs of a "
-        f"low-resolution source ({config.data.options.factor}x{config.data.options.factor} block means, repeated "
+        f"MT-Diffusion trained on {evaluation.data_name(config)} ({config.model.z_shape[0]}x{config.model.z_shape[1]}) "
+        f"pairs of a low-resolution source ({factor}x{factor} block means, repeated "
         "back to full size) and the image it came from; every model has the same U-Net, steps, batch, optimizer "
         f"and EMA, predicts {config.model.prediction} and trains {config.train.steps} steps. Sampler for every "
         f"model: {evaluation.describe_sampler(experiment.sampler)}, z_0 estimates clipped to [-1, 1]; EMA "

@@ -140,11 +140,12 @@ def write_report(config, run: common.Run, restoration: dict, unconditional: dict
     ratios = [str(r) for r in experiment.restoration.mask_ratios]
     methods = list(restoration_lib.all_methods(config))
     modality = config.model.modalities[tasks.modality_name(config, "masked_image")]
-    low, high = config.data.options.mask_ratio
+    masking = evaluation.transform_op(config, "masked_image")
+    low, high = (masking.ratio, masking.ratio) if np.isscalar(masking.ratio) else masking.ratio
+    masks = f"{masking.patch_size}x{masking.patch_size} patch" if masking.kind == "patch" else masking.kind
     report.text(
-        f"MT-Diffusion trained on Fashion-MNIST ({config.model.z_shape[0]}x{config.model.z_shape[1]}) with the image "
-        f"and a masked image ({config.data.options.patch_size}x{config.data.options.patch_size} patch masks hiding "
-        f"{low:.0%}-{high:.0%} of the image; encoder '{modality.get('encoder') or 'default'}', weight schedule "
+        f"MT-Diffusion trained on {evaluation.data_name(config)} ({config.model.z_shape[0]}x{config.model.z_shape[1]}) "
+        f"with the image and a masked image ({masks} masks hiding {low:.0%}-{high:.0%} of the image; encoder '{modality.get('encoder') or 'default'}', weight schedule "
         f"{modality.weight_schedule[0]} of height {modality.weight_schedule[1]:g}), against "
         "plain DDPM (no auxiliary modality) and a reconstruction-only U-Net, all with the same U-Net, steps, batch, "
         "optimizer and EMA. One MT-Diffusion model serves every mask ratio and unconditional generation. "

@@ -324,7 +324,7 @@ def write_report(config, run: common.Run, results: dict) -> None:
     words = [KIND_WORDS[kind][1] for kind in kinds(config)]
     modalities = " and ".join([", ".join(words[:-1]), words[-1]] if len(words) > 1 else words)
     run.report.text(
-        f"One MT-Diffusion model trained on the image ({config.data.name}) with {modalities} at once (the "
+        f"One MT-Diffusion model trained on the image ({evaluation.data_name(config)}) with {modalities} at once (the "
         "multitask model), against the model each pairwise experiment trains (the "
         "image and one modality) and each task's single-task baseline: same U-Net, batch, optimizer, data order and "
         f"sampler ({evaluation.describe_sampler(config.experiment.sampler)}, the conditional sampler without "

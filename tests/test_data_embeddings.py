@@ -40,9 +40,18 @@ def test_embedding_dataset_uses_the_default(
 ):
     data_dir, _ = synthetic_data_dir
     table = embeddings.load_embeddings(default_path, "test", 60)
+    with pytest.raises(ValueError, match=r"embedding\(\) without a path uses the project's Fashion-MNIST"):
+        data.make_dataset(
+            data.InMemory({"test": {"image": np.zeros((2, 4, 4, 1), np.uint8)}}),
+            "test",
+            transforms="embedding()",
+            batch_size=2,
+            seed=0,
+        )
     iterator = data.make_dataset(
-        "fashion_mnist_embedding",
+        f"fashion_mnist(idx_dir={str(synthetic_data_dir[1])!r})",
         "test",
+        transforms="value_range()|embedding()",
         batch_size=20,
         seed=0,
         shuffle=False,

@@ -1,4 +1,4 @@
-"""grain pipelines: seeds, sharding, epochs, exact resume, bad data, names."""
+"""grain pipelines: seeds, sharding, epochs, exact resume, bad data, bad config strings."""
 
 import json
 import os
@@ -13,6 +13,12 @@ from mmdiff_jax import data
 from tests.test_data_fixtures import index_of, make_synthetic_arrays, with_index_pixels
 
 ARRAYS = with_index_pixels(make_synthetic_arrays(96))
+SOURCE = data.InMemory({"train": ARRAYS, "test": ARRAYS})
+# The transforms of the named sets the configs use (configs/*.py).
+IMAGE = "pad(32)|value_range(-1, 1)"
+IMAGE_28 = "value_range(-1, 1)"
+MASKED = "pad(32)|value_range(-1, 1)|masked_image()"
+SCENES = "scenes(64)|value_range(-1, 1)"
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -28,9 +34,9 @@ def assert_same_batches(first, second):
             np.testing.assert_array_equal(a[key], b[key], err_msg=key)
 
 
-@pytest.mark.parametrize("name", ["fashion_mnist_masked", "fashion_mnist_scenes"])
-def test_identical_seeds_identical_batches(name):
-    make = lambda seed: data.make_dataset(name, "train", batch_size=16, seed=seed, arrays=ARRAYS)
+@pytest.mark.parametrize("transforms", [MASKED, SCENES])
+def test_identical_seeds_identical_batches(transforms):
+    make = lambda seed: data.make_dataset(SOURCE, "train", transforms=transforms, batch_size=16, seed=seed)
     assert_same_batches(batches(make(7), 3), batches(make(7), 3))
     other = batches(make(8), 1)[0]
     assert not np.array_equal(other["image"], batches(make(7), 1)[0]["image"])
@@ -39,13 +45,12 @@ def test_identical_seeds_identical_batches(name):
 def test_transform_seed_is_separate_from_shuffle_seed():
     make = lambda **kw: next(
         data.make_dataset(
-            "fashion_mnist_masked",
+            SOURCE,
             "train",
+            transforms="value_range()|masked_image()",
             batch_size=16,
             seed=1,
             shuffle=False,
-            arrays=ARRAYS,
-            image_size=28,
             **kw,
         )
     )
@@ -54,17 +59,10 @@ def test_transform_seed_is_separate_from_shuffle_seed():
     assert not np.array_equal(same_order["mask"], make()["mask"])
 
 
-@pytest.mark.parametrize(
-    "name,options",
-    [
-        ("fashion_mnist", {}),
-        ("fashion_mnist_masked", {"mask_kind": "pixel"}),
-        ("fashion_mnist_scenes", {}),
-    ],
-)
-def test_restored_iterator_yields_the_batches_that_followed(name, options):
+@pytest.mark.parametrize("transforms", [IMAGE, "pad(32)|value_range(-1, 1)|masked_image(kind='pixel')", SCENES])
+def test_restored_iterator_yields_the_batches_that_followed(transforms):
     make = lambda: data.make_dataset(
-        name, "train", batch_size=8, seed=2, arrays=ARRAYS, num_threads=2, prefetch_batches=3, **options
+        SOURCE, "train", transforms=transforms, batch_size=8, seed=2, num_threads=2, prefetch_batches=3
     )
     iterator = make()
     batches(iterator, 15)  # past the 12-batch epoch: state spans epochs
@@ -77,9 +75,7 @@ def test_restored_iterator_yields_the_batches_that_followed(name, options):
 
 
 def test_epochs_cover_every_example_once_and_reshuffle():
-    iterator = data.make_dataset(
-        "fashion_mnist", "train", batch_size=32, seed=0, arrays=ARRAYS, image_size=28, num_epochs=2
-    )
+    iterator = data.make_dataset(SOURCE, "train", transforms=IMAGE_28, batch_size=32, seed=0, num_epochs=2)
     seen = [index_of(batch["image"]) for batch in iterator]
     assert len(seen) == 6
     first, second = np.concatenate(seen[:3]), np.concatenate(seen[3:])
@@ -89,13 +85,11 @@ def test_epochs_cover_every_example_once_and_reshuffle():
 
 
 def test_masks_are_redrawn_each_epoch_but_fixed_per_seed():
-    iterator = data.make_dataset(
-        "fashion_mnist_masked", "train", batch_size=96, seed=0, shuffle=False, arrays=ARRAYS, num_epochs=2
-    )
+    iterator = data.make_dataset(SOURCE, "train", transforms=MASKED, batch_size=96, seed=0, shuffle=False, num_epochs=2)
     epoch0, epoch1 = next(iterator), next(iterator)
     np.testing.assert_array_equal(epoch0["image"], epoch1["image"])
     assert not np.array_equal(epoch0["mask"], epoch1["mask"])
-    map_dataset = data.make_map_dataset("fashion_mnist_masked", "train", seed=0, arrays=ARRAYS)
+    map_dataset = data.make_map_dataset(SOURCE, "train", transforms=MASKED, transform_seed=0)
     np.testing.assert_array_equal(map_dataset[10]["mask"], epoch0["mask"][10])
 
 
@@ -103,11 +97,11 @@ def test_masks_are_redrawn_each_epoch_but_fixed_per_seed():
 def test_processes_read_their_rows_of_the_one_process_batches(num_epochs):
     """Two processes' batches, concatenated in process order, are the batches one process reads at the
     global batch size (shuffled, across epochs), each process decoding only its own rows."""
-    arrays = {key: value[:95] for key, value in ARRAYS.items()}  # 95 examples: 2 global batches of 2 x 20 a epoch
-    options = dict(seed=3, arrays=arrays, image_size=28, num_epochs=num_epochs)
-    single = data.make_dataset("fashion_mnist", "train", batch_size=40, shard_index=0, shard_count=1, **options)
+    # 95 examples: 2 global batches of 2 x 20 a epoch
+    options = dict(seed=3, transforms=IMAGE_28, num_epochs=num_epochs)
+    single = data.make_dataset(SOURCE, "train[:95]", batch_size=40, shard_index=0, shard_count=1, **options)
     shards = [
-        data.make_dataset("fashion_mnist", "train", batch_size=20, shard_index=index, shard_count=2, **options)
+        data.make_dataset(SOURCE, "train[:95]", batch_size=20, shard_index=index, shard_count=2, **options)
         for index in range(2)
     ]
     count = 0
@@ -123,19 +117,18 @@ def test_processes_read_their_rows_of_the_one_process_batches(num_epochs):
 
 
 def test_default_shard_is_this_process():
-    iterator = data.make_dataset("fashion_mnist", "train", batch_size=96, seed=0, arrays=ARRAYS, num_epochs=1)
+    iterator = data.make_dataset(SOURCE, "train", batch_size=96, seed=0, num_epochs=1)
     assert len(next(iterator)["label"]) == 96  # one process: the whole split
     with pytest.raises(ValueError, match="shard_index 2"):
-        data.make_dataset("fashion_mnist", "train", batch_size=4, seed=0, arrays=ARRAYS, shard_index=2, shard_count=2)
+        data.make_dataset(SOURCE, "train", batch_size=4, seed=0, shard_index=2, shard_count=2)
 
 
 def test_last_partial_batch_is_kept_on_request():
     iterator = data.make_dataset(
-        "fashion_mnist",
+        SOURCE,
         "test",
         batch_size=40,
         seed=0,
-        arrays=ARRAYS,
         shuffle=False,
         num_epochs=1,
         drop_remainder=False,
@@ -146,7 +139,7 @@ def test_last_partial_batch_is_kept_on_request():
 def corrupted(index, key, value):
     arrays = {"image": list(ARRAYS["image"].copy()), "label": ARRAYS["label"].copy()}
     arrays[key][index] = value
-    return arrays
+    return data.InMemory({"train": arrays}, num_classes=10)
 
 
 @pytest.mark.parametrize(
@@ -165,7 +158,7 @@ def corrupted(index, key, value):
     ],
 )
 def test_bad_data_raises_naming_the_example(arrays, message):
-    iterator = data.make_dataset("fashion_mnist", "train", batch_size=32, seed=0, arrays=arrays, num_epochs=1)
+    iterator = data.make_dataset(arrays, "train", transforms=IMAGE, batch_size=32, seed=0, num_epochs=1)
     with pytest.raises(data.BadExampleError, match=message):
         batches(iterator, 3)
 
@@ -175,55 +168,44 @@ def test_bad_embeddings_raise(tmp_path):
     table[17, 3] = np.nan
     np.savez(tmp_path / "nan.npz", train=table)
     np.savez(tmp_path / "short.npz", train=table[:90])
-    make = lambda path: data.make_dataset(
-        "fashion_mnist_embedding", "train", batch_size=8, seed=0, arrays=ARRAYS, embedding_path=path
+    make = lambda path, split="train": data.make_dataset(
+        SOURCE, split, transforms=f"value_range()|embedding({str(path)!r})", batch_size=8, seed=0
     )
     with pytest.raises(data.BadExampleError, match="example 17: embedding"):
         make(tmp_path / "nan.npz")
     with pytest.raises(data.BadExampleError, match="90 embeddings for 96"):
         make(tmp_path / "short.npz")
     with pytest.raises(KeyError, match="no 'test' array"):
-        data.make_dataset(
-            "fashion_mnist_embedding",
-            "test",
-            batch_size=8,
-            seed=0,
-            arrays=ARRAYS,
-            embedding_path=tmp_path / "nan.npz",
-        )
+        make(tmp_path / "nan.npz", "test")
 
 
 def test_user_embeddings_are_aligned_by_index(tmp_path):
     table = np.random.default_rng(0).normal(size=(96, 12)).astype(np.float32)
     np.savez(tmp_path / "user.npz", train=table)
-    iterator = data.make_dataset(
-        "fashion_mnist_embedding",
-        "train",
-        batch_size=16,
-        seed=0,
-        arrays=ARRAYS,
-        image_size=28,
-        embedding_path=tmp_path / "user.npz",
-    )
+    transforms = f"value_range()|embedding({str(tmp_path / 'user.npz')!r})"
+    iterator = data.make_dataset(SOURCE, "train", transforms=transforms, batch_size=16, seed=0)
     for batch in batches(iterator, 8):  # crosses an epoch boundary
         np.testing.assert_array_equal(batch["embedding"], table[index_of(batch["image"])])
-    spec = data.dataset_spec("fashion_mnist_embedding", embedding_path=tmp_path / "user.npz")
+    spec = data.dataset_spec(SOURCE, "train", transforms)
     assert spec.features["embedding"] == ((12,), np.dtype(np.float32))
 
 
-def test_unknown_names_and_options():
-    with pytest.raises(ValueError) as error:
-        data.make_dataset("mnist", "train", batch_size=4, seed=0)
-    for known in (
-        "fashion_mnist_masked",
-        "fashion_mnist_scenes",
-        "fashion_mnist_embedding",
-        "cifar10",
-        "oxford_iiit_pet",
+def test_unknown_sources_ops_and_arguments():
+    with pytest.raises(
+        ValueError,
+        match="config.data.source 'mnist\\(\\)': unknown 'mnist'; known: arrays, fashion_mnist, folder, tfds",
     ):
-        assert known in str(error.value)
-    with pytest.raises(ValueError, match="Unknown options \\['mask_ratoi'\\]"):
-        data.make_dataset("fashion_mnist_masked", "train", batch_size=4, seed=0, arrays=ARRAYS, mask_ratoi=0.3)
+        data.make_dataset("mnist()", "train", batch_size=4, seed=0)
+    with pytest.raises(ValueError, match="config.data.transforms .*unknown 'blur'; known: embedding, keep"):
+        data.make_dataset(SOURCE, "train", transforms="value_range()|blur(3)", batch_size=4, seed=0)
+    with pytest.raises(ValueError, match="masked_image\\(kind, ratio, patch_size, key\\).*'ratoi'"):
+        data.make_dataset(SOURCE, "train", transforms="value_range()|masked_image(ratoi=0.3)", batch_size=4, seed=0)
+    with pytest.raises(ValueError, match="arguments must be literals, got 'open\\(\\)'"):
+        data.make_dataset(SOURCE, "train", transforms="resize(open())", batch_size=4, seed=0)
+    with pytest.raises(ValueError, match="does not parse"):
+        data.make_dataset(SOURCE, "train", transforms="resize(32", batch_size=4, seed=0)
+    with pytest.raises(ValueError, match="has no split 'validation'; it has test, train"):
+        data.make_dataset(SOURCE, "validation", batch_size=4, seed=0)
 
 
 EXIT_SCRIPT = """
@@ -233,12 +215,13 @@ import numpy as np
 from mmdiff_jax import data
 
 arrays = {"image": np.zeros((64, 28, 28, 1), np.uint8), "label": np.arange(64) % 10}
+source = data.InMemory({"train": arrays, "test": arrays})
 if __name__ == "__main__":
     flags.FLAGS.mark_as_parsed()  # grain's worker processes read absl flags
-    kept = [data.make_dataset(name, "train", batch_size=8, seed=0, arrays=arrays, worker_count=workers)
-            for name in ("fashion_mnist_masked", "fashion_mnist") for workers in (0, 1)]
+    kept = [data.make_dataset(source, "train", transforms=t, batch_size=8, seed=0, worker_count=workers)
+            for t in ("value_range()|masked_image()", "value_range()") for workers in (0, 1)]
     batch_sums = [float(next(iterator)["image"].sum()) for iterator in kept]  # prefetching, batches alive
-    with data.make_dataset("fashion_mnist", "test", batch_size=8, seed=0, arrays=arrays, worker_count=1) as it:
+    with data.make_dataset(source, "test", batch_size=8, seed=0, worker_count=1) as it:
         next(it)
     try:
         next(it)

@@ -19,7 +19,7 @@ from ml_collections import config_flags
 from configs.masked_pretrain import get_config
 from experiments import common, machine, masked_pretrain, reporting, restoration, trainer
 from mmdiff_jax.training import cli, config_io
-from tests.training_helpers import REPO, file_lock, run_experiment_cli, shared_dir, write_arrays
+from tests.training_helpers import REPO, file_lock, run_experiment_cli, shared_dir, source_flag, write_arrays
 
 
 @pytest.fixture
@@ -30,7 +30,7 @@ def one_process_run(tmp_path_factory):
     with file_lock(root.parent / "masked_pretrain_one_process.lock"):
         if not (root / "run" / "metrics.json").exists():
             arrays = write_arrays(root / "arrays.npz", num_train=64, num_test=16)
-            run_experiment_cli("masked_pretrain", root, f"--config.data.arrays_path={arrays}")
+            run_experiment_cli("masked_pretrain", root, source_flag(arrays))
     return root
 
 
@@ -132,7 +132,7 @@ def test_two_processes_give_the_numbers_of_one(tmp_path, one_process_run):
     logs = run_experiment_cli(
         "masked_pretrain",
         tmp_path,
-        f"--config.data.arrays_path={arrays}",
+        source_flag(arrays),
         "--config.experiment.aggregation_only_ablation=False",
         devices=2,
         processes=2,

@@ -8,7 +8,7 @@ from configs.masked_pretrain import get_config
 from experiments import evaluation, reporting
 from mmdiff_jax.metrics import distribution
 from mmdiff_jax.metrics import features as features_lib
-from tests.training_helpers import write_arrays
+from tests.training_helpers import arrays_source, write_arrays
 
 
 class _StandInClassifier:
@@ -26,7 +26,7 @@ def _pixels(images):
 def test_feature_evaluators_run_in_every_configured_space(tmp_path, monkeypatch):
     monkeypatch.setitem(features_lib._FEATURE_NETWORKS, "pixels", lambda **unused: _pixels)
     config = get_config("tiny")
-    config.data.arrays_path = str(write_arrays(tmp_path / "arrays.npz", num_train=64, num_test=16))
+    config.data.source = arrays_source(write_arrays(tmp_path / "arrays.npz", num_train=64, num_test=16))
     config.experiment.feature_spaces = ("fmnist_cnn", "pixels")
     classifier = _StandInClassifier()
 

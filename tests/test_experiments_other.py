@@ -12,10 +12,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from configs import image_embedding as embedding_config
 from configs import joint_image_label as label_config
+from configs import multitask as multitask_config
+from mmdiff_jax.data import transforms
 from mmdiff_jax.models.unet import UNet, UNetConfig
 from mmdiff_jax.training.state import count_params
-from tests.training_helpers import run_experiment_cli, write_arrays
+from tests.training_helpers import run_experiment_cli, source_flag, write_arrays
 
 
 def _finite(tree) -> bool:
@@ -51,17 +54,21 @@ def _unet_params(config: UNetConfig) -> int:
 
 
 def _arrays(tmp_path) -> str:
-    return f"--config.data.arrays_path={write_arrays(tmp_path / 'arrays.npz', num_train=64, num_test=16)}"
+    return source_flag(write_arrays(tmp_path / "arrays.npz", num_train=64, num_test=16))
 
 
-def _embeddings(tmp_path):
-    """A stand-in 64-d embedding file for the 64 + 16 stand-in images (config.data.options.embedding_path)."""
+def _embeddings(tmp_path, config_module) -> str:
+    """A stand-in 64-d embedding file for the 64 + 16 stand-in images; the flag giving it to the config's
+    embedding() transform."""
     rng = np.random.default_rng(0)
+    path = tmp_path / "embeddings.npz"
     np.savez(
-        tmp_path / "embeddings.npz",
+        path,
         train=rng.standard_normal((64, 64)).astype(np.float32),
         test=rng.standard_normal((16, 64)).astype(np.float32),
     )
+    pipe = transforms.with_args(config_module.get_config("tiny").data.transforms, "embedding", path=str(path))
+    return f"--config.data.transforms={pipe}"
 
 
 def test_joint_image_label_tiny(tmp_path):
@@ -156,13 +163,7 @@ def test_image_segmentation_tiny(tmp_path):
 
 
 def test_image_embedding_tiny(tmp_path):
-    _embeddings(tmp_path)
-    run_experiment_cli(
-        "image_embedding",
-        tmp_path,
-        _arrays(tmp_path),
-        f"--config.data.options.embedding_path={tmp_path / 'embeddings.npz'}",
-    )
+    run_experiment_cli("image_embedding", tmp_path, _arrays(tmp_path), _embeddings(tmp_path, embedding_config))
     metrics = _check_outputs(
         tmp_path / "run",
         tmp_path / "results",
@@ -229,10 +230,7 @@ def test_image_transition_tiny(tmp_path):
 
 
 def test_multitask_tiny(tmp_path):
-    _embeddings(tmp_path)
-    run_experiment_cli(
-        "multitask", tmp_path, _arrays(tmp_path), f"--config.data.options.embedding_path={tmp_path / 'embeddings.npz'}"
-    )
+    run_experiment_cli("multitask", tmp_path, _arrays(tmp_path), _embeddings(tmp_path, multitask_config))
     # Every model trains 12 steps; equal total compute reads the comparators' checkpoints at 4 (3 pairwise models)
     # and 3 steps (4 single-task ones).
     comparators = ("pairwise_masked_image", "pairwise_label", "pairwise_vector")

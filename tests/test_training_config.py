@@ -56,8 +56,22 @@ def test_default_and_tiny_configs_validate(config):
         (lambda c: c.model.__setitem__("dtype", "float16"), "config.model.dtype must be one of"),
         (lambda c: c.mesh.__setitem__("shape", (2, -1)), r"mesh.shape \(2, -1\) does not divide the 1 devices"),
         (
-            lambda c: setattr(c, "data", dict(c.data.to_dict(), name="fashion_mnist", options={"image_size": 32})),
-            r"modality 'masked_image' reads batch key 'masked_image', which dataset 'fashion_mnist' does not provide",
+            lambda c: c.data.__setitem__("transforms", "pad(32)|value_range()"),
+            r"modality 'masked_image' reads the field 'masked_image', which config.data.source arrays\(.*\) with "
+            r"config.data.transforms pad\(32\)\|value_range\(\) does not give \(it gives \['image', 'label'\]\)",
+        ),
+        (
+            lambda c: c.data.__setitem__("transforms", "value_range()|masked_image()"),
+            r"the primary modality \(config.model.primary\): .* gives 'image' per-example shape \(28, 28, 1\), the model expects "
+            r"\(32, 32, 1\)",
+        ),
+        (
+            lambda c: c.data.__setitem__("transforms", "masked_image()"),
+            r"config.data.transforms: masked_image\(\) needs 'image' as float32, it is uint8",
+        ),
+        (
+            lambda c: c.data.__setitem__("source", "folder('/no/such/folder')"),
+            "config.data.source folder.*no such folder",
         ),
         (lambda c: c.model.modalities.masked_image.__setitem__("shape", (16, 16, 1)), "does not match z's shape"),
         (lambda c: c.optim.__setitem__("schedule", "exponential"), "optim.schedule must be one of"),

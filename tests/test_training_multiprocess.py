@@ -17,7 +17,7 @@ def train_flags(workdir, arrays, steps):
         "mmdiff_jax.train",
         f"--workdir={workdir}",
         f"--config={helpers.REPO}/configs/default.py:tiny",
-        f"--config.data.arrays_path={arrays}",
+        helpers.source_flag(arrays),
         f"--config.train.steps={steps}",
         "--config.train.checkpoint_every=1000",
         "--config.train.log_every=1",

@@ -29,7 +29,7 @@ FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters
 
 
 def write_arrays(path: pathlib.Path, num_train: int = 64, num_test: int = 16) -> pathlib.Path:
-    """An .npz of Fashion-MNIST-shaped stand-ins (config.data.arrays_path): rectangles whose value names the class."""
+    """An .npz of Fashion-MNIST-shaped stand-ins (`arrays_source`): rectangles whose value names the class."""
     rng = np.random.default_rng(0)
 
     def split(count):
@@ -46,13 +46,23 @@ def write_arrays(path: pathlib.Path, num_train: int = 64, num_test: int = 16) ->
     return path
 
 
+def arrays_source(path: str | os.PathLike) -> str:
+    """The config.data.source of an array file."""
+    return f"arrays({str(path)!r})"
+
+
+def source_flag(path: str | os.PathLike) -> str:
+    """The command-line flag that trains on an array file instead of Fashion-MNIST."""
+    return f"--config.data.source={arrays_source(path)}"
+
+
 def tiny_config(arrays_path: str | os.PathLike, **train_overrides):
     """configs/default.py:tiny on the stand-in arrays, logging every step's batch checksum."""
     sys.path.insert(0, str(REPO))
     from configs.default import get_config
 
     config = get_config("tiny")
-    config.data.arrays_path = str(arrays_path)
+    config.data.source = arrays_source(arrays_path)
     config.train.log_batch_checksum = True
     config.train.log_every = 1
     config.train.progress_bar = False

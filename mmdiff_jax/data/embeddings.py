@@ -1,4 +1,4 @@
-"""Embedding vectors for `fashion_mnist_embedding`: a user .npz, or an offline default.
+"""Embedding tables for the `embedding(path)` transform: a user .npz, or an offline default for Fashion-MNIST.
 
 User embeddings: an .npz with one [N, D] float array per split, keys "train"
 and "test", row i belonging to example i of the split (the IDX file order,
@@ -205,6 +205,18 @@ def load_embeddings(path: str | os.PathLike, split: str, num_examples: int) -> n
     checks.check_embeddings(embeddings, f"{path.name}[{split!r}]", num_examples)
     embeddings.flags.writeable = False
     return embeddings
+
+
+def embedding_dim(path: str | os.PathLike) -> int:
+    """D of an embedding file's tables (read from the train table's header, not the data)."""
+    if not pathlib.Path(path).is_file():
+        raise FileNotFoundError(f"embedding file {path} does not exist")
+    with np.load(path, allow_pickle=False) as data:
+        name = "train" if "train" in data.files else data.files[0]
+        shape = data[name].shape
+    if len(shape) != 2:
+        raise checks.BadExampleError(f"{path}[{name!r}]: embeddings have shape {shape}, expected [N, D]")
+    return int(shape[1])
 
 
 def embeddings_meta(path: str | os.PathLike) -> dict:

@@ -1,17 +1,17 @@
-"""Input pipelines on grain: one entry point, `make_dataset`, for every named set.
+"""Input pipelines on grain: one entry point, `make_dataset`, for every source and transforms.
 
 Pipeline (flax's `examples/gemma/input_pipeline_grain.py` pattern, plus a
 checkpointable iterator state as in maxtext's `grain_utility.py`):
 
-  source -> check (BadExampleError naming the index) -> transform (seeded per
-  (seed, index), see `derived`) -> shuffle (seed, reshuffled every epoch) ->
+  source -> check (BadExampleError naming the index) -> transforms (one random
+  map seeded per (transform seed, index), see `transforms`) -> shuffle (seed, reshuffled every epoch) ->
   repeat (num_epochs) -> batch -> shard (this process's rows of every global
   batch) -> prefetch (threads; optionally worker processes) -> iterator
 
 The iterator is a `DataIterator` around a `grain.DatasetIterator`: `get_state()`
 returns a small JSON-serialisable dict and `set_state(state)` on an iterator
 built with the same arguments resumes exactly at the next batch. Batches are dicts of numpy
-arrays, images NHWC float32 in [-1, 1]; put them on the mesh with
+arrays (images NHWC; float32 in [-1, 1] after value_range()); put them on the mesh with
 `jax.make_array_from_process_local_data`.
 
 Closing: an iterator holds prefetch threads (and, with `worker_count`, worker
@@ -38,7 +38,6 @@ import atexit
 import dataclasses
 import os
 import weakref
-from collections.abc import Mapping, Sequence
 from typing import Any
 
 import grain
@@ -47,12 +46,10 @@ import jax
 from absl import flags
 import numpy as np
 
-from mmdiff_jax.data import catalog
 from mmdiff_jax.data import checks
-from mmdiff_jax.data import derived
-from mmdiff_jax.data import embeddings as embeddings_lib
-from mmdiff_jax.data import fashion_mnist
-from mmdiff_jax.data import tfds_sets
+from mmdiff_jax.data import sources
+from mmdiff_jax.data import transforms as transforms_lib
+from mmdiff_jax.data.spec import DatasetSpec
 
 
 class DataIterator:
@@ -116,101 +113,76 @@ def close_iterators() -> None:
 atexit.register(close_iterators)
 
 
-class ArraySource:
-    """Random-access source over a dict of equal-length sequences (arrays)."""
-
-    def __init__(self, arrays: Mapping[str, Sequence[Any]]):
-        lengths = {key: len(value) for key, value in arrays.items()}
-        if len(set(lengths.values())) != 1:
-            raise ValueError(f"fields have different lengths: {lengths}")
-        self._arrays = dict(arrays)
-        self._length = next(iter(lengths.values()))
-
-    def __len__(self) -> int:
-        return self._length
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        return {key: value[index] for key, value in self._arrays.items()}
-
-
 @dataclasses.dataclass(frozen=True)
 class _Check:
-    """map_with_index transform: raises BadExampleError for a bad example."""
+    """map_with_index transform: raises BadExampleError for a bad raw example; keeps the spec's fields only (a
+    TFDS record's text ids and boxes go), class ids as int32."""
 
     spec: checks.ExampleSpec
     num_examples: int
 
     def __call__(self, index: int, example: dict[str, Any]) -> dict[str, Any]:
         checks.check_example(example, index % self.num_examples, self.spec)
-        return example
+        return {
+            key: np.int32(example[key]) if key in self.spec.num_classes and np.ndim(example[key]) == 0 else example[key]
+            for key in self.spec.shapes
+        }
 
 
-def _fashion_map_dataset(name, split, seed, data_dir, options):
-    arrays = options["arrays"]
-    if arrays is None:
-        arrays = fashion_mnist.load_fashion_mnist(split, data_dir, options["idx_dir"])
-    source = ArraySource(arrays)
-    spec = checks.ExampleSpec(
-        f"fashion_mnist_debian/{split}",
-        {"image": fashion_mnist.IMAGE_SHAPE, "label": ()},
-        {"label": fashion_mnist.NUM_CLASSES},
-    )
-    items = grain.MapDataset.source(source).map_with_index(_Check(spec, len(source)))
-    size = options["image_size"]
-    transform_seed = seed if options["transform_seed"] is None else options["transform_seed"]
-    if name == "fashion_mnist":
-        return items.map(derived.ImageLabel(size))
-    if name == "fashion_mnist_lowres":
-        return items.map(derived.LowResolution(size, options["factor"]))
-    masked = lambda: derived.MaskedImage(size, options["mask_kind"], options["mask_ratio"], options["patch_size"])  # noqa: E731
-    if name == "fashion_mnist_masked":
-        return items.random_map(masked(), seed=transform_seed)
-    if name in ("fashion_mnist_scenes", "fashion_mnist_scenes_masked"):
-        scene = derived.Scene(
-            items, size, options["min_objects"], options["max_objects"], options["foreground_threshold"]
-        )
-        if name == "fashion_mnist_scenes_masked":
-            scene = derived.MaskedScene(scene, masked())
-        return items.random_map(scene, seed=transform_seed)
-    path = options["embedding_path"]
-    if path is None:
-        if options["arrays"] is not None:
-            raise ValueError(f"{name} with `arrays` needs an `embedding_path`")
-        path = embeddings_lib.ensure_default_embeddings(data_dir, options["idx_dir"])
-    table = embeddings_lib.load_embeddings(path, split, len(source))
-    if name == "fashion_mnist_embedding":
-        return items.map_with_index(derived.ImageEmbedding(table, size))
-    return items.map_with_index(derived.EmbeddingRow(table)).random_map(
-        derived.MultiTask(masked()), seed=transform_seed
-    )
+def _with_index(index: int, example: dict[str, Any]) -> dict[str, Any]:
+    return {**example, "_index": index}
+
+
+def as_source(source, data_dir: str | os.PathLike | None = None):
+    """A source object from `config.data.source`'s string (`sources.parse_source`), or the object itself."""
+    return sources.parse_source(source, data_dir) if isinstance(source, str) else source
+
+
+def dataset_spec(
+    source, split: str = "train", transforms: str = "", data_dir: str | os.PathLike | None = None
+) -> DatasetSpec:
+    """What the batches of `source` + `transforms` hold, per example (batches add a leading B), known
+    without decoding an example: the model is built and checked against it before anything compiles.
+    ValueError (naming the config key) when the source does not exist or a transform does not apply."""
+    source = as_source(source, data_dir)
+    return transforms_lib.output_spec(transforms_lib.parse_transforms(transforms), source.spec(split))
 
 
 def make_map_dataset(
-    name: str, split: str, *, seed: int = 0, data_dir: str | os.PathLike | None = None, **options
+    source,
+    split: str,
+    *,
+    transforms: str = "",
+    transform_seed: int = 0,
+    data_dir: str | os.PathLike | None = None,
 ) -> grain.MapDataset:
-    """The whole split as a random-access grain MapDataset of single examples.
+    """The whole split as a random-access grain MapDataset of single transformed examples.
 
-    Element i is example i of the split, transformed with the epoch-0 draw of
-    its seeded randomness; fields are as in `catalog.dataset_spec(name, **options)`.
-    Not sharded, shuffled or batched: `make_dataset` adds those.
+    Element i is example i of the split, checked and transformed with the epoch-0 draw of its seeded
+    randomness; its fields are `dataset_spec(source, split, transforms)`. Not sharded, shuffled or batched:
+    `make_dataset` adds those.
     """
-    options = catalog.resolve_options(name, options)
-    if name in catalog.FASHION_MNIST_SETS:
-        return _fashion_map_dataset(name, split, seed, data_dir, options)
-    source = tfds_sets.open_tfds_source(name, split, data_dir)
-    return (
-        grain.MapDataset.source(source)
-        .map_with_index(_Check(tfds_sets.example_spec(name, split), len(source)))
-        .map(tfds_sets.StandardizeTfdsExample(name, options["image_size"]))
+    source = as_source(source, data_dir)
+    ops = transforms_lib.parse_transforms(transforms)
+    raw_spec = source.spec(split)
+    transforms_lib.output_spec(ops, raw_spec)
+    records = source.open(split)
+    spec = checks.ExampleSpec(
+        source.check_name(split), {key: shape for key, (shape, _) in raw_spec.features.items()}, raw_spec.num_classes
     )
+    items = grain.MapDataset.source(records).map_with_index(_Check(spec, len(records)))
+    chain = transforms_lib.bind(ops, transforms_lib.Context(split, source, items))
+    return items.map_with_index(_with_index).random_map(chain, seed=transform_seed)
 
 
 def make_dataset(
-    name: str,
+    source,
     split: str,
     *,
     batch_size: int,
     seed: int,
+    transforms: str = "",
+    transform_seed: int | None = None,
     data_dir: str | os.PathLike | None = None,
     shuffle: bool = True,
     num_epochs: int | None = None,
@@ -220,16 +192,18 @@ def make_dataset(
     num_threads: int = 2,
     prefetch_batches: int = 4,
     worker_count: int = 0,
-    **options,
 ) -> DataIterator:
-    """A checkpointable iterator over batches of the named set.
+    """A checkpointable iterator over batches of `source` + `transforms`.
 
     Args:
-      name: one of `catalog.KNOWN_DATASETS`.
-      split: "train" / "test" for Fashion-MNIST sets; any TFDS split otherwise.
+      source: a `config.data.source` string, e.g. "fashion_mnist()", "folder('/data/x', labels=True)"
+        (`sources.py`), or a source object (`sources.InMemory`).
+      split: a split of the source ("train", "test", "train[:90%]", ...).
       batch_size: examples per batch on this process.
       seed: shuffle seed, and the transform seed unless `transform_seed` given.
-      data_dir: TFDS data directory (None: `$TFDS_DATA_DIR` or
+      transforms: a `config.data.transforms` string (`transforms.py`); "" yields the raw examples.
+      transform_seed: seed of the transforms' randomness (masks, scene layouts); None: `seed`.
+      data_dir: TFDS data directory of tfds() and fashion_mnist() sources (None: `$TFDS_DATA_DIR` or
         `~/tensorflow_datasets`).
       shuffle: shuffle the split (alike on every process), differently every
         epoch.
@@ -243,8 +217,6 @@ def make_dataset(
       worker_count: > 0 adds grain's multiprocess prefetch with that many
         worker processes (needs absl flags parsed; same batches, same
         checkpointable state).
-      **options: per-set options, see `catalog.dataset_spec` / the module docstrings;
-        e.g. `image_size`, `mask_kind`, `mask_ratio`, `embedding_path`.
 
     Returns:
       A `DataIterator` (a closable grain iterator) of dicts of numpy arrays with a leading batch
@@ -255,7 +227,13 @@ def make_dataset(
     shard_count = jax.process_count() if shard_count is None else shard_count
     if not 0 <= shard_index < shard_count:
         raise ValueError(f"shard_index {shard_index} not in [0, {shard_count})")
-    dataset = make_map_dataset(name, split, seed=seed, data_dir=data_dir, **options)
+    dataset = make_map_dataset(
+        source,
+        split,
+        transforms=transforms,
+        transform_seed=seed if transform_seed is None else transform_seed,
+        data_dir=data_dir,
+    )
     if shuffle:
         dataset = dataset.shuffle(seed=seed % 2**32)
     dataset = dataset.repeat(num_epochs).batch(batch_size, drop_remainder=drop_remainder)
@@ -263,7 +241,7 @@ def make_dataset(
         whole = len(dataset) // shard_count * shard_count
         if whole == 0:
             raise ValueError(
-                f"{name}/{split} gives {len(dataset)} batches of {batch_size}, fewer than one global batch of "
+                f"{split} gives {len(dataset)} batches of {batch_size}, fewer than one global batch of "
                 f"{shard_count} x {batch_size}"
             )
         dataset = dataset[:whole][shard_index::shard_count]

@@ -151,7 +151,7 @@ class MeanIoU(base.Evaluator):
     """mIoU of batch[predictions] vs batch[targets] over all pixels seen.
 
     Reports `name` (default "miou"); num_classes default 11 (background + the
-    10 Fashion-MNIST classes of `fashion_mnist_scenes`).
+    10 Fashion-MNIST classes of the `scenes(...)` transform).
     """
 
     def __init__(

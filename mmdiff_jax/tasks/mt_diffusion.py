@@ -21,7 +21,6 @@ from typing import Any
 import jax.numpy as jnp
 import ml_collections
 
-from mmdiff_jax import data as data_lib
 from mmdiff_jax import objective, resample
 from mmdiff_jax.modalities import MASK_KEY, Modality, modality_schedule
 from mmdiff_jax.models.mt_diffusion import MTDiffusion, init_variables
@@ -140,8 +139,10 @@ def build_schedule(config: ml_collections.ConfigDict, modalities: tuple[Modality
 
 
 def check_data_fits_model(config: ml_collections.ConfigDict, model: MTDiffusion) -> None:
-    """ValueError when the dataset lacks a key the model reads, or gives it another shape."""
-    spec = data_lib.dataset_spec(config.data.name, **dict(config.data.options))
+    """ValueError when the data (config.data.source + transforms) lacks a field the model reads, gives it
+    another shape, or cannot be opened; from the spec, before any data is read or anything compiles."""
+    spec = config_io.data_spec(config)
+    data = f"config.data.source {config.data.source} with config.data.transforms {config.data.transforms}"
     needed = {model.primary: (tuple(model.z_shape), "the primary modality (config.model.primary)")}
     for m in model.modalities:
         needed[m.name] = (m.shape, f"modality {m.name!r}")
@@ -150,13 +151,12 @@ def check_data_fits_model(config: ml_collections.ConfigDict, model: MTDiffusion)
     for key, (shape, what) in needed.items():
         if key not in spec.features:
             raise ValueError(
-                f"{what} reads batch key {key!r}, which dataset {config.data.name!r} does not "
-                f"provide (it has {sorted(spec.features)})"
+                f"{what} reads the field {key!r}, which {data} does not give (it gives {sorted(spec.features)})"
             )
         if tuple(spec.features[key][0]) != tuple(shape):
             raise ValueError(
-                f"{what}: dataset {config.data.name!r} gives {key!r} per-example shape "
-                f"{tuple(spec.features[key][0])}, the model expects {tuple(shape)}"
+                f"{what}: {data} gives {key!r} per-example shape {tuple(spec.features[key][0])}, the model expects "
+                f"{tuple(shape)}"
             )
 
 

@@ -17,14 +17,13 @@ from typing import Any
 
 import jax
 import ml_collections
-import numpy as np
 
 from mmdiff_jax import data as data_lib
 from mmdiff_jax.training import mesh as mesh_lib
 from mmdiff_jax.training import state as state_lib
 
 # Sections whose sub-keys are free-form (checked by the code that reads them).
-_FREE_KEYS = ("model.modalities", "data.options")
+_FREE_KEYS = ("model.modalities",)
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -37,14 +36,14 @@ def base_config() -> ml_collections.ConfigDict:
     # where runs on different meshes must agree).
     config.prng_impl = "threefry2x32"
     config.data = dict(
-        name="fashion_mnist_masked",  # mmdiff_jax.data.KNOWN_DATASETS
+        # Where examples come from and what the model reads of them (mmdiff_jax/data/sources.py, transforms.py).
+        source="fashion_mnist()",
+        transforms="pad(32)|value_range(-1, 1)|masked_image()",
         split="train",
         eval_split="test",
         batch_size=128,
         eval_batch_size=128,  # global (all processes) batch sizes
-        options={},  # per-set options of mmdiff_jax.data.make_dataset (image_size, mask_kind, ...)
-        data_dir="",  # TFDS data_dir ('' = TFDS default)
-        arrays_path="",  # Fashion-MNIST sets only: an .npz of {split}_image [N,28,28,1] uint8, {split}_label
+        data_dir="",  # TFDS data_dir of tfds() and fashion_mnist() sources ('' = TFDS default)
         num_threads=2,
         prefetch_batches=4,
         worker_count=0,
@@ -131,54 +130,58 @@ def check_known_keys(config: ml_collections.ConfigDict, schema: ml_collections.C
         )
 
 
-def _data_options(config: ml_collections.ConfigDict, split: str) -> dict[str, Any]:
-    options = dict(config.data.options)
-    if config.data.arrays_path:
-        with np.load(config.data.arrays_path) as arrays:
-            keys = (f"{split}_image", f"{split}_label")
-            if any(key not in arrays for key in keys):
-                raise ValueError(
-                    f"config.data.arrays_path {config.data.arrays_path} needs arrays {keys}, has {sorted(arrays)}"
-                )
-            options["arrays"] = {"image": arrays[keys[0]], "label": arrays[keys[1]]}
-    return options
+def data_source(config: ml_collections.ConfigDict):
+    """`config.data.source` as a source object (ValueError naming the key for a bad one)."""
+    return data_lib.as_source(config.data.source, config.data.data_dir or None)
+
+
+def data_spec(config: ml_collections.ConfigDict, split: str | None = None) -> data_lib.DatasetSpec:
+    """What a batch of `split` (default `config.data.split`) holds per example, known before reading data."""
+    return data_lib.dataset_spec(data_source(config), split or config.data.split, config.data.transforms)
 
 
 def make_train_iterator(config: ml_collections.ConfigDict):
     """This process's shuffled, repeating training batches (a grain iterator with get/set_state)."""
     data = config.data
     return data_lib.make_dataset(
-        data.name,
+        data_source(config),
         data.split,
+        transforms=data.transforms,
         batch_size=data.batch_size // jax.process_count(),
         seed=config.seed,
-        data_dir=data.data_dir or None,
         num_threads=data.num_threads,
         prefetch_batches=data.prefetch_batches,
         worker_count=data.worker_count,
-        **_data_options(config, data.split),
     )
 
 
-def make_eval_iterator(config: ml_collections.ConfigDict, whole_batches: bool = False):
-    """This process's evaluation batches: the first ones of `eval_split`, unshuffled, the same every time.
-    `whole_batches`: every process reads the whole global batches (the experiments' evaluation, which places
-    them on the mesh itself); else its own rows of each."""
+def make_eval_iterator(
+    config: ml_collections.ConfigDict,
+    whole_batches: bool = False,
+    *,
+    split: str | None = None,
+    transforms: str | None = None,
+    transform_seed: int | None = None,
+):
+    """This process's evaluation batches: the first ones of `split` (default `config.data.eval_split`),
+    unshuffled, the same every time. `whole_batches`: every process reads the whole global batches (the
+    experiments' evaluation, which places them on the mesh itself); else its own rows of each. `transforms`,
+    `transform_seed`: instead of the config's (the experiments fix a mask ratio and a seed)."""
     data = config.data
     shards = 1 if whole_batches else jax.process_count()
     return data_lib.make_dataset(
-        data.name,
-        data.eval_split,
+        data_source(config),
+        split or data.eval_split,
+        transforms=data.transforms if transforms is None else transforms,
+        transform_seed=transform_seed,
         batch_size=data.eval_batch_size // shards,
         shard_index=0 if whole_batches else None,
         shard_count=shards,
         seed=config.seed,
-        data_dir=data.data_dir or None,
         shuffle=False,
         num_epochs=1,
         num_threads=data.num_threads,
         prefetch_batches=data.prefetch_batches,
-        **_data_options(config, data.eval_split),
     )
 
 
@@ -188,12 +191,13 @@ class ConfigError(ValueError):
 
 @contextlib.contextmanager
 def config_errors() -> Iterator[None]:
-    """Around config checks: a ValueError raised inside becomes a ConfigError (same message)."""
+    """Around config checks: a ValueError, or a FileNotFoundError of a configured path (a data source that
+    does not exist), raised inside becomes a ConfigError (same message)."""
     try:
         yield
     except ConfigError:
         raise
-    except ValueError as error:
+    except (ValueError, FileNotFoundError) as error:
         raise ConfigError(str(error)) from error
 
 
